@@ -1,0 +1,443 @@
+//! The client side of tether: one task per accepted connection, serving HTTP/1.0
+//! and HTTP/1.1 with hyper, and deciding how the connection ends.
+//!
+//! hyper would close with FIN on every path; tether wants FIN only where the
+//! close discipline allows it. So the connection is served with
+//! `poll_without_shutdown`, the socket is taken back afterwards on every path,
+//! and [`ClientIo`] resets (SO_LINGER 0) on drop unless a path has explicitly
+//! chosen an orderly close. Timeouts (header, idle) are tether's own, driven by
+//! a per-connection [`Clock`] that the IO and the service update.
+
+use std::io;
+use std::net::SocketAddr;
+use std::pin::Pin;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+use std::task::{Context, Poll};
+use std::time::Duration;
+
+use hyper_util::rt::TokioIo;
+use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, ReadBuf};
+use tokio::net::{TcpStream, UnixStream};
+use tokio::sync::Notify;
+use tokio::time::Instant;
+use tokio_util::sync::CancellationToken;
+
+use crate::config::ClientClose;
+use crate::http::body::ExchangeDone;
+use crate::http::{ProxyService, Route};
+use crate::sock;
+
+/// An accepted client stream.
+pub enum ClientStream {
+    /// TCP (usually loopback).
+    Tcp(TcpStream),
+    /// A unix stream socket (no RST exists there; aborts are plain closes).
+    Unix(UnixStream),
+}
+
+/// How a client connection ended, for logs.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Ending {
+    /// Orderly: FIN exchanged.
+    Closed,
+    /// Aborted with RST.
+    Reset(&'static str),
+}
+
+/// Per-connection state shared by the IO, the service and the connection task.
+pub struct ConnState {
+    clock: Clock,
+    misbehaved: AtomicBool,
+    requests: AtomicU64,
+}
+
+impl ConnState {
+    fn new(header_timeout: Duration, idle_timeout: Duration) -> Self {
+        Self {
+            clock: Clock::new(header_timeout, idle_timeout),
+            misbehaved: AtomicBool::new(false),
+            requests: AtomicU64::new(0),
+        }
+    }
+
+    /// A request head was parsed and handed to the service.
+    pub fn exchange_started(&self) {
+        self.clock.set(Phase::Busy);
+    }
+
+    /// Counts a request; returns how many this connection has carried.
+    pub fn count_request(&self) -> u64 {
+        self.requests.fetch_add(1, Ordering::Relaxed) + 1
+    }
+
+    /// The client sent something tether refused; it gets no graceful close.
+    pub fn mark_misbehaved(&self) {
+        self.misbehaved.store(true, Ordering::Relaxed);
+    }
+}
+
+impl ExchangeDone for ConnState {
+    fn exchange_done(&self) {
+        self.clock.set(Phase::Idle(Instant::now()));
+    }
+}
+
+#[derive(Debug, Clone, Copy)]
+enum Phase {
+    /// Reading a request head that began at this instant (or the connection
+    /// was accepted then).
+    Head(Instant),
+    /// A request is being served; no client timeout runs.
+    Busy,
+    /// Waiting for the next request since this instant.
+    Idle(Instant),
+}
+
+/// The header and idle timers of one connection.
+struct Clock {
+    phase: Mutex<Phase>,
+    changed: Notify,
+    header_timeout: Duration,
+    idle_timeout: Duration,
+}
+
+impl Clock {
+    fn new(header_timeout: Duration, idle_timeout: Duration) -> Self {
+        Self {
+            phase: Mutex::new(Phase::Head(Instant::now())),
+            changed: Notify::new(),
+            header_timeout,
+            idle_timeout,
+        }
+    }
+
+    fn lock(&self) -> std::sync::MutexGuard<'_, Phase> {
+        self.phase.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    fn set(&self, phase: Phase) {
+        *self.lock() = phase;
+        self.changed.notify_one();
+    }
+
+    /// Bytes arrived from the client: an idle connection starts a request head.
+    fn bytes_arrived(&self) {
+        let mut phase = self.lock();
+        if let Phase::Idle(_) = *phase {
+            *phase = Phase::Head(Instant::now());
+            drop(phase);
+            self.changed.notify_one();
+        }
+    }
+
+    fn deadline(&self) -> Option<(Instant, &'static str)> {
+        match *self.lock() {
+            Phase::Head(since) => Some((since + self.header_timeout, "header-timeout")),
+            Phase::Idle(since) => Some((since + self.idle_timeout, "idle-timeout")),
+            Phase::Busy => None,
+        }
+    }
+
+    /// Resolves with the reason once a deadline passes in the phase it was set for.
+    async fn expired(&self) -> &'static str {
+        loop {
+            let notified = self.changed.notified();
+            tokio::pin!(notified);
+            notified.as_mut().enable();
+            match self.deadline() {
+                None => notified.await,
+                Some((at, reason)) => {
+                    if Instant::now() >= at {
+                        return reason;
+                    }
+                    tokio::select! {
+                        _ = tokio::time::sleep_until(at) => {
+                            // Re-check: the phase may have moved on at the same moment.
+                            if self.deadline().is_some_and(|(now_at, _)| now_at <= Instant::now()) {
+                                return reason;
+                            }
+                        }
+                        _ = notified => {}
+                    }
+                }
+            }
+        }
+    }
+}
+
+/// The client socket as hyper sees it. Resets on drop unless an orderly close
+/// was chosen, so every path nobody thought about ends in RST, never in a FIN
+/// that would leave TIME_WAIT behind.
+pub struct ClientIo {
+    stream: ClientStream,
+    state: Arc<ConnState>,
+    reset_on_drop: bool,
+}
+
+impl ClientIo {
+    fn tcp(&self) -> Option<&TcpStream> {
+        match &self.stream {
+            ClientStream::Tcp(s) => Some(s),
+            ClientStream::Unix(_) => None,
+        }
+    }
+
+    fn peer_closed(&self) -> bool {
+        match &self.stream {
+            ClientStream::Tcp(s) => sock::peer_state(s) == sock::PeerState::Closed,
+            ClientStream::Unix(s) => sock::peer_state(s) == sock::PeerState::Closed,
+        }
+    }
+
+    fn send_fin(&self) -> io::Result<()> {
+        match &self.stream {
+            ClientStream::Tcp(s) => sock::send_fin(s),
+            ClientStream::Unix(s) => sock::send_fin(s),
+        }
+    }
+
+    /// Reads and discards until the client's FIN, for at most `grace`.
+    async fn await_peer_fin(&mut self, grace: Duration) -> bool {
+        let mut scratch = [0u8; 4096];
+        let wait = async {
+            loop {
+                match self.read(&mut scratch).await {
+                    Ok(0) => return true,
+                    Ok(_) => continue,
+                    Err(_) => return false,
+                }
+            }
+        };
+        tokio::time::timeout(grace, wait).await.unwrap_or(false)
+    }
+
+    /// Waits until the client has acknowledged every byte sent, for at most `grace`.
+    async fn await_acknowledged(&self, grace: Duration) {
+        let Some(tcp) = self.tcp() else { return };
+        let deadline = Instant::now() + grace;
+        let mut pause = Duration::from_micros(200);
+        while Instant::now() < deadline {
+            match sock::unacknowledged_bytes(tcp) {
+                Ok(0) | Err(_) => return,
+                Ok(_) => {
+                    tokio::time::sleep(pause).await;
+                    pause = (pause * 2).min(Duration::from_millis(20));
+                }
+            }
+        }
+    }
+
+    fn close_orderly(mut self) -> Ending {
+        self.reset_on_drop = false;
+        Ending::Closed
+    }
+
+    fn reset(self, why: &'static str) -> Ending {
+        // Drop does the reset.
+        drop(self);
+        Ending::Reset(why)
+    }
+}
+
+impl Drop for ClientIo {
+    fn drop(&mut self) {
+        if self.reset_on_drop {
+            if let ClientStream::Tcp(s) = &self.stream {
+                sock::reset_on_close(s);
+            }
+        }
+    }
+}
+
+impl AsyncRead for ClientIo {
+    fn poll_read(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &mut ReadBuf<'_>,
+    ) -> Poll<io::Result<()>> {
+        let before = buf.filled().len();
+        let polled = match &mut self.stream {
+            ClientStream::Tcp(s) => Pin::new(s).poll_read(cx, buf),
+            ClientStream::Unix(s) => Pin::new(s).poll_read(cx, buf),
+        };
+        if matches!(polled, Poll::Ready(Ok(()))) && buf.filled().len() > before {
+            self.state.clock.bytes_arrived();
+        }
+        polled
+    }
+}
+
+impl AsyncWrite for ClientIo {
+    fn poll_write(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &[u8],
+    ) -> Poll<io::Result<usize>> {
+        match &mut self.stream {
+            ClientStream::Tcp(s) => Pin::new(s).poll_write(cx, buf),
+            ClientStream::Unix(s) => Pin::new(s).poll_write(cx, buf),
+        }
+    }
+
+    fn poll_write_vectored(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        bufs: &[io::IoSlice<'_>],
+    ) -> Poll<io::Result<usize>> {
+        match &mut self.stream {
+            ClientStream::Tcp(s) => Pin::new(s).poll_write_vectored(cx, bufs),
+            ClientStream::Unix(s) => Pin::new(s).poll_write_vectored(cx, bufs),
+        }
+    }
+
+    fn is_write_vectored(&self) -> bool {
+        true
+    }
+
+    fn poll_flush(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        match &mut self.stream {
+            ClientStream::Tcp(s) => Pin::new(s).poll_flush(cx),
+            ClientStream::Unix(s) => Pin::new(s).poll_flush(cx),
+        }
+    }
+
+    /// Never called by the serving path (it uses `poll_without_shutdown`); kept
+    /// inert so nothing can send a FIN behind the close policy's back.
+    fn poll_shutdown(self: Pin<&mut Self>, _cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        Poll::Ready(Ok(()))
+    }
+}
+
+/// Signals a connection task listens to.
+#[derive(Clone)]
+pub struct Shutdown {
+    /// Draining: finish the exchange in flight, then end the connection.
+    pub drain: CancellationToken,
+    /// Drain deadline passed: reset now.
+    pub force: CancellationToken,
+}
+
+enum Served {
+    Finished(hyper::Result<()>),
+    TimedOut(&'static str),
+    Forced,
+}
+
+/// Serves one client connection to its end, then closes it by the listener's
+/// policy. Returns how it ended.
+pub async fn serve(
+    stream: ClientStream,
+    client: Option<SocketAddr>,
+    route: Arc<Route>,
+    shutdown: Shutdown,
+) -> Ending {
+    let listener = &route.listener;
+    if let ClientStream::Tcp(s) = &stream {
+        sock::configure_client(s);
+    }
+    let state = Arc::new(ConnState::new(
+        listener.header_timeout,
+        listener.idle_timeout,
+    ));
+    let io = ClientIo {
+        stream,
+        state: state.clone(),
+        reset_on_drop: true,
+    };
+    let service = ProxyService::new(route.clone(), state.clone(), client);
+    let max_head = listener.max_header_bytes.as_usize();
+    let mut conn = hyper::server::conn::http1::Builder::new()
+        .half_close(true)
+        .header_read_timeout(None)
+        .max_header_size(max_head)
+        .max_buf_size(max_head.max(8192 + 1) * 2)
+        .serve_connection(TokioIo::new(io), service);
+
+    let expired = state.clock.expired();
+    tokio::pin!(expired);
+    let mut draining = false;
+    let served = loop {
+        tokio::select! {
+            result = std::future::poll_fn(|cx| conn.poll_without_shutdown(cx)) => {
+                break Served::Finished(result);
+            }
+            reason = &mut expired => break Served::TimedOut(reason),
+            _ = shutdown.force.cancelled() => break Served::Forced,
+            _ = shutdown.drain.cancelled(), if !draining => draining = true,
+        }
+        // Idle connections end now; a busy one ends after its response, which
+        // carries `Connection: close`.
+        Pin::new(&mut conn).graceful_shutdown();
+    };
+    let parts = conn.into_parts();
+    let io = parts.io.into_inner();
+    drop(parts.service);
+    let ending = match served {
+        Served::Finished(Ok(())) => {
+            if state.misbehaved.load(Ordering::Relaxed) {
+                linger_then_reset(io, listener.close_grace).await
+            } else {
+                close_by_policy(io, listener.client_close, listener.close_grace).await
+            }
+        }
+        Served::Finished(Err(e)) => {
+            if e.is_parse() || e.is_parse_too_large() || e.is_parse_status() {
+                // hyper has answered with a 4xx (and Connection: close).
+                tracing::info!(listener = %listener.name, ?client, error = %e, "malformed request refused");
+                linger_then_reset(io, listener.close_grace).await
+            } else {
+                tracing::debug!(listener = %listener.name, ?client, error = %e, "client connection failed");
+                io.reset("connection-error")
+            }
+        }
+        Served::TimedOut(reason) => {
+            tracing::debug!(listener = %listener.name, ?client, reason, "client connection timed out");
+            io.reset(reason)
+        }
+        Served::Forced => io.reset("drain-deadline"),
+    };
+    tracing::debug!(listener = %listener.name, ?client, ?ending, "client connection ended");
+    ending
+}
+
+/// Ends a connection whose last exchange said `Connection: close`.
+async fn close_by_policy(mut io: ClientIo, policy: ClientClose, grace: Duration) -> Ending {
+    if io.peer_closed() {
+        // The client closed first: closing now is the passive close.
+        return io.close_orderly();
+    }
+    match policy {
+        ClientClose::Graceful => {
+            if io.send_fin().is_err() {
+                return io.reset("fin-failed");
+            }
+            if io.await_peer_fin(grace).await {
+                io.close_orderly()
+            } else {
+                io.reset("close-grace")
+            }
+        }
+        ClientClose::ClientFirst => {
+            if io.await_peer_fin(grace).await {
+                io.close_orderly()
+            } else {
+                io.reset("close-grace")
+            }
+        }
+        ClientClose::Abort => {
+            io.await_acknowledged(grace).await;
+            io.reset("close-policy-abort")
+        }
+    }
+}
+
+/// A misbehaving client: no FIN from tether; its own FIN within `grace` gets
+/// the passive close, otherwise RST.
+async fn linger_then_reset(mut io: ClientIo, grace: Duration) -> Ending {
+    if io.await_peer_fin(grace).await {
+        io.close_orderly()
+    } else {
+        io.reset("misbehaved")
+    }
+}

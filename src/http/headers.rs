@@ -1,0 +1,196 @@
+//! Header rules of a proxy: which headers are hop-by-hop and never cross tether,
+//! which requests are too ambiguous to forward, and X-Forwarded-For.
+
+use std::net::IpAddr;
+
+use http::header::{self, HeaderMap, HeaderName, HeaderValue};
+use http::{Method, Request, Version};
+
+/// Headers that describe one connection, not the message (RFC 9110 §7.6.1), plus
+/// the legacy `Keep-Alive` and `Proxy-Connection`.
+const HOP_BY_HOP: [HeaderName; 7] = [
+    header::CONNECTION,
+    HeaderName::from_static("keep-alive"),
+    HeaderName::from_static("proxy-connection"),
+    header::TE,
+    header::TRAILER,
+    header::TRANSFER_ENCODING,
+    header::UPGRADE,
+];
+
+/// Removes hop-by-hop headers and every header the `Connection` header names.
+/// `Host` and `Content-Length` are kept even if named: removing them would
+/// change what the message means, which a client cannot ask of a proxy.
+pub fn strip_hop_by_hop(headers: &mut HeaderMap) {
+    let named: Vec<HeaderName> = headers
+        .get_all(header::CONNECTION)
+        .iter()
+        .filter_map(|v| v.to_str().ok())
+        .flat_map(|v| v.split(','))
+        .filter_map(|token| HeaderName::from_bytes(token.trim().as_bytes()).ok())
+        .filter(|name| *name != header::HOST && *name != header::CONTENT_LENGTH)
+        .collect();
+    for name in named {
+        headers.remove(name);
+    }
+    for name in &HOP_BY_HOP {
+        headers.remove(name);
+    }
+}
+
+/// Whether the client asked for this to be the connection's last exchange:
+/// `Connection: close`, or HTTP/1.0 without `Connection: keep-alive`.
+pub fn client_ends_connection<B>(request: &Request<B>) -> bool {
+    let has_token = |token: &str| {
+        request
+            .headers()
+            .get_all(header::CONNECTION)
+            .iter()
+            .filter_map(|v| v.to_str().ok())
+            .flat_map(|v| v.split(','))
+            .any(|t| t.trim().eq_ignore_ascii_case(token))
+    };
+    match request.version() {
+        Version::HTTP_10 | Version::HTTP_09 => !has_token("keep-alive"),
+        _ => has_token("close"),
+    }
+}
+
+/// Checks a request hyper has parsed for what hyper lets through but a proxy
+/// must not forward. Returns a short reason for the `x-tether-error` header.
+pub fn reject_reason<B>(request: &Request<B>) -> Option<&'static str> {
+    let hosts = request.headers().get_all(header::HOST).iter().count();
+    if hosts > 1 {
+        return Some("duplicate-host");
+    }
+    if let Some(host) = request.headers().get(header::HOST) {
+        if host
+            .to_str()
+            .ok()
+            .and_then(|h| h.parse::<http::uri::Authority>().ok())
+            .is_none()
+        {
+            return Some("invalid-host");
+        }
+    } else if request.version() == Version::HTTP_11 {
+        // RFC 9112 §3.2: a server MUST answer 400 to an HTTP/1.1 request without Host.
+        return Some("missing-host");
+    }
+    if request.method() == Method::CONNECT {
+        return Some("connect-not-supported");
+    }
+    if request.uri().scheme().is_some() && request.uri().path_and_query().is_none() {
+        return Some("invalid-target");
+    }
+    None
+}
+
+/// Rewrites a client request into the form sent upstream: origin-form target,
+/// HTTP/1.1 (so the upstream connection stays persistent), hop-by-hop headers
+/// removed, Host kept (or filled from the endpoint for HTTP/1.0 clients), and the
+/// client's address appended to X-Forwarded-For.
+pub fn prepare_upstream(
+    parts: &mut http::request::Parts,
+    client: Option<IpAddr>,
+    forwarded_for: bool,
+    fallback_host: &str,
+) {
+    strip_hop_by_hop(&mut parts.headers);
+    if parts.uri.scheme().is_some() || parts.uri.authority().is_some() {
+        let origin = parts
+            .uri
+            .path_and_query()
+            .map_or("/", |pq| pq.as_str())
+            .to_owned();
+        if let Some(authority) = parts.uri.authority() {
+            if let Ok(value) = HeaderValue::from_str(authority.as_str()) {
+                // RFC 9112 §3.2.2: the target's authority replaces Host.
+                parts.headers.insert(header::HOST, value);
+            }
+        }
+        if let Ok(uri) = origin.parse() {
+            parts.uri = uri;
+        }
+    }
+    if !parts.headers.contains_key(header::HOST) {
+        if let Ok(value) = HeaderValue::from_str(fallback_host) {
+            parts.headers.insert(header::HOST, value);
+        }
+    }
+    parts.version = Version::HTTP_11;
+    if forwarded_for {
+        if let Some(ip) = client {
+            append_forwarded_for(&mut parts.headers, ip);
+        }
+    }
+}
+
+fn append_forwarded_for(headers: &mut HeaderMap, ip: IpAddr) {
+    let name = HeaderName::from_static("x-forwarded-for");
+    let prior: Vec<&str> = headers
+        .get_all(&name)
+        .iter()
+        .filter_map(|v| v.to_str().ok())
+        .collect();
+    let value = if prior.is_empty() {
+        ip.to_string()
+    } else {
+        format!("{}, {ip}", prior.join(", "))
+    };
+    if let Ok(value) = HeaderValue::from_str(&value) {
+        headers.insert(name, value);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn connection_named_headers_are_stripped_but_host_survives() {
+        let mut h = HeaderMap::new();
+        h.insert(header::CONNECTION, "close, x-secret, host".parse().unwrap());
+        h.insert("x-secret", "1".parse().unwrap());
+        h.insert(header::HOST, "example".parse().unwrap());
+        h.insert("keep-alive", "timeout=5".parse().unwrap());
+        h.insert("x-end-to-end", "yes".parse().unwrap());
+        strip_hop_by_hop(&mut h);
+        assert!(h.get("x-secret").is_none());
+        assert!(h.get("keep-alive").is_none());
+        assert!(h.get(header::CONNECTION).is_none());
+        assert_eq!(h.get(header::HOST).unwrap(), "example");
+        assert_eq!(h.get("x-end-to-end").unwrap(), "yes");
+    }
+
+    #[test]
+    fn forwarded_for_appends_to_an_existing_chain() {
+        let mut h = HeaderMap::new();
+        h.append("x-forwarded-for", "10.0.0.1".parse().unwrap());
+        h.append("x-forwarded-for", "10.0.0.2".parse().unwrap());
+        append_forwarded_for(&mut h, "127.0.0.1".parse().unwrap());
+        assert_eq!(
+            h.get("x-forwarded-for").unwrap(),
+            "10.0.0.1, 10.0.0.2, 127.0.0.1"
+        );
+    }
+
+    #[test]
+    fn http10_closes_unless_keep_alive() {
+        let r = Request::builder()
+            .version(Version::HTTP_10)
+            .body(())
+            .unwrap();
+        assert!(client_ends_connection(&r));
+        let r = Request::builder()
+            .version(Version::HTTP_10)
+            .header("connection", "Keep-Alive")
+            .body(())
+            .unwrap();
+        assert!(!client_ends_connection(&r));
+        let r = Request::builder()
+            .header("connection", "keep-alive, Close")
+            .body(())
+            .unwrap();
+        assert!(client_ends_connection(&r));
+    }
+}

@@ -1,0 +1,367 @@
+//! The proxy service: what happens to one request between the client connection
+//! and the pool. Header rules, the pre-read of the request body, the single
+//! retry of a request that failed on a reused connection, error responses with
+//! a reason, the request timeout, and HTTP/1.0 response buffering.
+
+pub mod body;
+pub mod headers;
+
+use std::convert::Infallible;
+use std::future::Future;
+use std::net::{IpAddr, SocketAddr};
+use std::pin::Pin;
+use std::sync::atomic::Ordering;
+use std::sync::Arc;
+
+use bytes::{Bytes, BytesMut};
+use http::header::{self, HeaderValue};
+use http::{Method, Request, Response, StatusCode, Version};
+use http_body::Body as _;
+use http_body_util::BodyExt;
+use hyper::body::Incoming;
+use tokio::time::Instant;
+use tokio_util::sync::CancellationToken;
+
+use crate::config::ListenerConfig;
+use crate::downstream::ConnState;
+use crate::pool::{Lease, Pool, PoolError, SendError};
+use body::{ProxyBody, UpstreamBody};
+
+/// Header carrying the reason of every response tether makes itself.
+pub const ERROR_HEADER: &str = "x-tether-error";
+
+/// What a listener forwards to, shared by its connections.
+pub struct Route {
+    /// The listener's settings.
+    pub listener: ListenerConfig,
+    /// The upstream's pool.
+    pub pool: Pool,
+    /// Cancelled when the process starts draining.
+    pub draining: CancellationToken,
+    /// Host sent upstream when an HTTP/1.0 client sent none.
+    pub fallback_host: String,
+}
+
+/// The hyper service of one client connection.
+#[derive(Clone)]
+pub struct ProxyService {
+    route: Arc<Route>,
+    conn: Arc<ConnState>,
+    client: Option<IpAddr>,
+}
+
+type ServiceFuture = Pin<Box<dyn Future<Output = Result<Response<ProxyBody>, Infallible>> + Send>>;
+
+impl hyper::service::Service<Request<Incoming>> for ProxyService {
+    type Response = Response<ProxyBody>;
+    type Error = Infallible;
+    type Future = ServiceFuture;
+
+    fn call(&self, request: Request<Incoming>) -> Self::Future {
+        self.conn.exchange_started();
+        let this = self.clone();
+        Box::pin(async move {
+            let done = this.conn.clone();
+            Ok(this.handle(request).await.map(|body| body.on_done(done)))
+        })
+    }
+}
+
+/// Why forwarding failed, before any response head reached the client.
+#[derive(Debug, thiserror::Error)]
+enum ForwardError {
+    #[error(transparent)]
+    Pool(#[from] PoolError),
+    #[error("upstream {addr} failed before responding: {detail}")]
+    Upstream { addr: SocketAddr, detail: String },
+    #[error("the client's request body failed")]
+    ClientBody,
+}
+
+impl ProxyService {
+    /// A service for one accepted connection.
+    pub fn new(route: Arc<Route>, conn: Arc<ConnState>, client: Option<SocketAddr>) -> Self {
+        Self {
+            route,
+            conn,
+            client: client.map(|a| a.ip()),
+        }
+    }
+
+    async fn handle(self, request: Request<Incoming>) -> Response<ProxyBody> {
+        let started = Instant::now();
+        let listener = &self.route.listener;
+        let served = self.conn.count_request();
+        let limit = listener.max_requests_per_connection;
+        let last = headers::client_ends_connection(&request)
+            || (limit > 0 && served >= limit)
+            || self.route.draining.is_cancelled();
+
+        if let Some(reason) = headers::reject_reason(&request) {
+            let status = if reason == "connect-not-supported" {
+                StatusCode::METHOD_NOT_ALLOWED
+            } else {
+                StatusCode::BAD_REQUEST
+            };
+            return self.refuse(status, reason, "request rejected before forwarding");
+        }
+
+        let client_version = request.version();
+        let method = request.method().clone();
+        let (mut parts, body) = request.into_parts();
+        headers::prepare_upstream(
+            &mut parts,
+            self.client,
+            listener.forwarded_for,
+            &self.route.fallback_host,
+        );
+
+        let deadline = started + listener.request_timeout;
+        let body = match tokio::time::timeout_at(deadline, UpstreamBody::prefetch(body)).await {
+            Ok(Ok(body)) => body,
+            Ok(Err(e)) => {
+                return self.refuse(StatusCode::BAD_REQUEST, "bad-request-body", &e.to_string())
+            }
+            Err(_) => {
+                return self.refuse(
+                    StatusCode::REQUEST_TIMEOUT,
+                    "client-body-timeout",
+                    "the request body did not start within request_timeout",
+                )
+            }
+        };
+
+        let forwarded = tokio::time::timeout_at(deadline, self.forward(parts, body)).await;
+        let (response, lease) = match forwarded {
+            Ok(Ok(pair)) => pair,
+            Ok(Err(e @ ForwardError::ClientBody)) => {
+                return self.refuse(StatusCode::BAD_REQUEST, "bad-request-body", &e.to_string())
+            }
+            Ok(Err(ForwardError::Pool(e))) => {
+                tracing::warn!(upstream = %self.route.pool.name(), error = %e, "no upstream connection");
+                let status = match e {
+                    PoolError::Exhausted { .. } => StatusCode::SERVICE_UNAVAILABLE,
+                    _ => StatusCode::BAD_GATEWAY,
+                };
+                return error_response(status, e.reason(), &e.to_string(), last);
+            }
+            Ok(Err(e @ ForwardError::Upstream { .. })) => {
+                tracing::warn!(upstream = %self.route.pool.name(), error = %e, "upstream request failed");
+                return error_response(
+                    StatusCode::BAD_GATEWAY,
+                    "upstream-failed",
+                    &e.to_string(),
+                    last,
+                );
+            }
+            Err(_) => {
+                tracing::warn!(upstream = %self.route.pool.name(), timeout = ?listener.request_timeout, "upstream response timed out");
+                return error_response(
+                    StatusCode::GATEWAY_TIMEOUT,
+                    "upstream-timeout",
+                    &format!(
+                        "no response head within request_timeout ({})",
+                        humantime::format_duration(listener.request_timeout)
+                    ),
+                    last,
+                );
+            }
+        };
+
+        let (mut head, upstream_body) = response.into_parts();
+        headers::strip_hop_by_hop(&mut head.headers);
+        head.version = Version::HTTP_11;
+        if last {
+            head.headers
+                .insert(header::CONNECTION, HeaderValue::from_static("close"));
+        }
+        let needs_length = client_version == Version::HTTP_10
+            && method != Method::HEAD
+            && !head.headers.contains_key(header::CONTENT_LENGTH)
+            && body_allowed(head.status);
+        if !needs_length {
+            return Response::from_parts(head, ProxyBody::upstream(None, upstream_body, lease));
+        }
+        let limit = listener.http10_buffer.as_usize();
+        let buffered = tokio::time::timeout_at(deadline, buffer_up_to(upstream_body, limit)).await;
+        match buffered {
+            Ok(Ok(Buffered::Whole(bytes))) => {
+                lease.release();
+                head.headers
+                    .insert(header::CONTENT_LENGTH, HeaderValue::from(bytes.len()));
+                Response::from_parts(head, ProxyBody::full(bytes))
+            }
+            Ok(Ok(Buffered::Prefix(prefix, rest))) => {
+                Response::from_parts(head, ProxyBody::upstream(Some(prefix), rest, lease))
+            }
+            Ok(Err(e)) => error_response(
+                StatusCode::BAD_GATEWAY,
+                "upstream-failed",
+                &format!("upstream body failed: {e}"),
+                last,
+            ),
+            Err(_) => error_response(
+                StatusCode::GATEWAY_TIMEOUT,
+                "upstream-timeout",
+                "upstream body did not finish within request_timeout",
+                last,
+            ),
+        }
+    }
+
+    /// Sends the request, retrying once on a fresh connection when that is safe:
+    /// the request was never written (any method), or it failed on a reused
+    /// connection before any response byte and its body is in memory and its
+    /// method idempotent.
+    async fn forward(
+        &self,
+        parts: http::request::Parts,
+        mut body: UpstreamBody,
+    ) -> Result<(Response<Incoming>, Lease), ForwardError> {
+        let replay = idempotent(&parts.method)
+            .then(|| body.replayable())
+            .flatten()
+            .map(|bytes| (copy_head(&parts), bytes));
+        let client_failed = body.client_failed_flag();
+        let mut lease = self.route.pool.acquire().await?;
+        body.notify_sent(lease.request_sent_flag());
+        let received_before = lease.received();
+        let failure = match lease.send(Request::from_parts(parts, body)).await {
+            Ok(response) => return Ok((response, lease)),
+            Err(failure) => failure,
+        };
+        let addr = lease.addr();
+        let retry = match failure {
+            SendError::Unsent(request, reason) => {
+                tracing::debug!(upstream = %addr, error = ?reason, "request was not sent; retrying on a new connection");
+                request
+            }
+            SendError::Failed(source) => {
+                if client_failed.load(Ordering::Acquire) {
+                    return Err(ForwardError::ClientBody);
+                }
+                let clean = lease.reused() && lease.received() == received_before;
+                match replay {
+                    Some((head, bytes)) if clean => {
+                        tracing::debug!(upstream = %addr, error = %source, "reused connection failed before responding; retrying once");
+                        Request::from_parts(head, UpstreamBody::from_bytes(bytes))
+                    }
+                    _ => {
+                        return Err(ForwardError::Upstream {
+                            addr,
+                            detail: source.to_string(),
+                        })
+                    }
+                }
+            }
+        };
+        drop(lease);
+        let mut lease = self.route.pool.acquire_fresh(addr).await?;
+        let (head, mut body) = retry.into_parts();
+        body.notify_sent(lease.request_sent_flag());
+        match lease.send(Request::from_parts(head, body)).await {
+            Ok(response) => Ok((response, lease)),
+            Err(SendError::Unsent(_, reason)) => Err(ForwardError::Upstream {
+                addr,
+                detail: reason.map_or_else(|| "connection closed".to_owned(), |e| e.to_string()),
+            }),
+            Err(SendError::Failed(_)) if client_failed.load(Ordering::Acquire) => {
+                Err(ForwardError::ClientBody)
+            }
+            Err(SendError::Failed(source)) => Err(ForwardError::Upstream {
+                addr,
+                detail: source.to_string(),
+            }),
+        }
+    }
+
+    /// A 4xx for a request tether will not forward. The client misbehaved, so its
+    /// connection ends and gets no graceful close.
+    fn refuse(
+        &self,
+        status: StatusCode,
+        reason: &'static str,
+        detail: &str,
+    ) -> Response<ProxyBody> {
+        tracing::info!(listener = %self.route.listener.name, client = ?self.client, %status, reason, detail, "request refused");
+        self.conn.mark_misbehaved();
+        error_response(status, reason, detail, true)
+    }
+}
+
+/// A response tether makes itself; the reason goes in a header and the body.
+pub fn error_response(
+    status: StatusCode,
+    reason: &'static str,
+    detail: &str,
+    close: bool,
+) -> Response<ProxyBody> {
+    let body = format!("{} {reason}: {detail}\n", status.as_u16());
+    let mut response = Response::new(ProxyBody::full(Bytes::from(body)));
+    *response.status_mut() = status;
+    let headers = response.headers_mut();
+    headers.insert(ERROR_HEADER, HeaderValue::from_static(reason));
+    headers.insert(
+        header::CONTENT_TYPE,
+        HeaderValue::from_static("text/plain; charset=utf-8"),
+    );
+    if close {
+        headers.insert(header::CONNECTION, HeaderValue::from_static("close"));
+    }
+    response
+}
+
+fn idempotent(method: &Method) -> bool {
+    matches!(
+        *method,
+        Method::GET | Method::HEAD | Method::OPTIONS | Method::TRACE | Method::PUT | Method::DELETE
+    )
+}
+
+fn body_allowed(status: StatusCode) -> bool {
+    !(status.is_informational()
+        || status == StatusCode::NO_CONTENT
+        || status == StatusCode::NOT_MODIFIED)
+}
+
+/// The head of a request, without its extensions, for a replay.
+fn copy_head(parts: &http::request::Parts) -> http::request::Parts {
+    let mut builder = Request::builder()
+        .method(parts.method.clone())
+        .uri(parts.uri.clone())
+        .version(parts.version);
+    if let Some(headers) = builder.headers_mut() {
+        *headers = parts.headers.clone();
+    }
+    let (head, ()) = builder
+        .body(())
+        .unwrap_or_else(|_| Request::new(()))
+        .into_parts();
+    head
+}
+
+enum Buffered {
+    Whole(Bytes),
+    Prefix(Bytes, Incoming),
+}
+
+/// Reads `body` until it ends or exceeds `limit` bytes.
+async fn buffer_up_to(mut body: Incoming, limit: usize) -> Result<Buffered, hyper::Error> {
+    let mut buffer = BytesMut::new();
+    loop {
+        if buffer.len() > limit {
+            return Ok(Buffered::Prefix(buffer.freeze(), body));
+        }
+        match body.frame().await {
+            None => return Ok(Buffered::Whole(buffer.freeze())),
+            Some(frame) => {
+                if let Ok(data) = frame?.into_data() {
+                    buffer.extend_from_slice(&data);
+                }
+                if body.is_end_stream() {
+                    return Ok(Buffered::Whole(buffer.freeze()));
+                }
+            }
+        }
+    }
+}

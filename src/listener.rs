@@ -1,0 +1,154 @@
+//! Binding listeners and accepting connections.
+//!
+//! Each listener has a connection limit (a semaphore of owned permits: at the
+//! limit tether stops accepting and new connections wait in the kernel's
+//! backlog, as HAProxy's `maxconn` does) and backs off on accept errors such as
+//! EMFILE instead of spinning or exiting.
+
+use std::io;
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::time::Duration;
+
+use tokio::net::{TcpListener, UnixListener};
+use tokio::sync::Semaphore;
+use tokio_util::task::TaskTracker;
+
+use crate::config::ListenAddr;
+use crate::downstream::{self, ClientStream, Shutdown};
+use crate::http::Route;
+use crate::sock;
+
+/// Accept backlog: deep enough to absorb a burst of short-lived connections
+/// from a legacy app while tether is at its connection limit.
+const BACKLOG: u32 = 4096;
+
+/// Failures to bind a listener.
+#[derive(Debug, thiserror::Error)]
+pub enum ListenerError {
+    /// The address or path could not be bound.
+    #[error("cannot listen on {addr}: {source}")]
+    Bind { addr: String, source: io::Error },
+}
+
+/// A bound listening socket.
+pub enum Bound {
+    /// TCP.
+    Tcp(TcpListener),
+    /// Unix stream socket, removed from the filesystem when dropped.
+    Unix(UnixListener, UnixPath),
+}
+
+/// Removes a unix socket file when the listener goes away.
+pub struct UnixPath(PathBuf);
+
+impl Drop for UnixPath {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_file(&self.0);
+    }
+}
+
+impl Bound {
+    /// The bound address (`unix:/path` for unix sockets).
+    pub fn local_addr(&self) -> ListenAddr {
+        match self {
+            Self::Tcp(l) => l
+                .local_addr()
+                .map(ListenAddr::Tcp)
+                .unwrap_or(ListenAddr::Tcp(SocketAddr::from(([0, 0, 0, 0], 0)))),
+            Self::Unix(_, path) => ListenAddr::Unix(path.0.clone()),
+        }
+    }
+
+    async fn accept(&self) -> io::Result<(ClientStream, Option<SocketAddr>)> {
+        match self {
+            Self::Tcp(l) => {
+                let (s, peer) = l.accept().await?;
+                Ok((ClientStream::Tcp(s), Some(peer)))
+            }
+            Self::Unix(l, _) => {
+                let (s, _) = l.accept().await?;
+                Ok((ClientStream::Unix(s), None))
+            }
+        }
+    }
+}
+
+/// Binds `addr`. A stale unix socket file left by an earlier run is replaced.
+pub fn bind(addr: &ListenAddr) -> Result<Bound, ListenerError> {
+    let error = |source| ListenerError::Bind {
+        addr: addr.to_string(),
+        source,
+    };
+    match addr {
+        ListenAddr::Tcp(sa) => {
+            let socket = match sa {
+                SocketAddr::V4(_) => tokio::net::TcpSocket::new_v4(),
+                SocketAddr::V6(_) => tokio::net::TcpSocket::new_v6(),
+            }
+            .map_err(error)?;
+            socket.set_reuseaddr(true).map_err(error)?;
+            socket.bind(*sa).map_err(error)?;
+            Ok(Bound::Tcp(socket.listen(BACKLOG).map_err(error)?))
+        }
+        ListenAddr::Unix(path) => {
+            if let Ok(meta) = std::fs::symlink_metadata(path) {
+                use std::os::unix::fs::FileTypeExt;
+                if meta.file_type().is_socket() {
+                    let _ = std::fs::remove_file(path);
+                }
+            }
+            let listener = UnixListener::bind(path).map_err(error)?;
+            Ok(Bound::Unix(listener, UnixPath(path.clone())))
+        }
+    }
+}
+
+/// Accepts until draining starts, one task per connection (tracked, so the
+/// drain can wait for them).
+pub async fn accept_loop(
+    bound: Bound,
+    route: Arc<Route>,
+    shutdown: Shutdown,
+    tracker: TaskTracker,
+) {
+    let limit = Arc::new(Semaphore::new(route.listener.max_connections));
+    let mut pause = Duration::from_millis(5);
+    loop {
+        let permit = tokio::select! {
+            permit = limit.clone().acquire_owned() => match permit {
+                Ok(p) => p,
+                Err(_) => return,
+            },
+            _ = shutdown.drain.cancelled() => break,
+        };
+        let accepted = tokio::select! {
+            accepted = bound.accept() => accepted,
+            _ = shutdown.drain.cancelled() => break,
+        };
+        match accepted {
+            Ok((stream, client)) => {
+                pause = Duration::from_millis(5);
+                let route = route.clone();
+                let shutdown = shutdown.clone();
+                tracker.spawn(async move {
+                    let _permit = permit;
+                    downstream::serve(stream, client, route, shutdown).await;
+                });
+            }
+            Err(e) if sock::is_resource_exhaustion(&e) => {
+                tracing::error!(listener = %route.listener.name, error = %e, pause = ?pause, "accept failed: out of resources; pausing");
+                tokio::time::sleep(pause).await;
+                pause = (pause * 2).min(Duration::from_secs(1));
+            }
+            Err(e) => {
+                // Per-connection errors (ECONNABORTED and friends) affect only that
+                // connection.
+                tracing::debug!(listener = %route.listener.name, error = %e, "accept failed");
+            }
+        }
+    }
+    tracing::info!(listener = %route.listener.name, "stopped accepting");
+    drop(bound);
+}

@@ -1,0 +1,111 @@
+//! The `tether` command line: parse arguments, load the config, run.
+
+use std::path::PathBuf;
+use std::process::ExitCode;
+
+use anyhow::Context as _;
+use clap::{Parser, Subcommand};
+use tether::config::{Config, ConfigError};
+
+/// EX_USAGE from sysexits.h: the configuration is wrong.
+const EXIT_BAD_CONFIG: u8 = 64;
+
+/// Connection-pooling sidecar proxy: takes an app's short-lived connections on a
+/// local port and carries their requests over a few persistent upstream
+/// connections, so no TIME_WAIT piles up toward the backend.
+#[derive(Parser)]
+#[command(name = "tether", version, about, long_about = None)]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Run the proxy with the given configuration until SIGTERM or SIGINT,
+    /// then drain: stop accepting, finish in-flight requests, exit 0.
+    Run {
+        /// TOML configuration file; `TETHER__SECTION__KEY` variables override it.
+        #[arg(short, long, value_name = "FILE")]
+        config: PathBuf,
+    },
+    /// Validate a configuration: print the effective config as TOML and exit 0,
+    /// or print every problem with its key path and exit 64.
+    Check {
+        /// TOML configuration file; `TETHER__SECTION__KEY` variables override it.
+        #[arg(short, long, value_name = "FILE")]
+        config: PathBuf,
+    },
+}
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    match cli.command {
+        Command::Check { config } => match load(&config) {
+            Ok(config) => {
+                print!("{}", config.to_toml());
+                ExitCode::SUCCESS
+            }
+            Err(code) => code,
+        },
+        Command::Run { config } => {
+            let config = match load(&config) {
+                Ok(config) => config,
+                Err(code) => return code,
+            };
+            match run(config) {
+                Ok(()) => ExitCode::SUCCESS,
+                Err(e) => {
+                    eprintln!("tether: {e:#}");
+                    ExitCode::FAILURE
+                }
+            }
+        }
+    }
+}
+
+fn load(path: &std::path::Path) -> Result<Config, ExitCode> {
+    Config::load(path, std::env::vars()).map_err(|e| {
+        match &e {
+            ConfigError::Invalid(problems) => {
+                eprintln!(
+                    "tether: {} has {} problem(s):",
+                    path.display(),
+                    problems.len()
+                );
+                for problem in problems {
+                    eprintln!("  {problem}");
+                }
+            }
+            ConfigError::Load { .. } => eprintln!("tether: {e}"),
+        }
+        ExitCode::from(EXIT_BAD_CONFIG)
+    })
+}
+
+fn run(config: Config) -> anyhow::Result<()> {
+    tether::telemetry::init(&config.log);
+    let mut runtime = tokio::runtime::Builder::new_multi_thread();
+    runtime.enable_all();
+    if config.runtime.worker_threads > 0 {
+        runtime.worker_threads(config.runtime.worker_threads);
+    }
+    let runtime = runtime.build().context("cannot start the async runtime")?;
+    runtime.block_on(async {
+        let running = tether::start(config).await?;
+        wait_for_signal().await?;
+        running.drain().await;
+        Ok(())
+    })
+}
+
+async fn wait_for_signal() -> anyhow::Result<()> {
+    use tokio::signal::unix::{signal, SignalKind};
+    let mut term = signal(SignalKind::terminate()).context("cannot watch SIGTERM")?;
+    let mut int = signal(SignalKind::interrupt()).context("cannot watch SIGINT")?;
+    tokio::select! {
+        _ = term.recv() => tracing::info!("SIGTERM received"),
+        _ = int.recv() => tracing::info!("SIGINT received"),
+    }
+    Ok(())
+}

@@ -1,0 +1,321 @@
+//! One pooled upstream connection: dialling it, the IO adapter hyper drives, and
+//! the [`Lease`] a request holds while it uses the connection.
+//!
+//! The socket is shared (`Arc<TcpStream>`) between hyper's connection task and
+//! the pool, so the pool can peek at an idle connection for staleness and choose
+//! how it ends (RST via linger 0, or FIN) without going through hyper's shutdown,
+//! which would always send FIN and leave TIME_WAIT on tether.
+
+use std::io;
+use std::pin::Pin;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::Arc;
+use std::task::{ready, Context, Poll};
+
+use hyper::body::Incoming;
+use hyper::client::conn::http1::SendRequest;
+use hyper_util::rt::TokioIo;
+use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
+use tokio::net::TcpStream;
+use tokio::sync::OwnedSemaphorePermit;
+use tokio::time::Instant;
+
+use super::{Endpoint, PoolError};
+use crate::config::Retire;
+use crate::http::body::UpstreamBody;
+use crate::sock::{self, PeerState};
+
+/// The IO object handed to hyper: reads and writes through the shared socket and
+/// counts bytes received, so a failed request can tell whether any response
+/// byte arrived (only then is a retry unsafe).
+pub(crate) struct UpstreamIo {
+    socket: Arc<TcpStream>,
+    received: Arc<AtomicU64>,
+}
+
+impl AsyncRead for UpstreamIo {
+    fn poll_read(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &mut ReadBuf<'_>,
+    ) -> Poll<io::Result<()>> {
+        loop {
+            ready!(self.socket.poll_read_ready(cx))?;
+            match self.socket.try_read(buf.initialize_unfilled()) {
+                Ok(n) => {
+                    buf.advance(n);
+                    self.received.fetch_add(n as u64, Ordering::Relaxed);
+                    return Poll::Ready(Ok(()));
+                }
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock => continue,
+                Err(e) => return Poll::Ready(Err(e)),
+            }
+        }
+    }
+}
+
+impl AsyncWrite for UpstreamIo {
+    fn poll_write(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &[u8],
+    ) -> Poll<io::Result<usize>> {
+        loop {
+            ready!(self.socket.poll_write_ready(cx))?;
+            match self.socket.try_write(buf) {
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock => continue,
+                other => return Poll::Ready(other),
+            }
+        }
+    }
+
+    fn poll_write_vectored(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        bufs: &[io::IoSlice<'_>],
+    ) -> Poll<io::Result<usize>> {
+        loop {
+            ready!(self.socket.poll_write_ready(cx))?;
+            match self.socket.try_write_vectored(bufs) {
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock => continue,
+                other => return Poll::Ready(other),
+            }
+        }
+    }
+
+    fn is_write_vectored(&self) -> bool {
+        true
+    }
+
+    fn poll_flush(self: Pin<&mut Self>, _cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        Poll::Ready(Ok(()))
+    }
+
+    /// Deliberately does nothing: how an upstream connection ends (RST or FIN)
+    /// is the pool's decision, taken on the shared socket.
+    fn poll_shutdown(self: Pin<&mut Self>, _cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        Poll::Ready(Ok(()))
+    }
+}
+
+/// A live upstream connection owned by the pool (idle) or by a [`Lease`] (busy).
+pub(crate) struct Conn {
+    pub(crate) sender: SendRequest<UpstreamBody>,
+    socket: Arc<TcpStream>,
+    received: Arc<AtomicU64>,
+    pub(crate) expires: Instant,
+    pub(crate) requests: u64,
+    /// Held for the connection's whole life: counts it against
+    /// `pool.max_connections` and wakes waiters when it is gone.
+    _slot: Slot,
+}
+
+/// A connection slot of an endpoint; dropping it frees the slot.
+pub(crate) struct Slot {
+    _permit: OwnedSemaphorePermit,
+    endpoint: Arc<Endpoint>,
+}
+
+impl Slot {
+    pub(crate) fn new(permit: OwnedSemaphorePermit, endpoint: Arc<Endpoint>) -> Self {
+        endpoint.open.fetch_add(1, Ordering::Relaxed);
+        Self {
+            _permit: permit,
+            endpoint,
+        }
+    }
+}
+
+impl Drop for Slot {
+    fn drop(&mut self) {
+        self.endpoint.open.fetch_sub(1, Ordering::Relaxed);
+        // The permit is released after this body runs; waiters re-check then.
+        self.endpoint.available.notify_one();
+        self.endpoint.maintenance.notify_one();
+    }
+}
+
+/// Why a connection is being closed; decides RST or FIN.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum Ending {
+    /// Healthy and idle, retired by policy: `pool.retire` decides RST or FIN.
+    Retired,
+    /// Broken, stale, or abandoned mid-exchange: always RST, its state is unknown.
+    Discarded,
+}
+
+impl Conn {
+    /// Dials `endpoint`, sets socket options and runs the HTTP/1 handshake.
+    pub(crate) async fn connect(endpoint: &Arc<Endpoint>, slot: Slot) -> Result<Self, PoolError> {
+        let settings = &endpoint.settings;
+        let addr = endpoint.addr;
+        let stream = tokio::time::timeout(settings.connect_timeout, TcpStream::connect(addr))
+            .await
+            .map_err(|_| PoolError::ConnectTimeout {
+                addr,
+                after: settings.connect_timeout,
+            })?
+            .map_err(|source| PoolError::Connect { addr, source })?;
+        sock::configure_upstream(&stream, &settings.keepalive);
+        let socket = Arc::new(stream);
+        let received = Arc::new(AtomicU64::new(0));
+        let io = UpstreamIo {
+            socket: socket.clone(),
+            received: received.clone(),
+        };
+        let (sender, connection) = hyper::client::conn::http1::Builder::new()
+            .handshake(TokioIo::new(io))
+            .await
+            .map_err(|source| PoolError::Handshake { addr, source })?;
+        let notify = Arc::downgrade(endpoint);
+        tokio::spawn(async move {
+            if let Err(e) = connection.await {
+                tracing::debug!(upstream = %addr, error = %e, "upstream connection ended with an error");
+            }
+            // Let the pool notice the loss now rather than at its next tick.
+            if let Some(endpoint) = notify.upgrade() {
+                endpoint.maintenance.notify_one();
+            }
+        });
+        let created = Instant::now();
+        let lifetime = settings
+            .pool
+            .max_lifetime
+            .mul_f64(0.9 + fastrand::f64() * 0.2);
+        tracing::debug!(upstream = %addr, "upstream connection opened");
+        endpoint.stats.opened.fetch_add(1, Ordering::Relaxed);
+        Ok(Self {
+            sender,
+            socket,
+            received,
+            expires: created + lifetime,
+            requests: 0,
+            _slot: slot,
+        })
+    }
+
+    /// Whether an idle connection can carry another request: hyper still has it
+    /// open and nothing arrived on it unasked (no FIN, no stray bytes, no RST).
+    pub(crate) fn is_usable(&self) -> bool {
+        !self.sender.is_closed() && sock::peer_state(&*self.socket) == PeerState::Quiet
+    }
+
+    /// Bytes received so far on this connection.
+    pub(crate) fn received(&self) -> u64 {
+        self.received.load(Ordering::Relaxed)
+    }
+
+    /// Closes the connection the way `ending` and the retire policy call for.
+    pub(crate) fn close(self, ending: Ending, retire: Retire) {
+        match (ending, retire) {
+            (Ending::Retired, Retire::Graceful) => {
+                if let Err(e) = sock::send_fin(&*self.socket) {
+                    tracing::debug!(error = %e, "cannot half-close retired upstream connection");
+                }
+            }
+            _ => sock::reset_on_close(&*self.socket),
+        }
+        // Dropping the sender ends hyper's connection task, which drops its half
+        // of the socket; the last drop closes it.
+    }
+}
+
+/// A connection checked out for one exchange.
+///
+/// [`Lease::release`] returns it to the pool once the exchange is provably
+/// complete; dropping the lease instead discards the connection with RST, so a
+/// connection abandoned mid-exchange (client gone, timeout, error) is never reused.
+pub struct Lease {
+    conn: Option<Conn>,
+    endpoint: Arc<Endpoint>,
+    reused: bool,
+    request_sent: Arc<AtomicBool>,
+}
+
+impl Lease {
+    pub(crate) fn new(conn: Conn, endpoint: Arc<Endpoint>, reused: bool) -> Self {
+        endpoint.outstanding.fetch_add(1, Ordering::Relaxed);
+        Self {
+            conn: Some(conn),
+            endpoint,
+            reused,
+            request_sent: Arc::new(AtomicBool::new(false)),
+        }
+    }
+
+    /// Whether the connection carried an earlier exchange (a failure on it may
+    /// be the backend having closed it while idle).
+    pub fn reused(&self) -> bool {
+        self.reused
+    }
+
+    /// The upstream address.
+    pub fn addr(&self) -> std::net::SocketAddr {
+        self.endpoint.addr
+    }
+
+    /// Flag the request body sets once it has been sent whole.
+    pub(crate) fn request_sent_flag(&self) -> Arc<AtomicBool> {
+        self.request_sent.clone()
+    }
+
+    /// Bytes received so far on the connection.
+    pub(crate) fn received(&self) -> u64 {
+        self.conn.as_ref().map_or(0, Conn::received)
+    }
+
+    /// Sends a request; `Err` carries the request back if it was never written.
+    pub(crate) async fn send(
+        &mut self,
+        request: http::Request<UpstreamBody>,
+    ) -> Result<http::Response<Incoming>, SendError> {
+        let Some(conn) = self.conn.as_mut() else {
+            return Err(SendError::Unsent(request, None));
+        };
+        if let Err(e) = conn.sender.ready().await {
+            return Err(SendError::Unsent(request, Some(e)));
+        }
+        conn.requests += 1;
+        conn.sender
+            .try_send_request(request)
+            .await
+            .map_err(|mut e| match e.take_message() {
+                Some(request) => SendError::Unsent(request, Some(e.into_error())),
+                None => SendError::Failed(e.into_error()),
+            })
+    }
+
+    /// Returns the connection to the pool: call once the response body ended.
+    /// Only a connection whose request body was also sent whole is reused.
+    pub fn release(mut self) {
+        let Some(conn) = self.conn.take() else {
+            return;
+        };
+        if self.request_sent.load(Ordering::Acquire) {
+            self.endpoint.put_idle(conn);
+        } else {
+            conn.close(Ending::Discarded, self.endpoint.settings.pool.retire);
+        }
+    }
+}
+
+impl Drop for Lease {
+    fn drop(&mut self) {
+        self.endpoint.outstanding.fetch_sub(1, Ordering::Relaxed);
+        if let Some(conn) = self.conn.take() {
+            self.endpoint
+                .stats
+                .discarded
+                .fetch_add(1, Ordering::Relaxed);
+            conn.close(Ending::Discarded, self.endpoint.settings.pool.retire);
+        }
+    }
+}
+
+/// A failed send.
+pub(crate) enum SendError {
+    /// The request was never written; it can be sent elsewhere whatever its method.
+    Unsent(http::Request<UpstreamBody>, Option<hyper::Error>),
+    /// The request may have reached the backend.
+    Failed(hyper::Error),
+}

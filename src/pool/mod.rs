@@ -1,0 +1,558 @@
+//! Upstream connection pools: one [`Pool`] per `[[upstream]]`, one [`Endpoint`]
+//! per resolved address, each with its own LIFO idle list and connection bound.
+//!
+//! Invariants:
+//! - an endpoint never has more than `pool.max_connections` connections open
+//!   (idle, busy or being dialled): each holds a semaphore permit for its life;
+//! - an idle connection is checked for staleness (hyper closed it, or a peek
+//!   shows FIN, RST or stray bytes) before it is handed out;
+//! - a connection goes back to the idle list only when its exchange is known to
+//!   be complete ([`Lease::release`]); every other path closes it with RST;
+//! - with zero traffic each endpoint keeps `pool.min_idle` connections open, and
+//!   a background task per pool refills, retires and reaps them;
+//! - endpoints that vanish from DNS leave the balancing set at once, retire
+//!   their idle connections, and are dropped when their last lease ends.
+//!
+//! The pool is built on `hyper::client::conn` rather than hyper-util's client:
+//! that pool has no warm floor, always closes with FIN, and needs a timer for
+//! its idle timeout to fire at all.
+
+mod conn;
+
+use std::net::SocketAddr;
+use std::sync::atomic::{AtomicBool, AtomicU32, AtomicU64, AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex, RwLock};
+use std::time::Duration;
+
+use tokio::sync::{Notify, Semaphore};
+use tokio::time::Instant;
+use tokio_util::sync::CancellationToken;
+
+use crate::config::{Balance, UpstreamConfig};
+pub use conn::Lease;
+pub(crate) use conn::SendError;
+use conn::{Conn, Ending, Slot};
+
+/// How often the maintenance task looks at every endpoint even without a wake-up.
+const MAINTENANCE_TICK: Duration = Duration::from_secs(1);
+/// First and largest pause between refill attempts after connect failures.
+const REFILL_BACKOFF_MIN: Duration = Duration::from_millis(200);
+const REFILL_BACKOFF_MAX: Duration = Duration::from_secs(10);
+/// Idle connections above `max_idle` are retired only after this long idle, so a
+/// burst that briefly returns many connections does not churn them.
+const OVER_MAX_IDLE_GRACE: Duration = Duration::from_secs(1);
+
+/// Failures to obtain an upstream connection.
+#[derive(Debug, thiserror::Error)]
+pub enum PoolError {
+    /// No address is known for the upstream (DNS has not answered).
+    #[error("upstream {upstream:?} has no resolved endpoints")]
+    NoEndpoints { upstream: String },
+    /// Every connection slot stayed busy for `acquire_timeout`.
+    #[error("no connection to {addr} became free within {}", humantime::format_duration(*waited))]
+    Exhausted { addr: SocketAddr, waited: Duration },
+    /// The TCP connect did not finish within `connect_timeout`.
+    #[error("connect to {addr} timed out after {}", humantime::format_duration(*after))]
+    ConnectTimeout { addr: SocketAddr, after: Duration },
+    /// The TCP connect failed.
+    #[error("connect to {addr} failed: {source}")]
+    Connect {
+        addr: SocketAddr,
+        source: std::io::Error,
+    },
+    /// hyper refused the new connection.
+    #[error("HTTP handshake with {addr} failed: {source}")]
+    Handshake {
+        addr: SocketAddr,
+        source: hyper::Error,
+    },
+}
+
+impl PoolError {
+    /// Short machine-readable reason for the `x-tether-error` header.
+    pub fn reason(&self) -> &'static str {
+        match self {
+            Self::NoEndpoints { .. } => "no-endpoints",
+            Self::Exhausted { .. } => "pool-exhausted",
+            Self::ConnectTimeout { .. } => "connect-timeout",
+            Self::Connect { source, .. }
+                if source.kind() == std::io::ErrorKind::ConnectionRefused =>
+            {
+                "connect-refused"
+            }
+            Self::Connect { .. } | Self::Handshake { .. } => "connect-failed",
+        }
+    }
+}
+
+/// Counters an endpoint keeps about its connections.
+#[derive(Debug, Default)]
+pub struct EndpointStats {
+    /// Connections dialled successfully.
+    pub opened: AtomicU64,
+    /// Idle connections retired by policy (idle timeout, lifetime, max_idle).
+    pub retired: AtomicU64,
+    /// Connections closed because they were stale, broken or abandoned.
+    pub discarded: AtomicU64,
+    /// Idle connections handed out again.
+    pub reused: AtomicU64,
+}
+
+/// One resolved address of an upstream and its connections.
+pub struct Endpoint {
+    addr: SocketAddr,
+    settings: Arc<UpstreamConfig>,
+    /// LIFO: push and pop at the end; the front holds the coldest.
+    idle: Mutex<Vec<IdleConn>>,
+    slots: Arc<Semaphore>,
+    open: AtomicUsize,
+    outstanding: AtomicUsize,
+    /// Signalled when a connection is returned or a slot frees.
+    available: Notify,
+    /// Signalled when the maintenance task should look at this endpoint now.
+    maintenance: Arc<Notify>,
+    removed: AtomicBool,
+    refilling: AtomicBool,
+    refill_failures: AtomicU32,
+    refill_not_before: Mutex<Option<Instant>>,
+    stats: EndpointStats,
+}
+
+struct IdleConn {
+    conn: Conn,
+    since: Instant,
+}
+
+impl Endpoint {
+    fn new(addr: SocketAddr, settings: Arc<UpstreamConfig>, maintenance: Arc<Notify>) -> Self {
+        Self {
+            addr,
+            slots: Arc::new(Semaphore::new(settings.pool.max_connections)),
+            settings,
+            idle: Mutex::new(Vec::new()),
+            open: AtomicUsize::new(0),
+            outstanding: AtomicUsize::new(0),
+            available: Notify::new(),
+            maintenance,
+            removed: AtomicBool::new(false),
+            refilling: AtomicBool::new(false),
+            refill_failures: AtomicU32::new(0),
+            refill_not_before: Mutex::new(None),
+            stats: EndpointStats::default(),
+        }
+    }
+
+    /// The address this endpoint dials.
+    pub fn addr(&self) -> SocketAddr {
+        self.addr
+    }
+
+    /// Connections open now (idle and busy).
+    pub fn open_connections(&self) -> usize {
+        self.open.load(Ordering::Relaxed)
+    }
+
+    /// Idle connections now.
+    pub fn idle_connections(&self) -> usize {
+        self.lock_idle().len()
+    }
+
+    /// Requests in flight now.
+    pub fn outstanding(&self) -> usize {
+        self.outstanding.load(Ordering::Relaxed)
+    }
+
+    /// Lifetime counters.
+    pub fn stats(&self) -> &EndpointStats {
+        &self.stats
+    }
+
+    fn lock_idle(&self) -> std::sync::MutexGuard<'_, Vec<IdleConn>> {
+        // A panic while holding this lock cannot leave the Vec inconsistent.
+        self.idle.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    fn retire_policy(&self) -> crate::config::Retire {
+        self.settings.pool.retire
+    }
+
+    /// Takes the most recently used idle connection that is still usable.
+    fn pop_idle(&self) -> Option<Conn> {
+        loop {
+            let idle = self.lock_idle().pop()?;
+            if Instant::now() >= idle.conn.expires {
+                self.stats.retired.fetch_add(1, Ordering::Relaxed);
+                idle.conn.close(Ending::Retired, self.retire_policy());
+                continue;
+            }
+            if !idle.conn.is_usable() {
+                tracing::debug!(upstream = %self.addr, "discarding stale idle connection");
+                self.stats.discarded.fetch_add(1, Ordering::Relaxed);
+                idle.conn.close(Ending::Discarded, self.retire_policy());
+                continue;
+            }
+            return Some(idle.conn);
+        }
+    }
+
+    /// Returns a connection after a complete exchange.
+    fn put_idle(&self, conn: Conn) {
+        if self.removed.load(Ordering::Relaxed) || Instant::now() >= conn.expires {
+            self.stats.retired.fetch_add(1, Ordering::Relaxed);
+            conn.close(Ending::Retired, self.retire_policy());
+            return;
+        }
+        self.lock_idle().push(IdleConn {
+            conn,
+            since: Instant::now(),
+        });
+        self.available.notify_one();
+    }
+
+    /// Retires idle connections that outlived their lifetime, sat idle too long
+    /// above the floor, or exceed `max_idle`; discards dead ones.
+    fn reap(&self) {
+        let pool = &self.settings.pool;
+        let now = Instant::now();
+        let mut closing = Vec::new();
+        {
+            let mut idle = self.lock_idle();
+            let removed = self.removed.load(Ordering::Relaxed);
+            // Connections above the floor may be retired; count from the cold end.
+            let mut open = self.open.load(Ordering::Relaxed);
+            let mut kept = Vec::with_capacity(idle.len());
+            let idle_count = idle.len();
+            for (position, entry) in idle.drain(..).enumerate() {
+                let hotter = idle_count - position - 1;
+                let dead = entry.conn.sender.is_closed();
+                let expired = now >= entry.conn.expires;
+                let cold =
+                    now.duration_since(entry.since) >= pool.idle_timeout && open > pool.min_idle;
+                let over_max = hotter >= pool.max_idle
+                    && now.duration_since(entry.since) >= OVER_MAX_IDLE_GRACE;
+                if dead {
+                    closing.push((entry.conn, Ending::Discarded));
+                    open = open.saturating_sub(1);
+                } else if removed || expired || cold || over_max {
+                    closing.push((entry.conn, Ending::Retired));
+                    open = open.saturating_sub(1);
+                } else {
+                    kept.push(entry);
+                }
+            }
+            *idle = kept;
+        }
+        for (conn, ending) in closing {
+            let counter = match ending {
+                Ending::Retired => &self.stats.retired,
+                Ending::Discarded => &self.stats.discarded,
+            };
+            counter.fetch_add(1, Ordering::Relaxed);
+            tracing::debug!(upstream = %self.addr, ?ending, "closing idle upstream connection");
+            conn.close(ending, self.retire_policy());
+        }
+    }
+
+    /// Opens connections in the background until `min_idle` are open, one dial
+    /// at a time, backing off (with jitter) after failures.
+    fn refill(self: &Arc<Self>) {
+        if self.removed.load(Ordering::Relaxed)
+            || self.open.load(Ordering::Relaxed) >= self.settings.pool.min_idle
+        {
+            return;
+        }
+        if let Some(not_before) = *self
+            .refill_not_before
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+        {
+            if Instant::now() < not_before {
+                return;
+            }
+        }
+        if self.refilling.swap(true, Ordering::AcqRel) {
+            return;
+        }
+        let endpoint = self.clone();
+        tokio::spawn(async move {
+            while !endpoint.removed.load(Ordering::Relaxed)
+                && endpoint.open.load(Ordering::Relaxed) < endpoint.settings.pool.min_idle
+            {
+                let Ok(permit) = endpoint.slots.clone().try_acquire_owned() else {
+                    break;
+                };
+                let slot = Slot::new(permit, endpoint.clone());
+                match Conn::connect(&endpoint, slot).await {
+                    Ok(conn) => {
+                        endpoint.refill_failures.store(0, Ordering::Relaxed);
+                        endpoint.put_idle(conn);
+                    }
+                    Err(e) => {
+                        let failures = endpoint.refill_failures.fetch_add(1, Ordering::Relaxed) + 1;
+                        let backoff = backoff(failures);
+                        tracing::warn!(upstream = %endpoint.addr, error = %e, retry_in = ?backoff, "cannot open warm connection");
+                        *endpoint
+                            .refill_not_before
+                            .lock()
+                            .unwrap_or_else(|e| e.into_inner()) = Some(Instant::now() + backoff);
+                        break;
+                    }
+                }
+            }
+            endpoint.refilling.store(false, Ordering::Release);
+        });
+    }
+
+    fn retire_all_idle(&self) {
+        let idle = std::mem::take(&mut *self.lock_idle());
+        for entry in idle {
+            self.stats.retired.fetch_add(1, Ordering::Relaxed);
+            entry.conn.close(Ending::Retired, self.retire_policy());
+        }
+    }
+}
+
+/// Jittered exponential backoff: 200ms, 400ms, … up to 10s, each ±25 %.
+fn backoff(failures: u32) -> Duration {
+    let exp = REFILL_BACKOFF_MIN.saturating_mul(1u32 << failures.saturating_sub(1).min(10));
+    exp.min(REFILL_BACKOFF_MAX)
+        .mul_f64(0.75 + fastrand::f64() * 0.5)
+}
+
+/// The connection pool of one upstream; a cheap handle.
+#[derive(Clone)]
+pub struct Pool {
+    inner: Arc<PoolInner>,
+}
+
+struct PoolInner {
+    settings: Arc<UpstreamConfig>,
+    endpoints: RwLock<Arc<Vec<Arc<Endpoint>>>>,
+    next: AtomicUsize,
+    maintenance: Arc<Notify>,
+    shutdown: CancellationToken,
+}
+
+impl Pool {
+    /// Resolves the endpoints once (so the first requests have somewhere to go),
+    /// then starts the background task that warms, reaps and re-resolves.
+    pub async fn start(settings: UpstreamConfig) -> Self {
+        let settings = Arc::new(settings);
+        let inner = Arc::new(PoolInner {
+            settings: settings.clone(),
+            endpoints: RwLock::new(Arc::new(Vec::new())),
+            next: AtomicUsize::new(0),
+            maintenance: Arc::new(Notify::new()),
+            shutdown: CancellationToken::new(),
+        });
+        let pool = Self { inner };
+        let first = tokio::time::timeout(settings.connect_timeout, resolve(&settings)).await;
+        match first {
+            Ok(addrs) => pool.apply_addresses(addrs),
+            Err(_) => {
+                tracing::warn!(upstream = %settings.name, "initial DNS resolution timed out; retrying in the background")
+            }
+        }
+        tokio::spawn(maintain(Arc::downgrade(&pool.inner)));
+        pool
+    }
+
+    /// The upstream's name.
+    pub fn name(&self) -> &str {
+        &self.inner.settings.name
+    }
+
+    /// The endpoints currently balanced across.
+    pub fn endpoints(&self) -> Arc<Vec<Arc<Endpoint>>> {
+        self.inner
+            .endpoints
+            .read()
+            .unwrap_or_else(|e| e.into_inner())
+            .clone()
+    }
+
+    /// Picks an endpoint and checks out a connection: the hottest usable idle
+    /// one, else a new one if a slot is free, else waits up to `acquire_timeout`.
+    pub async fn acquire(&self) -> Result<Lease, PoolError> {
+        let endpoint = self.pick()?;
+        acquire_on(&endpoint, false).await
+    }
+
+    /// Checks out a freshly dialled connection to the same endpoint as a failed
+    /// lease: used for the one retry of a request that failed on a reused one.
+    pub async fn acquire_fresh(&self, addr: SocketAddr) -> Result<Lease, PoolError> {
+        let endpoints = self.endpoints();
+        let endpoint = match endpoints.iter().find(|e| e.addr == addr) {
+            Some(e) => e.clone(),
+            None => self.pick()?,
+        };
+        acquire_on(&endpoint, true).await
+    }
+
+    fn pick(&self) -> Result<Arc<Endpoint>, PoolError> {
+        let endpoints = self.endpoints();
+        if endpoints.is_empty() {
+            return Err(PoolError::NoEndpoints {
+                upstream: self.inner.settings.name.clone(),
+            });
+        }
+        let start = self.inner.next.fetch_add(1, Ordering::Relaxed);
+        let chosen = match self.inner.settings.balance {
+            Balance::RoundRobin => &endpoints[start % endpoints.len()],
+            Balance::LeastOutstanding => {
+                // Rotate the starting point so ties spread instead of piling on
+                // the first endpoint.
+                let n = endpoints.len();
+                (0..n)
+                    .map(|i| &endpoints[(start + i) % n])
+                    .min_by_key(|e| e.outstanding.load(Ordering::Relaxed))
+                    .unwrap_or(&endpoints[0])
+            }
+        };
+        Ok(chosen.clone())
+    }
+
+    fn apply_addresses(&self, addrs: Vec<SocketAddr>) {
+        let mut changed = Vec::new();
+        {
+            let mut guard = self
+                .inner
+                .endpoints
+                .write()
+                .unwrap_or_else(|e| e.into_inner());
+            let current = guard.clone();
+            let mut next: Vec<Arc<Endpoint>> = Vec::with_capacity(addrs.len());
+            for addr in &addrs {
+                match current.iter().find(|e| e.addr == *addr) {
+                    Some(existing) => next.push(existing.clone()),
+                    None => {
+                        tracing::info!(upstream = %self.inner.settings.name, endpoint = %addr, "endpoint added");
+                        next.push(Arc::new(Endpoint::new(
+                            *addr,
+                            self.inner.settings.clone(),
+                            self.inner.maintenance.clone(),
+                        )));
+                    }
+                }
+            }
+            for old in current.iter() {
+                if !addrs.contains(&old.addr) {
+                    tracing::info!(upstream = %self.inner.settings.name, endpoint = %old.addr, "endpoint removed; draining it");
+                    old.removed.store(true, Ordering::Relaxed);
+                    changed.push(old.clone());
+                }
+            }
+            *guard = Arc::new(next);
+        }
+        for endpoint in changed {
+            endpoint.retire_all_idle();
+        }
+        self.inner.maintenance.notify_one();
+    }
+
+    /// Stops the background task and retires every idle connection.
+    pub fn close(&self) {
+        self.inner.shutdown.cancel();
+        for endpoint in self.endpoints().iter() {
+            endpoint.removed.store(true, Ordering::Relaxed);
+            endpoint.retire_all_idle();
+        }
+    }
+}
+
+async fn acquire_on(endpoint: &Arc<Endpoint>, fresh: bool) -> Result<Lease, PoolError> {
+    let waited = endpoint.settings.pool.acquire_timeout;
+    let deadline = Instant::now() + waited;
+    loop {
+        let notified = endpoint.available.notified();
+        tokio::pin!(notified);
+        notified.as_mut().enable();
+        if !fresh {
+            if let Some(conn) = endpoint.pop_idle() {
+                endpoint.stats.reused.fetch_add(1, Ordering::Relaxed);
+                let reused = conn.requests > 0;
+                return Ok(Lease::new(conn, endpoint.clone(), reused));
+            }
+        }
+        if let Ok(permit) = endpoint.slots.clone().try_acquire_owned() {
+            let slot = Slot::new(permit, endpoint.clone());
+            let conn = Conn::connect(endpoint, slot).await?;
+            return Ok(Lease::new(conn, endpoint.clone(), false));
+        }
+        if fresh {
+            // A fresh connection needs a free slot; the coldest idle one gives up its own.
+            let coldest = {
+                let mut idle = endpoint.lock_idle();
+                (!idle.is_empty()).then(|| idle.remove(0))
+            };
+            if let Some(entry) = coldest {
+                endpoint.stats.retired.fetch_add(1, Ordering::Relaxed);
+                entry.conn.close(Ending::Retired, endpoint.retire_policy());
+                continue;
+            }
+        }
+        if tokio::time::timeout_at(deadline, notified).await.is_err() {
+            return Err(PoolError::Exhausted {
+                addr: endpoint.addr,
+                waited,
+            });
+        }
+    }
+}
+
+/// Resolves every configured endpoint; names that fail are logged and skipped.
+async fn resolve(settings: &UpstreamConfig) -> Vec<SocketAddr> {
+    let mut addrs = Vec::new();
+    for endpoint in &settings.endpoints {
+        match tokio::net::lookup_host(endpoint.as_str()).await {
+            Ok(found) => {
+                for addr in found {
+                    if !addrs.contains(&addr) {
+                        addrs.push(addr);
+                    }
+                }
+            }
+            Err(e) => {
+                tracing::warn!(upstream = %settings.name, endpoint = %endpoint, error = %e, "cannot resolve endpoint")
+            }
+        }
+    }
+    addrs
+}
+
+/// The pool's background task: refills the warm floor, reaps idle connections,
+/// and re-resolves DNS names. Ends when the pool is closed or dropped.
+async fn maintain(pool: std::sync::Weak<PoolInner>) {
+    let mut next_resolve = {
+        let Some(inner) = pool.upgrade() else { return };
+        Instant::now() + inner.settings.dns_refresh
+    };
+    loop {
+        let (maintenance, shutdown) = {
+            let Some(inner) = pool.upgrade() else { return };
+            let handle = Pool { inner };
+            if Instant::now() >= next_resolve || handle.endpoints().is_empty() {
+                let settings = handle.inner.settings.clone();
+                let addrs = resolve(&settings).await;
+                // Keep the old set when DNS fails entirely rather than emptying it.
+                if !addrs.is_empty() {
+                    handle.apply_addresses(addrs);
+                }
+                next_resolve = Instant::now() + settings.dns_refresh;
+            }
+            for endpoint in handle.endpoints().iter() {
+                endpoint.reap();
+                endpoint.refill();
+            }
+            (
+                handle.inner.maintenance.clone(),
+                handle.inner.shutdown.clone(),
+            )
+        };
+        tokio::select! {
+            _ = maintenance.notified() => {}
+            _ = tokio::time::sleep(MAINTENANCE_TICK) => {}
+            _ = shutdown.cancelled() => return,
+        }
+    }
+}
