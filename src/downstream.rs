@@ -403,7 +403,7 @@ pub async fn serve(
 
 /// Ends a connection whose last exchange said `Connection: close`.
 async fn close_by_policy(mut io: ClientIo, policy: ClientClose, grace: Duration) -> Ending {
-    if io.peer_closed() {
+    if policy != ClientClose::Abort && io.peer_closed() {
         // The client closed first: closing now is the passive close.
         return io.close_orderly();
     }

@@ -1,0 +1,472 @@
+//! Test fixtures: an in-process HTTP/1.1 backend that counts what it sees, raw
+//! socket clients that tell FIN from RST, and helpers to start tether on
+//! ephemeral ports.
+
+#![allow(dead_code)]
+
+use std::convert::Infallible;
+use std::io;
+use std::net::SocketAddr;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use bytes::Bytes;
+use http_body_util::{BodyExt, Full, StreamBody};
+use hyper::body::{Frame, Incoming};
+use hyper::{Request, Response};
+use hyper_util::rt::TokioIo;
+use tether::config::{Config, ListenAddr, ListenerConfig, UpstreamConfig};
+use tokio::io::{AsyncBufReadExt, AsyncReadExt, AsyncWriteExt, BufReader};
+use tokio::net::{TcpListener, TcpStream};
+use tokio_util::sync::CancellationToken;
+
+/// What the backend saw.
+#[derive(Default)]
+pub struct BackendStats {
+    pub accepted: AtomicUsize,
+    pub closed: AtomicUsize,
+    pub closed_by_reset: AtomicUsize,
+    pub requests: AtomicUsize,
+    pub posts: AtomicUsize,
+    pub bytes_received: AtomicUsize,
+    pub in_flight: AtomicUsize,
+}
+
+/// An HTTP/1.1 backend on an ephemeral loopback port.
+///
+/// Paths: `/` → "hello"; `/headers` → the request headers, one per line;
+/// `/count` → number of body bytes received; `/echo` → the body back;
+/// `/big?N` → N bytes, chunked; `/stall` → never answers; `/slow?MS` → answers
+/// after MS milliseconds.
+pub struct Backend {
+    pub addr: SocketAddr,
+    pub stats: Arc<BackendStats>,
+    close_idle: Arc<Mutex<CancellationToken>>,
+    stop: CancellationToken,
+}
+
+impl Backend {
+    pub async fn start() -> Self {
+        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        let stats = Arc::new(BackendStats::default());
+        let close_idle = Arc::new(Mutex::new(CancellationToken::new()));
+        let stop = CancellationToken::new();
+        let (s, c, st) = (stats.clone(), close_idle.clone(), stop.clone());
+        tokio::spawn(async move {
+            loop {
+                let (stream, _) = tokio::select! {
+                    r = listener.accept() => match r { Ok(x) => x, Err(_) => continue },
+                    _ = st.cancelled() => return,
+                };
+                s.accepted.fetch_add(1, Ordering::SeqCst);
+                let stats = s.clone();
+                let token = c.lock().unwrap().clone();
+                tokio::spawn(serve_backend_conn(stream, stats, token));
+            }
+        });
+        Self {
+            addr,
+            stats,
+            close_idle,
+            stop,
+        }
+    }
+
+    /// Gracefully closes every connection that is idle now (the backend sends FIN).
+    pub fn close_idle_connections(&self) {
+        let mut token = self.close_idle.lock().unwrap();
+        token.cancel();
+        *token = CancellationToken::new();
+    }
+
+    pub fn accepted(&self) -> usize {
+        self.stats.accepted.load(Ordering::SeqCst)
+    }
+    pub fn requests(&self) -> usize {
+        self.stats.requests.load(Ordering::SeqCst)
+    }
+    pub fn open(&self) -> usize {
+        self.accepted() - self.stats.closed.load(Ordering::SeqCst)
+    }
+}
+
+impl Drop for Backend {
+    fn drop(&mut self) {
+        self.stop.cancel();
+    }
+}
+
+async fn serve_backend_conn(stream: TcpStream, stats: Arc<BackendStats>, close: CancellationToken) {
+    let svc_stats = stats.clone();
+    let service = hyper::service::service_fn(move |req: Request<Incoming>| {
+        let stats = svc_stats.clone();
+        async move { Ok::<_, Infallible>(backend_respond(req, stats).await) }
+    });
+    let conn = hyper::server::conn::http1::Builder::new().serve_connection(
+        TokioIo::new(ResetObserver {
+            stream,
+            stats: stats.clone(),
+            seen: false,
+        }),
+        service,
+    );
+    tokio::pin!(conn);
+    let result = tokio::select! {
+        r = conn.as_mut() => r,
+        _ = close.cancelled() => {
+            conn.as_mut().graceful_shutdown();
+            conn.await
+        }
+    };
+    let _ = result;
+    stats.closed.fetch_add(1, Ordering::SeqCst);
+}
+
+/// Counts a read that fails with ECONNRESET (hyper reports an idle connection's
+/// reset as a plain close, so the backend watches the socket itself).
+struct ResetObserver {
+    stream: TcpStream,
+    stats: Arc<BackendStats>,
+    seen: bool,
+}
+
+impl tokio::io::AsyncRead for ResetObserver {
+    fn poll_read(
+        mut self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+        buf: &mut tokio::io::ReadBuf<'_>,
+    ) -> std::task::Poll<io::Result<()>> {
+        let polled = std::pin::Pin::new(&mut self.stream).poll_read(cx, buf);
+        if let std::task::Poll::Ready(Err(e)) = &polled {
+            if e.kind() == io::ErrorKind::ConnectionReset && !self.seen {
+                self.seen = true;
+                self.stats.closed_by_reset.fetch_add(1, Ordering::SeqCst);
+            }
+        }
+        polled
+    }
+}
+
+impl tokio::io::AsyncWrite for ResetObserver {
+    fn poll_write(
+        mut self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+        buf: &[u8],
+    ) -> std::task::Poll<io::Result<usize>> {
+        std::pin::Pin::new(&mut self.stream).poll_write(cx, buf)
+    }
+    fn poll_flush(
+        mut self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<io::Result<()>> {
+        std::pin::Pin::new(&mut self.stream).poll_flush(cx)
+    }
+    fn poll_shutdown(
+        mut self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<io::Result<()>> {
+        std::pin::Pin::new(&mut self.stream).poll_shutdown(cx)
+    }
+}
+
+type TestBody = http_body_util::combinators::BoxBody<Bytes, io::Error>;
+
+fn full(text: impl Into<Bytes>) -> TestBody {
+    Full::new(text.into()).map_err(|e| match e {}).boxed()
+}
+
+async fn backend_respond(req: Request<Incoming>, stats: Arc<BackendStats>) -> Response<TestBody> {
+    stats.requests.fetch_add(1, Ordering::SeqCst);
+    stats.in_flight.fetch_add(1, Ordering::SeqCst);
+    if req.method() == hyper::Method::POST {
+        stats.posts.fetch_add(1, Ordering::SeqCst);
+    }
+    let path = req.uri().path().to_owned();
+    let query = req.uri().query().unwrap_or("").to_owned();
+    let response = match path.as_str() {
+        "/headers" => {
+            let mut text = format!("method: {}\nuri: {}\n", req.method(), req.uri());
+            for (name, value) in req.headers() {
+                text.push_str(&format!("{}: {}\n", name, value.to_str().unwrap_or("?")));
+            }
+            Response::new(full(text))
+        }
+        "/count" => {
+            let mut body = req.into_body();
+            let mut total = 0usize;
+            while let Some(frame) = body.frame().await {
+                match frame {
+                    Ok(f) => {
+                        if let Some(d) = f.data_ref() {
+                            total += d.len();
+                        }
+                    }
+                    Err(_) => break,
+                }
+            }
+            stats.bytes_received.fetch_add(total, Ordering::SeqCst);
+            Response::new(full(total.to_string()))
+        }
+        "/echo" => {
+            let body = req
+                .into_body()
+                .collect()
+                .await
+                .map(|c| c.to_bytes())
+                .unwrap_or_default();
+            Response::new(full(body))
+        }
+        "/big" => {
+            let total: u64 = query.parse().unwrap_or(0);
+            let chunk = Bytes::from(vec![b'x'; 64 * 1024]);
+            let stream = futures_stream(total, chunk);
+            Response::new(StreamBody::new(stream).boxed())
+        }
+        "/stall" => {
+            tokio::time::sleep(Duration::from_secs(3600)).await;
+            Response::new(full("late"))
+        }
+        "/slow" => {
+            let ms: u64 = query.parse().unwrap_or(100);
+            tokio::time::sleep(Duration::from_millis(ms)).await;
+            Response::new(full("slow"))
+        }
+        _ => Response::new(full("hello")),
+    };
+    stats.in_flight.fetch_sub(1, Ordering::SeqCst);
+    response
+}
+
+fn futures_stream(
+    total: u64,
+    chunk: Bytes,
+) -> impl futures_core::Stream<Item = Result<Frame<Bytes>, io::Error>> + Send + Sync + 'static {
+    let mut remaining = total;
+    tokio_stream_from_fn(move || {
+        if remaining == 0 {
+            return None;
+        }
+        let n = remaining.min(chunk.len() as u64) as usize;
+        remaining -= n as u64;
+        Some(Ok(Frame::data(chunk.slice(..n))))
+    })
+}
+
+/// A stream from a closure, without pulling in a stream utility crate.
+fn tokio_stream_from_fn<T, F>(f: F) -> FromFn<F>
+where
+    F: FnMut() -> Option<T> + Unpin,
+{
+    FromFn(f)
+}
+
+pub struct FromFn<F>(F);
+
+impl<T, F: FnMut() -> Option<T> + Unpin> futures_core::Stream for FromFn<F> {
+    type Item = T;
+    fn poll_next(
+        mut self: std::pin::Pin<&mut Self>,
+        _cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<Option<T>> {
+        std::task::Poll::Ready((self.0)())
+    }
+}
+
+/// A config with one listener (`app`, TCP port 0) and one upstream (`backend`).
+pub fn config_for(backend: SocketAddr) -> Config {
+    let mut listener = ListenerConfig::new(
+        "app",
+        ListenAddr::Tcp("127.0.0.1:0".parse().unwrap()),
+        "backend",
+    );
+    listener.close_grace = Duration::from_millis(500);
+    let upstream = UpstreamConfig::new("backend", vec![backend.to_string()]);
+    let mut config = Config::default();
+    config.listeners.push(listener);
+    config.upstreams.push(upstream);
+    config.runtime.drain_timeout = Duration::from_secs(5);
+    config.validate().unwrap();
+    config
+}
+
+/// Starts tether in-process and waits until the warm floor is open.
+pub async fn start_tether(config: Config) -> (tether::Running, SocketAddr) {
+    let min_idle = config.upstreams[0].pool.min_idle;
+    let running = tether::start(config).await.unwrap();
+    let addr = running.tcp_addr("app").unwrap();
+    let pool = running.pool("backend").unwrap().clone();
+    wait_until(Duration::from_secs(5), || {
+        pool.endpoints()
+            .iter()
+            .all(|e| e.open_connections() >= min_idle)
+    })
+    .await;
+    (running, addr)
+}
+
+/// Polls `condition` every 10ms until it holds or `limit` passes; panics then.
+pub async fn wait_until(limit: Duration, mut condition: impl FnMut() -> bool) {
+    let deadline = tokio::time::Instant::now() + limit;
+    while !condition() {
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "condition not met within {limit:?}"
+        );
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+}
+
+/// How the server ended a connection, as the client's socket reports it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum End {
+    /// read() returned 0: FIN.
+    Eof,
+    /// read() failed with ECONNRESET: RST.
+    Reset,
+    /// Nothing within the wait.
+    Open,
+}
+
+/// Reads until the server ends the connection or `limit` passes.
+pub async fn read_to_end(stream: &mut TcpStream, limit: Duration) -> (Vec<u8>, End) {
+    let mut data = Vec::new();
+    let mut buf = vec![0u8; 64 * 1024];
+    let deadline = tokio::time::Instant::now() + limit;
+    loop {
+        match tokio::time::timeout_at(deadline, stream.read(&mut buf)).await {
+            Err(_) => return (data, End::Open),
+            Ok(Ok(0)) => return (data, End::Eof),
+            Ok(Ok(n)) => data.extend_from_slice(&buf[..n]),
+            Ok(Err(e)) if e.kind() == io::ErrorKind::ConnectionReset => return (data, End::Reset),
+            Ok(Err(e)) => panic!("unexpected read error: {e}"),
+        }
+    }
+}
+
+/// Sends raw bytes on a new connection and reads until the server ends it.
+pub async fn exchange_raw(addr: SocketAddr, request: &[u8], limit: Duration) -> (Vec<u8>, End) {
+    let mut stream = TcpStream::connect(addr).await.unwrap();
+    stream.write_all(request).await.unwrap();
+    read_to_end(&mut stream, limit).await
+}
+
+/// A parsed response.
+#[derive(Debug, Clone)]
+pub struct Resp {
+    pub version: String,
+    pub status: u16,
+    pub headers: Vec<(String, String)>,
+    pub body: Vec<u8>,
+}
+
+impl Resp {
+    pub fn header(&self, name: &str) -> Option<&str> {
+        self.headers
+            .iter()
+            .find(|(n, _)| n.eq_ignore_ascii_case(name))
+            .map(|(_, v)| v.as_str())
+    }
+    pub fn text(&self) -> String {
+        String::from_utf8_lossy(&self.body).into_owned()
+    }
+}
+
+/// Reads one response (Content-Length, chunked, or to EOF) from a buffered stream.
+pub async fn read_response<R: tokio::io::AsyncBufRead + Unpin>(
+    reader: &mut R,
+    head_request: bool,
+) -> io::Result<Resp> {
+    let mut line = String::new();
+    reader.read_line(&mut line).await?;
+    if line.is_empty() {
+        return Err(io::Error::new(io::ErrorKind::UnexpectedEof, "no response"));
+    }
+    let mut parts = line.trim_end().splitn(3, ' ');
+    let version = parts.next().unwrap_or("").to_owned();
+    let status: u16 = parts.next().and_then(|s| s.parse().ok()).unwrap_or(0);
+    let mut headers = Vec::new();
+    loop {
+        let mut h = String::new();
+        reader.read_line(&mut h).await?;
+        let h = h.trim_end();
+        if h.is_empty() {
+            break;
+        }
+        if let Some((n, v)) = h.split_once(':') {
+            headers.push((n.trim().to_ascii_lowercase(), v.trim().to_owned()));
+        }
+    }
+    let mut resp = Resp {
+        version,
+        status,
+        headers,
+        body: Vec::new(),
+    };
+    if head_request || status == 204 || status == 304 {
+        return Ok(resp);
+    }
+    if let Some(len) = resp.header("content-length") {
+        let len: usize = len.parse().unwrap();
+        let mut body = vec![0u8; len];
+        reader.read_exact(&mut body).await?;
+        resp.body = body;
+    } else if resp
+        .header("transfer-encoding")
+        .is_some_and(|v| v.contains("chunked"))
+    {
+        loop {
+            let mut size = String::new();
+            reader.read_line(&mut size).await?;
+            let size = usize::from_str_radix(size.trim().split(';').next().unwrap_or(""), 16)
+                .map_err(|_| io::Error::new(io::ErrorKind::InvalidData, "bad chunk size"))?;
+            if size == 0 {
+                let mut trailer = String::new();
+                loop {
+                    trailer.clear();
+                    reader.read_line(&mut trailer).await?;
+                    if trailer.trim_end().is_empty() {
+                        break;
+                    }
+                }
+                break;
+            }
+            let mut chunk = vec![0u8; size + 2];
+            reader.read_exact(&mut chunk).await?;
+            resp.body.extend_from_slice(&chunk[..size]);
+        }
+    } else {
+        reader.read_to_end(&mut resp.body).await?;
+    }
+    Ok(resp)
+}
+
+/// One GET on a new connection with `Connection: close`; returns the response.
+pub async fn get_once(addr: SocketAddr, path: &str) -> Resp {
+    let stream = TcpStream::connect(addr).await.unwrap();
+    let mut reader = BufReader::new(stream);
+    let request = format!("GET {path} HTTP/1.1\r\nHost: test\r\nConnection: close\r\n\r\n");
+    reader
+        .get_mut()
+        .write_all(request.as_bytes())
+        .await
+        .unwrap();
+    read_response(&mut reader, false).await.unwrap()
+}
+
+/// Parses a whole raw response buffer.
+pub async fn parse(bytes: &[u8]) -> Resp {
+    let mut reader = BufReader::new(bytes);
+    read_response(&mut reader, false).await.unwrap()
+}
+
+/// Resident set size of a process, in KiB.
+pub fn rss_kib(pid: u32) -> u64 {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap();
+    status
+        .lines()
+        .find_map(|l| l.strip_prefix("VmRSS:"))
+        .and_then(|v| v.trim().trim_end_matches("kB").trim().parse().ok())
+        .unwrap()
+}

@@ -1,0 +1,133 @@
+//! Pooling: many short client connections ride a few persistent upstream ones,
+//! and the kernel's table shows no TIME_WAIT on either leg.
+
+mod common;
+
+use std::sync::atomic::Ordering;
+use std::time::Duration;
+
+use common::*;
+use tether::census;
+use tether::config::ClientClose;
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn five_thousand_sequential_connections_ride_the_warm_pool_without_time_wait() {
+    let backend = Backend::start().await;
+    let mut config = config_for(backend.addr);
+    config.listeners[0].client_close = ClientClose::Abort;
+    let min_idle = config.upstreams[0].pool.min_idle;
+    let (running, addr) = start_tether(config).await;
+
+    for i in 0..5000 {
+        let resp = get_once(addr, "/").await;
+        assert_eq!(resp.status, 200, "request {i}");
+        assert_eq!(resp.body, b"hello");
+    }
+
+    assert_eq!(backend.requests(), 5000);
+    assert!(
+        backend.accepted() <= min_idle + 1,
+        "backend accepted {} connections",
+        backend.accepted()
+    );
+    // Let the last resets land before reading the kernel's table.
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    let backend_port = backend.addr.port();
+    assert_eq!(census::time_wait_toward_port(backend_port).unwrap(), 0);
+    assert_eq!(census::time_wait_on_local_port(backend_port).unwrap(), 0);
+    assert_eq!(census::time_wait_on_local_port(addr.port()).unwrap(), 0);
+    assert_eq!(census::time_wait_toward_port(addr.port()).unwrap(), 0);
+
+    running.drain().await;
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    assert_eq!(census::time_wait_toward_port(backend_port).unwrap(), 0);
+    assert_eq!(census::time_wait_on_local_port(backend_port).unwrap(), 0);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sixty_four_concurrent_clients_share_at_most_sixty_four_upstream_connections() {
+    let backend = Backend::start().await;
+    let mut config = config_for(backend.addr);
+    config.listeners[0].client_close = ClientClose::Abort;
+    let (running, addr) = start_tether(config).await;
+
+    let mut tasks = Vec::new();
+    for _ in 0..64 {
+        tasks.push(tokio::spawn(async move {
+            for _ in 0..50 {
+                let resp = get_once(addr, "/").await;
+                assert_eq!(resp.status, 200);
+            }
+        }));
+    }
+    for t in tasks {
+        t.await.unwrap();
+    }
+    let requests = backend.requests();
+    let accepted = backend.accepted();
+    assert_eq!(requests, 64 * 50);
+    assert!(accepted <= 64, "backend accepted {accepted} connections");
+    assert!(
+        requests / accepted >= 10,
+        "each upstream connection carried {} requests on average",
+        requests / accepted
+    );
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    assert_eq!(
+        census::time_wait_toward_port(backend.addr.port()).unwrap(),
+        0
+    );
+    assert_eq!(
+        census::time_wait_on_local_port(backend.addr.port()).unwrap(),
+        0
+    );
+    running.drain().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn warm_floor_is_opened_at_start_and_refilled_after_the_backend_closes_it() {
+    let backend = Backend::start().await;
+    let mut config = config_for(backend.addr);
+    config.upstreams[0].pool.min_idle = 3;
+    config.upstreams[0].pool.max_idle = 3;
+    let (running, _addr) = start_tether(config).await;
+    wait_until(Duration::from_secs(5), || backend.open() == 3).await;
+    assert_eq!(backend.requests(), 0, "warming sends no requests");
+
+    backend.close_idle_connections();
+    wait_until(Duration::from_secs(5), || {
+        backend.accepted() == 6 && backend.open() == 3
+    })
+    .await;
+    running.drain().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn retired_idle_connection_is_reset_and_leaves_no_time_wait() {
+    let backend = Backend::start().await;
+    let mut config = config_for(backend.addr);
+    config.upstreams[0].pool.min_idle = 0;
+    config.upstreams[0].pool.idle_timeout = Duration::from_millis(300);
+    let (running, addr) = start_tether(config).await;
+
+    let resp = get_once(addr, "/").await;
+    assert_eq!(resp.status, 200);
+    assert_eq!(backend.accepted(), 1);
+    // The maintenance tick retires it once idle past idle_timeout.
+    wait_until(Duration::from_secs(5), || backend.open() == 0).await;
+    assert_eq!(
+        backend.stats.closed_by_reset.load(Ordering::SeqCst),
+        1,
+        "backend saw ECONNRESET"
+    );
+    tokio::time::sleep(Duration::from_millis(100)).await;
+    assert_eq!(
+        census::time_wait_toward_port(backend.addr.port()).unwrap(),
+        0
+    );
+    assert_eq!(
+        census::time_wait_on_local_port(backend.addr.port()).unwrap(),
+        0
+    );
+    running.drain().await;
+}
