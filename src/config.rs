@@ -285,6 +285,13 @@ pub struct ListenerConfig {
     /// any legitimate cookie load, bounded per connection. At least 8KiB.
     #[serde(default = "defaults::max_header_bytes")]
     pub max_header_bytes: Size,
+    /// Request body bytes read before the request is forwarded. A body that fits
+    /// is checked whole (bad chunked framing gets a 400 and is never forwarded)
+    /// and can be replayed on the one retry; larger bodies stream after this
+    /// much. Default 64KiB: covers the form posts and API calls of typical
+    /// legacy apps at a bounded cost per request.
+    #[serde(default = "defaults::request_buffer")]
+    pub request_buffer: Size,
     /// Upstream bodies of unknown length are buffered up to this size so HTTP/1.0
     /// clients get a Content-Length; larger ones are sent close-delimited.
     /// Default 1MiB: covers typical API responses at a bounded cost per request.
@@ -472,6 +479,7 @@ impl ListenerConfig {
             client_close: ClientClose::default(),
             max_requests_per_connection: 0,
             max_header_bytes: defaults::max_header_bytes(),
+            request_buffer: defaults::request_buffer(),
             http10_buffer: defaults::http10_buffer(),
             forwarded_for: true,
         }
@@ -518,6 +526,9 @@ mod defaults {
         Duration::from_secs(1)
     }
     pub fn max_header_bytes() -> Size {
+        Size::kib(64)
+    }
+    pub fn request_buffer() -> Size {
         Size::kib(64)
     }
     pub fn http10_buffer() -> Size {

@@ -50,6 +50,10 @@ pub struct ConnState {
     clock: Clock,
     misbehaved: AtomicBool,
     requests: AtomicU64,
+    /// The head just read carried both Content-Length and Transfer-Encoding.
+    ambiguous_framing: AtomicBool,
+    /// Set when an exchange ends: the next bytes start a new head to scan.
+    rescan: AtomicBool,
 }
 
 impl ConnState {
@@ -58,7 +62,16 @@ impl ConnState {
             clock: Clock::new(header_timeout, idle_timeout),
             misbehaved: AtomicBool::new(false),
             requests: AtomicU64::new(0),
+            ambiguous_framing: AtomicBool::new(false),
+            rescan: AtomicBool::new(false),
         }
+    }
+
+    /// Whether the request now being served declared both Content-Length and
+    /// Transfer-Encoding (hyper reads it as chunked; tether refuses it, as a
+    /// request-smuggling attempt or a broken client).
+    pub fn take_ambiguous_framing(&self) -> bool {
+        self.ambiguous_framing.swap(false, Ordering::Relaxed)
     }
 
     /// A request head was parsed and handed to the service.
@@ -79,8 +92,73 @@ impl ConnState {
 
 impl ExchangeDone for ConnState {
     fn exchange_done(&self) {
+        self.rescan.store(true, Ordering::Relaxed);
         self.clock.set(Phase::Idle(Instant::now()));
     }
+}
+
+/// Watches the bytes of a request head as they arrive, for the one ambiguity
+/// hyper resolves silently: Content-Length together with Transfer-Encoding
+/// (RFC 9112 §6.3 lets a server reject it; tether does, as nginx does).
+struct HeadScan {
+    buf: Vec<u8>,
+    active: bool,
+    limit: usize,
+}
+
+impl HeadScan {
+    fn new(limit: usize) -> Self {
+        Self {
+            buf: Vec::new(),
+            active: true,
+            limit,
+        }
+    }
+
+    /// Feeds newly read bytes; returns `Some(ambiguous)` once the head is complete.
+    fn feed(&mut self, bytes: &[u8]) -> Option<bool> {
+        if !self.active {
+            return None;
+        }
+        let room = self.limit.saturating_sub(self.buf.len());
+        self.buf.extend_from_slice(&bytes[..bytes.len().min(room)]);
+        // Leading empty lines before a request line are allowed and skipped.
+        let start = self
+            .buf
+            .iter()
+            .position(|b| *b != b'\r' && *b != b'\n')
+            .unwrap_or(self.buf.len());
+        let head = &self.buf[start..];
+        // A head ends at an empty line; bare LF line ends count too, as hyper
+        // accepts them.
+        let end = head
+            .windows(2)
+            .position(|w| w == b"\n\n")
+            .into_iter()
+            .chain(head.windows(3).position(|w| w == b"\n\r\n"))
+            .min();
+        let result = match end {
+            Some(end) => Some(declares_both_lengths(&head[..end])),
+            None if self.buf.len() >= self.limit => Some(false),
+            None => return None,
+        };
+        self.active = false;
+        self.buf.clear();
+        if self.buf.capacity() > 16 * 1024 {
+            self.buf = Vec::new();
+        }
+        result
+    }
+}
+
+fn declares_both_lengths(head: &[u8]) -> bool {
+    let (mut length, mut encoding) = (false, false);
+    for line in head.split(|b| *b == b'\n').skip(1) {
+        let name = line.split(|b| *b == b':').next().unwrap_or_default();
+        length |= name.eq_ignore_ascii_case(b"content-length");
+        encoding |= name.eq_ignore_ascii_case(b"transfer-encoding");
+    }
+    length && encoding
 }
 
 #[derive(Debug, Clone, Copy)]
@@ -172,6 +250,7 @@ impl Clock {
 pub struct ClientIo {
     stream: ClientStream,
     state: Arc<ConnState>,
+    scan: HeadScan,
     reset_on_drop: bool,
 }
 
@@ -263,6 +342,13 @@ impl AsyncRead for ClientIo {
         };
         if matches!(polled, Poll::Ready(Ok(()))) && buf.filled().len() > before {
             self.state.clock.bytes_arrived();
+            let this = &mut *self;
+            if this.state.rescan.swap(false, Ordering::Relaxed) {
+                this.scan.active = true;
+            }
+            if this.scan.feed(&buf.filled()[before..]) == Some(true) {
+                this.state.ambiguous_framing.store(true, Ordering::Relaxed);
+            }
         }
         polled
     }
@@ -343,6 +429,7 @@ pub async fn serve(
     let io = ClientIo {
         stream,
         state: state.clone(),
+        scan: HeadScan::new(listener.max_header_bytes.as_usize()),
         reset_on_drop: true,
     };
     let service = ProxyService::new(route.clone(), state.clone(), client);
@@ -439,5 +526,30 @@ async fn linger_then_reset(mut io: ClientIo, grace: Duration) -> Ending {
         io.close_orderly()
     } else {
         io.reset("misbehaved")
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn head_scan_flags_both_lengths_across_reads() {
+        let mut scan = HeadScan::new(1024);
+        assert_eq!(
+            scan.feed(b"POST / HTTP/1.1\r\nContent-Length: 3\r\nTrans"),
+            None
+        );
+        assert_eq!(
+            scan.feed(b"fer-Encoding: chunked\r\n\r\n0\r\n\r\n"),
+            Some(true)
+        );
+        let mut scan = HeadScan::new(1024);
+        assert_eq!(
+            scan.feed(b"\r\nPOST / HTTP/1.1\nContent-Length: 3\n\nabc"),
+            Some(false)
+        );
+        let mut scan = HeadScan::new(16);
+        assert_eq!(scan.feed(b"GET / HTTP/1.1\r\nX: aaaaaaaaaa"), Some(false));
     }
 }

@@ -1,19 +1,20 @@
 //! Body adapters between the two legs.
 //!
-//! [`UpstreamBody`] carries the client's request body upstream: its first frame is
-//! read before anything is forwarded (so framing errors that arrive with the head
-//! are answered with 400, never forwarded), and a body that fits that frame can be
-//! replayed for the one retry. [`ProxyBody`] carries the response back and owns
+//! [`UpstreamBody`] carries the client's request body upstream: up to
+//! `request_buffer` bytes are read before anything is forwarded (so framing
+//! errors in that part are answered with 400, never forwarded), and a body that
+//! fits whole can be replayed for the one retry. [`ProxyBody`] carries the response back and owns
 //! the upstream [`Lease`]: the connection returns to the pool only when the
 //! response body has ended; if the body errors or is dropped early, the lease
 //! discards the connection with RST.
 
+use std::collections::VecDeque;
 use std::pin::Pin;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::task::{Context, Poll};
 
-use bytes::Bytes;
+use bytes::{Bytes, BytesMut};
 use http_body::{Body, Frame, SizeHint};
 use http_body_util::BodyExt;
 use hyper::body::Incoming;
@@ -33,58 +34,64 @@ pub enum BodyError {
 
 /// The request body as sent upstream.
 pub struct UpstreamBody {
-    first: Option<Frame<Bytes>>,
+    buffered: VecDeque<Frame<Bytes>>,
     rest: Option<Incoming>,
     sent: Option<Arc<AtomicBool>>,
     client_failed: Arc<AtomicBool>,
 }
 
 impl UpstreamBody {
-    /// Reads the first frame of `body` (if it has one) before forwarding.
-    pub async fn prefetch(mut body: Incoming) -> Result<Self, hyper::Error> {
-        let client_failed = Arc::new(AtomicBool::new(false));
-        if body.is_end_stream() {
-            return Ok(Self {
-                first: None,
-                rest: None,
-                sent: None,
-                client_failed,
-            });
+    /// Reads `body` until it ends or `limit` bytes are in memory, before anything
+    /// is forwarded: framing errors in that part are the client's 400, and a body
+    /// that fits whole can be replayed.
+    pub async fn prefetch(mut body: Incoming, limit: usize) -> Result<Self, hyper::Error> {
+        let mut buffered = VecDeque::new();
+        let mut total = 0usize;
+        while total < limit && !body.is_end_stream() {
+            match body.frame().await {
+                None => break,
+                Some(frame) => {
+                    let frame = frame?;
+                    total += frame.data_ref().map_or(0, Bytes::len);
+                    buffered.push_back(frame);
+                }
+            }
         }
-        let first = body.frame().await.transpose()?;
-        let rest = (first.is_some() && !body.is_end_stream()).then_some(body);
+        let rest = (!body.is_end_stream()).then_some(body);
         Ok(Self {
-            first,
+            buffered,
             rest,
             sent: None,
-            client_failed,
+            client_failed: Arc::new(AtomicBool::new(false)),
         })
     }
 
     /// A body of fixed bytes (used for the replay of a buffered body).
     pub fn from_bytes(bytes: Option<Bytes>) -> Self {
         Self {
-            first: bytes.map(Frame::data),
+            buffered: bytes.map(Frame::data).into_iter().collect(),
             rest: None,
             sent: None,
             client_failed: Arc::new(AtomicBool::new(false)),
         }
     }
 
-    /// The whole body, if it is already in memory (and so can be sent again).
+    /// The whole body, if it is all in memory (and so can be sent again).
+    /// Trailers are not replayed, so a body with trailers is not replayable.
     pub fn replayable(&self) -> Option<Option<Bytes>> {
         if self.rest.is_some() {
             return None;
         }
-        match &self.first {
-            None => Some(None),
-            Some(frame) => frame.data_ref().map(|d| Some(d.clone())),
+        let mut whole = BytesMut::new();
+        for frame in &self.buffered {
+            whole.extend_from_slice(frame.data_ref()?);
         }
+        Some((!whole.is_empty()).then(|| whole.freeze()))
     }
 
     /// Sets the flag raised once the body has been sent whole.
     pub fn notify_sent(&mut self, flag: Arc<AtomicBool>) {
-        if self.first.is_none() && self.rest.is_none() {
+        if self.buffered.is_empty() && self.rest.is_none() {
             flag.store(true, Ordering::Release);
         }
         self.sent = Some(flag);
@@ -110,8 +117,8 @@ impl Body for UpstreamBody {
         mut self: Pin<&mut Self>,
         cx: &mut Context<'_>,
     ) -> Poll<Option<Result<Frame<Bytes>, BodyError>>> {
-        if let Some(frame) = self.first.take() {
-            if self.rest.is_none() {
+        if let Some(frame) = self.buffered.pop_front() {
+            if self.buffered.is_empty() && self.rest.is_none() {
                 self.mark_sent();
             }
             return Poll::Ready(Some(Ok(frame)));
@@ -143,7 +150,7 @@ impl Body for UpstreamBody {
     }
 
     fn is_end_stream(&self) -> bool {
-        let end = self.first.is_none() && self.rest.as_ref().is_none_or(Body::is_end_stream);
+        let end = self.buffered.is_empty() && self.rest.as_ref().is_none_or(Body::is_end_stream);
         if end {
             self.mark_sent();
         }
@@ -151,11 +158,12 @@ impl Body for UpstreamBody {
     }
 
     fn size_hint(&self) -> SizeHint {
-        let first = self
-            .first
-            .as_ref()
-            .and_then(Frame::data_ref)
-            .map_or(0, |d| d.len() as u64);
+        let first: u64 = self
+            .buffered
+            .iter()
+            .filter_map(Frame::data_ref)
+            .map(|d| d.len() as u64)
+            .sum();
         match &self.rest {
             None => SizeHint::with_exact(first),
             Some(rest) => {

@@ -97,6 +97,13 @@ impl ProxyService {
             || (limit > 0 && served >= limit)
             || self.route.draining.is_cancelled();
 
+        if self.conn.take_ambiguous_framing() {
+            return self.refuse(
+                StatusCode::BAD_REQUEST,
+                "ambiguous-framing",
+                "Content-Length together with Transfer-Encoding",
+            );
+        }
         if let Some(reason) = headers::reject_reason(&request) {
             let status = if reason == "connect-not-supported" {
                 StatusCode::METHOD_NOT_ALLOWED
@@ -117,7 +124,12 @@ impl ProxyService {
         );
 
         let deadline = started + listener.request_timeout;
-        let body = match tokio::time::timeout_at(deadline, UpstreamBody::prefetch(body)).await {
+        let body = match tokio::time::timeout_at(
+            deadline,
+            UpstreamBody::prefetch(body, listener.request_buffer.as_usize()),
+        )
+        .await
+        {
             Ok(Ok(body)) => body,
             Ok(Err(e)) => {
                 return self.refuse(StatusCode::BAD_REQUEST, "bad-request-body", &e.to_string())
@@ -126,7 +138,7 @@ impl ProxyService {
                 return self.refuse(
                     StatusCode::REQUEST_TIMEOUT,
                     "client-body-timeout",
-                    "the request body did not start within request_timeout",
+                    "the request body did not arrive within request_timeout",
                 )
             }
         };

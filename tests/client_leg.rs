@@ -1,0 +1,461 @@
+//! The client leg: timeouts end in RST, bad requests get a 4xx and are never
+//! forwarded, and each `client_close` policy is observed on real sockets.
+
+mod common;
+
+use std::time::{Duration, Instant};
+
+use common::*;
+use tether::census;
+use tether::config::ClientClose;
+use tokio::io::{AsyncWriteExt, BufReader};
+use tokio::net::TcpStream;
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn idle_keep_alive_client_is_reset_not_closed() {
+    let backend = Backend::start().await;
+    let mut config = config_for(backend.addr);
+    config.listeners[0].idle_timeout = Duration::from_millis(300);
+    let (running, addr) = start_tether(config).await;
+
+    let stream = TcpStream::connect(addr).await.unwrap();
+    let mut reader = BufReader::new(stream);
+    reader
+        .get_mut()
+        .write_all(b"GET / HTTP/1.1\r\nHost: t\r\n\r\n")
+        .await
+        .unwrap();
+    let resp = read_response(&mut reader, false).await.unwrap();
+    assert_eq!(resp.status, 200);
+    assert!(resp.header("connection").is_none_or(|v| v != "close"));
+    let mut stream = reader.into_inner();
+    let (rest, end) = read_to_end(&mut stream, Duration::from_secs(5)).await;
+    assert!(rest.is_empty());
+    assert_eq!(end, End::Reset);
+    running.drain().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn slowloris_and_silent_clients_are_reset_after_header_timeout() {
+    let backend = Backend::start().await;
+    let mut config = config_for(backend.addr);
+    config.listeners[0].header_timeout = Duration::from_millis(400);
+    let (running, addr) = start_tether(config).await;
+
+    // Silent: connects and sends nothing.
+    let mut silent = TcpStream::connect(addr).await.unwrap();
+    // Slowloris: a header line every 100ms, never finishing the head.
+    let mut slow = TcpStream::connect(addr).await.unwrap();
+    slow.write_all(b"GET / HTTP/1.1\r\nHost: t\r\n")
+        .await
+        .unwrap();
+    let trickle = tokio::spawn(async move {
+        let started = Instant::now();
+        for i in 0..40 {
+            // A reset shows up on whichever call comes first, write or read.
+            if let Err(e) = slow.write_all(format!("X-{i}: y\r\n").as_bytes()).await {
+                assert_eq!(e.kind(), std::io::ErrorKind::ConnectionReset);
+                return (Vec::new(), End::Reset, started.elapsed());
+            }
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+        let (data, end) = read_to_end(&mut slow, Duration::from_secs(5)).await;
+        (data, end, started.elapsed())
+    });
+    let (data, end) = read_to_end(&mut silent, Duration::from_secs(5)).await;
+    assert!(data.is_empty());
+    assert_eq!(end, End::Reset);
+    let (data, end, elapsed) = trickle.await.unwrap();
+    assert!(data.is_empty(), "no response to an unfinished head");
+    assert_eq!(end, End::Reset);
+    assert!(elapsed < Duration::from_secs(4), "reset took {elapsed:?}");
+    assert_eq!(backend.requests(), 0);
+    running.drain().await;
+}
+
+/// Requests that must never reach the backend, with the status each gets.
+const MALFORMED: &[(&str, &[u8], u16)] = &[
+    ("garbage request line", b"HELLO\r\n\r\n", 400),
+    (
+        "bad method token",
+        b"GE(T / HTTP/1.1\r\nHost: t\r\n\r\n",
+        400,
+    ),
+    ("unknown version", b"GET / HTTP/1.7\r\nHost: t\r\n\r\n", 400),
+    (
+        "space before colon",
+        b"GET / HTTP/1.1\r\nHost : t\r\n\r\n",
+        400,
+    ),
+    (
+        "header without colon",
+        b"GET / HTTP/1.1\r\nHost: t\r\nNoColon\r\n\r\n",
+        400,
+    ),
+    (
+        "control byte in value",
+        b"GET / HTTP/1.1\r\nHost: t\r\nX: a\x01b\r\n\r\n",
+        400,
+    ),
+    (
+        "NUL in target",
+        b"GET /a\x00b HTTP/1.1\r\nHost: t\r\n\r\n",
+        400,
+    ),
+    (
+        "obsolete line folding",
+        b"GET / HTTP/1.1\r\nHost: t\r\nX: a\r\n b\r\n\r\n",
+        400,
+    ),
+    (
+        "differing duplicate Content-Length",
+        b"POST / HTTP/1.1\r\nHost: t\r\nContent-Length: 3\r\nContent-Length: 4\r\n\r\nabcd",
+        400,
+    ),
+    (
+        "non-numeric Content-Length",
+        b"POST / HTTP/1.1\r\nHost: t\r\nContent-Length: abc\r\n\r\n",
+        400,
+    ),
+    (
+        "negative Content-Length",
+        b"POST / HTTP/1.1\r\nHost: t\r\nContent-Length: -1\r\n\r\n",
+        400,
+    ),
+    (
+        "Transfer-Encoding not ending in chunked",
+        b"POST / HTTP/1.1\r\nHost: t\r\nTransfer-Encoding: gzip\r\n\r\n",
+        400,
+    ),
+    (
+        "Transfer-Encoding in HTTP/1.0",
+        b"POST / HTTP/1.0\r\nTransfer-Encoding: chunked\r\n\r\n0\r\n\r\n",
+        400,
+    ),
+    (
+        "bad chunk size",
+        b"POST / HTTP/1.1\r\nHost: t\r\nTransfer-Encoding: chunked\r\n\r\nzz\r\nabc\r\n0\r\n\r\n",
+        400,
+    ),
+    (
+        "chunk longer than its size",
+        b"POST / HTTP/1.1\r\nHost: t\r\nTransfer-Encoding: chunked\r\n\r\n2\r\nabcdef\r\n0\r\n\r\n",
+        400,
+    ),
+    (
+        "missing Host in HTTP/1.1",
+        b"GET / HTTP/1.1\r\nUser-Agent: t\r\n\r\n",
+        400,
+    ),
+    (
+        "two Host headers",
+        b"GET / HTTP/1.1\r\nHost: a\r\nHost: b\r\n\r\n",
+        400,
+    ),
+    ("invalid Host", b"GET / HTTP/1.1\r\nHost: a b\r\n\r\n", 400),
+    (
+        "CONNECT tunnel",
+        b"CONNECT example.com:443 HTTP/1.1\r\nHost: example.com:443\r\n\r\n",
+        405,
+    ),
+    ("oversized head", b"", 431),
+    ("too many headers", b"", 431),
+];
+
+fn oversized_head() -> Vec<u8> {
+    let mut r = b"GET / HTTP/1.1\r\nHost: t\r\nX-Big: ".to_vec();
+    r.extend(std::iter::repeat_n(b'a', 70 * 1024));
+    r.extend_from_slice(b"\r\n\r\n");
+    r
+}
+
+fn too_many_headers() -> Vec<u8> {
+    let mut r = b"GET / HTTP/1.1\r\nHost: t\r\n".to_vec();
+    for i in 0..200 {
+        r.extend_from_slice(format!("X-{i}: v\r\n").as_bytes());
+    }
+    r.extend_from_slice(b"\r\n");
+    r
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn malformed_requests_get_a_4xx_and_never_reach_the_backend() {
+    let backend = Backend::start().await;
+    let mut config = config_for(backend.addr);
+    config.listeners[0].close_grace = Duration::from_millis(200);
+    let (running, addr) = start_tether(config).await;
+
+    for (name, raw, status) in MALFORMED {
+        let before = backend.requests();
+        let raw = match *name {
+            "oversized head" => oversized_head(),
+            "too many headers" => too_many_headers(),
+            _ => raw.to_vec(),
+        };
+        // The client stays open: tether must not close gracefully, so it resets
+        // after close_grace.
+        let (bytes, end) = exchange_raw(addr, &raw, Duration::from_secs(5)).await;
+        let resp = parse(&bytes).await;
+        assert_eq!(
+            resp.status,
+            *status,
+            "{name}: {}",
+            String::from_utf8_lossy(&bytes)
+        );
+        assert_eq!(resp.header("connection"), Some("close"), "{name}");
+        assert_eq!(end, End::Reset, "{name}: a misbehaving client gets no FIN");
+        assert_eq!(backend.requests(), before, "{name} was forwarded");
+    }
+    assert_eq!(backend.requests(), 0, "nothing malformed was forwarded");
+    running.drain().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn content_length_with_transfer_encoding_is_never_forwarded_as_ambiguous() {
+    let backend = Backend::start().await;
+    let (running, addr) = start_tether(config_for(backend.addr)).await;
+    let raw = b"POST /count HTTP/1.1\r\nHost: t\r\nContent-Length: 4\r\nTransfer-Encoding: chunked\r\n\r\n3\r\nabc\r\n0\r\n\r\n";
+    let (bytes, _end) = exchange_raw(addr, raw, Duration::from_secs(5)).await;
+    let resp = parse(&bytes).await;
+    assert_eq!(resp.status, 400, "{}", String::from_utf8_lossy(&bytes));
+    assert_eq!(backend.requests(), 0);
+    running.drain().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn graceful_policy_closes_first_so_clients_that_wait_for_the_server_get_no_delay() {
+    let backend = Backend::start().await;
+    let mut config = config_for(backend.addr);
+    config.listeners[0].close_grace = Duration::from_secs(5);
+    let (running, addr) = start_tether(config).await;
+
+    for request in [
+        &b"GET / HTTP/1.0\r\n\r\n"[..],
+        &b"GET / HTTP/1.1\r\nHost: t\r\nConnection: close\r\n\r\n"[..],
+    ] {
+        let started = Instant::now();
+        let mut stream = TcpStream::connect(addr).await.unwrap();
+        let client_port = stream.local_addr().unwrap().port();
+        stream.write_all(request).await.unwrap();
+        // Like ab or PHP: read until the server closes.
+        let (bytes, end) = read_to_end(&mut stream, Duration::from_secs(10)).await;
+        let elapsed = started.elapsed();
+        assert_eq!(end, End::Eof, "tether sent the first FIN");
+        let resp = parse(&bytes).await;
+        assert_eq!(resp.status, 200);
+        assert_eq!(resp.body, b"hello");
+        assert_eq!(resp.header("connection"), Some("close"));
+        assert!(
+            elapsed < Duration::from_secs(2),
+            "no wait on close_grace: {elapsed:?}"
+        );
+        drop(stream);
+        tokio::time::sleep(Duration::from_millis(100)).await;
+        // TIME_WAIT is on tether's listening port, none on the app's port.
+        let tw = census::time_wait().unwrap();
+        assert!(tw
+            .iter()
+            .any(|s| s.local.port() == addr.port() && s.remote.port() == client_port));
+        assert!(!tw.iter().any(|s| s.local.port() == client_port));
+    }
+    running.drain().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn client_first_policy_never_sends_the_first_fin() {
+    let backend = Backend::start().await;
+    let mut config = config_for(backend.addr);
+    config.listeners[0].client_close = ClientClose::ClientFirst;
+    config.listeners[0].close_grace = Duration::from_millis(500);
+    let (running, addr) = start_tether(config).await;
+
+    // A client that waits for the server: nothing until close_grace, then RST.
+    let started = Instant::now();
+    let (bytes, end) = exchange_raw(
+        addr,
+        b"GET / HTTP/1.1\r\nHost: t\r\nConnection: close\r\n\r\n",
+        Duration::from_secs(5),
+    )
+    .await;
+    assert_eq!(parse(&bytes).await.status, 200);
+    assert_eq!(end, End::Reset);
+    assert!(started.elapsed() >= Duration::from_millis(450));
+
+    // A client that closes first: TIME_WAIT lands on the client, none on tether.
+    let stream = TcpStream::connect(addr).await.unwrap();
+    let client_port = stream.local_addr().unwrap().port();
+    let mut reader = BufReader::new(stream);
+    reader
+        .get_mut()
+        .write_all(b"GET / HTTP/1.1\r\nHost: t\r\nConnection: close\r\n\r\n")
+        .await
+        .unwrap();
+    let resp = read_response(&mut reader, false).await.unwrap();
+    assert_eq!(resp.status, 200);
+    drop(reader);
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    let tw = census::time_wait().unwrap();
+    assert!(tw.iter().any(|s| s.local.port() == client_port));
+    assert!(!tw
+        .iter()
+        .any(|s| s.local.port() == addr.port() && s.remote.port() == client_port));
+    running.drain().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn abort_policy_resets_after_the_response_is_acknowledged_leaving_no_time_wait() {
+    let backend = Backend::start().await;
+    let mut config = config_for(backend.addr);
+    config.listeners[0].client_close = ClientClose::Abort;
+    let (running, addr) = start_tether(config).await;
+
+    let mut ports = Vec::new();
+    for _ in 0..20 {
+        let mut stream = TcpStream::connect(addr).await.unwrap();
+        ports.push(stream.local_addr().unwrap().port());
+        stream
+            .write_all(b"GET / HTTP/1.1\r\nHost: t\r\nConnection: close\r\n\r\n")
+            .await
+            .unwrap();
+        let (bytes, end) = read_to_end(&mut stream, Duration::from_secs(5)).await;
+        // The whole response is readable even though the connection ends in RST.
+        assert_eq!(parse(&bytes).await.body, b"hello");
+        assert_eq!(end, End::Reset);
+    }
+    tokio::time::sleep(Duration::from_millis(100)).await;
+    let tw = census::time_wait().unwrap();
+    assert!(!tw.iter().any(|s| s.local.port() == addr.port()));
+    assert!(!tw.iter().any(|s| ports.contains(&s.local.port())));
+    running.drain().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn one_request_per_connection_spares_a_close_first_app_its_time_wait() {
+    let backend = Backend::start().await;
+    let mut config = config_for(backend.addr);
+    config.listeners[0].max_requests_per_connection = 1;
+    let (running, addr) = start_tether(config).await;
+
+    let mut ports = Vec::new();
+    for _ in 0..100 {
+        // Like curl or python requests: keep-alive request, read by length, close.
+        let stream = TcpStream::connect(addr).await.unwrap();
+        ports.push(stream.local_addr().unwrap().port());
+        let mut reader = BufReader::new(stream);
+        reader
+            .get_mut()
+            .write_all(b"GET / HTTP/1.1\r\nHost: t\r\n\r\n")
+            .await
+            .unwrap();
+        let resp = read_response(&mut reader, false).await.unwrap();
+        assert_eq!(resp.status, 200);
+        assert_eq!(resp.header("connection"), Some("close"));
+        drop(reader);
+    }
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    let tw = census::time_wait().unwrap();
+    let on_app = tw
+        .iter()
+        .filter(|s| ports.contains(&s.local.port()))
+        .count();
+    assert_eq!(on_app, 0, "TIME_WAIT on the app's own ports");
+    running.drain().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn half_close_after_a_complete_request_still_gets_the_whole_response() {
+    let backend = Backend::start().await;
+    let (running, addr) = start_tether(config_for(backend.addr)).await;
+
+    let mut stream = TcpStream::connect(addr).await.unwrap();
+    stream
+        .write_all(b"GET /big?300000 HTTP/1.1\r\nHost: t\r\n\r\n")
+        .await
+        .unwrap();
+    stream.shutdown().await.unwrap();
+    let (bytes, end) = read_to_end(&mut stream, Duration::from_secs(5)).await;
+    let resp = parse(&bytes).await;
+    assert_eq!(resp.status, 200);
+    assert_eq!(resp.body.len(), 300_000);
+    assert_eq!(end, End::Eof);
+
+    // Half-closing before the head is complete is an abort: no response.
+    let mut stream = TcpStream::connect(addr).await.unwrap();
+    stream.write_all(b"GET / HTTP/1.1\r\nHo").await.unwrap();
+    stream.shutdown().await.unwrap();
+    let (bytes, end) = read_to_end(&mut stream, Duration::from_secs(5)).await;
+    assert!(bytes.is_empty(), "{}", String::from_utf8_lossy(&bytes));
+    assert_eq!(end, End::Reset);
+    assert_eq!(backend.requests(), 1);
+    running.drain().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn http10_clients_get_content_length_when_the_body_fits_the_buffer() {
+    let backend = Backend::start().await;
+    let mut config = config_for(backend.addr);
+    config.listeners[0].http10_buffer = tether::config::Size::kib(64);
+    let (running, addr) = start_tether(config).await;
+
+    let (bytes, end) = exchange_raw(
+        addr,
+        b"GET /big?5000 HTTP/1.0\r\n\r\n",
+        Duration::from_secs(5),
+    )
+    .await;
+    let resp = parse(&bytes).await;
+    assert_eq!(resp.version, "HTTP/1.0");
+    assert_eq!(resp.header("content-length"), Some("5000"));
+    assert_eq!(resp.body.len(), 5000);
+    assert_eq!(end, End::Eof);
+
+    // Larger than the buffer: close-delimited, still complete.
+    let (bytes, end) = exchange_raw(
+        addr,
+        b"GET /big?300000 HTTP/1.0\r\n\r\n",
+        Duration::from_secs(5),
+    )
+    .await;
+    let resp = parse(&bytes).await;
+    assert_eq!(resp.header("content-length"), None);
+    assert_eq!(resp.body.len(), 300_000);
+    assert_eq!(end, End::Eof);
+
+    // Keep-alive HTTP/1.0 clients keep their connection.
+    let stream = TcpStream::connect(addr).await.unwrap();
+    let mut reader = BufReader::new(stream);
+    for _ in 0..3 {
+        reader
+            .get_mut()
+            .write_all(b"GET /big?100 HTTP/1.0\r\nConnection: keep-alive\r\n\r\n")
+            .await
+            .unwrap();
+        let resp = read_response(&mut reader, false).await.unwrap();
+        assert_eq!(resp.header("content-length"), Some("100"));
+    }
+    running.drain().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn unix_socket_listener_serves_requests() {
+    let backend = Backend::start().await;
+    let mut config = config_for(backend.addr);
+    let path = std::env::temp_dir().join(format!("tether-test-{}.sock", std::process::id()));
+    config.listeners[0].listen = tether::config::ListenAddr::Unix(path.clone());
+    let running = tether::start(config).await.unwrap();
+
+    let mut stream = tokio::net::UnixStream::connect(&path).await.unwrap();
+    stream
+        .write_all(b"GET / HTTP/1.1\r\nHost: t\r\nConnection: close\r\n\r\n")
+        .await
+        .unwrap();
+    let mut bytes = Vec::new();
+    tokio::io::AsyncReadExt::read_to_end(&mut stream, &mut bytes)
+        .await
+        .unwrap();
+    let resp = parse(&bytes).await;
+    assert_eq!(resp.status, 200);
+    assert_eq!(resp.body, b"hello");
+    running.drain().await;
+    assert!(!path.exists(), "socket file removed on shutdown");
+}
