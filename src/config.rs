@@ -627,27 +627,45 @@ impl Config {
             path: String::new(),
             message: e.to_string(),
         })?;
-        let config = Self::from_tree(tree)?;
-        config.validate()?;
-        Ok(config)
+        let (config, mut problems, complete) = Self::from_tree(tree);
+        // Cross-key checks need every section; with one missing they would
+        // report problems that are only echoes of the parse failure.
+        if complete {
+            if let Err(ConfigError::Invalid(more)) = config.validate() {
+                problems.extend(more);
+            }
+        }
+        if problems.is_empty() {
+            Ok(config)
+        } else {
+            Err(ConfigError::Invalid(problems))
+        }
     }
 
     /// Deserializes section by section so that one bad section does not hide
     /// the problems in the others.
-    fn from_tree(tree: toml::Value) -> Result<Self, ConfigError> {
+    fn from_tree(tree: toml::Value) -> (Self, Vec<Problem>, bool) {
         let mut problems = Vec::new();
         let mut config = Config::default();
+        let mut complete = true;
         let toml::Value::Table(mut table) = tree else {
-            return Err(ConfigError::Invalid(vec![Problem {
+            let problem = Problem {
                 key: "(root)".into(),
                 message: "expected a table".into(),
-            }]));
+            };
+            return (config, vec![problem], false);
         };
         if let Some(v) = table.remove("log") {
-            section(v, "log", &mut problems).map(|s| config.log = s);
+            match section(v, "log", &mut problems) {
+                Some(log) => config.log = log,
+                None => complete = false,
+            }
         }
         if let Some(v) = table.remove("runtime") {
-            section(v, "runtime", &mut problems).map(|s| config.runtime = s);
+            match section(v, "runtime", &mut problems) {
+                Some(runtime) => config.runtime = runtime,
+                None => complete = false,
+            }
         }
         for (name, target) in [("listener", true), ("upstream", false)] {
             let Some(value) = table.remove(name) else {
@@ -658,17 +676,17 @@ impl Config {
                     key: name.into(),
                     message: format!("expected an array of tables: [[{name}]]"),
                 });
+                complete = false;
                 continue;
             };
             for (i, item) in items.into_iter().enumerate() {
                 let key = format!("{name}[{i}]");
-                if target {
-                    if let Some(l) = section(item, &key, &mut problems) {
-                        config.listeners.push(l);
-                    }
-                } else if let Some(u) = section(item, &key, &mut problems) {
-                    config.upstreams.push(u);
-                }
+                let parsed = if target {
+                    section(item, &key, &mut problems).map(|l| config.listeners.push(l))
+                } else {
+                    section(item, &key, &mut problems).map(|u| config.upstreams.push(u))
+                };
+                complete &= parsed.is_some();
             }
         }
         for unknown in table.keys() {
@@ -677,11 +695,7 @@ impl Config {
                 message: "unknown key (expected log, listener, upstream or runtime)".into(),
             });
         }
-        if problems.is_empty() {
-            Ok(config)
-        } else {
-            Err(ConfigError::Invalid(problems))
-        }
+        (config, problems, complete)
     }
 
     /// Checks the combinations of keys; reports every problem at once.
@@ -853,26 +867,88 @@ pub fn split_host_port(endpoint: &str) -> Result<(String, u16), String> {
     Ok((host.to_owned(), port))
 }
 
+/// Deserializes one section, reporting every bad key in it: each failing key is
+/// recorded and removed (so it takes its default) and the rest is tried again.
+/// `None` when the section cannot stand even then (a required key is bad).
 fn section<T: serde::de::DeserializeOwned>(
-    value: toml::Value,
+    mut value: toml::Value,
     key: &str,
     problems: &mut Vec<Problem>,
 ) -> Option<T> {
-    match serde_path_to_error::deserialize::<_, T>(value) {
-        Ok(v) => Some(v),
-        Err(e) => {
-            let inner = e.path().to_string();
-            let key = if inner == "." || inner.is_empty() {
-                key.to_owned()
-            } else {
-                format!("{key}.{inner}")
-            };
+    // Bounded: each round removes one key, and a section has a few dozen.
+    for _ in 0..64 {
+        let error = match serde_path_to_error::deserialize::<_, T>(value.clone()) {
+            Ok(parsed) => return Some(parsed),
+            Err(e) => e,
+        };
+        let segments: Vec<String> = error
+            .path()
+            .iter()
+            .filter_map(|segment| match segment {
+                serde_path_to_error::Segment::Map { key } => Some(key.clone()),
+                serde_path_to_error::Segment::Seq { index } => Some(index.to_string()),
+                _ => None,
+            })
+            .collect();
+        let inner = error.path().to_string();
+        let full_key = if inner == "." || inner.is_empty() {
+            key.to_owned()
+        } else {
+            format!("{key}.{inner}")
+        };
+        // The TOML deserializer appends the key and a blank line; the path says it.
+        let message = error
+            .into_inner()
+            .to_string()
+            .lines()
+            .next()
+            .unwrap_or_default()
+            .trim()
+            .to_owned();
+        let already_reported = problems.iter().any(|p| p.key == full_key);
+        if !already_reported {
             problems.push(Problem {
-                key,
-                message: e.into_inner().to_string(),
+                key: full_key,
+                message,
             });
-            None
         }
+        if already_reported || segments.is_empty() || !remove_path(&mut value, &segments) {
+            return None;
+        }
+    }
+    None
+}
+
+fn remove_path(value: &mut toml::Value, segments: &[String]) -> bool {
+    let Some((last, parents)) = segments.split_last() else {
+        return false;
+    };
+    let mut node = value;
+    for segment in parents {
+        node = match node {
+            toml::Value::Table(t) => match t.get_mut(segment) {
+                Some(next) => next,
+                None => return false,
+            },
+            toml::Value::Array(items) => {
+                match segment.parse::<usize>().ok().and_then(|i| items.get_mut(i)) {
+                    Some(next) => next,
+                    None => return false,
+                }
+            }
+            _ => return false,
+        };
+    }
+    match node {
+        toml::Value::Table(t) => t.remove(last).is_some(),
+        toml::Value::Array(items) => match last.parse::<usize>() {
+            Ok(i) if i < items.len() => {
+                items.remove(i);
+                true
+            }
+            _ => false,
+        },
+        _ => false,
     }
 }
 
@@ -1008,9 +1084,16 @@ mod tests {
             panic!("expected problems");
         };
         let keys: Vec<&str> = problems.iter().map(|p| p.key.as_str()).collect();
-        assert!(keys.contains(&"bogus"), "{keys:?}");
-        assert!(keys.iter().any(|k| k.starts_with("log")), "{keys:?}");
-        assert!(keys.contains(&"listener[1].idle_timeout"), "{keys:?}");
+        for expected in [
+            "bogus",
+            "log.colour",
+            "listener[1].idle_timeout",
+            "listener[0].upstream",
+            "upstream[0].endpoints[0]",
+            "upstream[0].pool.min_idle",
+        ] {
+            assert!(keys.contains(&expected), "{expected} missing from {keys:?}");
+        }
     }
 
     #[test]

@@ -3,6 +3,8 @@
 //! `RUST_LOG`, when set, overrides `log.level` so an operator can raise the
 //! level of one module without editing the file.
 
+use std::io::IsTerminal;
+
 use tracing_subscriber::EnvFilter;
 
 use crate::config::{LogConfig, LogFormat};
@@ -15,6 +17,7 @@ pub fn init(log: &LogConfig) {
         .unwrap_or_else(|| EnvFilter::new(&log.level));
     let builder = tracing_subscriber::fmt()
         .with_env_filter(filter)
+        .with_ansi(std::io::stderr().is_terminal())
         .with_writer(std::io::stderr);
     let result = match log.format {
         LogFormat::Text => builder.try_init(),

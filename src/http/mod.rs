@@ -246,7 +246,7 @@ impl ProxyService {
         let retry = match failure {
             SendError::Unsent(request, reason) => {
                 tracing::debug!(upstream = %addr, error = ?reason, "request was not sent; retrying on a new connection");
-                request
+                *request
             }
             SendError::Failed(source) => {
                 if client_failed.load(Ordering::Acquire) {

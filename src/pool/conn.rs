@@ -270,17 +270,17 @@ impl Lease {
         request: http::Request<UpstreamBody>,
     ) -> Result<http::Response<Incoming>, SendError> {
         let Some(conn) = self.conn.as_mut() else {
-            return Err(SendError::Unsent(request, None));
+            return Err(SendError::Unsent(Box::new(request), None));
         };
         if let Err(e) = conn.sender.ready().await {
-            return Err(SendError::Unsent(request, Some(e)));
+            return Err(SendError::Unsent(Box::new(request), Some(e)));
         }
         conn.requests += 1;
         conn.sender
             .try_send_request(request)
             .await
             .map_err(|mut e| match e.take_message() {
-                Some(request) => SendError::Unsent(request, Some(e.into_error())),
+                Some(request) => SendError::Unsent(Box::new(request), Some(e.into_error())),
                 None => SendError::Failed(e.into_error()),
             })
     }
@@ -315,7 +315,7 @@ impl Drop for Lease {
 /// A failed send.
 pub(crate) enum SendError {
     /// The request was never written; it can be sent elsewhere whatever its method.
-    Unsent(http::Request<UpstreamBody>, Option<hyper::Error>),
+    Unsent(Box<http::Request<UpstreamBody>>, Option<hyper::Error>),
     /// The request may have reached the backend.
     Failed(hyper::Error),
 }

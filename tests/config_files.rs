@@ -1,0 +1,185 @@
+//! The shipped configuration files and the README's reference stay true to the
+//! config structs: every file loads, `tether check` accepts it, the reference
+//! file states every key at its default, and the README documents every key.
+
+use std::collections::BTreeSet;
+use std::path::{Path, PathBuf};
+use std::process::Command;
+
+use tether::config::{Config, ListenerConfig, UpstreamConfig};
+
+fn config_files() -> Vec<PathBuf> {
+    let dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("config");
+    let mut files: Vec<PathBuf> = std::fs::read_dir(dir)
+        .unwrap()
+        .map(|e| e.unwrap().path())
+        .filter(|p| p.extension().is_some_and(|e| e == "toml"))
+        .collect();
+    files.sort();
+    assert!(
+        files.len() >= 2,
+        "ship a reference file and at least one example"
+    );
+    files
+}
+
+fn key_paths(value: &toml::Value, prefix: &str, out: &mut BTreeSet<String>) {
+    match value {
+        toml::Value::Table(table) => {
+            for (k, v) in table {
+                let path = if prefix.is_empty() {
+                    k.clone()
+                } else {
+                    format!("{prefix}.{k}")
+                };
+                key_paths(v, &path, out);
+            }
+        }
+        toml::Value::Array(items) if items.iter().all(toml::Value::is_table) => {
+            for item in items {
+                key_paths(item, prefix, out);
+            }
+        }
+        _ => {
+            out.insert(prefix.to_owned());
+        }
+    }
+}
+
+#[test]
+fn every_shipped_config_file_loads() {
+    for file in config_files() {
+        Config::load(&file, std::iter::empty())
+            .unwrap_or_else(|e| panic!("{}: {e}", file.display()));
+    }
+}
+
+#[test]
+fn tether_check_accepts_every_shipped_file_and_prints_a_loadable_config() {
+    for file in config_files() {
+        let out = Command::new(env!("CARGO_BIN_EXE_tether"))
+            .args(["check", "--config"])
+            .arg(&file)
+            .output()
+            .unwrap();
+        assert!(
+            out.status.success(),
+            "{}: {}",
+            file.display(),
+            String::from_utf8_lossy(&out.stderr)
+        );
+        let printed = String::from_utf8(out.stdout).unwrap();
+        let reparsed = Config::from_toml(&printed).unwrap();
+        assert_eq!(reparsed, Config::load(&file, std::iter::empty()).unwrap());
+    }
+}
+
+#[test]
+fn tether_check_rejects_a_broken_file_with_key_paths_and_exit_64() {
+    let dir = std::env::temp_dir().join(format!("tether-check-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let file = dir.join("broken.toml");
+    std::fs::write(
+        &file,
+        r#"
+        [[listener]]
+        name = "app"
+        listen = "127.0.0.1:8080"
+        upstream = "nowhere"
+        idle_timeout = "forever"
+        clinet_close = "abort"
+
+        [[upstream]]
+        name = "backend"
+        endpoints = ["no-port"]
+        "#,
+    )
+    .unwrap();
+    let out = Command::new(env!("CARGO_BIN_EXE_tether"))
+        .args(["check", "--config"])
+        .arg(&file)
+        .output()
+        .unwrap();
+    assert_eq!(out.status.code(), Some(64));
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(stderr.contains("listener[0]"), "{stderr}");
+    assert!(
+        stderr.contains("clinet_close") || stderr.contains("idle_timeout"),
+        "{stderr}"
+    );
+    assert!(stderr.contains("upstream[0].endpoints[0]"), "{stderr}");
+
+    let out = Command::new(env!("CARGO_BIN_EXE_tether"))
+        .args(["check", "--config"])
+        .arg(&file)
+        .env("TETHER__LISTENER__0__UPSTREAM", "backend")
+        .env("TETHER__LISTENER__0__IDLE_TIMEOUT", "5s")
+        .output()
+        .unwrap();
+    assert_eq!(
+        out.status.code(),
+        Some(64),
+        "still broken: unknown key and bad endpoint"
+    );
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        !stderr.contains("listener[0].upstream"),
+        "environment fixed it: {stderr}"
+    );
+}
+
+#[test]
+fn reference_file_states_every_key_at_its_default() {
+    let path = Path::new(env!("CARGO_MANIFEST_DIR")).join("config/tether.toml");
+    let config = Config::load(&path, std::iter::empty()).unwrap();
+    let l = &config.listeners[0];
+    assert_eq!(
+        l,
+        &ListenerConfig::new(&l.name, l.listen.clone(), &l.upstream)
+    );
+    let u = &config.upstreams[0];
+    assert_eq!(u, &UpstreamConfig::new(&u.name, u.endpoints.clone()));
+    assert_eq!(config.log, Default::default());
+    assert_eq!(config.runtime, Default::default());
+
+    let text = std::fs::read_to_string(&path).unwrap();
+    let mut in_file = BTreeSet::new();
+    key_paths(&text.parse::<toml::Value>().unwrap(), "", &mut in_file);
+    let mut effective = BTreeSet::new();
+    key_paths(
+        &config.to_toml().parse::<toml::Value>().unwrap(),
+        "",
+        &mut effective,
+    );
+    assert_eq!(in_file, effective, "config/tether.toml must list every key");
+}
+
+#[test]
+fn readme_reference_documents_every_key() {
+    let path = Path::new(env!("CARGO_MANIFEST_DIR")).join("config/tether.toml");
+    let config = Config::load(&path, std::iter::empty()).unwrap();
+    let mut keys = BTreeSet::new();
+    key_paths(
+        &config.to_toml().parse::<toml::Value>().unwrap(),
+        "",
+        &mut keys,
+    );
+    let readme =
+        std::fs::read_to_string(Path::new(env!("CARGO_MANIFEST_DIR")).join("README.md")).unwrap();
+    for key in keys {
+        let leaf = key.rsplit('.').next().unwrap();
+        let section = key.rsplit_once('.').map_or("", |(s, _)| s);
+        let row = format!("| `{leaf}` |");
+        let found = readme.split("\n### ").any(|part| {
+            part.starts_with(&format!("`[{section}]`"))
+                || part.starts_with(&format!("`[[{section}]]`"))
+        }) && readme
+            .split("\n### ")
+            .filter(|part| {
+                part.starts_with(&format!("`[{section}]`"))
+                    || part.starts_with(&format!("`[[{section}]]`"))
+            })
+            .any(|part| part.contains(&row));
+        assert!(found, "README's config reference lacks {key}");
+    }
+}
