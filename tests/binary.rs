@@ -22,6 +22,11 @@ impl Proxy {
     /// Starts the binary on an ephemeral port and reads the bound address from
     /// its log.
     fn start(backend: SocketAddr, extra: &str) -> Self {
+        Self::start_limited(backend, extra, None)
+    }
+
+    /// As `start`, with the process's open-file limit set to `nofile`.
+    fn start_limited(backend: SocketAddr, extra: &str, nofile: Option<u32>) -> Self {
         let dir = std::env::temp_dir().join(format!(
             "tether-bin-{}-{}",
             std::process::id(),
@@ -50,9 +55,23 @@ impl Proxy {
             ),
         )
         .unwrap();
-        let mut child = Command::new(env!("CARGO_BIN_EXE_tether"))
-            .args(["run", "--config"])
-            .arg(&file)
+        let mut command = match nofile {
+            None => {
+                let mut c = Command::new(env!("CARGO_BIN_EXE_tether"));
+                c.args(["run", "--config"]).arg(&file);
+                c
+            }
+            Some(limit) => {
+                let mut c = Command::new("sh");
+                c.arg("-c").arg(format!(
+                    "ulimit -n {limit} && exec \"{}\" run --config \"{}\"",
+                    env!("CARGO_BIN_EXE_tether"),
+                    file.display()
+                ));
+                c
+            }
+        };
+        let mut child = command
             .env_remove("RUST_LOG")
             .stderr(Stdio::piped())
             .spawn()
@@ -69,7 +88,13 @@ impl Proxy {
             }
         };
         // Keep draining the log so the child never blocks on a full pipe.
-        std::thread::spawn(move || for _ in lines.by_ref() {});
+        std::thread::spawn(move || {
+            for line in lines.map_while(Result::ok) {
+                if line.contains("WARN") || line.contains("ERROR") {
+                    eprintln!("tether: {line}");
+                }
+            }
+        });
         Self { child, addr }
     }
 
@@ -232,4 +257,48 @@ async fn gigabyte_upload_and_download_stream_in_bounded_memory() {
         "download: idle {idle} KiB, peak {download} KiB"
     );
     eprintln!("RSS idle {idle} KiB, upload peak {upload} KiB, download peak {download} KiB");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn running_out_of_file_descriptors_pauses_accepting_and_never_kills_the_process() {
+    let backend = Backend::start().await;
+    let mut proxy = Proxy::start_limited(backend.addr, "header_timeout = \"1s\"", Some(40));
+    let addr = proxy.addr;
+    assert_eq!(get_once(addr, "/").await.status, 200);
+
+    // Far more connections than descriptors: accept fails with EMFILE.
+    let mut hogs = Vec::new();
+    for _ in 0..80 {
+        hogs.push(TcpStream::connect(addr).await.unwrap());
+    }
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    assert!(
+        proxy.child.try_wait().unwrap().is_none(),
+        "tether exited under EMFILE"
+    );
+    drop(hogs);
+
+    // Once descriptors free up, it serves again.
+    let mut served = false;
+    for _ in 0..50 {
+        if let Ok(Ok(resp)) = tokio::time::timeout(Duration::from_secs(2), async {
+            let stream = TcpStream::connect(addr).await?;
+            let mut reader = BufReader::new(stream);
+            reader
+                .get_mut()
+                .write_all(b"GET / HTTP/1.1\r\nHost: t\r\nConnection: close\r\n\r\n")
+                .await?;
+            read_response(&mut reader, false).await
+        })
+        .await
+        {
+            if resp.status == 200 {
+                served = true;
+                break;
+            }
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    assert!(served, "tether did not recover after EMFILE");
+    assert!(proxy.child.try_wait().unwrap().is_none());
 }

@@ -101,7 +101,7 @@ impl AsyncWrite for UpstreamIo {
 /// A live upstream connection owned by the pool (idle) or by a [`Lease`] (busy).
 pub(crate) struct Conn {
     pub(crate) sender: SendRequest<UpstreamBody>,
-    socket: Arc<TcpStream>,
+    pub(crate) socket: Arc<TcpStream>,
     received: Arc<AtomicU64>,
     pub(crate) expires: Instant,
     pub(crate) requests: u64,

@@ -556,3 +556,102 @@ async fn maintain(pool: std::sync::Weak<PoolInner>) {
         }
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::sync::atomic::AtomicUsize;
+    use tokio::io::AsyncReadExt;
+    use tokio::net::TcpListener;
+
+    /// A listener that holds every connection and counts accepts and resets.
+    async fn holder() -> (SocketAddr, Arc<AtomicUsize>, Arc<AtomicUsize>) {
+        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        let (accepted, resets) = (Arc::new(AtomicUsize::new(0)), Arc::new(AtomicUsize::new(0)));
+        let (a, r) = (accepted.clone(), resets.clone());
+        tokio::spawn(async move {
+            loop {
+                let Ok((mut stream, _)) = listener.accept().await else {
+                    return;
+                };
+                a.fetch_add(1, Ordering::SeqCst);
+                let r = r.clone();
+                tokio::spawn(async move {
+                    let mut buf = [0u8; 64];
+                    loop {
+                        match stream.read(&mut buf).await {
+                            Ok(0) => return,
+                            Ok(_) => continue,
+                            Err(e) => {
+                                if e.kind() == std::io::ErrorKind::ConnectionReset {
+                                    r.fetch_add(1, Ordering::SeqCst);
+                                }
+                                return;
+                            }
+                        }
+                    }
+                });
+            }
+        });
+        (addr, accepted, resets)
+    }
+
+    async fn eventually(mut f: impl FnMut() -> bool) {
+        for _ in 0..500 {
+            if f() {
+                return;
+            }
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+        panic!("condition not met in 5s");
+    }
+
+    #[tokio::test]
+    async fn vanished_endpoint_is_drained_and_a_new_one_is_warmed() {
+        let (a, a_accepted, a_resets) = holder().await;
+        let (b, b_accepted, _) = holder().await;
+        let mut settings = UpstreamConfig::new("u", vec![a.to_string()]);
+        settings.pool.min_idle = 1;
+        let pool = Pool::start(settings).await;
+        eventually(|| a_accepted.load(Ordering::SeqCst) == 1).await;
+
+        pool.apply_addresses(vec![b]);
+        let endpoints = pool.endpoints();
+        assert_eq!(endpoints.len(), 1);
+        assert_eq!(endpoints[0].addr(), b);
+        eventually(|| a_resets.load(Ordering::SeqCst) == 1).await;
+        eventually(|| b_accepted.load(Ordering::SeqCst) == 1).await;
+        pool.close();
+    }
+
+    #[tokio::test]
+    async fn upstream_sockets_carry_keepalive_and_nodelay() {
+        let (a, accepted, _) = holder().await;
+        let mut settings = UpstreamConfig::new("u", vec![a.to_string()]);
+        settings.pool.min_idle = 1;
+        settings.keepalive.tcp_idle = Duration::from_secs(17);
+        settings.keepalive.tcp_interval = Duration::from_secs(4);
+        settings.keepalive.tcp_count = 5;
+        let pool = Pool::start(settings).await;
+        eventually(|| accepted.load(Ordering::SeqCst) == 1).await;
+        let endpoint = pool.endpoints()[0].clone();
+        eventually(|| endpoint.idle_connections() == 1).await;
+        let idle = endpoint.lock_idle();
+        let sock = socket2::SockRef::from(&*idle[0].conn.socket);
+        assert!(sock.keepalive().unwrap());
+        assert_eq!(sock.keepalive_time().unwrap(), Duration::from_secs(17));
+        assert_eq!(sock.keepalive_interval().unwrap(), Duration::from_secs(4));
+        assert_eq!(sock.keepalive_retries().unwrap(), 5);
+        assert!(sock.nodelay().unwrap());
+        drop(idle);
+        pool.close();
+    }
+
+    #[test]
+    fn backoff_grows_and_is_capped() {
+        assert!(backoff(1) <= Duration::from_millis(250));
+        assert!(backoff(30) <= REFILL_BACKOFF_MAX.mul_f64(1.25));
+        assert!(backoff(30) >= REFILL_BACKOFF_MAX.mul_f64(0.75));
+    }
+}

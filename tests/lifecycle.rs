@@ -1,0 +1,128 @@
+//! Lifecycles: drain deadlines, connection lifetimes, and how load spreads over
+//! several endpoints.
+
+mod common;
+
+use std::sync::atomic::Ordering;
+use std::time::Duration;
+
+use common::*;
+use tether::config::Balance;
+use tokio::io::{AsyncWriteExt, BufReader};
+use tokio::net::TcpStream;
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn drain_resets_what_is_still_running_at_the_deadline() {
+    let backend = Backend::start().await;
+    let mut config = config_for(backend.addr);
+    config.runtime.drain_timeout = Duration::from_millis(500);
+    let (running, addr) = start_tether(config).await;
+
+    let mut stalled = TcpStream::connect(addr).await.unwrap();
+    stalled
+        .write_all(b"GET /stall HTTP/1.1\r\nHost: t\r\n\r\n")
+        .await
+        .unwrap();
+    wait_until(Duration::from_secs(5), || {
+        backend.stats.in_flight.load(Ordering::SeqCst) == 1
+    })
+    .await;
+    // An idle keep-alive client is told the connection is over at once.
+    let idle = TcpStream::connect(addr).await.unwrap();
+    let mut idle = BufReader::new(idle);
+    idle.get_mut()
+        .write_all(b"GET / HTTP/1.1\r\nHost: t\r\n\r\n")
+        .await
+        .unwrap();
+    assert_eq!(read_response(&mut idle, false).await.unwrap().status, 200);
+
+    let drain = tokio::spawn(running.drain());
+    let (_, idle_end) = read_to_end(idle.get_mut(), Duration::from_secs(5)).await;
+    assert_eq!(
+        idle_end,
+        End::Eof,
+        "idle client closed by the graceful policy"
+    );
+    let (bytes, end) = read_to_end(&mut stalled, Duration::from_secs(5)).await;
+    assert!(bytes.is_empty());
+    assert_eq!(
+        end,
+        End::Reset,
+        "the stalled exchange is reset at the deadline"
+    );
+    assert!(drain.await.unwrap().forced);
+    // The upstream connection of the abandoned exchange is reset too.
+    wait_until(Duration::from_secs(5), || {
+        backend.stats.closed_by_reset.load(Ordering::SeqCst) >= 1
+    })
+    .await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn connections_are_retired_at_max_lifetime_and_the_floor_is_refilled() {
+    let backend = Backend::start().await;
+    let mut config = config_for(backend.addr);
+    config.upstreams[0].pool.min_idle = 1;
+    config.upstreams[0].pool.max_lifetime = Duration::from_millis(400);
+    let (running, addr) = start_tether(config).await;
+    assert_eq!(get_once(addr, "/").await.status, 200);
+    // Each lifetime ends in a reset, and a new warm connection takes its place.
+    wait_until(Duration::from_secs(10), || {
+        backend.stats.closed_by_reset.load(Ordering::SeqCst) >= 2 && backend.open() == 1
+    })
+    .await;
+    assert_eq!(get_once(addr, "/").await.status, 200);
+    running.drain().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn least_outstanding_spreads_concurrent_requests_over_endpoints() {
+    let a = Backend::start().await;
+    let b = Backend::start().await;
+    let mut config = config_for(a.addr);
+    config.upstreams[0].endpoints = vec![a.addr.to_string(), b.addr.to_string()];
+    let (running, addr) = start_tether(config).await;
+    let mut tasks = Vec::new();
+    for _ in 0..20 {
+        tasks.push(tokio::spawn(
+            async move { get_once(addr, "/slow?300").await },
+        ));
+    }
+    for t in tasks {
+        assert_eq!(t.await.unwrap().status, 200);
+    }
+    assert_eq!(a.requests() + b.requests(), 20);
+    assert!(
+        a.requests() >= 8 && b.requests() >= 8,
+        "a {} b {}",
+        a.requests(),
+        b.requests()
+    );
+    running.drain().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn round_robin_alternates_endpoints() {
+    let a = Backend::start().await;
+    let b = Backend::start().await;
+    let mut config = config_for(a.addr);
+    config.upstreams[0].endpoints = vec![a.addr.to_string(), b.addr.to_string()];
+    config.upstreams[0].balance = Balance::RoundRobin;
+    let (running, addr) = start_tether(config).await;
+    for _ in 0..10 {
+        assert_eq!(get_once(addr, "/").await.status, 200);
+    }
+    assert_eq!((a.requests(), b.requests()), (5, 5));
+    running.drain().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_dns_name_endpoint_resolves_and_serves() {
+    let backend = Backend::start().await;
+    let mut config = config_for(backend.addr);
+    config.upstreams[0].endpoints = vec![format!("localhost:{}", backend.addr.port())];
+    let running = tether::start(config).await.unwrap();
+    let addr = running.tcp_addr("app").unwrap();
+    assert_eq!(get_once(addr, "/").await.status, 200);
+    running.drain().await;
+}
