@@ -166,17 +166,19 @@ impl Body for UpstreamBody {
             .sum();
         match &self.rest {
             None => SizeHint::with_exact(first),
-            Some(rest) => {
-                let hint = rest.size_hint();
-                let mut total = SizeHint::new();
-                total.set_lower(hint.lower() + first);
-                if let Some(upper) = hint.upper() {
-                    total.set_upper(upper + first);
-                }
-                total
-            }
+            Some(rest) => hint_plus(rest.size_hint(), first),
         }
     }
+}
+
+/// A body's size hint grown by `extra` bytes held in front of it.
+fn hint_plus(hint: SizeHint, extra: u64) -> SizeHint {
+    let mut total = SizeHint::new();
+    total.set_lower(hint.lower() + extra);
+    if let Some(upper) = hint.upper() {
+        total.set_upper(upper + extra);
+    }
+    total
 }
 
 /// Called when the response body is done with, however it ended.
@@ -282,16 +284,10 @@ impl Body for ProxyBody {
     fn size_hint(&self) -> SizeHint {
         match &self.kind {
             Kind::Full(bytes) => SizeHint::with_exact(bytes.as_ref().map_or(0, |b| b.len() as u64)),
-            Kind::Upstream { prefix, body, .. } => {
-                let extra = prefix.as_ref().map_or(0, |p| p.len() as u64);
-                let hint = body.size_hint();
-                let mut total = SizeHint::new();
-                total.set_lower(hint.lower() + extra);
-                if let Some(upper) = hint.upper() {
-                    total.set_upper(upper + extra);
-                }
-                total
-            }
+            Kind::Upstream { prefix, body, .. } => hint_plus(
+                body.size_hint(),
+                prefix.as_ref().map_or(0, |p| p.len() as u64),
+            ),
         }
     }
 }
