@@ -66,9 +66,35 @@ pub struct Config {
     /// Backends, each with its own pool. At least one.
     #[serde(default, rename = "upstream")]
     pub upstreams: Vec<UpstreamConfig>,
+    /// The admin server.
+    #[serde(default)]
+    pub admin: AdminConfig,
     /// Process-wide settings.
     #[serde(default)]
     pub runtime: RuntimeConfig,
+}
+
+/// `[admin]`
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields)]
+pub struct AdminConfig {
+    /// Serve `/metrics`, `/healthz`, `/readyz` and `/config`. Default true: an
+    /// operator should be able to see what tether is doing without a restart.
+    #[serde(default = "defaults::yes")]
+    pub enabled: bool,
+    /// Address of the admin server. Default `"127.0.0.1:9901"`: loopback only,
+    /// since `/config` shows the whole configuration.
+    #[serde(default = "defaults::admin_listen")]
+    pub listen: SocketAddr,
+}
+
+impl Default for AdminConfig {
+    fn default() -> Self {
+        Self {
+            enabled: true,
+            listen: defaults::admin_listen(),
+        }
+    }
 }
 
 /// `[log]`
@@ -510,6 +536,9 @@ mod defaults {
     pub fn yes() -> bool {
         true
     }
+    pub fn admin_listen() -> std::net::SocketAddr {
+        std::net::SocketAddr::from(([127, 0, 0, 1], 9901))
+    }
     pub fn listener_max_connections() -> usize {
         10_000
     }
@@ -661,6 +690,12 @@ impl Config {
                 None => complete = false,
             }
         }
+        if let Some(v) = table.remove("admin") {
+            match section(v, "admin", &mut problems) {
+                Some(admin) => config.admin = admin,
+                None => complete = false,
+            }
+        }
         if let Some(v) = table.remove("runtime") {
             match section(v, "runtime", &mut problems) {
                 Some(runtime) => config.runtime = runtime,
@@ -692,7 +727,7 @@ impl Config {
         for unknown in table.keys() {
             problems.push(Problem {
                 key: unknown.clone(),
-                message: "unknown key (expected log, listener, upstream or runtime)".into(),
+                message: "unknown key (expected log, listener, upstream, admin or runtime)".into(),
             });
         }
         (config, problems, complete)
@@ -731,6 +766,15 @@ impl Config {
                 problem(key("name"), "must not be empty".into());
             } else if !seen_names.insert(l.name.as_str()) {
                 problem(key("name"), format!("duplicate listener name {:?}", l.name));
+            }
+            if self.admin.enabled
+                && l.listen == ListenAddr::Tcp(self.admin.listen)
+                && self.admin.listen.port() != 0
+            {
+                problem(
+                    key("listen"),
+                    format!("{} is the admin server's address", l.listen),
+                );
             }
             if !seen_addrs.insert(l.listen.to_string()) {
                 problem(
@@ -1032,6 +1076,7 @@ mod tests {
         assert_eq!(u.pool.retire, Retire::Abort);
         assert_eq!(u.keepalive.tcp_count, 3);
         assert_eq!(c.runtime.drain_timeout, Duration::from_secs(30));
+        assert_eq!(c.admin.listen, "127.0.0.1:9901".parse().unwrap());
         assert_eq!(l, &ListenerConfig::new("app", l.listen.clone(), "backend"));
     }
 

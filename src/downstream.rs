@@ -26,6 +26,7 @@ use tokio_util::sync::CancellationToken;
 use crate::config::ClientClose;
 use crate::http::body::ExchangeDone;
 use crate::http::{ProxyService, Route};
+use crate::metrics::{Name, ReasonLabels};
 use crate::sock;
 
 /// An accepted client stream.
@@ -472,6 +473,12 @@ pub async fn serve(
             if e.is_parse() || e.is_parse_too_large() || e.is_parse_status() {
                 // hyper has answered with a 4xx (and Connection: close).
                 tracing::info!(listener = %listener.name, ?client, error = %e, "malformed request refused");
+                let status = if e.is_parse_too_large() {
+                    http::StatusCode::REQUEST_HEADER_FIELDS_TOO_LARGE
+                } else {
+                    http::StatusCode::BAD_REQUEST
+                };
+                route.record(status, Some("malformed-request"), None);
                 linger_then_reset(io, listener.close_grace).await
             } else {
                 tracing::debug!(listener = %listener.name, ?client, error = %e, "client connection failed");
@@ -485,6 +492,18 @@ pub async fn serve(
         Served::Forced => io.reset("drain-deadline"),
     };
     tracing::debug!(listener = %listener.name, ?client, ?ending, "client connection ended");
+    let how = match ending {
+        Ending::Closed => "fin",
+        Ending::Reset(reason) => reason,
+    };
+    route
+        .metrics
+        .client_closed
+        .get_or_create(&ReasonLabels {
+            listener: route.label.clone(),
+            reason: Name::from(how),
+        })
+        .inc();
     ending
 }
 

@@ -7,11 +7,13 @@
 
 #![deny(unsafe_code)]
 
+pub mod admin;
 pub mod census;
 pub mod config;
 pub mod downstream;
 pub mod http;
 pub mod listener;
+pub mod metrics;
 pub mod pool;
 pub mod server;
 pub mod sock;

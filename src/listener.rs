@@ -18,6 +18,7 @@ use tokio_util::task::TaskTracker;
 use crate::config::ListenAddr;
 use crate::downstream::{self, ClientStream, Shutdown};
 use crate::http::Route;
+use crate::metrics::{ListenerLabel, Name, ReasonLabels};
 use crate::sock;
 
 /// Accept backlog: deep enough to absorb a burst of short-lived connections
@@ -114,6 +115,21 @@ pub async fn accept_loop(
     tracker: TaskTracker,
 ) {
     let limit = Arc::new(Semaphore::new(route.listener.max_connections));
+    let label = ListenerLabel {
+        listener: route.label.clone(),
+    };
+    let accepted_total = route.metrics.client_accepted.get_or_create(&label).clone();
+    let active = route.metrics.client_active.get_or_create(&label).clone();
+    let accept_error = |kind: &str| {
+        route
+            .metrics
+            .accept_errors
+            .get_or_create(&ReasonLabels {
+                listener: route.label.clone(),
+                reason: Name::from(kind),
+            })
+            .inc();
+    };
     let mut pause = Duration::from_millis(5);
     loop {
         let permit = tokio::select! {
@@ -130,14 +146,19 @@ pub async fn accept_loop(
         match accepted {
             Ok((stream, client)) => {
                 pause = Duration::from_millis(5);
+                accepted_total.inc();
+                active.inc();
+                let active = active.clone();
                 let route = route.clone();
                 let shutdown = shutdown.clone();
                 tracker.spawn(async move {
                     let _permit = permit;
                     downstream::serve(stream, client, route, shutdown).await;
+                    active.dec();
                 });
             }
             Err(e) if sock::is_resource_exhaustion(&e) => {
+                accept_error("resources");
                 tracing::error!(listener = %route.listener.name, error = %e, pause = ?pause, "accept failed: out of resources; pausing");
                 tokio::time::sleep(pause).await;
                 pause = (pause * 2).min(Duration::from_secs(1));
@@ -145,6 +166,7 @@ pub async fn accept_loop(
             Err(e) => {
                 // Per-connection errors (ECONNABORTED and friends) affect only that
                 // connection.
+                accept_error("connection");
                 tracing::debug!(listener = %route.listener.name, error = %e, "accept failed");
             }
         }

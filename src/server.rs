@@ -10,10 +10,12 @@ use std::time::Duration;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
+use crate::admin::{self, AdminError, AdminState};
 use crate::config::{Config, ListenAddr};
 use crate::downstream::Shutdown;
 use crate::http::Route;
 use crate::listener::{self, ListenerError};
+use crate::metrics::{Metrics, Name};
 use crate::pool::Pool;
 
 /// Failures to start.
@@ -22,6 +24,9 @@ pub enum ServerError {
     /// A listener could not be bound.
     #[error(transparent)]
     Listener(#[from] ListenerError),
+    /// The admin server could not be bound.
+    #[error(transparent)]
+    Admin(#[from] AdminError),
     /// A listener names an upstream that does not exist (validation prevents it).
     #[error("listener {listener:?} names unknown upstream {upstream:?}")]
     UnknownUpstream { listener: String, upstream: String },
@@ -30,6 +35,9 @@ pub enum ServerError {
 /// A started tether.
 pub struct Running {
     listeners: Vec<(String, ListenAddr)>,
+    admin_addr: Option<std::net::SocketAddr>,
+    admin_stop: CancellationToken,
+    metrics: Arc<Metrics>,
     pools: Vec<Pool>,
     shutdown: Shutdown,
     tracker: TaskTracker,
@@ -52,6 +60,18 @@ pub async fn start(config: Config) -> Result<Running, ServerError> {
     let shutdown = Shutdown {
         drain: CancellationToken::new(),
         force: CancellationToken::new(),
+    };
+    let metrics = Arc::new(Metrics::new());
+    let admin_socket = if config.admin.enabled {
+        match admin::bind(config.admin.listen).await {
+            Ok(socket) => Some(socket),
+            Err(e) => {
+                pools.iter().for_each(Pool::close);
+                return Err(e.into());
+            }
+        }
+    } else {
+        None
     };
     // Bind everything first so a bad address leaves nothing half-started.
     let mut bound = Vec::new();
@@ -76,10 +96,12 @@ pub async fn start(config: Config) -> Result<Running, ServerError> {
             }
         };
         let route = Arc::new(Route {
+            label: Name::from(l.name.as_str()),
             listener: l.clone(),
             pool,
             draining: shutdown.drain.clone(),
             fallback_host,
+            metrics: metrics.clone(),
         });
         bound.push((socket, route));
     }
@@ -96,8 +118,39 @@ pub async fn start(config: Config) -> Result<Running, ServerError> {
             tracker.clone(),
         ));
     }
+    metrics.watch(
+        pools.clone(),
+        listeners
+            .iter()
+            .map(|(name, addr)| {
+                let tcp = match addr {
+                    ListenAddr::Tcp(a) => Some(*a),
+                    ListenAddr::Unix(_) => None,
+                };
+                (name.clone(), tcp)
+            })
+            .collect(),
+    );
+    let admin_stop = CancellationToken::new();
+    let admin_addr = match admin_socket {
+        Some(socket) => {
+            let addr = socket.local_addr().ok();
+            let state = Arc::new(AdminState {
+                metrics: metrics.clone(),
+                draining: shutdown.drain.clone(),
+                config: config.to_toml(),
+            });
+            tracing::info!(admin = ?addr, "admin server listening");
+            tokio::spawn(admin::serve(socket, state, admin_stop.clone()));
+            addr
+        }
+        None => None,
+    };
     Ok(Running {
         listeners,
+        admin_addr,
+        admin_stop,
+        metrics,
         pools,
         shutdown,
         tracker,
@@ -120,6 +173,16 @@ impl Running {
             ListenAddr::Tcp(addr) => Some(*addr),
             ListenAddr::Unix(_) => None,
         }
+    }
+
+    /// The admin server's address, when it is enabled.
+    pub fn admin_addr(&self) -> Option<std::net::SocketAddr> {
+        self.admin_addr
+    }
+
+    /// Every metric.
+    pub fn metrics(&self) -> &Arc<Metrics> {
+        &self.metrics
     }
 
     /// The pool of the upstream called `name`.
@@ -145,6 +208,7 @@ impl Running {
         for pool in &self.pools {
             pool.close();
         }
+        self.admin_stop.cancel();
         tracing::info!(forced, "drained");
         Drained { forced }
     }

@@ -48,6 +48,8 @@ impl Proxy {
                 [[upstream]]
                 name = "backend"
                 endpoints = ["{backend}"]
+                [admin]
+                listen = "127.0.0.1:0"
                 [runtime]
                 worker_threads = 2
                 drain_timeout = "10s"

@@ -141,6 +141,7 @@ fn reference_file_states_every_key_at_its_default() {
     assert_eq!(u, &UpstreamConfig::new(&u.name, u.endpoints.clone()));
     assert_eq!(config.log, Default::default());
     assert_eq!(config.runtime, Default::default());
+    assert_eq!(config.admin, Default::default());
 
     let text = std::fs::read_to_string(&path).unwrap();
     let mut in_file = BTreeSet::new();

@@ -36,7 +36,12 @@ async fn drain_resets_what_is_still_running_at_the_deadline() {
         .unwrap();
     assert_eq!(read_response(&mut idle, false).await.unwrap().status, 200);
 
+    let admin = running.admin_addr().unwrap();
+    assert_eq!(get_once(admin, "/readyz").await.status, 200);
     let drain = tokio::spawn(running.drain());
+    tokio::time::sleep(Duration::from_millis(50)).await;
+    let readiness = get_once(admin, "/readyz").await;
+    assert_eq!(readiness.status, 503, "not ready while draining");
     let (_, idle_end) = read_to_end(idle.get_mut(), Duration::from_secs(5)).await;
     assert_eq!(
         idle_end,

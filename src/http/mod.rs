@@ -24,6 +24,7 @@ use tokio_util::sync::CancellationToken;
 
 use crate::config::ListenerConfig;
 use crate::downstream::ConnState;
+use crate::metrics::{status_class, ListenerLabel, Metrics, Name, ReasonLabels, RequestLabels};
 use crate::pool::{Lease, Pool, PoolError, SendError};
 use body::{ProxyBody, UpstreamBody};
 
@@ -32,6 +33,8 @@ pub const ERROR_HEADER: &str = "x-tether-error";
 
 /// What a listener forwards to, shared by its connections.
 pub struct Route {
+    /// The listener's name as a metric label.
+    pub label: Name,
     /// The listener's settings.
     pub listener: ListenerConfig,
     /// The upstream's pool.
@@ -40,6 +43,39 @@ pub struct Route {
     pub draining: CancellationToken,
     /// Host sent upstream when an HTTP/1.0 client sent none.
     pub fallback_host: String,
+    /// Where outcomes are counted.
+    pub metrics: Arc<Metrics>,
+}
+
+impl Route {
+    /// Counts one answered request, and its reason when tether made the response.
+    pub fn record(&self, status: StatusCode, reason: Option<&str>, started: Option<Instant>) {
+        let metrics = &self.metrics;
+        metrics
+            .requests
+            .get_or_create(&RequestLabels {
+                listener: self.label.clone(),
+                class: status_class(status.as_u16()),
+            })
+            .inc();
+        if let Some(reason) = reason {
+            metrics
+                .local_responses
+                .get_or_create(&ReasonLabels {
+                    listener: self.label.clone(),
+                    reason: Name::from(reason),
+                })
+                .inc();
+        }
+        if let Some(started) = started {
+            metrics
+                .response_latency
+                .get_or_create(&ListenerLabel {
+                    listener: self.label.clone(),
+                })
+                .observe(started.elapsed().as_secs_f64());
+        }
+    }
 }
 
 /// The hyper service of one client connection.
@@ -61,8 +97,16 @@ impl hyper::service::Service<Request<Incoming>> for ProxyService {
         self.conn.exchange_started();
         let this = self.clone();
         Box::pin(async move {
+            let started = Instant::now();
             let done = this.conn.clone();
-            Ok(this.handle(request).await.map(|body| body.on_done(done)))
+            let route = this.route.clone();
+            let response = this.handle(request).await;
+            let reason = response
+                .headers()
+                .get(ERROR_HEADER)
+                .and_then(|v| v.to_str().ok());
+            route.record(response.status(), reason, Some(started));
+            Ok(response.map(|body| body.on_done(done)))
         })
     }
 }

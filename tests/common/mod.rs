@@ -287,6 +287,7 @@ pub fn config_for(backend: SocketAddr) -> Config {
     config.listeners.push(listener);
     config.upstreams.push(upstream);
     config.runtime.drain_timeout = Duration::from_secs(5);
+    config.admin.listen = "127.0.0.1:0".parse().unwrap();
     config.validate().unwrap();
     config
 }

@@ -1,0 +1,108 @@
+//! The admin server: `/metrics` (Prometheus text), `/healthz` (the process is
+//! up), `/readyz` (503 once draining, so a load balancer or Kubernetes stops
+//! sending new connections first) and `/config` (the effective configuration).
+//!
+//! It binds loopback by default and keeps serving through the drain, so
+//! readiness can report it.
+
+use std::convert::Infallible;
+use std::net::SocketAddr;
+use std::sync::Arc;
+
+use bytes::Bytes;
+use http::{header, Request, Response, StatusCode};
+use http_body_util::Full;
+use hyper::body::Incoming;
+use hyper_util::rt::TokioIo;
+use tokio::net::TcpListener;
+use tokio_util::sync::CancellationToken;
+
+use crate::metrics::Metrics;
+
+/// Failures to start the admin server.
+#[derive(Debug, thiserror::Error)]
+pub enum AdminError {
+    /// The admin address could not be bound.
+    #[error("cannot listen on {addr} for the admin server: {source}")]
+    Bind {
+        addr: SocketAddr,
+        source: std::io::Error,
+    },
+}
+
+/// What the admin endpoints show.
+pub struct AdminState {
+    /// Every metric.
+    pub metrics: Arc<Metrics>,
+    /// Cancelled when draining starts: `/readyz` turns 503.
+    pub draining: CancellationToken,
+    /// The effective configuration as TOML.
+    pub config: String,
+}
+
+/// Binds the admin address.
+pub async fn bind(addr: SocketAddr) -> Result<TcpListener, AdminError> {
+    TcpListener::bind(addr)
+        .await
+        .map_err(|source| AdminError::Bind { addr, source })
+}
+
+/// Serves admin requests until `stop` is cancelled.
+pub async fn serve(listener: TcpListener, state: Arc<AdminState>, stop: CancellationToken) {
+    loop {
+        let (stream, _) = tokio::select! {
+            accepted = listener.accept() => match accepted {
+                Ok(pair) => pair,
+                Err(e) => {
+                    tracing::debug!(error = %e, "admin accept failed");
+                    tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+                    continue;
+                }
+            },
+            _ = stop.cancelled() => return,
+        };
+        let state = state.clone();
+        tokio::spawn(async move {
+            let service = hyper::service::service_fn(move |request: Request<Incoming>| {
+                let state = state.clone();
+                async move { Ok::<_, Infallible>(respond(&state, &request)) }
+            });
+            if let Err(e) = hyper::server::conn::http1::Builder::new()
+                .serve_connection(TokioIo::new(stream), service)
+                .await
+            {
+                tracing::debug!(error = %e, "admin connection failed");
+            }
+        });
+    }
+}
+
+fn respond(state: &AdminState, request: &Request<Incoming>) -> Response<Full<Bytes>> {
+    let (status, content_type, body) = match request.uri().path() {
+        "/metrics" => (
+            StatusCode::OK,
+            "application/openmetrics-text; version=1.0.0; charset=utf-8",
+            state.metrics.render(),
+        ),
+        "/healthz" => (StatusCode::OK, "text/plain", "ok\n".to_owned()),
+        "/readyz" if state.draining.is_cancelled() => (
+            StatusCode::SERVICE_UNAVAILABLE,
+            "text/plain",
+            "draining\n".to_owned(),
+        ),
+        "/readyz" => (StatusCode::OK, "text/plain", "ready\n".to_owned()),
+        "/config" => (StatusCode::OK, "application/toml", state.config.clone()),
+        _ => (
+            StatusCode::NOT_FOUND,
+            "text/plain",
+            "not found: try /metrics, /healthz, /readyz or /config\n".to_owned(),
+        ),
+    };
+    let mut response = Response::new(Full::new(Bytes::from(body)));
+    *response.status_mut() = status;
+    response.headers_mut().insert(
+        header::CONTENT_TYPE,
+        header::HeaderValue::from_static(content_type),
+    );
+    response
+}
