@@ -55,6 +55,13 @@ pub struct ConnState {
     ambiguous_framing: AtomicBool,
     /// Set when an exchange ends: the next bytes start a new head to scan.
     rescan: AtomicBool,
+    /// The exchange in flight is the connection's last and the listener closes
+    /// gracefully: FIN as soon as its response is flushed.
+    fin_when_flushed: AtomicBool,
+    /// The last response is complete; the next flush ends with a FIN.
+    fin_ready: AtomicBool,
+    /// tether has already sent its FIN.
+    fin_sent: AtomicBool,
 }
 
 impl ConnState {
@@ -65,7 +72,18 @@ impl ConnState {
             requests: AtomicU64::new(0),
             ambiguous_framing: AtomicBool::new(false),
             rescan: AtomicBool::new(false),
+            fin_when_flushed: AtomicBool::new(false),
+            fin_ready: AtomicBool::new(false),
+            fin_sent: AtomicBool::new(false),
         }
+    }
+
+    /// The exchange being served ends the connection and its client may be
+    /// closed gracefully: tether sends its FIN right behind the last response
+    /// byte, in the same flush, so a client that closes as soon as it has read
+    /// the response finds the FIN already there and closes passively.
+    pub fn fin_after_response(&self) {
+        self.fin_when_flushed.store(true, Ordering::Relaxed);
     }
 
     /// Whether the request now being served declared both Content-Length and
@@ -92,7 +110,15 @@ impl ConnState {
 }
 
 impl ExchangeDone for ConnState {
-    fn exchange_done(&self) {
+    fn exchange_done(&self, complete: bool) {
+        // Only a response handed over whole may be followed by a FIN: after a
+        // truncated one, a FIN would make a close-delimited body look complete.
+        if complete
+            && self.fin_when_flushed.load(Ordering::Relaxed)
+            && !self.misbehaved.load(Ordering::Relaxed)
+        {
+            self.fin_ready.store(true, Ordering::Relaxed);
+        }
         self.rescan.store(true, Ordering::Relaxed);
         self.clock.set(Phase::Idle(Instant::now()));
     }
@@ -252,6 +278,7 @@ pub struct ClientIo {
     stream: ClientStream,
     state: Arc<ConnState>,
     scan: HeadScan,
+    corked: bool,
     reset_on_drop: bool,
 }
 
@@ -355,12 +382,26 @@ impl AsyncRead for ClientIo {
     }
 }
 
+impl ClientIo {
+    /// The last bytes of a connection's last response are being written: cork
+    /// them so they leave with the FIN that the flush will send.
+    fn cork_final_bytes(&mut self) {
+        if !self.corked && self.state.fin_ready.load(Ordering::Relaxed) {
+            self.corked = true;
+            if let ClientStream::Tcp(s) = &self.stream {
+                sock::cork(s);
+            }
+        }
+    }
+}
+
 impl AsyncWrite for ClientIo {
     fn poll_write(
         mut self: Pin<&mut Self>,
         cx: &mut Context<'_>,
         buf: &[u8],
     ) -> Poll<io::Result<usize>> {
+        self.cork_final_bytes();
         match &mut self.stream {
             ClientStream::Tcp(s) => Pin::new(s).poll_write(cx, buf),
             ClientStream::Unix(s) => Pin::new(s).poll_write(cx, buf),
@@ -372,6 +413,7 @@ impl AsyncWrite for ClientIo {
         cx: &mut Context<'_>,
         bufs: &[io::IoSlice<'_>],
     ) -> Poll<io::Result<usize>> {
+        self.cork_final_bytes();
         match &mut self.stream {
             ClientStream::Tcp(s) => Pin::new(s).poll_write_vectored(cx, bufs),
             ClientStream::Unix(s) => Pin::new(s).poll_write_vectored(cx, bufs),
@@ -382,11 +424,20 @@ impl AsyncWrite for ClientIo {
         true
     }
 
+    /// hyper flushes once its buffer is written out; after the last response of
+    /// a gracefully closed connection, that is where the FIN goes.
     fn poll_flush(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
-        match &mut self.stream {
+        let flushed = match &mut self.stream {
             ClientStream::Tcp(s) => Pin::new(s).poll_flush(cx),
             ClientStream::Unix(s) => Pin::new(s).poll_flush(cx),
+        };
+        if matches!(flushed, Poll::Ready(Ok(())))
+            && self.state.fin_ready.swap(false, Ordering::Relaxed)
+            && self.send_fin().is_ok()
+        {
+            self.state.fin_sent.store(true, Ordering::Relaxed);
         }
+        flushed
     }
 
     /// Never called by the serving path (it uses `poll_without_shutdown`); kept
@@ -431,6 +482,7 @@ pub async fn serve(
         stream,
         state: state.clone(),
         scan: HeadScan::new(listener.max_header_bytes.as_usize()),
+        corked: false,
         reset_on_drop: true,
     };
     let service = ProxyService::new(route.clone(), state.clone(), client);
@@ -509,13 +561,16 @@ pub async fn serve(
 
 /// Ends a connection whose last exchange said `Connection: close`.
 async fn close_by_policy(mut io: ClientIo, policy: ClientClose, grace: Duration) -> Ending {
-    if policy != ClientClose::Abort && io.peer_closed() {
+    if policy != ClientClose::Abort
+        && !io.state.fin_sent.load(Ordering::Relaxed)
+        && io.peer_closed()
+    {
         // The client closed first: closing now is the passive close.
         return io.close_orderly();
     }
     match policy {
         ClientClose::Graceful => {
-            if io.send_fin().is_err() {
+            if !io.state.fin_sent.load(Ordering::Relaxed) && io.send_fin().is_err() {
                 return io.reset("fin-failed");
             }
             if io.await_peer_fin(grace).await {

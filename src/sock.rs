@@ -26,6 +26,15 @@ pub fn send_fin(socket: &impl AsFd) -> io::Result<()> {
     SockRef::from(socket).shutdown(std::net::Shutdown::Write)
 }
 
+/// Holds partial segments (TCP_CORK) until the FIN that follows, so the last
+/// bytes of a response and the FIN leave in one segment: a client cannot read
+/// the end of the response and close before tether's FIN is there.
+pub fn cork(socket: &impl AsFd) {
+    if let Err(e) = SockRef::from(socket).set_cork(true) {
+        tracing::debug!(error = %e, "cannot set TCP_CORK on client socket");
+    }
+}
+
 /// Sets TCP_NODELAY and TCP keepalive (idle, interval, count) on an upstream socket.
 pub fn configure_upstream(socket: &impl AsFd, keepalive: &KeepaliveConfig) {
     let sock = SockRef::from(socket);

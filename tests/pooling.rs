@@ -7,7 +7,6 @@ use std::sync::atomic::Ordering;
 use std::time::Duration;
 
 use common::*;
-use tether::census;
 use tether::config::ClientClose;
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -17,6 +16,7 @@ async fn five_thousand_sequential_connections_ride_the_warm_pool_without_time_wa
     config.listeners[0].client_close = ClientClose::Abort;
     let min_idle = config.upstreams[0].pool.min_idle;
     let (running, addr) = start_tether(config).await;
+    let tw = TimeWaitBaseline::now();
 
     for i in 0..5000 {
         let resp = get_once(addr, "/").await;
@@ -33,15 +33,15 @@ async fn five_thousand_sequential_connections_ride_the_warm_pool_without_time_wa
     // Let the last resets land before reading the kernel's table.
     tokio::time::sleep(Duration::from_millis(200)).await;
     let backend_port = backend.addr.port();
-    assert_eq!(census::time_wait_toward_port(backend_port).unwrap(), 0);
-    assert_eq!(census::time_wait_on_local_port(backend_port).unwrap(), 0);
-    assert_eq!(census::time_wait_on_local_port(addr.port()).unwrap(), 0);
-    assert_eq!(census::time_wait_toward_port(addr.port()).unwrap(), 0);
+    assert_eq!(tw.toward_port(backend_port), 0);
+    assert_eq!(tw.on_local_port(backend_port), 0);
+    assert_eq!(tw.on_local_port(addr.port()), 0);
+    assert_eq!(tw.toward_port(addr.port()), 0);
 
     running.drain().await;
     tokio::time::sleep(Duration::from_millis(200)).await;
-    assert_eq!(census::time_wait_toward_port(backend_port).unwrap(), 0);
-    assert_eq!(census::time_wait_on_local_port(backend_port).unwrap(), 0);
+    assert_eq!(tw.toward_port(backend_port), 0);
+    assert_eq!(tw.on_local_port(backend_port), 0);
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -50,6 +50,7 @@ async fn sixty_four_concurrent_clients_share_at_most_sixty_four_upstream_connect
     let mut config = config_for(backend.addr);
     config.listeners[0].client_close = ClientClose::Abort;
     let (running, addr) = start_tether(config).await;
+    let tw = TimeWaitBaseline::now();
 
     let mut tasks = Vec::new();
     for _ in 0..64 {
@@ -73,14 +74,8 @@ async fn sixty_four_concurrent_clients_share_at_most_sixty_four_upstream_connect
         requests / accepted
     );
     tokio::time::sleep(Duration::from_millis(200)).await;
-    assert_eq!(
-        census::time_wait_toward_port(backend.addr.port()).unwrap(),
-        0
-    );
-    assert_eq!(
-        census::time_wait_on_local_port(backend.addr.port()).unwrap(),
-        0
-    );
+    assert_eq!(tw.toward_port(backend.addr.port()), 0);
+    assert_eq!(tw.on_local_port(backend.addr.port()), 0);
     running.drain().await;
 }
 
@@ -109,6 +104,7 @@ async fn retired_idle_connection_is_reset_and_leaves_no_time_wait() {
     config.upstreams[0].pool.min_idle = 0;
     config.upstreams[0].pool.idle_timeout = Duration::from_millis(300);
     let (running, addr) = start_tether(config).await;
+    let tw = TimeWaitBaseline::now();
 
     let resp = get_once(addr, "/").await;
     assert_eq!(resp.status, 200);
@@ -121,13 +117,7 @@ async fn retired_idle_connection_is_reset_and_leaves_no_time_wait() {
         "backend saw ECONNRESET"
     );
     tokio::time::sleep(Duration::from_millis(100)).await;
-    assert_eq!(
-        census::time_wait_toward_port(backend.addr.port()).unwrap(),
-        0
-    );
-    assert_eq!(
-        census::time_wait_on_local_port(backend.addr.port()).unwrap(),
-        0
-    );
+    assert_eq!(tw.toward_port(backend.addr.port()), 0);
+    assert_eq!(tw.on_local_port(backend.addr.port()), 0);
     running.drain().await;
 }

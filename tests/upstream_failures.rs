@@ -292,23 +292,38 @@ async fn backend_dying_mid_body_resets_the_client_never_a_clean_end() {
     }
 }
 
+const POST: &str =
+    "POST /echo HTTP/1.1\r\nHost: t\r\nContent-Length: 5\r\nConnection: close\r\n\r\nhello";
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn backend_closing_idle_pooled_connections_is_invisible_to_clients() {
     let backend = Backend::start().await;
     let (running, addr) = start_tether(config_for(backend.addr)).await;
     assert_eq!(get_once(addr, "/").await.status, 200);
 
+    // The backend has closed its idle connections: the stale check at checkout
+    // notices, so neither a GET nor a POST sees an error.
     for round in 0..5 {
+        let closed = backend.stats.closed.load(Ordering::SeqCst);
         backend.close_idle_connections();
-        let resp = get_once(addr, "/").await;
-        assert_eq!(resp.status, 200, "GET in round {round}");
-        backend.close_idle_connections();
-        let (bytes, _) = request_raw(
-            addr,
-            "POST /echo HTTP/1.1\r\nHost: t\r\nContent-Length: 5\r\nConnection: close\r\n\r\nhello",
-        )
+        wait_until(Duration::from_secs(5), || {
+            backend.stats.closed.load(Ordering::SeqCst) > closed
+        })
         .await;
-        let resp = parse(&bytes).await;
+        tokio::time::sleep(Duration::from_millis(20)).await;
+        assert_eq!(
+            get_once(addr, "/").await.status,
+            200,
+            "GET in round {round}"
+        );
+        let closed = backend.stats.closed.load(Ordering::SeqCst);
+        backend.close_idle_connections();
+        wait_until(Duration::from_secs(5), || {
+            backend.stats.closed.load(Ordering::SeqCst) > closed
+        })
+        .await;
+        tokio::time::sleep(Duration::from_millis(20)).await;
+        let resp = parse(&request_raw(addr, POST).await.0).await;
         assert_eq!(resp.status, 200, "POST in round {round}");
         assert_eq!(resp.body, b"hello");
     }
@@ -316,6 +331,45 @@ async fn backend_closing_idle_pooled_connections_is_invisible_to_clients() {
         backend.stats.posts.load(Ordering::SeqCst),
         5,
         "each POST delivered once"
+    );
+    running.drain().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn racing_the_backend_close_retries_gets_and_never_sends_a_post_twice() {
+    let backend = Backend::start().await;
+    let (running, addr) = start_tether(config_for(backend.addr)).await;
+    let mut posts_ok = 0;
+    for round in 0..20 {
+        // No wait: the request may be written just as the backend closes.
+        backend.close_idle_connections();
+        assert_eq!(
+            get_once(addr, "/").await.status,
+            200,
+            "GET in round {round}"
+        );
+        backend.close_idle_connections();
+        let post = format!(
+            "POST /echo HTTP/1.1\r\nHost: t\r\nContent-Length: 8\r\nConnection: close\r\n\r\nround-{round:02}"
+        );
+        let resp = parse(&request_raw(addr, &post).await.0).await;
+        match resp.status {
+            200 => posts_ok += 1,
+            502 => assert_eq!(resp.header("x-tether-error"), Some("upstream-failed")),
+            other => panic!("POST in round {round} got {other}"),
+        }
+    }
+    let echoed = backend.stats.echoed.lock().unwrap().clone();
+    let unique: std::collections::HashSet<_> = echoed.iter().collect();
+    assert_eq!(
+        unique.len(),
+        echoed.len(),
+        "a POST was delivered twice: {echoed:?}"
+    );
+    assert!(
+        echoed.len() >= posts_ok,
+        "{} delivered, {posts_ok} answered",
+        echoed.len()
     );
     running.drain().await;
 }

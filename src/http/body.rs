@@ -181,16 +181,19 @@ fn hint_plus(hint: SizeHint, extra: u64) -> SizeHint {
     total
 }
 
-/// Called when the response body is done with, however it ended.
+/// Told when the response body is done with.
 pub trait ExchangeDone: Send + Sync {
-    /// The exchange is over (the response body was written or abandoned).
-    fn exchange_done(&self);
+    /// The exchange is over. `complete` is true only when every byte of the
+    /// body was handed to the connection; false when it was abandoned or failed.
+    fn exchange_done(&self, complete: bool);
 }
 
 /// The response body as sent to the client.
 pub struct ProxyBody {
     kind: Kind,
     done: Option<Arc<dyn ExchangeDone>>,
+    /// Every frame has been yielded and the body ended cleanly.
+    finished: bool,
 }
 
 enum Kind {
@@ -205,8 +208,10 @@ enum Kind {
 impl ProxyBody {
     /// A complete body held in memory.
     pub fn full(bytes: Bytes) -> Self {
+        let kind = Kind::Full((!bytes.is_empty()).then_some(bytes));
         Self {
-            kind: Kind::Full((!bytes.is_empty()).then_some(bytes)),
+            finished: matches!(kind, Kind::Full(None)),
+            kind,
             done: None,
         }
     }
@@ -214,6 +219,7 @@ impl ProxyBody {
     /// An upstream body streamed through, after `prefix` (already read from it).
     pub fn upstream(prefix: Option<Bytes>, body: Incoming, lease: Lease) -> Self {
         Self {
+            finished: prefix.is_none() && body.is_end_stream(),
             kind: Kind::Upstream {
                 prefix,
                 body,
@@ -238,19 +244,25 @@ impl Body for ProxyBody {
         mut self: Pin<&mut Self>,
         cx: &mut Context<'_>,
     ) -> Poll<Option<Result<Frame<Bytes>, BodyError>>> {
-        match &mut self.kind {
-            Kind::Full(bytes) => Poll::Ready(bytes.take().map(|b| Ok(Frame::data(b)))),
+        let this = &mut *self;
+        match &mut this.kind {
+            Kind::Full(bytes) => {
+                this.finished = true;
+                Poll::Ready(bytes.take().map(|b| Ok(Frame::data(b))))
+            }
             Kind::Upstream {
                 prefix,
                 body,
                 lease,
             } => {
                 if let Some(bytes) = prefix.take() {
+                    this.finished = body.is_end_stream();
                     return Poll::Ready(Some(Ok(Frame::data(bytes))));
                 }
                 match Pin::new(&mut *body).poll_frame(cx) {
                     Poll::Pending => Poll::Pending,
                     Poll::Ready(None) => {
+                        this.finished = true;
                         if let Some(lease) = lease.take() {
                             lease.release();
                         }
@@ -258,6 +270,7 @@ impl Body for ProxyBody {
                     }
                     Poll::Ready(Some(Ok(frame))) => {
                         if body.is_end_stream() {
+                            this.finished = true;
                             if let Some(lease) = lease.take() {
                                 lease.release();
                             }
@@ -308,7 +321,7 @@ impl Drop for ProxyBody {
             }
         }
         if let Some(done) = self.done.take() {
-            done.exchange_done();
+            done.exchange_done(self.finished);
         }
     }
 }

@@ -22,7 +22,7 @@ use hyper::body::Incoming;
 use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
 
-use crate::config::ListenerConfig;
+use crate::config::{ClientClose, ListenerConfig};
 use crate::downstream::ConnState;
 use crate::metrics::{status_class, ListenerLabel, Metrics, Name, ReasonLabels, RequestLabels};
 use crate::pool::{Lease, Pool, PoolError, SendError};
@@ -147,6 +147,9 @@ impl ProxyService {
                 "ambiguous-framing",
                 "Content-Length together with Transfer-Encoding",
             );
+        }
+        if last && listener.client_close == ClientClose::Graceful {
+            self.conn.fin_after_response();
         }
         if let Some(reason) = headers::reject_reason(&request) {
             let status = if reason == "connect-not-supported" {

@@ -230,16 +230,35 @@ pub struct Lease {
     endpoint: Arc<Endpoint>,
     reused: bool,
     request_sent: Arc<AtomicBool>,
+    _outstanding: Outstanding,
+}
+
+/// A request counted against its endpoint from the moment the endpoint was
+/// chosen (dialling and waiting included) until the lease ends; the count is
+/// what `least_outstanding` balances on.
+pub(crate) struct Outstanding(pub(crate) Arc<Endpoint>);
+
+impl Outstanding {
+    pub(crate) fn new(endpoint: Arc<Endpoint>) -> Self {
+        endpoint.outstanding.fetch_add(1, Ordering::Relaxed);
+        Self(endpoint)
+    }
+}
+
+impl Drop for Outstanding {
+    fn drop(&mut self) {
+        self.0.outstanding.fetch_sub(1, Ordering::Relaxed);
+    }
 }
 
 impl Lease {
-    pub(crate) fn new(conn: Conn, endpoint: Arc<Endpoint>, reused: bool) -> Self {
-        endpoint.outstanding.fetch_add(1, Ordering::Relaxed);
+    pub(crate) fn new(conn: Conn, outstanding: Outstanding, reused: bool) -> Self {
         Self {
             conn: Some(conn),
-            endpoint,
+            endpoint: outstanding.0.clone(),
             reused,
             request_sent: Arc::new(AtomicBool::new(false)),
+            _outstanding: outstanding,
         }
     }
 
@@ -301,7 +320,6 @@ impl Lease {
 
 impl Drop for Lease {
     fn drop(&mut self) {
-        self.endpoint.outstanding.fetch_sub(1, Ordering::Relaxed);
         if let Some(conn) = self.conn.take() {
             self.endpoint
                 .stats

@@ -31,7 +31,7 @@ use tokio_util::sync::CancellationToken;
 use crate::config::{Balance, UpstreamConfig};
 pub use conn::Lease;
 pub(crate) use conn::SendError;
-use conn::{Conn, Ending, Slot};
+use conn::{Conn, Ending, Outstanding, Slot};
 
 /// How often the maintenance task looks at every endpoint even without a wake-up.
 const MAINTENANCE_TICK: Duration = Duration::from_secs(1);
@@ -375,7 +375,7 @@ impl Pool {
     /// one, else a new one if a slot is free, else waits up to `acquire_timeout`.
     pub async fn acquire(&self) -> Result<Lease, PoolError> {
         let endpoint = self.pick()?;
-        acquire_on(&endpoint, false).await
+        acquire_on(Outstanding::new(endpoint), false).await
     }
 
     /// Checks out a freshly dialled connection to the same endpoint as a failed
@@ -386,7 +386,7 @@ impl Pool {
             Some(e) => e.clone(),
             None => self.pick()?,
         };
-        acquire_on(&endpoint, true).await
+        acquire_on(Outstanding::new(endpoint), true).await
     }
 
     fn pick(&self) -> Result<Arc<Endpoint>, PoolError> {
@@ -460,7 +460,8 @@ impl Pool {
     }
 }
 
-async fn acquire_on(endpoint: &Arc<Endpoint>, fresh: bool) -> Result<Lease, PoolError> {
+async fn acquire_on(outstanding: Outstanding, fresh: bool) -> Result<Lease, PoolError> {
+    let endpoint = &outstanding.0.clone();
     let waited = endpoint.settings.pool.acquire_timeout;
     let deadline = Instant::now() + waited;
     loop {
@@ -471,13 +472,13 @@ async fn acquire_on(endpoint: &Arc<Endpoint>, fresh: bool) -> Result<Lease, Pool
             if let Some(conn) = endpoint.pop_idle() {
                 endpoint.stats.reused.fetch_add(1, Ordering::Relaxed);
                 let reused = conn.requests > 0;
-                return Ok(Lease::new(conn, endpoint.clone(), reused));
+                return Ok(Lease::new(conn, outstanding, reused));
             }
         }
         if let Ok(permit) = endpoint.slots.clone().try_acquire_owned() {
             let slot = Slot::new(permit, endpoint.clone());
             let conn = Conn::connect(endpoint, slot).await?;
-            return Ok(Lease::new(conn, endpoint.clone(), false));
+            return Ok(Lease::new(conn, outstanding, false));
         }
         if fresh {
             // A fresh connection needs a free slot; the coldest idle one gives up its own.

@@ -31,6 +31,8 @@ pub struct BackendStats {
     pub posts: AtomicUsize,
     pub bytes_received: AtomicUsize,
     pub in_flight: AtomicUsize,
+    /// Bodies of every `/echo` request, in arrival order.
+    pub echoed: Mutex<Vec<Bytes>>,
 }
 
 /// An HTTP/1.1 backend on an ephemeral loopback port.
@@ -216,6 +218,7 @@ async fn backend_respond(req: Request<Incoming>, stats: Arc<BackendStats>) -> Re
                 .await
                 .map(|c| c.to_bytes())
                 .unwrap_or_default();
+            stats.echoed.lock().unwrap().push(body.clone());
             Response::new(full(body))
         }
         "/big" => {
@@ -470,4 +473,44 @@ pub fn rss_kib(pid: u32) -> u64 {
         .find_map(|l| l.strip_prefix("VmRSS:"))
         .and_then(|v| v.trim().trim_end_matches("kB").trim().parse().ok())
         .unwrap()
+}
+
+/// TIME_WAIT entries that appeared after a point in the test, so entries left
+/// by earlier tests (which linger for a minute) cannot be mistaken for ours.
+pub struct TimeWaitBaseline(std::collections::HashSet<(SocketAddr, SocketAddr)>);
+
+impl TimeWaitBaseline {
+    pub fn now() -> Self {
+        Self(
+            tether::census::time_wait()
+                .unwrap()
+                .into_iter()
+                .map(|s| (s.local, s.remote))
+                .collect(),
+        )
+    }
+
+    pub fn new_entries(&self) -> Vec<tether::census::TcpSocket> {
+        tether::census::time_wait()
+            .unwrap()
+            .into_iter()
+            .filter(|s| !self.0.contains(&(s.local, s.remote)))
+            .collect()
+    }
+
+    /// New TIME_WAIT sockets whose remote port is `port`.
+    pub fn toward_port(&self, port: u16) -> usize {
+        self.new_entries()
+            .iter()
+            .filter(|s| s.remote.port() == port)
+            .count()
+    }
+
+    /// New TIME_WAIT sockets whose local port is `port`.
+    pub fn on_local_port(&self, port: u16) -> usize {
+        self.new_entries()
+            .iter()
+            .filter(|s| s.local.port() == port)
+            .count()
+    }
 }
