@@ -10,9 +10,11 @@
 pub mod admin;
 pub mod census;
 pub mod config;
+pub mod demo;
 pub mod downstream;
 pub mod http;
 pub mod listener;
+pub mod load;
 pub mod metrics;
 pub mod pool;
 pub mod server;
