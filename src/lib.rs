@@ -11,6 +11,7 @@ pub mod admin;
 pub mod census;
 pub mod config;
 pub mod demo;
+pub mod doctor;
 pub mod downstream;
 pub mod http;
 pub mod listener;

@@ -36,6 +36,20 @@ enum Command {
         #[arg(short, long, value_name = "FILE")]
         config: PathBuf,
     },
+    /// Report TIME_WAIT on this host from the kernel's socket table: per remote
+    /// endpoint and per local port, the worst offenders, ephemeral-port
+    /// headroom, the relevant sysctls, and what to do about it.
+    Doctor {
+        /// Only sockets toward this remote endpoint ("10.0.0.5:80").
+        #[arg(long, value_name = "HOST:PORT")]
+        to: Option<String>,
+        /// Only sockets on this local port.
+        #[arg(long, value_name = "PORT")]
+        port: Option<u16>,
+        /// Print one JSON object instead of the report.
+        #[arg(long)]
+        json: bool,
+    },
     /// Show what tether does, on loopback, in about 20 seconds: the same
     /// connection-per-request load straight at a backend and then through
     /// tether, with the kernel's TIME_WAIT counts side by side. Needs nothing
@@ -62,6 +76,13 @@ fn main() -> ExitCode {
                 ExitCode::SUCCESS
             }
             Err(code) => code,
+        },
+        Command::Doctor { to, port, json } => match doctor(to.as_deref(), port, json) {
+            Ok(()) => ExitCode::SUCCESS,
+            Err(e) => {
+                eprintln!("tether: {e:#}");
+                ExitCode::FAILURE
+            }
         },
         Command::Demo {
             duration,
@@ -123,6 +144,27 @@ fn run(config: Config) -> anyhow::Result<()> {
         running.drain().await;
         Ok(())
     })
+}
+
+fn doctor(to: Option<&str>, port: Option<u16>, json: bool) -> anyhow::Result<()> {
+    use std::net::ToSocketAddrs;
+    let to = match to {
+        None => None,
+        Some(endpoint) => Some(
+            endpoint
+                .to_socket_addrs()
+                .with_context(|| format!("cannot resolve {endpoint}"))?
+                .next()
+                .with_context(|| format!("{endpoint} resolves to no address"))?,
+        ),
+    };
+    let diagnosis = tether::doctor::diagnose(&tether::doctor::DoctorOptions { to, port })?;
+    if json {
+        println!("{}", serde_json::to_string_pretty(&diagnosis)?);
+    } else {
+        print!("{}", diagnosis.text());
+    }
+    Ok(())
 }
 
 fn demo(duration: std::time::Duration, concurrency: usize, json: bool) -> anyhow::Result<()> {
