@@ -442,6 +442,84 @@ pub struct KeepaliveConfig {
     /// Default 3: a dead peer is detected within `tcp_idle + 3 × tcp_interval`.
     #[serde(default = "defaults::tcp_count")]
     pub tcp_count: u32,
+    /// HTTP/1.1 probes on idle pooled connections.
+    #[serde(default)]
+    pub probe: ProbeConfig,
+}
+
+/// Probe request method.
+#[derive(Debug, Clone, Copy, Default, Serialize, Deserialize, PartialEq, Eq)]
+#[serde(rename_all = "UPPERCASE")]
+pub enum ProbeMethod {
+    /// `HEAD`: no body to read.
+    #[default]
+    Head,
+    /// `GET`.
+    Get,
+    /// `OPTIONS`.
+    Options,
+}
+
+impl ProbeMethod {
+    /// The HTTP method.
+    pub fn as_method(self) -> http::Method {
+        match self {
+            Self::Head => http::Method::HEAD,
+            Self::Get => http::Method::GET,
+            Self::Options => http::Method::OPTIONS,
+        }
+    }
+}
+
+/// `[upstream.keepalive.probe]`
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields)]
+pub struct ProbeConfig {
+    /// Send probes. Default false: a probe is a request the app never made, so
+    /// it is the operator's call; without probes tether still retires idle
+    /// connections (RST) before the backend's announced or observed idle limit.
+    #[serde(default)]
+    pub enabled: bool,
+    /// `HEAD`, `GET` or `OPTIONS`. Default `HEAD`: nothing to read back.
+    #[serde(default)]
+    pub method: ProbeMethod,
+    /// Request target of the probe. Default `"/"`.
+    #[serde(default = "defaults::probe_path")]
+    pub path: String,
+    /// Idle time after which a pooled connection is probed; set it below the
+    /// backend's keep-alive timeout. Default 30s: below nginx's 75s and most
+    /// load balancers' 60s.
+    #[serde(default = "defaults::probe_interval", with = "humantime_serde")]
+    pub interval: Duration,
+    /// Time allowed for the probe's response; then the connection is reset.
+    /// Default 2s.
+    #[serde(default = "defaults::probe_timeout", with = "humantime_serde")]
+    pub timeout: Duration,
+    /// Status classes that count as alive. Default `["2xx", "3xx", "4xx"]`: a
+    /// 404 still proves the connection works.
+    #[serde(default = "defaults::probe_expect")]
+    pub expect: Vec<String>,
+}
+
+impl Default for ProbeConfig {
+    fn default() -> Self {
+        Self {
+            enabled: false,
+            method: ProbeMethod::default(),
+            path: defaults::probe_path(),
+            interval: defaults::probe_interval(),
+            timeout: defaults::probe_timeout(),
+            expect: defaults::probe_expect(),
+        }
+    }
+}
+
+impl ProbeConfig {
+    /// Whether a probe's status means the connection is alive.
+    pub fn accepts(&self, status: u16) -> bool {
+        let class = format!("{}xx", status / 100);
+        self.expect.iter().any(|e| e.eq_ignore_ascii_case(&class))
+    }
 }
 
 /// `[runtime]`
@@ -486,6 +564,7 @@ impl Default for KeepaliveConfig {
             tcp_idle: defaults::tcp_idle(),
             tcp_interval: defaults::tcp_interval(),
             tcp_count: defaults::tcp_count(),
+            probe: ProbeConfig::default(),
         }
     }
 }
@@ -595,6 +674,18 @@ mod defaults {
     }
     pub fn tcp_count() -> u32 {
         3
+    }
+    pub fn probe_path() -> String {
+        "/".to_owned()
+    }
+    pub fn probe_interval() -> Duration {
+        Duration::from_secs(30)
+    }
+    pub fn probe_timeout() -> Duration {
+        Duration::from_secs(2)
+    }
+    pub fn probe_expect() -> Vec<String> {
+        ["2xx", "3xx", "4xx"].map(String::from).to_vec()
     }
     pub fn drain_timeout() -> Duration {
         Duration::from_secs(30)
@@ -867,6 +958,40 @@ impl Config {
             }
             if k.tcp_count == 0 {
                 problem(key("keepalive.tcp_count"), "must be at least 1".into());
+            }
+            let probe = &k.probe;
+            if probe.interval.is_zero() {
+                problem(
+                    key("keepalive.probe.interval"),
+                    "must be greater than 0".into(),
+                );
+            }
+            if probe.timeout.is_zero() {
+                problem(
+                    key("keepalive.probe.timeout"),
+                    "must be greater than 0".into(),
+                );
+            }
+            if !probe.path.starts_with('/')
+                || probe.path.parse::<http::uri::PathAndQuery>().is_err()
+            {
+                problem(
+                    key("keepalive.probe.path"),
+                    format!(
+                        "{:?} is not an origin-form path like \"/health\"",
+                        probe.path
+                    ),
+                );
+            }
+            for (j, class) in probe.expect.iter().enumerate() {
+                if !["1xx", "2xx", "3xx", "4xx", "5xx"]
+                    .contains(&class.to_ascii_lowercase().as_str())
+                {
+                    problem(
+                        format!("upstream[{i}].keepalive.probe.expect[{j}]"),
+                        format!("{class:?} is not a status class like \"2xx\""),
+                    );
+                }
             }
         }
         if self.runtime.drain_timeout.is_zero() {

@@ -228,6 +228,8 @@ impl ProxyService {
         };
 
         let (mut head, upstream_body) = response.into_parts();
+        let mut lease = lease;
+        lease.note_response(&head.headers);
         headers::strip_hop_by_hop(&mut head.headers);
         head.version = Version::HTTP_11;
         if last {

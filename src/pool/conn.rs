@@ -105,9 +105,44 @@ pub(crate) struct Conn {
     received: Arc<AtomicU64>,
     pub(crate) expires: Instant,
     pub(crate) requests: u64,
+    /// What the backend announced in `Keep-Alive: timeout=N, max=M`.
+    pub(crate) announced: KeepAliveHint,
+    /// The backend said `Connection: close`: never pool it again.
+    pub(crate) closing: bool,
     /// Held for the connection's whole life: counts it against
     /// `pool.max_connections` and wakes waiters when it is gone.
     _slot: Slot,
+}
+
+/// The backend's `Keep-Alive` response header: how long it keeps an idle
+/// connection and how many requests it serves on one.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct KeepAliveHint {
+    /// `timeout=N`.
+    pub timeout: Option<std::time::Duration>,
+    /// `max=M`.
+    pub max: Option<u64>,
+}
+
+impl KeepAliveHint {
+    /// Parses `timeout=5, max=100` (unknown parameters are ignored).
+    pub fn parse(value: &str) -> Self {
+        let mut hint = Self::default();
+        for part in value.split(',') {
+            let Some((name, number)) = part.split_once('=') else {
+                continue;
+            };
+            let Ok(number) = number.trim().trim_matches('"').parse::<u64>() else {
+                continue;
+            };
+            match name.trim().to_ascii_lowercase().as_str() {
+                "timeout" => hint.timeout = Some(std::time::Duration::from_secs(number)),
+                "max" => hint.max = Some(number),
+                _ => {}
+            }
+        }
+        hint
+    }
 }
 
 /// A connection slot of an endpoint; dropping it frees the slot.
@@ -190,6 +225,8 @@ impl Conn {
             received,
             expires: created + lifetime,
             requests: 0,
+            announced: KeepAliveHint::default(),
+            closing: false,
             _slot: slot,
         })
     }
@@ -198,6 +235,25 @@ impl Conn {
     /// open and nothing arrived on it unasked (no FIN, no stray bytes, no RST).
     pub(crate) fn is_usable(&self) -> bool {
         !self.sender.is_closed() && sock::peer_state(&*self.socket) == PeerState::Quiet
+    }
+
+    /// Records `Keep-Alive: timeout=N, max=M` and `Connection: close`.
+    pub(crate) fn note_response(&mut self, headers: &http::HeaderMap) {
+        if let Some(value) = headers.get("keep-alive").and_then(|v| v.to_str().ok()) {
+            let hint = KeepAliveHint::parse(value);
+            if hint.timeout.is_some() {
+                self.announced.timeout = hint.timeout;
+            }
+            if hint.max.is_some() {
+                self.announced.max = hint.max;
+            }
+        }
+        self.closing |= headers
+            .get_all(http::header::CONNECTION)
+            .iter()
+            .filter_map(|v| v.to_str().ok())
+            .flat_map(|v| v.split(','))
+            .any(|t| t.trim().eq_ignore_ascii_case("close"));
     }
 
     /// Bytes received so far on this connection.
@@ -302,6 +358,17 @@ impl Lease {
                 Some(request) => SendError::Unsent(Box::new(request), Some(e.into_error())),
                 None => SendError::Failed(e.into_error()),
             })
+    }
+
+    /// Takes note of what the response's headers say about the connection's
+    /// future: `Keep-Alive: timeout=N, max=M`, or `Connection: close`.
+    pub fn note_response(&mut self, headers: &http::HeaderMap) {
+        if let Some(conn) = self.conn.as_mut() {
+            conn.note_response(headers);
+            if let Some(timeout) = conn.announced.timeout {
+                self.endpoint.note_announced_idle(timeout);
+            }
+        }
     }
 
     /// Returns the connection to the pool: call once the response body ended.

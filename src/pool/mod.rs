@@ -29,9 +29,9 @@ use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
 
 use crate::config::{Balance, UpstreamConfig};
-pub use conn::Lease;
 pub(crate) use conn::SendError;
 use conn::{Conn, Ending, Outstanding, Slot};
+pub use conn::{KeepAliveHint, Lease};
 
 /// How often the maintenance task looks at every endpoint even without a wake-up.
 const MAINTENANCE_TICK: Duration = Duration::from_secs(1);
@@ -41,6 +41,17 @@ const REFILL_BACKOFF_MAX: Duration = Duration::from_secs(10);
 /// Idle connections above `max_idle` are retired only after this long idle, so a
 /// burst that briefly returns many connections does not churn them.
 const OVER_MAX_IDLE_GRACE: Duration = Duration::from_secs(1);
+/// A backend closing an idle connection sooner than this is not taken for an
+/// idle timeout (it is an announced close or an error).
+const MIN_OBSERVED_IDLE_CLOSE: Duration = Duration::from_millis(500);
+/// Largest probe response body read (and discarded).
+const PROBE_BODY_LIMIT: usize = 64 * 1024;
+
+/// How long a connection may stay idle given the backend's idle limit: three
+/// quarters of it, so tether acts well before the backend does.
+fn idle_limit(backend_limit: Duration) -> Duration {
+    backend_limit.mul_f64(0.75)
+}
 
 /// Failures to obtain an upstream connection.
 #[derive(Debug, thiserror::Error)]
@@ -96,6 +107,12 @@ pub struct EndpointStats {
     pub discarded: AtomicU64,
     /// Idle connections handed out again.
     pub reused: AtomicU64,
+    /// Probes sent on idle connections.
+    pub probes: AtomicU64,
+    /// Probes that failed (the connection was reset).
+    pub probe_failures: AtomicU64,
+    /// Idle connections the backend closed before tether retired them.
+    pub closed_by_backend: AtomicU64,
 }
 
 /// One resolved address of an upstream and its connections.
@@ -115,12 +132,20 @@ pub struct Endpoint {
     refilling: AtomicBool,
     refill_failures: AtomicU32,
     refill_not_before: Mutex<Option<Instant>>,
+    /// Shortest idle age at which the backend was seen closing a pooled
+    /// connection, in milliseconds; 0 while none was seen.
+    observed_idle_close_ms: AtomicU64,
+    /// The latest `Keep-Alive: timeout=N` the endpoint sent, in milliseconds;
+    /// 0 while none was seen.
+    announced_idle_ms: AtomicU64,
     stats: EndpointStats,
 }
 
 struct IdleConn {
     conn: Conn,
     since: Instant,
+    /// Probe at this instant, when probes are enabled.
+    probe_at: Option<Instant>,
 }
 
 impl Endpoint {
@@ -138,6 +163,8 @@ impl Endpoint {
             refilling: AtomicBool::new(false),
             refill_failures: AtomicU32::new(0),
             refill_not_before: Mutex::new(None),
+            observed_idle_close_ms: AtomicU64::new(0),
+            announced_idle_ms: AtomicU64::new(0),
             stats: EndpointStats::default(),
         }
     }
@@ -180,13 +207,17 @@ impl Endpoint {
     fn pop_idle(&self) -> Option<Conn> {
         loop {
             let idle = self.lock_idle().pop()?;
-            if Instant::now() >= idle.conn.expires {
+            let now = Instant::now();
+            if now >= idle.conn.expires
+                || self.usable_until(&idle).is_some_and(|until| now >= until)
+            {
                 self.stats.retired.fetch_add(1, Ordering::Relaxed);
                 idle.conn.close(Ending::Retired, self.retire_policy());
                 continue;
             }
             if !idle.conn.is_usable() {
                 tracing::debug!(upstream = %self.addr, "discarding stale idle connection");
+                self.learn_idle_close(now.duration_since(idle.since));
                 self.stats.discarded.fetch_add(1, Ordering::Relaxed);
                 idle.conn.close(Ending::Discarded, self.retire_policy());
                 continue;
@@ -195,26 +226,94 @@ impl Endpoint {
         }
     }
 
+    /// The backend closed a pooled connection after `age` idle: from now on,
+    /// idle connections to it are retired before that age.
+    fn learn_idle_close(&self, age: Duration) {
+        self.stats.closed_by_backend.fetch_add(1, Ordering::Relaxed);
+        // Shorter gaps are closes the backend announced or errors, not an
+        // idle timeout.
+        if age < MIN_OBSERVED_IDLE_CLOSE {
+            return;
+        }
+        let ms = u64::try_from(age.as_millis()).unwrap_or(u64::MAX);
+        let previous = self.observed_idle_close_ms.load(Ordering::Relaxed);
+        if previous == 0 || ms < previous {
+            self.observed_idle_close_ms.store(ms, Ordering::Relaxed);
+            tracing::info!(
+                upstream = %self.addr,
+                idle = ?age,
+                retire_after = ?idle_limit(age),
+                "backend closed an idle pooled connection; retiring idle connections to it earlier"
+            );
+        }
+    }
+
+    /// When an idle connection must be retired so that tether, not the
+    /// backend, ends it: ¾ of the shortest idle limit the backend announced
+    /// (`Keep-Alive: timeout=N`, on this connection or any other to the
+    /// endpoint) or was seen enforcing. Computed afresh, so connections that
+    /// were idle before the first announcement are covered too.
+    fn usable_until(&self, idle: &IdleConn) -> Option<Instant> {
+        let millis = |ms: u64| (ms > 0).then(|| Duration::from_millis(ms));
+        [
+            millis(self.observed_idle_close_ms.load(Ordering::Relaxed)),
+            millis(self.announced_idle_ms.load(Ordering::Relaxed)),
+            idle.conn.announced.timeout,
+        ]
+        .into_iter()
+        .flatten()
+        .min()
+        .map(|limit| idle.since + idle_limit(limit))
+    }
+
+    /// Records a `Keep-Alive: timeout=N` seen on a response from this endpoint.
+    pub(crate) fn note_announced_idle(&self, timeout: Duration) {
+        let ms = u64::try_from(timeout.as_millis())
+            .unwrap_or(u64::MAX)
+            .max(1);
+        let previous = self.announced_idle_ms.swap(ms, Ordering::Relaxed);
+        if previous != ms {
+            tracing::debug!(upstream = %self.addr, ?timeout, "backend announces its keep-alive timeout");
+            self.maintenance.notify_one();
+        }
+    }
+
+    /// The observed idle limit, for the admin view.
+    pub fn observed_idle_close(&self) -> Option<Duration> {
+        match self.observed_idle_close_ms.load(Ordering::Relaxed) {
+            0 => None,
+            ms => Some(Duration::from_millis(ms)),
+        }
+    }
+
     /// Returns a connection after a complete exchange.
     fn put_idle(&self, conn: Conn) {
-        if self.removed.load(Ordering::Relaxed) || Instant::now() >= conn.expires {
+        let now = Instant::now();
+        let spent = conn.announced.max.is_some_and(|max| conn.requests >= max);
+        if self.removed.load(Ordering::Relaxed) || now >= conn.expires || spent || conn.closing {
             self.stats.retired.fetch_add(1, Ordering::Relaxed);
             conn.close(Ending::Retired, self.retire_policy());
             return;
         }
+        let probe = &self.settings.keepalive.probe;
+        let probe_at = probe.enabled.then(|| now + probe.interval);
         self.lock_idle().push(IdleConn {
             conn,
-            since: Instant::now(),
+            since: now,
+            probe_at,
         });
         self.available.notify_one();
     }
 
     /// Retires idle connections that outlived their lifetime, sat idle too long
-    /// above the floor, or exceed `max_idle`; discards dead ones.
-    fn reap(&self) {
+    /// above the floor, exceed `max_idle`, or near the backend's idle limit;
+    /// discards dead ones; sends due probes. Returns when it next needs to run.
+    fn reap(self: &Arc<Self>) -> Option<Instant> {
         let pool = &self.settings.pool;
         let now = Instant::now();
         let mut closing = Vec::new();
+        let mut probing = Vec::new();
+        let mut next: Option<Instant> = None;
         {
             let mut idle = self.lock_idle();
             let removed = self.removed.load(Ordering::Relaxed);
@@ -225,32 +324,49 @@ impl Endpoint {
             for (position, entry) in idle.drain(..).enumerate() {
                 let hotter = idle_count - position - 1;
                 let dead = entry.conn.sender.is_closed();
-                let expired = now >= entry.conn.expires;
+                let usable_until = self.usable_until(&entry);
+                let expired =
+                    now >= entry.conn.expires || usable_until.is_some_and(|until| now >= until);
                 let cold =
                     now.duration_since(entry.since) >= pool.idle_timeout && open > pool.min_idle;
                 let over_max = hotter >= pool.max_idle
                     && now.duration_since(entry.since) >= OVER_MAX_IDLE_GRACE;
                 if dead {
-                    closing.push((entry.conn, Ending::Discarded));
+                    closing.push((
+                        entry.conn,
+                        Ending::Discarded,
+                        Some(now.duration_since(entry.since)),
+                    ));
                     open = open.saturating_sub(1);
                 } else if removed || expired || cold || over_max {
-                    closing.push((entry.conn, Ending::Retired));
+                    closing.push((entry.conn, Ending::Retired, None));
                     open = open.saturating_sub(1);
+                } else if entry.probe_at.is_some_and(|at| now >= at) {
+                    probing.push(entry.conn);
                 } else {
+                    for at in [usable_until, entry.probe_at].into_iter().flatten() {
+                        next = Some(next.map_or(at, |n| n.min(at)));
+                    }
                     kept.push(entry);
                 }
             }
             *idle = kept;
         }
-        for (conn, ending) in closing {
-            let counter = match ending {
-                Ending::Retired => &self.stats.retired,
-                Ending::Discarded => &self.stats.discarded,
+        for (conn, ending, idle_age) in closing {
+            match ending {
+                Ending::Retired => self.stats.retired.fetch_add(1, Ordering::Relaxed),
+                Ending::Discarded => self.stats.discarded.fetch_add(1, Ordering::Relaxed),
             };
-            counter.fetch_add(1, Ordering::Relaxed);
+            if let Some(age) = idle_age {
+                self.learn_idle_close(age);
+            }
             tracing::debug!(upstream = %self.addr, ?ending, "closing idle upstream connection");
             conn.close(ending, self.retire_policy());
         }
+        for conn in probing {
+            tokio::spawn(probe(self.clone(), conn));
+        }
+        next
     }
 
     /// Opens connections in the background until `min_idle` are open, one dial
@@ -310,6 +426,65 @@ impl Endpoint {
             entry.conn.close(Ending::Retired, self.retire_policy());
         }
     }
+}
+
+/// Probes an idle connection; puts it back if the backend answers as
+/// expected, resets it otherwise.
+async fn probe(endpoint: Arc<Endpoint>, mut conn: Conn) {
+    let settings = &endpoint.settings.keepalive.probe;
+    endpoint.stats.probes.fetch_add(1, Ordering::Relaxed);
+    let host = endpoint
+        .settings
+        .endpoints
+        .first()
+        .cloned()
+        .unwrap_or_else(|| endpoint.addr.to_string());
+    let request = http::Request::builder()
+        .method(settings.method.as_method())
+        .uri(settings.path.as_str())
+        .header(http::header::HOST, host)
+        .header(http::header::USER_AGENT, "tether-probe")
+        .body(crate::http::body::UpstreamBody::from_bytes(None));
+    let outcome = match request {
+        Ok(request) => tokio::time::timeout(settings.timeout, probe_exchange(&mut conn, request))
+            .await
+            .map_err(|_| "timed out".to_owned())
+            .and_then(|r| r.map_err(|e| e.to_string())),
+        Err(e) => Err(e.to_string()),
+    };
+    match outcome {
+        Ok((status, headers)) if settings.accepts(status) => {
+            conn.requests += 1;
+            conn.note_response(&headers);
+            if let Some(timeout) = conn.announced.timeout {
+                endpoint.note_announced_idle(timeout);
+            }
+            tracing::trace!(upstream = %endpoint.addr, status, "probe answered");
+            endpoint.put_idle(conn);
+        }
+        other => {
+            endpoint
+                .stats
+                .probe_failures
+                .fetch_add(1, Ordering::Relaxed);
+            tracing::info!(upstream = %endpoint.addr, outcome = ?other.map(|(status, _)| status), "probe failed; resetting the connection");
+            conn.close(Ending::Discarded, endpoint.retire_policy());
+        }
+    }
+}
+
+async fn probe_exchange(
+    conn: &mut Conn,
+    request: http::Request<crate::http::body::UpstreamBody>,
+) -> Result<(u16, http::HeaderMap), Box<dyn std::error::Error + Send + Sync>> {
+    conn.sender.ready().await?;
+    let response = conn.sender.send_request(request).await?;
+    let status = response.status().as_u16();
+    let headers = response.headers().clone();
+    // Read the body to its end so the connection stays reusable; bounded.
+    let body = http_body_util::Limited::new(response.into_body(), PROBE_BODY_LIMIT);
+    http_body_util::BodyExt::collect(body).await?;
+    Ok((status, headers))
 }
 
 /// Jittered exponential backoff: 200ms, 400ms, … up to 10s, each ±25 %.
@@ -529,7 +704,7 @@ async fn maintain(pool: std::sync::Weak<PoolInner>) {
         Instant::now() + inner.settings.dns_refresh
     };
     loop {
-        let (maintenance, shutdown) = {
+        let (maintenance, shutdown, wake) = {
             let Some(inner) = pool.upgrade() else { return };
             let handle = Pool { inner };
             if Instant::now() >= next_resolve || handle.endpoints().is_empty() {
@@ -541,18 +716,22 @@ async fn maintain(pool: std::sync::Weak<PoolInner>) {
                 }
                 next_resolve = Instant::now() + settings.dns_refresh;
             }
+            let mut wake = Instant::now() + MAINTENANCE_TICK;
             for endpoint in handle.endpoints().iter() {
-                endpoint.reap();
+                if let Some(at) = endpoint.reap() {
+                    wake = wake.min(at);
+                }
                 endpoint.refill();
             }
             (
                 handle.inner.maintenance.clone(),
                 handle.inner.shutdown.clone(),
+                wake,
             )
         };
         tokio::select! {
             _ = maintenance.notified() => {}
-            _ = tokio::time::sleep(MAINTENANCE_TICK) => {}
+            _ = tokio::time::sleep_until(wake) => {}
             _ = shutdown.cancelled() => return,
         }
     }

@@ -33,6 +33,37 @@ pub struct BackendStats {
     pub in_flight: AtomicUsize,
     /// Bodies of every `/echo` request, in arrival order.
     pub echoed: Mutex<Vec<Bytes>>,
+    /// Idle connections the backend closed itself (its keep-alive timeout).
+    pub closed_idle_by_backend: AtomicUsize,
+    /// Longest silence seen on a connection before a request on it, in ms.
+    pub max_idle_gap_ms: AtomicUsize,
+    /// Probe requests seen (User-Agent: tether-probe).
+    pub probes: AtomicUsize,
+}
+
+/// How a test backend behaves beyond answering.
+#[derive(Clone, Default)]
+pub struct BackendOptions {
+    /// Close a connection (FIN) after this long without traffic, as nginx's
+    /// `keepalive_timeout` or Node's `keepAliveTimeout` do.
+    pub idle_close: Option<Duration>,
+    /// A `Keep-Alive` header to put on every response (`"timeout=2"`).
+    pub keep_alive: Option<&'static str>,
+}
+
+/// When a backend connection last read or wrote.
+#[derive(Default)]
+struct Activity {
+    last_read: Mutex<Option<std::time::Instant>>,
+    last_write: Mutex<Option<std::time::Instant>>,
+}
+
+impl Activity {
+    fn last(&self) -> Option<std::time::Instant> {
+        let r = *self.last_read.lock().unwrap();
+        let w = *self.last_write.lock().unwrap();
+        r.max(w)
+    }
 }
 
 /// An HTTP/1.1 backend on an ephemeral loopback port.
@@ -50,6 +81,10 @@ pub struct Backend {
 
 impl Backend {
     pub async fn start() -> Self {
+        Self::start_with(BackendOptions::default()).await
+    }
+
+    pub async fn start_with(options: BackendOptions) -> Self {
         let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
         let addr = listener.local_addr().unwrap();
         let stats = Arc::new(BackendStats::default());
@@ -65,7 +100,7 @@ impl Backend {
                 s.accepted.fetch_add(1, Ordering::SeqCst);
                 let stats = s.clone();
                 let token = c.lock().unwrap().clone();
-                tokio::spawn(serve_backend_conn(stream, stats, token));
+                tokio::spawn(serve_backend_conn(stream, stats, token, options.clone()));
             }
         });
         Self {
@@ -100,24 +135,71 @@ impl Drop for Backend {
     }
 }
 
-async fn serve_backend_conn(stream: TcpStream, stats: Arc<BackendStats>, close: CancellationToken) {
+async fn serve_backend_conn(
+    stream: TcpStream,
+    stats: Arc<BackendStats>,
+    close: CancellationToken,
+    options: BackendOptions,
+) {
+    let activity = Arc::new(Activity::default());
     let svc_stats = stats.clone();
+    let svc_activity = activity.clone();
+    let keep_alive = options.keep_alive;
     let service = hyper::service::service_fn(move |req: Request<Incoming>| {
         let stats = svc_stats.clone();
-        async move { Ok::<_, Infallible>(backend_respond(req, stats).await) }
+        let activity = svc_activity.clone();
+        async move {
+            if let Some(last) = *activity.last_write.lock().unwrap() {
+                let gap = last.elapsed().as_millis() as usize;
+                stats.max_idle_gap_ms.fetch_max(gap, Ordering::SeqCst);
+            }
+            if req
+                .headers()
+                .get("user-agent")
+                .is_some_and(|v| v == "tether-probe")
+            {
+                stats.probes.fetch_add(1, Ordering::SeqCst);
+            }
+            let mut response = backend_respond(req, stats).await;
+            if let Some(value) = keep_alive {
+                response
+                    .headers_mut()
+                    .insert("keep-alive", value.parse().unwrap());
+            }
+            Ok::<_, Infallible>(response)
+        }
     });
     let conn = hyper::server::conn::http1::Builder::new().serve_connection(
         TokioIo::new(ResetObserver {
             stream,
             stats: stats.clone(),
             seen: false,
+            activity: activity.clone(),
         }),
         service,
     );
     tokio::pin!(conn);
+    let idle_watch = async {
+        let Some(limit) = options.idle_close else {
+            return std::future::pending::<()>().await;
+        };
+        loop {
+            let since = activity.last().unwrap_or_else(std::time::Instant::now);
+            let wait = limit.saturating_sub(since.elapsed());
+            if wait.is_zero() {
+                return;
+            }
+            tokio::time::sleep(wait).await;
+        }
+    };
     let result = tokio::select! {
         r = conn.as_mut() => r,
         _ = close.cancelled() => {
+            conn.as_mut().graceful_shutdown();
+            conn.await
+        }
+        _ = idle_watch => {
+            stats.closed_idle_by_backend.fetch_add(1, Ordering::SeqCst);
             conn.as_mut().graceful_shutdown();
             conn.await
         }
@@ -132,6 +214,7 @@ struct ResetObserver {
     stream: TcpStream,
     stats: Arc<BackendStats>,
     seen: bool,
+    activity: Arc<Activity>,
 }
 
 impl tokio::io::AsyncRead for ResetObserver {
@@ -140,7 +223,11 @@ impl tokio::io::AsyncRead for ResetObserver {
         cx: &mut std::task::Context<'_>,
         buf: &mut tokio::io::ReadBuf<'_>,
     ) -> std::task::Poll<io::Result<()>> {
+        let before = buf.filled().len();
         let polled = std::pin::Pin::new(&mut self.stream).poll_read(cx, buf);
+        if buf.filled().len() > before {
+            *self.activity.last_read.lock().unwrap() = Some(std::time::Instant::now());
+        }
         if let std::task::Poll::Ready(Err(e)) = &polled {
             if e.kind() == io::ErrorKind::ConnectionReset && !self.seen {
                 self.seen = true;
@@ -157,7 +244,11 @@ impl tokio::io::AsyncWrite for ResetObserver {
         cx: &mut std::task::Context<'_>,
         buf: &[u8],
     ) -> std::task::Poll<io::Result<usize>> {
-        std::pin::Pin::new(&mut self.stream).poll_write(cx, buf)
+        let polled = std::pin::Pin::new(&mut self.stream).poll_write(cx, buf);
+        if matches!(polled, std::task::Poll::Ready(Ok(n)) if n > 0) {
+            *self.activity.last_write.lock().unwrap() = Some(std::time::Instant::now());
+        }
+        polled
     }
     fn poll_flush(
         mut self: std::pin::Pin<&mut Self>,

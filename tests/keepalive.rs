@@ -1,0 +1,121 @@
+//! Keeping pooled connections alive on tether's terms: the backend never gets
+//! to close an idle pooled connection first (and so never holds a TIME_WAIT),
+//! whether tether probes, follows `Keep-Alive: timeout=N`, or learns the
+//! backend's idle limit by watching it.
+
+mod common;
+
+use std::sync::atomic::Ordering;
+use std::time::Duration;
+
+use common::*;
+
+/// Requests separated by gaps that straddle the backend's 2 s idle limit.
+async fn sporadic(addr: std::net::SocketAddr, total: Duration) -> (usize, usize) {
+    let gaps_ms = [300u64, 2500, 700, 3100, 1200, 2200, 150, 2800, 900, 1900];
+    let deadline = tokio::time::Instant::now() + total;
+    let (mut ok, mut errors) = (0, 0);
+    let mut i = 0;
+    while tokio::time::Instant::now() < deadline {
+        match get_once(addr, "/").await.status {
+            200 => ok += 1,
+            _ => errors += 1,
+        }
+        tokio::time::sleep(Duration::from_millis(gaps_ms[i % gaps_ms.len()])).await;
+        i += 1;
+    }
+    (ok, errors)
+}
+
+fn idle_closing_backend_options(announce: bool) -> BackendOptions {
+    BackendOptions {
+        idle_close: Some(Duration::from_secs(2)),
+        keep_alive: announce.then_some("timeout=2"),
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn probes_keep_pooled_connections_alive_past_the_backend_idle_timeout() {
+    let backend = Backend::start_with(idle_closing_backend_options(false)).await;
+    let mut config = config_for(backend.addr);
+    let probe = &mut config.upstreams[0].keepalive.probe;
+    probe.enabled = true;
+    probe.interval = Duration::from_secs(1);
+    probe.timeout = Duration::from_secs(1);
+    let (running, addr) = start_tether(config).await;
+    let tw = TimeWaitBaseline::now();
+
+    let (ok, errors) = sporadic(addr, Duration::from_secs(20)).await;
+    let probes = backend.stats.probes.load(Ordering::SeqCst);
+    let closed_by_backend = backend.stats.closed_idle_by_backend.load(Ordering::SeqCst);
+    eprintln!("probes: {ok} requests, {errors} errors, {probes} probes, backend closed {closed_by_backend} idle connections, accepted {}", backend.accepted());
+    assert_eq!(errors, 0);
+    assert!(probes > 0);
+    assert_eq!(
+        closed_by_backend, 0,
+        "the backend closed a pooled connection"
+    );
+    assert_eq!(
+        tw.on_local_port(backend.addr.port()),
+        0,
+        "TIME_WAIT in the backend"
+    );
+    assert_eq!(
+        backend.accepted(),
+        2,
+        "the warm connections lived throughout"
+    );
+    running.drain().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn announced_keep_alive_timeout_is_never_overstayed() {
+    let backend = Backend::start_with(idle_closing_backend_options(true)).await;
+    let (running, addr) = start_tether(config_for(backend.addr)).await;
+    let tw = TimeWaitBaseline::now();
+
+    let (ok, errors) = sporadic(addr, Duration::from_secs(12)).await;
+    let closed_by_backend = backend.stats.closed_idle_by_backend.load(Ordering::SeqCst);
+    let max_gap = backend.stats.max_idle_gap_ms.load(Ordering::SeqCst);
+    eprintln!("announced: {ok} requests, {errors} errors, longest idle reuse {max_gap} ms, backend closed {closed_by_backend}, accepted {}", backend.accepted());
+    assert_eq!(errors, 0);
+    assert!(
+        max_gap < 2000,
+        "a connection was used {max_gap} ms after its last response"
+    );
+    assert_eq!(
+        closed_by_backend, 0,
+        "the backend closed a pooled connection"
+    );
+    assert_eq!(
+        tw.on_local_port(backend.addr.port()),
+        0,
+        "TIME_WAIT in the backend"
+    );
+    running.drain().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_unannounced_idle_limit_is_learned_from_the_first_close() {
+    let backend = Backend::start_with(idle_closing_backend_options(false)).await;
+    let config = config_for(backend.addr);
+    let min_idle = config.upstreams[0].pool.min_idle;
+    let (running, addr) = start_tether(config).await;
+
+    let (ok, errors) = sporadic(addr, Duration::from_secs(12)).await;
+    let closed_by_backend = backend.stats.closed_idle_by_backend.load(Ordering::SeqCst);
+    let learned = running.pool("backend").unwrap().endpoints()[0].observed_idle_close();
+    eprintln!("learned: {ok} requests, {errors} errors, backend closed {closed_by_backend}, learned {learned:?}");
+    assert_eq!(errors, 0);
+    let learned = learned.expect("the idle limit was learned");
+    assert!(
+        learned >= Duration::from_millis(1900) && learned < Duration::from_millis(3000),
+        "{learned:?}"
+    );
+    // Only the first round of idle connections is closed by the backend.
+    assert!(
+        closed_by_backend <= min_idle + 1,
+        "backend closed {closed_by_backend}"
+    );
+    running.drain().await;
+}
