@@ -386,9 +386,45 @@ pub struct UpstreamConfig {
     /// Connection pool, per endpoint.
     #[serde(default)]
     pub pool: PoolConfig,
-    /// TCP keepalive on every upstream socket.
+    /// TCP keepalive on every upstream socket, and HTTP probes.
     #[serde(default)]
     pub keepalive: KeepaliveConfig,
+    /// Passive ejection of failing endpoints.
+    #[serde(default)]
+    pub health: HealthConfig,
+}
+
+/// `[upstream.health]`
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields)]
+pub struct HealthConfig {
+    /// Consecutive failures (connect errors, or 5xx responses when
+    /// `eject_on_5xx`) after which an endpoint gets no new requests. 0 turns
+    /// ejection off. Default 5: one flaky request never ejects, a dead
+    /// endpoint is out within a handful.
+    #[serde(default = "defaults::eject_after")]
+    pub eject_after: u32,
+    /// Count 5xx responses as failures. Default false: a backend's 500 is
+    /// usually about the request, not the endpoint.
+    #[serde(default)]
+    pub eject_on_5xx: bool,
+    /// First ejection time; doubled on each ejection in a row. Default 5s.
+    #[serde(default = "defaults::eject_time", with = "humantime_serde")]
+    pub eject_time: Duration,
+    /// Longest ejection time. Default 5m.
+    #[serde(default = "defaults::eject_time_max", with = "humantime_serde")]
+    pub eject_time_max: Duration,
+}
+
+impl Default for HealthConfig {
+    fn default() -> Self {
+        Self {
+            eject_after: defaults::eject_after(),
+            eject_on_5xx: false,
+            eject_time: defaults::eject_time(),
+            eject_time_max: defaults::eject_time_max(),
+        }
+    }
 }
 
 /// `[upstream.pool]`
@@ -603,6 +639,7 @@ impl UpstreamConfig {
             balance: Balance::default(),
             pool: PoolConfig::default(),
             keepalive: KeepaliveConfig::default(),
+            health: HealthConfig::default(),
         }
     }
 }
@@ -674,6 +711,15 @@ mod defaults {
     }
     pub fn tcp_count() -> u32 {
         3
+    }
+    pub fn eject_after() -> u32 {
+        5
+    }
+    pub fn eject_time() -> Duration {
+        Duration::from_secs(5)
+    }
+    pub fn eject_time_max() -> Duration {
+        Duration::from_secs(300)
     }
     pub fn probe_path() -> String {
         "/".to_owned()
@@ -958,6 +1004,12 @@ impl Config {
             }
             if k.tcp_count == 0 {
                 problem(key("keepalive.tcp_count"), "must be at least 1".into());
+            }
+            if u.health.eject_time.is_zero() || u.health.eject_time > u.health.eject_time_max {
+                problem(
+                    key("health.eject_time"),
+                    "must be greater than 0 and at most health.eject_time_max".into(),
+                );
             }
             let probe = &k.probe;
             if probe.interval.is_zero() {

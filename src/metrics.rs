@@ -207,7 +207,7 @@ impl fmt::Debug for PoolCollector {
 impl Collector for PoolCollector {
     fn encode(&self, mut encoder: DescriptorEncoder) -> Result<(), fmt::Error> {
         type Row = (String, String, u64);
-        let mut counters: [(&str, &str, Vec<Row>); 4] = [
+        let mut counters: [(&str, &str, Vec<Row>); 8] = [
             (
                 "upstream_connections_opened",
                 "Upstream connections dialled",
@@ -228,8 +228,28 @@ impl Collector for PoolCollector {
                 "Idle upstream connections handed out again",
                 Vec::new(),
             ),
+            (
+                "upstream_probes",
+                "Probe requests sent on idle upstream connections",
+                Vec::new(),
+            ),
+            (
+                "upstream_probe_failures",
+                "Probes that failed (the connection was reset)",
+                Vec::new(),
+            ),
+            (
+                "upstream_closed_by_backend",
+                "Idle upstream connections the backend closed before tether retired them",
+                Vec::new(),
+            ),
+            (
+                "upstream_ejections",
+                "Times the endpoint was ejected after repeated failures",
+                Vec::new(),
+            ),
         ];
-        let mut gauges: [(&str, &str, Vec<Row>); 4] = [
+        let mut gauges: [(&str, &str, Vec<Row>); 6] = [
             (
                 "upstream_connections_open",
                 "Upstream connections open now",
@@ -248,6 +268,16 @@ impl Collector for PoolCollector {
             (
                 "time_wait_toward_upstream",
                 "TIME_WAIT sockets on this host toward the endpoint (kernel table)",
+                Vec::new(),
+            ),
+            (
+                "upstream_ejected",
+                "1 while the endpoint is ejected",
+                Vec::new(),
+            ),
+            (
+                "upstream_observed_idle_close_ms",
+                "Shortest idle age at which the backend closed a pooled connection (0: never seen)",
                 Vec::new(),
             ),
         ];
@@ -269,6 +299,18 @@ impl Collector for PoolCollector {
                 counters[3]
                     .2
                     .push(row(stats.reused.load(Ordering::Relaxed)));
+                counters[4]
+                    .2
+                    .push(row(stats.probes.load(Ordering::Relaxed)));
+                counters[5]
+                    .2
+                    .push(row(stats.probe_failures.load(Ordering::Relaxed)));
+                counters[6]
+                    .2
+                    .push(row(stats.closed_by_backend.load(Ordering::Relaxed)));
+                counters[7]
+                    .2
+                    .push(row(stats.ejections.load(Ordering::Relaxed)));
                 gauges[0].2.push(row(endpoint.open_connections() as u64));
                 gauges[1].2.push(row(endpoint.idle_connections() as u64));
                 gauges[2].2.push(row(endpoint.outstanding() as u64));
@@ -277,6 +319,11 @@ impl Collector for PoolCollector {
                     .filter(|s| s.remote == endpoint.addr())
                     .count();
                 gauges[3].2.push(row(toward as u64));
+                gauges[4].2.push(row(u64::from(endpoint.is_ejected())));
+                let observed = endpoint
+                    .observed_idle_close()
+                    .map_or(0, |d| u64::try_from(d.as_millis()).unwrap_or(u64::MAX));
+                gauges[5].2.push(row(observed));
             }
         }
         for (name, help, rows) in counters {

@@ -131,3 +131,50 @@ async fn a_dns_name_endpoint_resolves_and_serves() {
     assert_eq!(get_once(addr, "/").await.status, 200);
     running.drain().await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_refusing_endpoint_is_ejected_and_costs_clients_no_errors() {
+    let live = Backend::start().await;
+    let dead = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let dead_addr = dead.local_addr().unwrap();
+    drop(dead);
+    let mut config = config_for(live.addr);
+    config.upstreams[0].endpoints = vec![dead_addr.to_string(), live.addr.to_string()];
+    config.upstreams[0].pool.min_idle = 0;
+    config.upstreams[0].health.eject_after = 3;
+    let running = tether::start(config).await.unwrap();
+    let addr = running.tcp_addr("app").unwrap();
+    for i in 0..40 {
+        let resp = get_once(addr, "/").await;
+        assert_eq!(resp.status, 200, "request {i}: {}", resp.text());
+    }
+    assert_eq!(live.requests(), 40);
+    let pool = running.pool("backend").unwrap();
+    let dead_endpoint = pool
+        .endpoints()
+        .iter()
+        .find(|e| e.addr() == dead_addr)
+        .cloned()
+        .unwrap();
+    assert!(dead_endpoint.is_ejected());
+    assert_eq!(dead_endpoint.stats().ejections.load(Ordering::SeqCst), 1);
+    running.drain().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn with_every_endpoint_ejected_requests_get_a_503_with_the_reason() {
+    let dead = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let dead_addr = dead.local_addr().unwrap();
+    drop(dead);
+    let mut config = config_for(dead_addr);
+    config.upstreams[0].pool.min_idle = 0;
+    config.upstreams[0].health.eject_after = 2;
+    let running = tether::start(config).await.unwrap();
+    let addr = running.tcp_addr("app").unwrap();
+    assert_eq!(get_once(addr, "/").await.status, 502);
+    assert_eq!(get_once(addr, "/").await.status, 502);
+    let resp = get_once(addr, "/").await;
+    assert_eq!(resp.status, 503);
+    assert_eq!(resp.header("x-tether-error"), Some("all-endpoints-ejected"));
+    running.drain().await;
+}

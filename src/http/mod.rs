@@ -199,7 +199,9 @@ impl ProxyService {
             Ok(Err(ForwardError::Pool(e))) => {
                 tracing::warn!(upstream = %self.route.pool.name(), error = %e, "no upstream connection");
                 let status = match e {
-                    PoolError::Exhausted { .. } => StatusCode::SERVICE_UNAVAILABLE,
+                    PoolError::Exhausted { .. } | PoolError::AllEjected { .. } => {
+                        StatusCode::SERVICE_UNAVAILABLE
+                    }
                     _ => StatusCode::BAD_GATEWAY,
                 };
                 return error_response(status, e.reason(), &e.to_string(), last);
@@ -230,6 +232,9 @@ impl ProxyService {
         let (mut head, upstream_body) = response.into_parts();
         let mut lease = lease;
         lease.note_response(&head.headers);
+        if listener_counts_5xx(&self.route) {
+            lease.record_outcome(!head.status.is_server_error());
+        }
         headers::strip_hop_by_hop(&mut head.headers);
         head.version = Version::HTTP_11;
         if last {
@@ -370,6 +375,10 @@ pub fn error_response(
         headers.insert(header::CONNECTION, HeaderValue::from_static("close"));
     }
     response
+}
+
+fn listener_counts_5xx(route: &Route) -> bool {
+    route.pool.settings().health.eject_on_5xx
 }
 
 fn idempotent(method: &Method) -> bool {

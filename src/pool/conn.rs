@@ -371,6 +371,11 @@ impl Lease {
         }
     }
 
+    /// Counts the exchange's outcome toward the endpoint's passive health.
+    pub fn record_outcome(&self, success: bool) {
+        self.endpoint.record(success);
+    }
+
     /// Returns the connection to the pool: call once the response body ended.
     /// Only a connection whose request body was also sent whole is reused.
     pub fn release(mut self) {

@@ -59,6 +59,9 @@ pub enum PoolError {
     /// No address is known for the upstream (DNS has not answered).
     #[error("upstream {upstream:?} has no resolved endpoints")]
     NoEndpoints { upstream: String },
+    /// Every endpoint is ejected after repeated failures.
+    #[error("every endpoint of upstream {upstream:?} is ejected after repeated failures")]
+    AllEjected { upstream: String },
     /// Every connection slot stayed busy for `acquire_timeout`.
     #[error("no connection to {addr} became free within {}", humantime::format_duration(*waited))]
     Exhausted { addr: SocketAddr, waited: Duration },
@@ -84,6 +87,7 @@ impl PoolError {
     pub fn reason(&self) -> &'static str {
         match self {
             Self::NoEndpoints { .. } => "no-endpoints",
+            Self::AllEjected { .. } => "all-endpoints-ejected",
             Self::Exhausted { .. } => "pool-exhausted",
             Self::ConnectTimeout { .. } => "connect-timeout",
             Self::Connect { source, .. }
@@ -111,6 +115,8 @@ pub struct EndpointStats {
     pub probes: AtomicU64,
     /// Probes that failed (the connection was reset).
     pub probe_failures: AtomicU64,
+    /// Times the endpoint was ejected.
+    pub ejections: AtomicU64,
     /// Idle connections the backend closed before tether retired them.
     pub closed_by_backend: AtomicU64,
 }
@@ -138,7 +144,17 @@ pub struct Endpoint {
     /// The latest `Keep-Alive: timeout=N` the endpoint sent, in milliseconds;
     /// 0 while none was seen.
     announced_idle_ms: AtomicU64,
+    health: Mutex<Health>,
     stats: EndpointStats,
+}
+
+/// Passive health of an endpoint.
+#[derive(Debug, Default)]
+struct Health {
+    consecutive_failures: u32,
+    /// Ejections in a row (reset by a success after the last one).
+    ejections: u32,
+    ejected_until: Option<Instant>,
 }
 
 struct IdleConn {
@@ -165,6 +181,7 @@ impl Endpoint {
             refill_not_before: Mutex::new(None),
             observed_idle_close_ms: AtomicU64::new(0),
             announced_idle_ms: AtomicU64::new(0),
+            health: Mutex::new(Health::default()),
             stats: EndpointStats::default(),
         }
     }
@@ -276,6 +293,49 @@ impl Endpoint {
             tracing::debug!(upstream = %self.addr, ?timeout, "backend announces its keep-alive timeout");
             self.maintenance.notify_one();
         }
+    }
+
+    fn lock_health(&self) -> std::sync::MutexGuard<'_, Health> {
+        self.health.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// Whether the endpoint is ejected now.
+    pub fn is_ejected(&self) -> bool {
+        self.lock_health()
+            .ejected_until
+            .is_some_and(|until| Instant::now() < until)
+    }
+
+    /// Records the outcome of a connect or an exchange; enough failures in a
+    /// row eject the endpoint for a time that doubles with each ejection.
+    pub(crate) fn record(&self, success: bool) {
+        let settings = &self.settings.health;
+        let mut health = self.lock_health();
+        if success {
+            health.consecutive_failures = 0;
+            if health
+                .ejected_until
+                .is_some_and(|until| Instant::now() >= until)
+            {
+                health.ejected_until = None;
+                health.ejections = 0;
+            }
+            return;
+        }
+        health.consecutive_failures += 1;
+        if settings.eject_after == 0 || health.consecutive_failures < settings.eject_after {
+            return;
+        }
+        health.consecutive_failures = 0;
+        let factor = 1u32 << health.ejections.min(16);
+        let time = settings
+            .eject_time
+            .saturating_mul(factor)
+            .min(settings.eject_time_max);
+        health.ejections += 1;
+        health.ejected_until = Some(Instant::now() + time);
+        self.stats.ejections.fetch_add(1, Ordering::Relaxed);
+        tracing::warn!(upstream = %self.addr, ejected_for = ?time, "endpoint ejected after repeated failures");
     }
 
     /// The observed idle limit, for the admin view.
@@ -401,9 +461,11 @@ impl Endpoint {
                 match Conn::connect(&endpoint, slot).await {
                     Ok(conn) => {
                         endpoint.refill_failures.store(0, Ordering::Relaxed);
+                        endpoint.record(true);
                         endpoint.put_idle(conn);
                     }
                     Err(e) => {
+                        endpoint.record(false);
                         let failures = endpoint.refill_failures.fetch_add(1, Ordering::Relaxed) + 1;
                         let backoff = backoff(failures);
                         tracing::warn!(upstream = %endpoint.addr, error = %e, retry_in = ?backoff, "cannot open warm connection");
@@ -532,6 +594,11 @@ impl Pool {
         pool
     }
 
+    /// The upstream's settings.
+    pub fn settings(&self) -> &UpstreamConfig {
+        &self.inner.settings
+    }
+
     /// The upstream's name.
     pub fn name(&self) -> &str {
         &self.inner.settings.name
@@ -548,9 +615,26 @@ impl Pool {
 
     /// Picks an endpoint and checks out a connection: the hottest usable idle
     /// one, else a new one if a slot is free, else waits up to `acquire_timeout`.
+    ///
+    /// A connect failure (the request was never sent) is retried on each other
+    /// endpoint in turn, so a dead endpoint costs latency, not errors, until it
+    /// is ejected.
     pub async fn acquire(&self) -> Result<Lease, PoolError> {
-        let endpoint = self.pick()?;
-        acquire_on(Outstanding::new(endpoint), false).await
+        let mut tried: Vec<SocketAddr> = Vec::new();
+        loop {
+            let endpoint = self.pick_excluding(&tried)?;
+            let addr = endpoint.addr;
+            match acquire_on(Outstanding::new(endpoint), false).await {
+                Err(e @ (PoolError::Connect { .. } | PoolError::ConnectTimeout { .. })) => {
+                    tried.push(addr);
+                    if tried.len() >= self.endpoints().len() {
+                        return Err(e);
+                    }
+                    tracing::debug!(error = %e, "connect failed; trying another endpoint");
+                }
+                other => return other,
+            }
+        }
     }
 
     /// Checks out a freshly dialled connection to the same endpoint as a failed
@@ -565,9 +649,24 @@ impl Pool {
     }
 
     fn pick(&self) -> Result<Arc<Endpoint>, PoolError> {
-        let endpoints = self.endpoints();
-        if endpoints.is_empty() {
+        self.pick_excluding(&[])
+    }
+
+    /// Picks among endpoints that are not ejected and not in `excluded`.
+    fn pick_excluding(&self, excluded: &[SocketAddr]) -> Result<Arc<Endpoint>, PoolError> {
+        let all = self.endpoints();
+        if all.is_empty() {
             return Err(PoolError::NoEndpoints {
+                upstream: self.inner.settings.name.clone(),
+            });
+        }
+        let endpoints: Vec<Arc<Endpoint>> = all
+            .iter()
+            .filter(|e| !excluded.contains(&e.addr) && !e.is_ejected())
+            .cloned()
+            .collect();
+        if endpoints.is_empty() {
+            return Err(PoolError::AllEjected {
                 upstream: self.inner.settings.name.clone(),
             });
         }
@@ -652,7 +751,14 @@ async fn acquire_on(outstanding: Outstanding, fresh: bool) -> Result<Lease, Pool
         }
         if let Ok(permit) = endpoint.slots.clone().try_acquire_owned() {
             let slot = Slot::new(permit, endpoint.clone());
-            let conn = Conn::connect(endpoint, slot).await?;
+            let conn = match Conn::connect(endpoint, slot).await {
+                Ok(conn) => conn,
+                Err(e) => {
+                    endpoint.record(false);
+                    return Err(e);
+                }
+            };
+            endpoint.record(true);
             return Ok(Lease::new(conn, outstanding, false));
         }
         if fresh {
