@@ -119,3 +119,120 @@ async fn an_unannounced_idle_limit_is_learned_from_the_first_close() {
     );
     running.drain().await;
 }
+
+#[tokio::test(start_paused = true)]
+async fn warm_floor_holds_through_five_minutes_without_traffic() {
+    let backend = Backend::start().await;
+    let config = config_for(backend.addr);
+    let min_idle = config.upstreams[0].pool.min_idle;
+    let (running, _addr) = start_tether(config).await;
+    for minute_tenth in 0..30 {
+        tokio::time::sleep(Duration::from_secs(10)).await;
+        assert_eq!(
+            backend.open(),
+            min_idle,
+            "after {}s",
+            (minute_tenth + 1) * 10
+        );
+        let endpoint = running.pool("backend").unwrap().endpoints()[0].clone();
+        assert_eq!(endpoint.idle_connections(), min_idle);
+    }
+    assert_eq!(backend.accepted(), min_idle, "no connection was replaced");
+    assert_eq!(backend.requests(), 0);
+    running.drain().await;
+}
+
+/// A TCP relay between tether and the backend that can start black-holing the
+/// connections it already carries (as a dead NAT entry or a hung peer would),
+/// while new connections still go through.
+struct Relay {
+    addr: std::net::SocketAddr,
+    generation: std::sync::Arc<std::sync::atomic::AtomicUsize>,
+}
+
+impl Relay {
+    async fn start(backend: std::net::SocketAddr) -> Self {
+        use std::sync::atomic::AtomicUsize;
+        use std::sync::Arc;
+        use tokio::io::{AsyncReadExt, AsyncWriteExt};
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        let generation = Arc::new(AtomicUsize::new(0));
+        let g = generation.clone();
+        tokio::spawn(async move {
+            loop {
+                let Ok((client, _)) = listener.accept().await else {
+                    return;
+                };
+                let Ok(server) = tokio::net::TcpStream::connect(backend).await else {
+                    continue;
+                };
+                let born = g.load(Ordering::SeqCst);
+                let (cr, cw) = client.into_split();
+                let (sr, sw) = server.into_split();
+                for (mut from, mut to, g) in [
+                    (
+                        Box::new(cr) as Box<dyn tokio::io::AsyncRead + Unpin + Send>,
+                        Box::new(sw) as Box<dyn tokio::io::AsyncWrite + Unpin + Send>,
+                        g.clone(),
+                    ),
+                    (Box::new(sr), Box::new(cw), g.clone()),
+                ] {
+                    tokio::spawn(async move {
+                        let mut buf = vec![0u8; 16 * 1024];
+                        loop {
+                            let n = match from.read(&mut buf).await {
+                                Ok(0) | Err(_) => return,
+                                Ok(n) => n,
+                            };
+                            if g.load(Ordering::SeqCst) != born {
+                                continue; // black-holed: swallow the bytes
+                            }
+                            if to.write_all(&buf[..n]).await.is_err() {
+                                return;
+                            }
+                        }
+                    });
+                }
+            }
+        });
+        Self { addr, generation }
+    }
+
+    /// Every connection carried so far stops delivering anything.
+    fn black_hole_existing(&self) {
+        self.generation.fetch_add(1, Ordering::SeqCst);
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_black_holed_connection_is_evicted_by_its_probe_and_replaced() {
+    let backend = Backend::start().await;
+    let relay = Relay::start(backend.addr).await;
+    let mut config = config_for(relay.addr);
+    let probe = &mut config.upstreams[0].keepalive.probe;
+    probe.enabled = true;
+    probe.interval = Duration::from_secs(1);
+    probe.timeout = Duration::from_secs(1);
+    let (running, addr) = start_tether(config).await;
+    assert_eq!(get_once(addr, "/").await.status, 200);
+
+    relay.black_hole_existing();
+    let endpoint = running.pool("backend").unwrap().endpoints()[0].clone();
+    let started = tokio::time::Instant::now();
+    // Both idle connections fail their probe within interval + timeout (plus
+    // the idle time they had already accumulated).
+    wait_until(Duration::from_secs(4), || {
+        endpoint.stats().probe_failures.load(Ordering::SeqCst) >= 2
+    })
+    .await;
+    eprintln!("evicted within {:?}", started.elapsed());
+    for _ in 0..5 {
+        assert_eq!(
+            get_once(addr, "/").await.status,
+            200,
+            "served on a new connection"
+        );
+    }
+    running.drain().await;
+}
