@@ -3,9 +3,8 @@
 
 mod common;
 
-use std::io::{BufRead, BufReader as StdBufReader};
 use std::net::SocketAddr;
-use std::process::{Child, Command, Stdio};
+use std::process::{Child, Command};
 use std::sync::atomic::Ordering;
 use std::time::Duration;
 
@@ -57,7 +56,7 @@ impl Proxy {
             ),
         )
         .unwrap();
-        let mut command = match nofile {
+        let command = match nofile {
             None => {
                 let mut c = Command::new(env!("CARGO_BIN_EXE_tether"));
                 c.args(["run", "--config"]).arg(&file);
@@ -73,30 +72,7 @@ impl Proxy {
                 c
             }
         };
-        let mut child = command
-            .env_remove("RUST_LOG")
-            .stderr(Stdio::piped())
-            .spawn()
-            .unwrap();
-        let stderr = child.stderr.take().unwrap();
-        let mut lines = StdBufReader::new(stderr).lines();
-        let addr = loop {
-            let line = lines
-                .next()
-                .expect("tether exited before listening")
-                .unwrap();
-            if let Some(rest) = line.split("listen=").nth(1) {
-                break rest.split_whitespace().next().unwrap().parse().unwrap();
-            }
-        };
-        // Keep draining the log so the child never blocks on a full pipe.
-        std::thread::spawn(move || {
-            for line in lines.map_while(Result::ok) {
-                if line.contains("WARN") || line.contains("ERROR") {
-                    eprintln!("tether: {line}");
-                }
-            }
-        });
+        let (child, addr) = spawn_tether(command);
         Self { child, addr }
     }
 

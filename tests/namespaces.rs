@@ -5,14 +5,14 @@
 
 mod common;
 
-use std::io::{BufRead, BufReader as StdBufReader};
 use std::net::SocketAddr;
 use std::os::fd::AsRawFd;
-use std::process::{Child, Command, Stdio};
+use std::process::{Child, Command};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
+use common::spawn_tether;
 use tether::census::{self, TcpState};
 
 fn ip(args: &[&str]) {
@@ -189,7 +189,8 @@ impl Tether {
             ),
         )
         .unwrap();
-        let mut child = Command::new("ip")
+        let mut command = Command::new("ip");
+        command
             .args([
                 "netns",
                 "exec",
@@ -198,22 +199,8 @@ impl Tether {
                 "run",
                 "--config",
             ])
-            .arg(&file)
-            .env_remove("RUST_LOG")
-            .stderr(Stdio::piped())
-            .spawn()
-            .unwrap();
-        let mut lines = StdBufReader::new(child.stderr.take().unwrap()).lines();
-        let addr = loop {
-            let line = lines
-                .next()
-                .expect("tether exited before listening")
-                .unwrap();
-            if let Some(rest) = line.split("listen=").nth(1) {
-                break rest.split_whitespace().next().unwrap().parse().unwrap();
-            }
-        };
-        std::thread::spawn(move || for _ in lines.by_ref() {});
+            .arg(&file);
+        let (child, addr) = spawn_tether(command);
         Self { child, addr }
     }
 }

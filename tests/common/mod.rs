@@ -605,3 +605,33 @@ impl TimeWaitBaseline {
             .count()
     }
 }
+
+/// Spawns a `tether run` command, reads the bound listen address from its log,
+/// and keeps draining the log (echoing warnings) so the child never blocks.
+pub fn spawn_tether(mut command: std::process::Command) -> (std::process::Child, SocketAddr) {
+    use std::io::BufRead;
+    let mut child = command
+        .env_remove("RUST_LOG")
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    let stderr = child.stderr.take().unwrap();
+    let mut lines = std::io::BufReader::new(stderr).lines();
+    let addr = loop {
+        let line = lines
+            .next()
+            .expect("tether exited before listening")
+            .unwrap();
+        if let Some(rest) = line.split("listen=").nth(1) {
+            break rest.split_whitespace().next().unwrap().parse().unwrap();
+        }
+    };
+    std::thread::spawn(move || {
+        for line in lines.map_while(Result::ok) {
+            if line.contains("WARN") || line.contains("ERROR") {
+                eprintln!("tether: {line}");
+            }
+        }
+    });
+    (child, addr)
+}
