@@ -336,6 +336,9 @@ pub enum Protocol {
     /// HTTP/1.1 with keep-alive: one request at a time per connection.
     #[default]
     Http1,
+    /// HTTP/2 with prior knowledge (cleartext): many streams per connection,
+    /// kept alive with PING frames.
+    Http2,
 }
 
 /// How requests are spread across an upstream's endpoints.
@@ -478,6 +481,14 @@ pub struct KeepaliveConfig {
     /// Default 3: a dead peer is detected within `tcp_idle + 3 × tcp_interval`.
     #[serde(default = "defaults::tcp_count")]
     pub tcp_count: u32,
+    /// HTTP/2 only: PING interval on every connection, idle or not. Default
+    /// 15s: well inside NAT and load-balancer idle timeouts (AWS: 350s).
+    #[serde(default = "defaults::ping_interval", with = "humantime_serde")]
+    pub ping_interval: Duration,
+    /// HTTP/2 only: a PING not answered within this evicts the connection.
+    /// Default 5s.
+    #[serde(default = "defaults::ping_timeout", with = "humantime_serde")]
+    pub ping_timeout: Duration,
     /// HTTP/1.1 probes on idle pooled connections.
     #[serde(default)]
     pub probe: ProbeConfig,
@@ -600,6 +611,8 @@ impl Default for KeepaliveConfig {
             tcp_idle: defaults::tcp_idle(),
             tcp_interval: defaults::tcp_interval(),
             tcp_count: defaults::tcp_count(),
+            ping_interval: defaults::ping_interval(),
+            ping_timeout: defaults::ping_timeout(),
             probe: ProbeConfig::default(),
         }
     }
@@ -711,6 +724,12 @@ mod defaults {
     }
     pub fn tcp_count() -> u32 {
         3
+    }
+    pub fn ping_interval() -> Duration {
+        Duration::from_secs(15)
+    }
+    pub fn ping_timeout() -> Duration {
+        Duration::from_secs(5)
     }
     pub fn eject_after() -> u32 {
         5
@@ -1009,6 +1028,12 @@ impl Config {
                 problem(
                     key("health.eject_time"),
                     "must be greater than 0 and at most health.eject_time_max".into(),
+                );
+            }
+            if k.ping_interval.is_zero() || k.ping_timeout.is_zero() {
+                problem(
+                    key("keepalive.ping_interval"),
+                    "ping_interval and ping_timeout must be greater than 0".into(),
                 );
             }
             let probe = &k.probe;

@@ -142,69 +142,6 @@ async fn warm_floor_holds_through_five_minutes_without_traffic() {
     running.drain().await;
 }
 
-/// A TCP relay between tether and the backend that can start black-holing the
-/// connections it already carries (as a dead NAT entry or a hung peer would),
-/// while new connections still go through.
-struct Relay {
-    addr: std::net::SocketAddr,
-    generation: std::sync::Arc<std::sync::atomic::AtomicUsize>,
-}
-
-impl Relay {
-    async fn start(backend: std::net::SocketAddr) -> Self {
-        use std::sync::atomic::AtomicUsize;
-        use std::sync::Arc;
-        use tokio::io::{AsyncReadExt, AsyncWriteExt};
-        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-        let addr = listener.local_addr().unwrap();
-        let generation = Arc::new(AtomicUsize::new(0));
-        let g = generation.clone();
-        tokio::spawn(async move {
-            loop {
-                let Ok((client, _)) = listener.accept().await else {
-                    return;
-                };
-                let Ok(server) = tokio::net::TcpStream::connect(backend).await else {
-                    continue;
-                };
-                let born = g.load(Ordering::SeqCst);
-                let (cr, cw) = client.into_split();
-                let (sr, sw) = server.into_split();
-                for (mut from, mut to, g) in [
-                    (
-                        Box::new(cr) as Box<dyn tokio::io::AsyncRead + Unpin + Send>,
-                        Box::new(sw) as Box<dyn tokio::io::AsyncWrite + Unpin + Send>,
-                        g.clone(),
-                    ),
-                    (Box::new(sr), Box::new(cw), g.clone()),
-                ] {
-                    tokio::spawn(async move {
-                        let mut buf = vec![0u8; 16 * 1024];
-                        loop {
-                            let n = match from.read(&mut buf).await {
-                                Ok(0) | Err(_) => return,
-                                Ok(n) => n,
-                            };
-                            if g.load(Ordering::SeqCst) != born {
-                                continue; // black-holed: swallow the bytes
-                            }
-                            if to.write_all(&buf[..n]).await.is_err() {
-                                return;
-                            }
-                        }
-                    });
-                }
-            }
-        });
-        Self { addr, generation }
-    }
-
-    /// Every connection carried so far stops delivering anything.
-    fn black_hole_existing(&self) {
-        self.generation.fetch_add(1, Ordering::SeqCst);
-    }
-}
-
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_black_holed_connection_is_evicted_by_its_probe_and_replaced() {
     let backend = Backend::start().await;

@@ -125,6 +125,28 @@ pub fn prepare_upstream(
     }
 }
 
+/// HTTP/2 carries the target as `:scheme`, `:authority` and `:path`: the
+/// request gets an absolute URI built from its Host, and Host itself goes.
+pub fn to_http2_form(parts: &mut http::request::Parts) {
+    let authority = parts
+        .headers
+        .get(header::HOST)
+        .and_then(|h| h.to_str().ok())
+        .map(str::to_owned);
+    let path = parts
+        .uri
+        .path_and_query()
+        .map_or("/", |pq| pq.as_str())
+        .to_owned();
+    if let Some(authority) = authority {
+        if let Ok(uri) = format!("http://{authority}{path}").parse() {
+            parts.uri = uri;
+            parts.headers.remove(header::HOST);
+        }
+    }
+    parts.version = Version::HTTP_2;
+}
+
 fn append_forwarded_for(headers: &mut HeaderMap, ip: IpAddr) {
     let name = HeaderName::from_static("x-forwarded-for");
     let prior: Vec<&str> = headers

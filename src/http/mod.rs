@@ -25,7 +25,7 @@ use tokio_util::sync::CancellationToken;
 use crate::config::{ClientClose, ListenerConfig};
 use crate::downstream::ConnState;
 use crate::metrics::{status_class, ListenerLabel, Metrics, Name, ReasonLabels, RequestLabels};
-use crate::pool::{Lease, Pool, PoolError, SendError};
+use crate::pool::{refused_by_peer, Lease, Pool, PoolError, SendError};
 use body::{ProxyBody, UpstreamBody};
 
 /// Header carrying the reason of every response tether makes itself.
@@ -169,6 +169,9 @@ impl ProxyService {
             listener.forwarded_for,
             &self.route.fallback_host,
         );
+        if self.route.pool.settings().protocol == crate::config::Protocol::Http2 {
+            headers::to_http2_form(&mut parts);
+        }
 
         let deadline = started + listener.request_timeout;
         let body = match tokio::time::timeout_at(
@@ -284,10 +287,8 @@ impl ProxyService {
         parts: http::request::Parts,
         mut body: UpstreamBody,
     ) -> Result<(Response<Incoming>, Lease), ForwardError> {
-        let replay = idempotent(&parts.method)
-            .then(|| body.replayable())
-            .flatten()
-            .map(|bytes| (copy_head(&parts), bytes));
+        let idempotent = idempotent(&parts.method);
+        let replay = body.replayable().map(|bytes| (copy_head(&parts), bytes));
         let client_failed = body.client_failed_flag();
         let mut lease = self.route.pool.acquire().await?;
         body.notify_sent(lease.request_sent_flag());
@@ -306,10 +307,16 @@ impl ProxyService {
                 if client_failed.load(Ordering::Acquire) {
                     return Err(ForwardError::ClientBody);
                 }
+                // An HTTP/2 peer that refused the stream (or whose GOAWAY covered
+                // it) did not process the request: safe to resend, any method.
+                let refused = refused_by_peer(&source);
+                if refused {
+                    lease.drain_connection();
+                }
                 let clean = lease.reused() && lease.received() == received_before;
                 match replay {
-                    Some((head, bytes)) if clean => {
-                        tracing::debug!(upstream = %addr, error = %source, "reused connection failed before responding; retrying once");
+                    Some((head, bytes)) if refused || (clean && idempotent) => {
+                        tracing::debug!(upstream = %addr, error = %source, refused, "request failed before a response; retrying once");
                         Request::from_parts(head, UpstreamBody::from_bytes(bytes))
                     }
                     _ => {

@@ -33,6 +33,16 @@ pub(crate) struct UpstreamIo {
     received: Arc<AtomicU64>,
 }
 
+impl UpstreamIo {
+    /// An IO over `socket` with a fresh received-bytes counter.
+    pub(crate) fn new(socket: Arc<TcpStream>) -> Self {
+        Self {
+            socket,
+            received: Arc::new(AtomicU64::new(0)),
+        }
+    }
+}
+
 impl AsyncRead for UpstreamIo {
     fn poll_read(
         self: Pin<&mut Self>,
@@ -198,6 +208,7 @@ impl Conn {
             socket: socket.clone(),
             received: received.clone(),
         };
+        debug_assert_eq!(settings.protocol, crate::config::Protocol::Http1);
         let (sender, connection) = hyper::client::conn::http1::Builder::new()
             .handshake(TokioIo::new(io))
             .await
@@ -283,6 +294,8 @@ impl Conn {
 /// connection abandoned mid-exchange (client gone, timeout, error) is never reused.
 pub struct Lease {
     conn: Option<Conn>,
+    /// An HTTP/2 lease borrows a stream instead of a connection.
+    stream: Option<super::h2::H2Stream>,
     endpoint: Arc<Endpoint>,
     reused: bool,
     request_sent: Arc<AtomicBool>,
@@ -311,10 +324,33 @@ impl Lease {
     pub(crate) fn new(conn: Conn, outstanding: Outstanding, reused: bool) -> Self {
         Self {
             conn: Some(conn),
+            stream: None,
             endpoint: outstanding.0.clone(),
             reused,
             request_sent: Arc::new(AtomicBool::new(false)),
             _outstanding: outstanding,
+        }
+    }
+
+    /// A lease of one HTTP/2 stream.
+    pub(crate) fn h2(stream: super::h2::H2Stream, outstanding: Outstanding) -> Self {
+        Self {
+            conn: None,
+            reused: stream.reused,
+            stream: Some(stream),
+            endpoint: outstanding.0.clone(),
+            // A stream's request body end is the stream's business, not the
+            // connection's: nothing to guard on release.
+            request_sent: Arc::new(AtomicBool::new(true)),
+            _outstanding: outstanding,
+        }
+    }
+
+    /// After the peer refused the stream or sent GOAWAY: no new streams on
+    /// that HTTP/2 connection.
+    pub(crate) fn drain_connection(&self) {
+        if let Some(stream) = &self.stream {
+            stream.drain_connection();
         }
     }
 
@@ -344,6 +380,9 @@ impl Lease {
         &mut self,
         request: http::Request<UpstreamBody>,
     ) -> Result<http::Response<Incoming>, SendError> {
+        if let Some(stream) = &self.stream {
+            return stream.send(request).await;
+        }
         let Some(conn) = self.conn.as_mut() else {
             return Err(SendError::Unsent(Box::new(request), None));
         };

@@ -18,6 +18,7 @@
 //! its idle timeout to fire at all.
 
 mod conn;
+mod h2;
 
 use std::net::SocketAddr;
 use std::sync::atomic::{AtomicBool, AtomicU32, AtomicU64, AtomicUsize, Ordering};
@@ -28,10 +29,12 @@ use tokio::sync::{Notify, Semaphore};
 use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
 
-use crate::config::{Balance, UpstreamConfig};
+use crate::config::{Balance, Protocol, UpstreamConfig};
 pub(crate) use conn::SendError;
 use conn::{Conn, Ending, Outstanding, Slot};
 pub use conn::{KeepAliveHint, Lease};
+pub(crate) use h2::refused_by_peer;
+use h2::H2Conn;
 
 /// How often the maintenance task looks at every endpoint even without a wake-up.
 const MAINTENANCE_TICK: Duration = Duration::from_secs(1);
@@ -145,6 +148,10 @@ pub struct Endpoint {
     /// 0 while none was seen.
     announced_idle_ms: AtomicU64,
     health: Mutex<Health>,
+    /// HTTP/2 connections (shared by many streams); empty for HTTP/1.1.
+    h2: Mutex<Vec<Arc<H2Conn>>>,
+    /// An HTTP/2 dial is in progress: others wait for it instead of dialling.
+    h2_dialing: AtomicBool,
     stats: EndpointStats,
 }
 
@@ -182,6 +189,8 @@ impl Endpoint {
             observed_idle_close_ms: AtomicU64::new(0),
             announced_idle_ms: AtomicU64::new(0),
             health: Mutex::new(Health::default()),
+            h2: Mutex::new(Vec::new()),
+            h2_dialing: AtomicBool::new(false),
             stats: EndpointStats::default(),
         }
     }
@@ -196,9 +205,57 @@ impl Endpoint {
         self.open.load(Ordering::Relaxed)
     }
 
-    /// Idle connections now.
+    /// Idle connections now (HTTP/2: connections with no stream open).
     pub fn idle_connections(&self) -> usize {
-        self.lock_idle().len()
+        self.lock_idle().len() + self.lock_h2().iter().filter(|c| c.in_flight() == 0).count()
+    }
+
+    fn lock_h2(&self) -> std::sync::MutexGuard<'_, Vec<Arc<H2Conn>>> {
+        self.h2.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    fn is_http2(&self) -> bool {
+        self.settings.protocol == Protocol::Http2
+    }
+
+    /// Drops HTTP/2 connections that hyper closed, and retires idle ones that
+    /// expired, sat idle too long above the floor, or belong to a removed
+    /// endpoint. Dropping the last handle makes hyper send GOAWAY and close.
+    fn reap_h2(&self) {
+        let pool = &self.settings.pool;
+        let now = Instant::now();
+        let removed = self.removed.load(Ordering::Relaxed);
+        let mut dropped = Vec::new();
+        {
+            let mut conns = self.lock_h2();
+            let mut open = conns.len();
+            conns.retain(|conn| {
+                if conn.is_closed() {
+                    self.stats.discarded.fetch_add(1, Ordering::Relaxed);
+                    open -= 1;
+                    dropped.push(conn.clone());
+                    return false;
+                }
+                let Some(idle_since) = conn.idle_since() else {
+                    return true;
+                };
+                let cold =
+                    now.duration_since(idle_since) >= pool.idle_timeout && open > pool.min_idle;
+                if removed || conn.expired(now) || cold {
+                    self.stats.retired.fetch_add(1, Ordering::Relaxed);
+                    conn.drain();
+                    open -= 1;
+                    dropped.push(conn.clone());
+                    return false;
+                }
+                true
+            });
+        }
+        for conn in dropped {
+            if self.retire_policy() == crate::config::Retire::Abort || conn.is_closed() {
+                conn.reset_on_close();
+            }
+        }
     }
 
     /// Requests in flight now.
@@ -458,11 +515,20 @@ impl Endpoint {
                     break;
                 };
                 let slot = Slot::new(permit, endpoint.clone());
-                match Conn::connect(&endpoint, slot).await {
-                    Ok(conn) => {
+                let connected = if endpoint.is_http2() {
+                    H2Conn::connect(&endpoint, slot).await.map(|conn| {
+                        endpoint.lock_h2().push(conn);
+                        endpoint.available.notify_waiters();
+                    })
+                } else {
+                    Conn::connect(&endpoint, slot)
+                        .await
+                        .map(|conn| endpoint.put_idle(conn))
+                };
+                match connected {
+                    Ok(()) => {
                         endpoint.refill_failures.store(0, Ordering::Relaxed);
                         endpoint.record(true);
-                        endpoint.put_idle(conn);
                     }
                     Err(e) => {
                         endpoint.record(false);
@@ -482,6 +548,13 @@ impl Endpoint {
     }
 
     fn retire_all_idle(&self) {
+        let h2 = std::mem::take(&mut *self.lock_h2());
+        for conn in h2 {
+            conn.drain();
+            if self.retire_policy() == crate::config::Retire::Abort {
+                conn.reset_on_close();
+            }
+        }
         let idle = std::mem::take(&mut *self.lock_idle());
         for entry in idle {
             self.stats.retired.fetch_add(1, Ordering::Relaxed);
@@ -736,6 +809,9 @@ impl Pool {
 
 async fn acquire_on(outstanding: Outstanding, fresh: bool) -> Result<Lease, PoolError> {
     let endpoint = &outstanding.0.clone();
+    if endpoint.is_http2() {
+        return acquire_h2(outstanding).await;
+    }
     let waited = endpoint.settings.pool.acquire_timeout;
     let deadline = Instant::now() + waited;
     loop {
@@ -771,6 +847,68 @@ async fn acquire_on(outstanding: Outstanding, fresh: bool) -> Result<Lease, Pool
                 endpoint.stats.retired.fetch_add(1, Ordering::Relaxed);
                 entry.conn.close(Ending::Retired, endpoint.retire_policy());
                 continue;
+            }
+        }
+        if tokio::time::timeout_at(deadline, notified).await.is_err() {
+            return Err(PoolError::Exhausted {
+                addr: endpoint.addr,
+                waited,
+            });
+        }
+    }
+}
+
+/// Opens a stream on an HTTP/2 connection with room, dialling another only when
+/// every connection is full (one dial at a time; the others wait for it).
+async fn acquire_h2(outstanding: Outstanding) -> Result<Lease, PoolError> {
+    let endpoint = outstanding.0.clone();
+    let waited = endpoint.settings.pool.acquire_timeout;
+    let deadline = Instant::now() + waited;
+    loop {
+        let notified = endpoint.available.notified();
+        tokio::pin!(notified);
+        notified.as_mut().enable();
+        let now = Instant::now();
+        let roomy = endpoint.lock_h2().iter().find(|c| c.has_room(now)).cloned();
+        if let Some(conn) = roomy {
+            let stream = conn.open_stream(endpoint.clone());
+            if stream.reused {
+                endpoint.stats.reused.fetch_add(1, Ordering::Relaxed);
+            }
+            return Ok(Lease::h2(stream, outstanding));
+        }
+        if !endpoint.h2_dialing.swap(true, Ordering::AcqRel) {
+            // Another dial may have finished between the look for room and
+            // taking the flag: look again before opening yet another connection.
+            if endpoint
+                .lock_h2()
+                .iter()
+                .any(|c| c.has_room(Instant::now()))
+            {
+                endpoint.h2_dialing.store(false, Ordering::Release);
+                continue;
+            }
+            let dialled = match endpoint.slots.clone().try_acquire_owned() {
+                Ok(permit) => {
+                    let slot = Slot::new(permit, endpoint.clone());
+                    Some(H2Conn::connect(&endpoint, slot).await)
+                }
+                Err(_) => None,
+            };
+            endpoint.h2_dialing.store(false, Ordering::Release);
+            match dialled {
+                Some(Ok(conn)) => {
+                    endpoint.record(true);
+                    endpoint.lock_h2().push(conn);
+                    endpoint.available.notify_waiters();
+                    continue;
+                }
+                Some(Err(e)) => {
+                    endpoint.record(false);
+                    endpoint.available.notify_waiters();
+                    return Err(e);
+                }
+                None => {}
             }
         }
         if tokio::time::timeout_at(deadline, notified).await.is_err() {
@@ -827,6 +965,7 @@ async fn maintain(pool: std::sync::Weak<PoolInner>) {
                 if let Some(at) = endpoint.reap() {
                     wake = wake.min(at);
                 }
+                endpoint.reap_h2();
                 endpoint.refill();
             }
             (

@@ -1,0 +1,219 @@
+//! HTTP/2 upstream connections: one connection carries many streams, so a
+//! request borrows a stream ([`H2Stream`]) rather than the connection.
+//!
+//! A connection takes new streams while it has room under the peer's
+//! `SETTINGS_MAX_CONCURRENT_STREAMS`; only when every connection of an endpoint
+//! is full (or draining after a GOAWAY) is another one dialled. hyper sends
+//! PING every `keepalive.ping_interval` and closes a connection whose PING goes
+//! unanswered for `keepalive.ping_timeout`.
+
+use std::future::Future;
+use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex};
+
+use hyper::body::Incoming;
+use hyper::client::conn::http2::SendRequest;
+use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
+use tokio::net::TcpStream;
+use tokio::time::Instant;
+
+use super::conn::{SendError, Slot, UpstreamIo};
+use super::{Endpoint, PoolError};
+use crate::http::body::UpstreamBody;
+use crate::sock;
+
+/// One HTTP/2 connection to an endpoint.
+pub(crate) struct H2Conn {
+    sender: SendRequest<UpstreamBody>,
+    /// The peer's current SETTINGS_MAX_CONCURRENT_STREAMS.
+    max_streams: Arc<AtomicUsize>,
+    socket: Arc<TcpStream>,
+    in_flight: AtomicUsize,
+    streams: AtomicU64,
+    expires: Instant,
+    /// No new streams: the peer sent GOAWAY, or the connection is retiring.
+    draining: AtomicBool,
+    last_active: Mutex<Instant>,
+    _slot: Slot,
+}
+
+impl H2Conn {
+    /// Dials `endpoint` and runs the HTTP/2 handshake (prior knowledge).
+    pub(crate) async fn connect(
+        endpoint: &Arc<Endpoint>,
+        slot: Slot,
+    ) -> Result<Arc<Self>, PoolError> {
+        let settings = &endpoint.settings;
+        let addr = endpoint.addr;
+        let stream = tokio::time::timeout(settings.connect_timeout, TcpStream::connect(addr))
+            .await
+            .map_err(|_| PoolError::ConnectTimeout {
+                addr,
+                after: settings.connect_timeout,
+            })?
+            .map_err(|source| PoolError::Connect { addr, source })?;
+        sock::configure_upstream(&stream, &settings.keepalive);
+        let socket = Arc::new(stream);
+        let io = UpstreamIo::new(socket.clone());
+        let (sender, connection) = hyper::client::conn::http2::Builder::new(TokioExecutor::new())
+            .timer(TokioTimer::new())
+            .keep_alive_interval(settings.keepalive.ping_interval)
+            .keep_alive_timeout(settings.keepalive.ping_timeout)
+            .keep_alive_while_idle(true)
+            // Until the peer's SETTINGS arrive, assume it takes what we send;
+            // h2 queues streams beyond the limit once it is known.
+            .initial_max_send_streams(usize::MAX)
+            .handshake(TokioIo::new(io))
+            .await
+            .map_err(|source| PoolError::Handshake { addr, source })?;
+        let notify = Arc::downgrade(endpoint);
+        // hyper exposes the peer's SETTINGS_MAX_CONCURRENT_STREAMS on the
+        // connection future only; read it after each poll (SETTINGS frames are
+        // processed there) and share it with the pool.
+        let max_streams = Arc::new(AtomicUsize::new(usize::MAX));
+        let seen_max = max_streams.clone();
+        let mut connection = connection;
+        tokio::spawn(async move {
+            let result = std::future::poll_fn(|cx| {
+                let polled = std::pin::Pin::new(&mut connection).poll(cx);
+                seen_max.store(connection.current_max_send_streams(), Ordering::Relaxed);
+                polled
+            })
+            .await;
+            if let Err(e) = result {
+                tracing::debug!(upstream = %addr, error = %e, "HTTP/2 upstream connection ended with an error");
+            }
+            if let Some(endpoint) = notify.upgrade() {
+                endpoint.maintenance.notify_one();
+                endpoint.available.notify_waiters();
+            }
+        });
+        let now = Instant::now();
+        let lifetime = settings
+            .pool
+            .max_lifetime
+            .mul_f64(0.9 + fastrand::f64() * 0.2);
+        endpoint.stats.opened.fetch_add(1, Ordering::Relaxed);
+        tracing::debug!(upstream = %addr, "HTTP/2 upstream connection opened");
+        Ok(Arc::new(Self {
+            sender,
+            max_streams,
+            socket,
+            in_flight: AtomicUsize::new(0),
+            streams: AtomicU64::new(0),
+            expires: now + lifetime,
+            draining: AtomicBool::new(false),
+            last_active: Mutex::new(now),
+            _slot: slot,
+        }))
+    }
+
+    /// Whether hyper has closed it (peer gone, PING unanswered, GOAWAY done).
+    pub(crate) fn is_closed(&self) -> bool {
+        self.sender.is_closed()
+    }
+
+    /// Whether a new stream may be opened on it now.
+    pub(crate) fn has_room(&self, now: Instant) -> bool {
+        !self.draining.load(Ordering::Relaxed)
+            && !self.is_closed()
+            && now < self.expires
+            && self.in_flight.load(Ordering::Relaxed)
+                < self.max_streams.load(Ordering::Relaxed).max(1)
+    }
+
+    /// Streams open now.
+    pub(crate) fn in_flight(&self) -> usize {
+        self.in_flight.load(Ordering::Relaxed)
+    }
+
+    /// Stops new streams on it (the peer sent GOAWAY or it is being retired).
+    pub(crate) fn drain(&self) {
+        self.draining.store(true, Ordering::Relaxed);
+    }
+
+    /// When it last had no stream open.
+    pub(crate) fn idle_since(&self) -> Option<Instant> {
+        (self.in_flight() == 0).then(|| *self.last_active.lock().unwrap_or_else(|e| e.into_inner()))
+    }
+
+    /// Whether it outlived `max_lifetime`.
+    pub(crate) fn expired(&self, now: Instant) -> bool {
+        now >= self.expires
+    }
+
+    /// Makes the eventual close a reset (called when it is dropped from the pool).
+    pub(crate) fn reset_on_close(&self) {
+        sock::reset_on_close(&*self.socket);
+    }
+
+    /// Opens a stream on it.
+    pub(crate) fn open_stream(self: &Arc<Self>, endpoint: Arc<Endpoint>) -> H2Stream {
+        self.in_flight.fetch_add(1, Ordering::Relaxed);
+        let reused = self.streams.fetch_add(1, Ordering::Relaxed) > 0;
+        H2Stream {
+            conn: self.clone(),
+            endpoint,
+            reused,
+        }
+    }
+}
+
+/// A stream borrowed from an [`H2Conn`] for one exchange.
+pub(crate) struct H2Stream {
+    conn: Arc<H2Conn>,
+    endpoint: Arc<Endpoint>,
+    pub(crate) reused: bool,
+}
+
+impl H2Stream {
+    /// Sends the request on a new stream.
+    pub(crate) async fn send(
+        &self,
+        request: http::Request<UpstreamBody>,
+    ) -> Result<http::Response<Incoming>, SendError> {
+        let mut sender = self.conn.sender.clone();
+        sender
+            .try_send_request(request)
+            .await
+            .map_err(|mut e| match e.take_message() {
+                Some(request) => SendError::Unsent(Box::new(request), Some(e.into_error())),
+                None => SendError::Failed(e.into_error()),
+            })
+    }
+
+    /// The connection stops taking streams (after the peer refused this one).
+    pub(crate) fn drain_connection(&self) {
+        self.conn.drain();
+    }
+}
+
+impl Drop for H2Stream {
+    fn drop(&mut self) {
+        // Dropping the response body resets the stream (RST_STREAM) if it had
+        // not ended; the connection itself stays up for other streams.
+        if self.conn.in_flight.fetch_sub(1, Ordering::Relaxed) == 1 {
+            *self
+                .conn
+                .last_active
+                .lock()
+                .unwrap_or_else(|e| e.into_inner()) = Instant::now();
+        }
+        self.endpoint.available.notify_one();
+    }
+}
+
+/// Whether an HTTP/2 failure means the peer never processed the request: it
+/// refused the stream, or its GOAWAY covered it. Such a request may be sent
+/// again whatever its method (RFC 9113 §8.7).
+pub(crate) fn refused_by_peer(error: &hyper::Error) -> bool {
+    let mut source: Option<&(dyn std::error::Error + 'static)> = Some(error);
+    while let Some(e) = source {
+        if let Some(h2) = e.downcast_ref::<h2::Error>() {
+            return h2.reason() == Some(h2::Reason::REFUSED_STREAM)
+                || (h2.is_go_away() && h2.is_remote());
+        }
+        source = e.source();
+    }
+    false
+}
