@@ -361,6 +361,81 @@ pub enum Retire {
     Abort,
     /// FIN: tether is the active closer and holds the TIME_WAIT.
     Graceful,
+    /// The backend closes first: HTTP/1.1 sends the connection's last request
+    /// (the next client request, or a probe when probes are on) with
+    /// `Connection: close`; HTTP/2 sends GOAWAY and closes after its streams.
+    /// The backend holds the TIME_WAIT. Where no last request is coming, abort.
+    PeerFirst,
+}
+
+/// Why a pooled connection is retired.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum RetireReason {
+    /// Idle too long (above the floor, over `max_idle`, or near the backend's
+    /// idle limit).
+    Idle,
+    /// Past `max_lifetime`.
+    Lifetime,
+    /// The backend's `Keep-Alive: max=M` is reached.
+    MaxRequests,
+    /// Broken, stale, or abandoned mid-exchange.
+    Error,
+    /// Shutdown, or its endpoint left DNS.
+    Drain,
+}
+
+/// `retire`: one policy for every reason, or a table with one per reason.
+#[derive(Debug, Clone, Copy, Serialize, Deserialize, PartialEq, Eq)]
+#[serde(untagged)]
+pub enum RetirePolicy {
+    /// `retire = "abort"`
+    Uniform(Retire),
+    /// `[upstream.pool.retire]` with `idle`, `lifetime`, `max_requests`,
+    /// `error`, `drain`.
+    PerReason(RetireByReason),
+}
+
+impl Default for RetirePolicy {
+    fn default() -> Self {
+        Self::Uniform(Retire::Abort)
+    }
+}
+
+impl RetirePolicy {
+    /// The policy for one reason.
+    pub fn for_reason(&self, reason: RetireReason) -> Retire {
+        match self {
+            Self::Uniform(retire) => *retire,
+            Self::PerReason(table) => match reason {
+                RetireReason::Idle => table.idle,
+                RetireReason::Lifetime => table.lifetime,
+                RetireReason::MaxRequests => table.max_requests,
+                RetireReason::Error => table.error,
+                RetireReason::Drain => table.drain,
+            },
+        }
+    }
+}
+
+/// `[upstream.pool.retire]` as a table; each reason defaults to `abort`.
+#[derive(Debug, Clone, Copy, Default, Serialize, Deserialize, PartialEq, Eq)]
+#[serde(deny_unknown_fields)]
+pub struct RetireByReason {
+    /// Idle too long.
+    #[serde(default)]
+    pub idle: Retire,
+    /// Past `max_lifetime`.
+    #[serde(default)]
+    pub lifetime: Retire,
+    /// `Keep-Alive: max` reached.
+    #[serde(default)]
+    pub max_requests: Retire,
+    /// Broken or abandoned.
+    #[serde(default)]
+    pub error: Retire,
+    /// Shutdown or endpoint removed.
+    #[serde(default)]
+    pub drain: Retire,
 }
 
 /// `[[upstream]]`
@@ -461,9 +536,9 @@ pub struct PoolConfig {
     /// and survives backend-side connection caps without constant churn.
     #[serde(default = "defaults::max_lifetime", with = "humantime_serde")]
     pub max_lifetime: Duration,
-    /// How retired connections are closed.
+    /// How retired connections are closed: one policy, or one per reason.
     #[serde(default)]
-    pub retire: Retire,
+    pub retire: RetirePolicy,
 }
 
 /// `[upstream.keepalive]`
@@ -600,7 +675,7 @@ impl Default for PoolConfig {
             acquire_timeout: defaults::acquire_timeout(),
             idle_timeout: defaults::pool_idle_timeout(),
             max_lifetime: defaults::max_lifetime(),
-            retire: Retire::default(),
+            retire: RetirePolicy::default(),
         }
     }
 }
@@ -1275,7 +1350,7 @@ mod tests {
         assert_eq!(l.max_header_bytes, Size::kib(64));
         let u = &c.upstreams[0];
         assert_eq!(u.pool.min_idle, 2);
-        assert_eq!(u.pool.retire, Retire::Abort);
+        assert_eq!(u.pool.retire, RetirePolicy::Uniform(Retire::Abort));
         assert_eq!(u.keepalive.tcp_count, 3);
         assert_eq!(c.runtime.drain_timeout, Duration::from_secs(30));
         assert_eq!(c.admin.listen, "127.0.0.1:9901".parse().unwrap());
@@ -1343,6 +1418,25 @@ mod tests {
         ] {
             assert!(keys.contains(&expected), "{expected} missing from {keys:?}");
         }
+    }
+
+    #[test]
+    fn retire_takes_one_policy_or_one_per_reason() {
+        let table = format!("{MINIMAL}\n[upstream.pool.retire]\nlifetime = \"peer_first\"\n");
+        let c = Config::from_toml(&table).unwrap();
+        let policy = c.upstreams[0].pool.retire;
+        assert_eq!(policy.for_reason(RetireReason::Lifetime), Retire::PeerFirst);
+        assert_eq!(policy.for_reason(RetireReason::Idle), Retire::Abort);
+        let again = Config::from_toml(&c.to_toml()).unwrap();
+        assert_eq!(again.upstreams[0].pool.retire, policy);
+        let uniform = format!("{MINIMAL}\n[upstream.pool]\nretire = \"graceful\"\n");
+        let c = Config::from_toml(&uniform).unwrap();
+        assert_eq!(
+            c.upstreams[0].pool.retire.for_reason(RetireReason::Error),
+            Retire::Graceful
+        );
+        let bad = format!("{MINIMAL}\n[upstream.pool]\nretire = \"sometimes\"\n");
+        assert!(Config::from_toml(&bad).is_err());
     }
 
     #[test]

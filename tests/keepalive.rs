@@ -173,3 +173,35 @@ async fn a_black_holed_connection_is_evicted_by_its_probe_and_replaced() {
     }
     running.drain().await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn peer_first_lifetime_retirement_lets_the_backend_close() {
+    use tether::config::{Retire, RetireByReason, RetirePolicy};
+    let backend = Backend::start().await;
+    let mut config = config_for(backend.addr);
+    config.upstreams[0].pool.min_idle = 1;
+    config.upstreams[0].pool.max_lifetime = Duration::from_millis(300);
+    config.upstreams[0].pool.retire = RetirePolicy::PerReason(RetireByReason {
+        lifetime: Retire::PeerFirst,
+        ..RetireByReason::default()
+    });
+    let (running, addr) = start_tether(config).await;
+    let tw = TimeWaitBaseline::now();
+    for _ in 0..25 {
+        assert_eq!(get_once(addr, "/").await.status, 200);
+        tokio::time::sleep(Duration::from_millis(80)).await;
+    }
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    let goodbyes = backend.stats.goodbyes.load(Ordering::SeqCst);
+    let in_backend = tw.on_local_port(backend.addr.port());
+    let toward_backend = tw.toward_port(backend.addr.port());
+    eprintln!("peer_first: {goodbyes} goodbye requests, {} accepted, TIME_WAIT in backend {in_backend}, toward backend {toward_backend}", backend.accepted());
+    assert!(
+        goodbyes >= 2,
+        "connections past their lifetime said goodbye"
+    );
+    // The backend closed those connections itself: the TIME_WAIT is its own.
+    assert!(in_backend >= 1);
+    assert_eq!(toward_backend, 0, "tether never closed first");
+    running.drain().await;
+}

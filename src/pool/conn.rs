@@ -21,7 +21,7 @@ use tokio::sync::OwnedSemaphorePermit;
 use tokio::time::Instant;
 
 use super::{Endpoint, PoolError};
-use crate::config::Retire;
+use crate::config::{Retire, RetirePolicy, RetireReason};
 use crate::http::body::UpstreamBody;
 use crate::sock::{self, PeerState};
 
@@ -119,6 +119,8 @@ pub(crate) struct Conn {
     pub(crate) announced: KeepAliveHint,
     /// The backend said `Connection: close`: never pool it again.
     pub(crate) closing: bool,
+    /// Retiring peer-first: its next request says `Connection: close`.
+    pub(crate) goodbye: bool,
     /// Held for the connection's whole life: counts it against
     /// `pool.max_connections` and wakes waiters when it is gone.
     _slot: Slot,
@@ -180,14 +182,28 @@ impl Drop for Slot {
     }
 }
 
-/// Why a connection is being closed; decides RST or FIN.
+/// Why a connection is being closed; with `pool.retire`, decides RST or FIN.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub(crate) enum Ending {
-    /// Healthy and idle, retired by policy: `pool.retire` decides RST or FIN.
-    Retired,
-    /// Broken, stale, or abandoned mid-exchange: always RST, its state is unknown.
+    /// Healthy, retired by policy for this reason.
+    Retired(RetireReason),
+    /// Broken, stale, or abandoned mid-exchange (the `error` reason).
     Discarded,
 }
+
+impl Ending {
+    fn reason(self) -> RetireReason {
+        match self {
+            Self::Retired(reason) => reason,
+            Self::Discarded => RetireReason::Error,
+        }
+    }
+}
+
+/// How long a connection whose last exchange said `Connection: close` waits
+/// for the backend's FIN (so that tether's close is the passive one) before
+/// it is reset.
+const PEER_CLOSE_WAIT: std::time::Duration = std::time::Duration::from_secs(1);
 
 impl Conn {
     /// Dials `endpoint`, sets socket options and runs the HTTP/1 handshake.
@@ -238,6 +254,7 @@ impl Conn {
             requests: 0,
             announced: KeepAliveHint::default(),
             closing: false,
+            goodbye: false,
             _slot: slot,
         })
     }
@@ -273,17 +290,42 @@ impl Conn {
     }
 
     /// Closes the connection the way `ending` and the retire policy call for.
-    pub(crate) fn close(self, ending: Ending, retire: Retire) {
-        match (ending, retire) {
-            (Ending::Retired, Retire::Graceful) => {
+    pub(crate) fn close(self, ending: Ending, policy: &RetirePolicy) {
+        match policy.for_reason(ending.reason()) {
+            Retire::Graceful => {
                 if let Err(e) = sock::send_fin(&*self.socket) {
                     tracing::debug!(error = %e, "cannot half-close retired upstream connection");
                 }
             }
-            _ => sock::reset_on_close(&*self.socket),
+            // The backend already closed: closing now is the passive close.
+            Retire::PeerFirst if sock::peer_state(&*self.socket) == PeerState::Closed => {}
+            Retire::Abort | Retire::PeerFirst => sock::reset_on_close(&*self.socket),
         }
         // Dropping the sender ends hyper's connection task, which drops its half
         // of the socket; the last drop closes it.
+    }
+
+    /// Closes a connection whose last exchange said `Connection: close`: the
+    /// backend closes it, so wait briefly for its FIN and close passively;
+    /// reset if it does not come.
+    pub(crate) fn close_after_peer(self) {
+        tokio::spawn(async move {
+            let waited = tokio::time::timeout(PEER_CLOSE_WAIT, async {
+                loop {
+                    if self.socket.readable().await.is_err() {
+                        return;
+                    }
+                    match sock::peer_state(&*self.socket) {
+                        PeerState::Quiet => tokio::task::yield_now().await,
+                        _ => return,
+                    }
+                }
+            })
+            .await;
+            if waited.is_err() || sock::peer_state(&*self.socket) != PeerState::Closed {
+                sock::reset_on_close(&*self.socket);
+            }
+        });
     }
 }
 
@@ -390,6 +432,14 @@ impl Lease {
             return Err(SendError::Unsent(Box::new(request), Some(e)));
         }
         conn.requests += 1;
+        let mut request = request;
+        if conn.goodbye {
+            request.headers_mut().insert(
+                http::header::CONNECTION,
+                http::HeaderValue::from_static("close"),
+            );
+            conn.closing = true;
+        }
         conn.sender
             .try_send_request(request)
             .await
@@ -424,7 +474,7 @@ impl Lease {
         if self.request_sent.load(Ordering::Acquire) {
             self.endpoint.put_idle(conn);
         } else {
-            conn.close(Ending::Discarded, self.endpoint.settings.pool.retire);
+            conn.close(Ending::Discarded, &self.endpoint.settings.pool.retire);
         }
     }
 }
@@ -436,7 +486,7 @@ impl Drop for Lease {
                 .stats
                 .discarded
                 .fetch_add(1, Ordering::Relaxed);
-            conn.close(Ending::Discarded, self.endpoint.settings.pool.retire);
+            conn.close(Ending::Discarded, &self.endpoint.settings.pool.retire);
         }
     }
 }

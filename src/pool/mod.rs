@@ -29,7 +29,7 @@ use tokio::sync::{Notify, Semaphore};
 use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
 
-use crate::config::{Balance, Protocol, UpstreamConfig};
+use crate::config::{Balance, Protocol, Retire, RetireReason, UpstreamConfig};
 pub(crate) use conn::SendError;
 use conn::{Conn, Ending, Outstanding, Slot};
 pub use conn::{KeepAliveHint, Lease};
@@ -233,7 +233,7 @@ impl Endpoint {
                 if conn.is_closed() {
                     self.stats.discarded.fetch_add(1, Ordering::Relaxed);
                     open -= 1;
-                    dropped.push(conn.clone());
+                    dropped.push((conn.clone(), RetireReason::Error));
                     return false;
                 }
                 let Some(idle_since) = conn.idle_since() else {
@@ -241,18 +241,26 @@ impl Endpoint {
                 };
                 let cold =
                     now.duration_since(idle_since) >= pool.idle_timeout && open > pool.min_idle;
+                let reason = if removed {
+                    RetireReason::Drain
+                } else if conn.expired(now) {
+                    RetireReason::Lifetime
+                } else {
+                    RetireReason::Idle
+                };
                 if removed || conn.expired(now) || cold {
                     self.stats.retired.fetch_add(1, Ordering::Relaxed);
                     conn.drain();
                     open -= 1;
-                    dropped.push(conn.clone());
+                    dropped.push((conn.clone(), reason));
                     return false;
                 }
                 true
             });
         }
-        for conn in dropped {
-            if self.retire_policy() == crate::config::Retire::Abort || conn.is_closed() {
+        for (conn, reason) in dropped {
+            // hyper sends GOAWAY when the last handle goes; then RST or FIN.
+            if self.resets_on(reason) || conn.is_closed() {
                 conn.reset_on_close();
             }
         }
@@ -273,20 +281,39 @@ impl Endpoint {
         self.idle.lock().unwrap_or_else(|e| e.into_inner())
     }
 
-    fn retire_policy(&self) -> crate::config::Retire {
-        self.settings.pool.retire
+    fn retire_policy(&self) -> &crate::config::RetirePolicy {
+        &self.settings.pool.retire
+    }
+
+    /// Whether a connection retired for `reason` should end with a reset.
+    fn resets_on(&self, reason: RetireReason) -> bool {
+        self.retire_policy().for_reason(reason) != Retire::Graceful
     }
 
     /// Takes the most recently used idle connection that is still usable.
     fn pop_idle(&self) -> Option<Conn> {
         loop {
-            let idle = self.lock_idle().pop()?;
+            let mut idle = self.lock_idle().pop()?;
             let now = Instant::now();
-            if now >= idle.conn.expires
-                || self.usable_until(&idle).is_some_and(|until| now >= until)
-            {
+            if self.usable_until(&idle).is_some_and(|until| now >= until) {
                 self.stats.retired.fetch_add(1, Ordering::Relaxed);
-                idle.conn.close(Ending::Retired, self.retire_policy());
+                idle.conn
+                    .close(Ending::Retired(RetireReason::Idle), self.retire_policy());
+                continue;
+            }
+            if now >= idle.conn.expires {
+                if self.retire_policy().for_reason(RetireReason::Lifetime) == Retire::PeerFirst
+                    && idle.conn.is_usable()
+                {
+                    // This request is the connection's last: it says goodbye.
+                    idle.conn.goodbye = true;
+                    return Some(idle.conn);
+                }
+                self.stats.retired.fetch_add(1, Ordering::Relaxed);
+                idle.conn.close(
+                    Ending::Retired(RetireReason::Lifetime),
+                    self.retire_policy(),
+                );
                 continue;
             }
             if !idle.conn.is_usable() {
@@ -406,10 +433,26 @@ impl Endpoint {
     /// Returns a connection after a complete exchange.
     fn put_idle(&self, conn: Conn) {
         let now = Instant::now();
-        let spent = conn.announced.max.is_some_and(|max| conn.requests >= max);
-        if self.removed.load(Ordering::Relaxed) || now >= conn.expires || spent || conn.closing {
+        if conn.closing {
+            // This exchange said `Connection: close`; the backend closes it.
             self.stats.retired.fetch_add(1, Ordering::Relaxed);
-            conn.close(Ending::Retired, self.retire_policy());
+            conn.close_after_peer();
+            return;
+        }
+        let reason = if self.removed.load(Ordering::Relaxed) {
+            Some(RetireReason::Drain)
+        } else if conn.announced.max.is_some_and(|max| conn.requests >= max) {
+            Some(RetireReason::MaxRequests)
+        } else if now >= conn.expires
+            && self.retire_policy().for_reason(RetireReason::Lifetime) != Retire::PeerFirst
+        {
+            Some(RetireReason::Lifetime)
+        } else {
+            None
+        };
+        if let Some(reason) = reason {
+            self.stats.retired.fetch_add(1, Ordering::Relaxed);
+            conn.close(Ending::Retired(reason), self.retire_policy());
             return;
         }
         let probe = &self.settings.keepalive.probe;
@@ -442,8 +485,10 @@ impl Endpoint {
                 let hotter = idle_count - position - 1;
                 let dead = entry.conn.sender.is_closed();
                 let usable_until = self.usable_until(&entry);
-                let expired =
-                    now >= entry.conn.expires || usable_until.is_some_and(|until| now >= until);
+                let near_idle_limit = usable_until.is_some_and(|until| now >= until);
+                let past_lifetime = now >= entry.conn.expires;
+                let peer_first =
+                    self.retire_policy().for_reason(RetireReason::Lifetime) == Retire::PeerFirst;
                 let cold =
                     now.duration_since(entry.since) >= pool.idle_timeout && open > pool.min_idle;
                 let over_max = hotter >= pool.max_idle
@@ -455,8 +500,19 @@ impl Endpoint {
                         Some(now.duration_since(entry.since)),
                     ));
                     open = open.saturating_sub(1);
-                } else if removed || expired || cold || over_max {
-                    closing.push((entry.conn, Ending::Retired, None));
+                } else if removed {
+                    closing.push((entry.conn, Ending::Retired(RetireReason::Drain), None));
+                    open = open.saturating_sub(1);
+                } else if near_idle_limit || cold || over_max {
+                    closing.push((entry.conn, Ending::Retired(RetireReason::Idle), None));
+                    open = open.saturating_sub(1);
+                } else if past_lifetime && peer_first && entry.probe_at.is_some() {
+                    // A probe is the last request: it says goodbye.
+                    let mut conn = entry.conn;
+                    conn.goodbye = true;
+                    probing.push(conn);
+                } else if past_lifetime {
+                    closing.push((entry.conn, Ending::Retired(RetireReason::Lifetime), None));
                     open = open.saturating_sub(1);
                 } else if entry.probe_at.is_some_and(|at| now >= at) {
                     probing.push(entry.conn);
@@ -471,7 +527,7 @@ impl Endpoint {
         }
         for (conn, ending, idle_age) in closing {
             match ending {
-                Ending::Retired => self.stats.retired.fetch_add(1, Ordering::Relaxed),
+                Ending::Retired(_) => self.stats.retired.fetch_add(1, Ordering::Relaxed),
                 Ending::Discarded => self.stats.discarded.fetch_add(1, Ordering::Relaxed),
             };
             if let Some(age) = idle_age {
@@ -551,14 +607,16 @@ impl Endpoint {
         let h2 = std::mem::take(&mut *self.lock_h2());
         for conn in h2 {
             conn.drain();
-            if self.retire_policy() == crate::config::Retire::Abort {
+            if self.resets_on(RetireReason::Drain) {
                 conn.reset_on_close();
             }
         }
         let idle = std::mem::take(&mut *self.lock_idle());
         for entry in idle {
             self.stats.retired.fetch_add(1, Ordering::Relaxed);
-            entry.conn.close(Ending::Retired, self.retire_policy());
+            entry
+                .conn
+                .close(Ending::Retired(RetireReason::Drain), self.retire_policy());
         }
     }
 }
@@ -574,12 +632,17 @@ async fn probe(endpoint: Arc<Endpoint>, mut conn: Conn) {
         .first()
         .cloned()
         .unwrap_or_else(|| endpoint.addr.to_string());
-    let request = http::Request::builder()
+    let mut request = http::Request::builder()
         .method(settings.method.as_method())
         .uri(settings.path.as_str())
         .header(http::header::HOST, host)
-        .header(http::header::USER_AGENT, "tether-probe")
-        .body(crate::http::body::UpstreamBody::from_bytes(None));
+        .header(http::header::USER_AGENT, "tether-probe");
+    if conn.goodbye {
+        // The connection's last request: the backend closes it after answering.
+        request = request.header(http::header::CONNECTION, "close");
+        conn.closing = true;
+    }
+    let request = request.body(crate::http::body::UpstreamBody::from_bytes(None));
     let outcome = match request {
         Ok(request) => tokio::time::timeout(settings.timeout, probe_exchange(&mut conn, request))
             .await
@@ -845,7 +908,10 @@ async fn acquire_on(outstanding: Outstanding, fresh: bool) -> Result<Lease, Pool
             };
             if let Some(entry) = coldest {
                 endpoint.stats.retired.fetch_add(1, Ordering::Relaxed);
-                entry.conn.close(Ending::Retired, endpoint.retire_policy());
+                entry.conn.close(
+                    Ending::Retired(RetireReason::Idle),
+                    endpoint.retire_policy(),
+                );
                 continue;
             }
         }

@@ -39,6 +39,8 @@ pub struct BackendStats {
     pub max_idle_gap_ms: AtomicUsize,
     /// Probe requests seen (User-Agent: tether-probe).
     pub probes: AtomicUsize,
+    /// Requests that said `Connection: close` (a peer-first goodbye).
+    pub goodbyes: AtomicUsize,
 }
 
 /// How a test backend behaves beyond answering.
@@ -159,6 +161,13 @@ async fn serve_backend_conn(
                 .is_some_and(|v| v == "tether-probe")
             {
                 stats.probes.fetch_add(1, Ordering::SeqCst);
+            }
+            if req
+                .headers()
+                .get("connection")
+                .is_some_and(|v| v.as_bytes().eq_ignore_ascii_case(b"close"))
+            {
+                stats.goodbyes.fetch_add(1, Ordering::SeqCst);
             }
             let mut response = backend_respond(req, stats).await;
             if let Some(value) = keep_alive {
