@@ -178,3 +178,30 @@ async fn with_every_endpoint_ejected_requests_get_a_503_with_the_reason() {
     assert_eq!(resp.header("x-tether-error"), Some("all-endpoints-ejected"));
     running.drain().await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_endpoint_answering_5xx_is_ejected_when_configured() {
+    let failing = Backend::start_with(BackendOptions {
+        fail_all: true,
+        ..BackendOptions::default()
+    })
+    .await;
+    let healthy = Backend::start().await;
+    let mut config = config_for(healthy.addr);
+    config.upstreams[0].endpoints = vec![failing.addr.to_string(), healthy.addr.to_string()];
+    config.upstreams[0].balance = Balance::RoundRobin;
+    config.upstreams[0].health.eject_after = 3;
+    config.upstreams[0].health.eject_on_5xx = true;
+    let (running, addr) = start_tether(config).await;
+    let mut statuses = Vec::new();
+    for _ in 0..20 {
+        statuses.push(get_once(addr, "/").await.status);
+    }
+    assert_eq!(
+        failing.requests(),
+        3,
+        "ejected after three 500s: {statuses:?}"
+    );
+    assert!(statuses[10..].iter().all(|s| *s == 200), "{statuses:?}");
+    running.drain().await;
+}

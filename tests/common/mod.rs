@@ -51,6 +51,8 @@ pub struct BackendOptions {
     pub idle_close: Option<Duration>,
     /// A `Keep-Alive` header to put on every response (`"timeout=2"`).
     pub keep_alive: Option<&'static str>,
+    /// Answer every request with 500.
+    pub fail_all: bool,
 }
 
 /// When a backend connection last read or wrote.
@@ -147,6 +149,7 @@ async fn serve_backend_conn(
     let svc_stats = stats.clone();
     let svc_activity = activity.clone();
     let keep_alive = options.keep_alive;
+    let fail_all = options.fail_all;
     let service = hyper::service::service_fn(move |req: Request<Incoming>| {
         let stats = svc_stats.clone();
         let activity = svc_activity.clone();
@@ -170,6 +173,9 @@ async fn serve_backend_conn(
                 stats.goodbyes.fetch_add(1, Ordering::SeqCst);
             }
             let mut response = backend_respond(req, stats).await;
+            if fail_all {
+                *response.status_mut() = hyper::StatusCode::INTERNAL_SERVER_ERROR;
+            }
             if let Some(value) = keep_alive {
                 response
                     .headers_mut()
