@@ -31,6 +31,7 @@ fn idle_closing_backend_options(announce: bool) -> BackendOptions {
     BackendOptions {
         idle_close: Some(Duration::from_secs(2)),
         keep_alive: announce.then_some("timeout=2"),
+        ..BackendOptions::default()
     }
 }
 
