@@ -50,6 +50,30 @@ enum Command {
         #[arg(long)]
         json: bool,
     },
+    /// Benchmark client: drives a target with a new connection per request
+    /// (client closes first, or HTTP/1.0 waiting for the server to close) or
+    /// with keep-alive clients, and prints throughput, latency percentiles,
+    /// errors by cause and the kernel's count of connections opened.
+    Load {
+        /// Address to send requests to.
+        #[arg(long, value_name = "IP:PORT")]
+        target: std::net::SocketAddr,
+        /// How clients connect.
+        #[arg(long, value_enum, default_value_t = tether::load::Mode::CloseFirst)]
+        mode: tether::load::Mode,
+        /// Concurrent clients.
+        #[arg(long, default_value_t = 16)]
+        concurrency: usize,
+        /// How long to run ("10s").
+        #[arg(long, default_value = "10s", value_parser = humantime::parse_duration)]
+        duration: std::time::Duration,
+        /// Request target.
+        #[arg(long, default_value = "/")]
+        path: String,
+        /// Print one JSON object instead of a summary.
+        #[arg(long)]
+        json: bool,
+    },
     /// Show what tether does, on loopback, in about 20 seconds: the same
     /// connection-per-request load straight at a backend and then through
     /// tether, with the kernel's TIME_WAIT counts side by side. Needs nothing
@@ -84,6 +108,29 @@ fn main() -> ExitCode {
                 ExitCode::FAILURE
             }
         },
+        Command::Load {
+            target,
+            mode,
+            concurrency,
+            duration,
+            path,
+            json,
+        } => {
+            let spec = tether::load::LoadSpec {
+                target,
+                mode,
+                concurrency,
+                duration,
+                path,
+            };
+            match run_load(&spec, json) {
+                Ok(()) => ExitCode::SUCCESS,
+                Err(e) => {
+                    eprintln!("tether: {e:#}");
+                    ExitCode::FAILURE
+                }
+            }
+        }
         Command::Demo {
             duration,
             concurrency,
@@ -165,6 +212,53 @@ fn doctor(to: Option<&str>, port: Option<u16>, json: bool) -> anyhow::Result<()>
         print!("{}", diagnosis.text());
     }
     Ok(())
+}
+
+fn run_load(spec: &tether::load::LoadSpec, json: bool) -> anyhow::Result<()> {
+    let runtime = tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+        .context("cannot start the async runtime")?;
+    let opens_before = active_opens();
+    let progress = std::sync::Arc::new(tether::load::Progress::default());
+    let report = runtime.block_on(tether::load::run_spec(spec, progress));
+    let opened = active_opens()
+        .zip(opens_before)
+        .map(|(after, before)| after - before);
+    let attempts = report.requests + report.errors;
+    let per_request = opened.map(|o| o as f64 / attempts.max(1) as f64);
+    if json {
+        let mut value = serde_json::to_value(&report)?;
+        value["mode"] = serde_json::to_value(spec.mode)?;
+        value["connections_opened"] = serde_json::to_value(opened)?;
+        value["connections_per_request"] = serde_json::to_value(per_request)?;
+        println!("{}", serde_json::to_string_pretty(&value)?);
+    } else {
+        println!(
+            "{} requests, {} errors {:?}, {:.0} req/s, p50 {:.3} ms, p99 {:.3} ms, p99.9 {:.3} ms, {} connections opened ({:.2} per request)",
+            report.requests,
+            report.errors,
+            report.errors_by_kind,
+            report.rps,
+            report.p50_ms,
+            report.p99_ms,
+            report.p999_ms,
+            opened.map_or_else(|| "?".to_owned(), |o| o.to_string()),
+            per_request.unwrap_or(f64::NAN),
+        );
+    }
+    Ok(())
+}
+
+/// TCP connections this network namespace has opened (`ActiveOpens` in
+/// /proc/net/snmp): proof that a per-request mode opened one per request.
+fn active_opens() -> Option<u64> {
+    let text = std::fs::read_to_string("/proc/net/snmp").ok()?;
+    let mut tcp = text.lines().filter(|l| l.starts_with("Tcp:"));
+    let names = tcp.next()?;
+    let values = tcp.next()?;
+    let index = names.split_whitespace().position(|n| n == "ActiveOpens")?;
+    values.split_whitespace().nth(index)?.parse().ok()
 }
 
 fn demo(duration: std::time::Duration, concurrency: usize, json: bool) -> anyhow::Result<()> {
