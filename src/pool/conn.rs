@@ -51,9 +51,11 @@ impl AsyncRead for UpstreamIo {
     ) -> Poll<io::Result<()>> {
         loop {
             ready!(self.socket.poll_read_ready(cx))?;
-            match self.socket.try_read(buf.initialize_unfilled()) {
+            // try_read_buf fills the uninitialised part directly: zeroing it
+            // first (initialize_unfilled) would cost a memset of hyper's whole
+            // read buffer on every read.
+            match self.socket.try_read_buf(buf) {
                 Ok(n) => {
-                    buf.advance(n);
                     self.received.fetch_add(n as u64, Ordering::Relaxed);
                     return Poll::Ready(Ok(()));
                 }
@@ -396,8 +398,9 @@ impl Lease {
         }
     }
 
-    /// Whether the connection carried an earlier exchange (a failure on it may
-    /// be the backend having closed it while idle).
+    /// Whether the connection came from the idle list (or, for HTTP/2, had
+    /// carried streams before): a failure on it may be the backend having
+    /// closed it while idle, which makes the one retry worthwhile.
     pub fn reused(&self) -> bool {
         self.reused
     }

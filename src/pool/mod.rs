@@ -884,8 +884,10 @@ async fn acquire_on(outstanding: Outstanding, fresh: bool) -> Result<Lease, Pool
         if !fresh {
             if let Some(conn) = endpoint.pop_idle() {
                 endpoint.stats.reused.fetch_add(1, Ordering::Relaxed);
-                let reused = conn.requests > 0;
-                return Ok(Lease::new(conn, outstanding, reused));
+                // Any connection that sat in the idle list may have been closed
+                // by the backend meanwhile, warm ones that never carried a
+                // request included: all count as reused for the retry rule.
+                return Ok(Lease::new(conn, outstanding, true));
             }
         }
         if let Ok(permit) = endpoint.slots.clone().try_acquire_owned() {
