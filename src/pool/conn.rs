@@ -207,20 +207,36 @@ impl Ending {
 /// it is reset.
 const PEER_CLOSE_WAIT: std::time::Duration = std::time::Duration::from_secs(1);
 
+/// Opens the TCP connection to an endpoint within `connect_timeout`, with the
+/// upstream socket options set.
+pub(crate) async fn dial(endpoint: &Endpoint) -> Result<Arc<TcpStream>, PoolError> {
+    let settings = &endpoint.settings;
+    let addr = endpoint.addr;
+    let stream = tokio::time::timeout(settings.connect_timeout, TcpStream::connect(addr))
+        .await
+        .map_err(|_| PoolError::ConnectTimeout {
+            addr,
+            after: settings.connect_timeout,
+        })?
+        .map_err(|source| PoolError::Connect { addr, source })?;
+    sock::configure_upstream(&stream, &settings.keepalive);
+    Ok(Arc::new(stream))
+}
+
+/// `max_lifetime` ±10 %, so a pool's connections do not all retire at once.
+pub(crate) fn jittered_lifetime(settings: &crate::config::UpstreamConfig) -> std::time::Duration {
+    settings
+        .pool
+        .max_lifetime
+        .mul_f64(0.9 + fastrand::f64() * 0.2)
+}
+
 impl Conn {
     /// Dials `endpoint`, sets socket options and runs the HTTP/1 handshake.
     pub(crate) async fn connect(endpoint: &Arc<Endpoint>, slot: Slot) -> Result<Self, PoolError> {
         let settings = &endpoint.settings;
         let addr = endpoint.addr;
-        let stream = tokio::time::timeout(settings.connect_timeout, TcpStream::connect(addr))
-            .await
-            .map_err(|_| PoolError::ConnectTimeout {
-                addr,
-                after: settings.connect_timeout,
-            })?
-            .map_err(|source| PoolError::Connect { addr, source })?;
-        sock::configure_upstream(&stream, &settings.keepalive);
-        let socket = Arc::new(stream);
+        let socket = dial(endpoint).await?;
         let received = Arc::new(AtomicU64::new(0));
         let io = UpstreamIo {
             socket: socket.clone(),
@@ -242,10 +258,7 @@ impl Conn {
             }
         });
         let created = Instant::now();
-        let lifetime = settings
-            .pool
-            .max_lifetime
-            .mul_f64(0.9 + fastrand::f64() * 0.2);
+        let lifetime = jittered_lifetime(settings);
         tracing::debug!(upstream = %addr, "upstream connection opened");
         endpoint.stats.opened.fetch_add(1, Ordering::Relaxed);
         Ok(Self {

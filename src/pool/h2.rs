@@ -17,7 +17,7 @@ use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
 use tokio::net::TcpStream;
 use tokio::time::Instant;
 
-use super::conn::{SendError, Slot, UpstreamIo};
+use super::conn::{dial, jittered_lifetime, SendError, Slot, UpstreamIo};
 use super::{Endpoint, PoolError};
 use crate::http::body::UpstreamBody;
 use crate::sock;
@@ -45,15 +45,7 @@ impl H2Conn {
     ) -> Result<Arc<Self>, PoolError> {
         let settings = &endpoint.settings;
         let addr = endpoint.addr;
-        let stream = tokio::time::timeout(settings.connect_timeout, TcpStream::connect(addr))
-            .await
-            .map_err(|_| PoolError::ConnectTimeout {
-                addr,
-                after: settings.connect_timeout,
-            })?
-            .map_err(|source| PoolError::Connect { addr, source })?;
-        sock::configure_upstream(&stream, &settings.keepalive);
-        let socket = Arc::new(stream);
+        let socket = dial(endpoint).await?;
         let io = UpstreamIo::new(socket.clone());
         let (sender, connection) = hyper::client::conn::http2::Builder::new(TokioExecutor::new())
             .timer(TokioTimer::new())
@@ -89,10 +81,7 @@ impl H2Conn {
             }
         });
         let now = Instant::now();
-        let lifetime = settings
-            .pool
-            .max_lifetime
-            .mul_f64(0.9 + fastrand::f64() * 0.2);
+        let lifetime = jittered_lifetime(settings);
         endpoint.stats.opened.fetch_add(1, Ordering::Relaxed);
         tracing::debug!(upstream = %addr, "HTTP/2 upstream connection opened");
         Ok(Arc::new(Self {
