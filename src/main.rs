@@ -179,11 +179,20 @@ fn load(path: &std::path::Path) -> Result<Config, ExitCode> {
 
 fn run(config: Config) -> anyhow::Result<()> {
     tether::telemetry::init(&config.log);
-    let mut runtime = tokio::runtime::Builder::new_multi_thread();
+    // One worker needs no work-stealing scheduler: everything runs on the
+    // main thread, and wake-ups between a client task and its upstream
+    // connection task stay on it.
+    let mut runtime = match config.runtime.worker_threads {
+        1 => tokio::runtime::Builder::new_current_thread(),
+        n => {
+            let mut builder = tokio::runtime::Builder::new_multi_thread();
+            if n > 0 {
+                builder.worker_threads(n);
+            }
+            builder
+        }
+    };
     runtime.enable_all();
-    if config.runtime.worker_threads > 0 {
-        runtime.worker_threads(config.runtime.worker_threads);
-    }
     let runtime = runtime.build().context("cannot start the async runtime")?;
     runtime.block_on(async {
         let running = tether::start(config).await?;
