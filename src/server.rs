@@ -13,7 +13,7 @@ use tokio_util::task::TaskTracker;
 use crate::admin::{self, AdminError, AdminState};
 use crate::config::{Config, ListenAddr};
 use crate::downstream::Shutdown;
-use crate::http::Route;
+use crate::http::{Route, RouteMetrics};
 use crate::listener::{self, ListenerError};
 use crate::metrics::{Metrics, Name};
 use crate::pool::Pool;
@@ -95,8 +95,10 @@ pub async fn start(config: Config) -> Result<Running, ServerError> {
                 return Err(e.into());
             }
         };
+        let label = Name::from(l.name.as_str());
         let route = Arc::new(Route {
-            label: Name::from(l.name.as_str()),
+            counters: RouteMetrics::new(&metrics, &label),
+            label,
             listener: l.clone(),
             pool,
             draining: shutdown.drain.clone(),

@@ -24,7 +24,7 @@ use tokio_util::sync::CancellationToken;
 
 use crate::config::{ClientClose, ListenerConfig};
 use crate::downstream::ConnState;
-use crate::metrics::{status_class, ListenerLabel, Metrics, Name, ReasonLabels, RequestLabels};
+use crate::metrics::{ListenerLabel, Metrics, Name, ReasonLabels, RequestLabels};
 use crate::pool::{refused_by_peer, Lease, Pool, PoolError, SendError};
 use body::{ProxyBody, UpstreamBody};
 
@@ -45,21 +45,48 @@ pub struct Route {
     pub fallback_host: String,
     /// Where outcomes are counted.
     pub metrics: Arc<Metrics>,
+    /// The per-request handles into `metrics`.
+    pub counters: RouteMetrics,
+}
+
+/// Metric handles a route touches on every request, resolved once so the
+/// request path does no label hashing.
+pub struct RouteMetrics {
+    by_class: [prometheus_client::metrics::counter::Counter; 5],
+    latency: prometheus_client::metrics::histogram::Histogram,
+}
+
+impl RouteMetrics {
+    /// Resolves the handles of listener `label`.
+    pub fn new(metrics: &Metrics, label: &Name) -> Self {
+        let class = |class: &'static str| {
+            metrics
+                .requests
+                .get_or_create(&RequestLabels {
+                    listener: label.clone(),
+                    class,
+                })
+                .clone()
+        };
+        Self {
+            by_class: ["1xx", "2xx", "3xx", "4xx", "5xx"].map(class),
+            latency: metrics
+                .response_latency
+                .get_or_create(&ListenerLabel {
+                    listener: label.clone(),
+                })
+                .clone(),
+        }
+    }
 }
 
 impl Route {
     /// Counts one answered request, and its reason when tether made the response.
     pub fn record(&self, status: StatusCode, reason: Option<&str>, started: Option<Instant>) {
-        let metrics = &self.metrics;
-        metrics
-            .requests
-            .get_or_create(&RequestLabels {
-                listener: self.label.clone(),
-                class: status_class(status.as_u16()),
-            })
-            .inc();
+        let class = usize::from(status.as_u16() / 100).clamp(1, 5) - 1;
+        self.counters.by_class[class].inc();
         if let Some(reason) = reason {
-            metrics
+            self.metrics
                 .local_responses
                 .get_or_create(&ReasonLabels {
                     listener: self.label.clone(),
@@ -68,11 +95,8 @@ impl Route {
                 .inc();
         }
         if let Some(started) = started {
-            metrics
-                .response_latency
-                .get_or_create(&ListenerLabel {
-                    listener: self.label.clone(),
-                })
+            self.counters
+                .latency
                 .observe(started.elapsed().as_secs_f64());
         }
     }
