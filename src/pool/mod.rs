@@ -47,6 +47,8 @@ const OVER_MAX_IDLE_GRACE: Duration = Duration::from_secs(1);
 /// A backend closing an idle connection sooner than this is not taken for an
 /// idle timeout (it is an announced close or an error).
 const MIN_OBSERVED_IDLE_CLOSE: Duration = Duration::from_millis(500);
+/// Idle connections checked out sooner than this skip the staleness peek.
+const PEEK_AFTER_IDLE: Duration = Duration::from_millis(50);
 /// Largest probe response body read (and discarded).
 const PROBE_BODY_LIMIT: usize = 64 * 1024;
 
@@ -316,7 +318,16 @@ impl Endpoint {
                 );
                 continue;
             }
-            if !idle.conn.is_usable() {
+            // A connection back in the list for only a moment cannot have met
+            // an idle timeout; hyper's own watch of the socket covers it, and
+            // the peek (a syscall per request) is kept for ones that sat.
+            let sat = now.duration_since(idle.since) >= PEEK_AFTER_IDLE;
+            let stale = if sat {
+                !idle.conn.is_usable()
+            } else {
+                idle.conn.sender.is_closed()
+            };
+            if stale {
                 tracing::debug!(upstream = %self.addr, "discarding stale idle connection");
                 self.learn_idle_close(now.duration_since(idle.since));
                 self.stats.discarded.fetch_add(1, Ordering::Relaxed);
