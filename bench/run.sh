@@ -45,7 +45,8 @@ ip -n "$APP" addr add 10.88.0.1/24 dev tb-a; ip -n "$BACKEND" addr add 10.88.0.2
 for ns in "$APP" "$BACKEND"; do ip -n "$ns" link set lo up; done
 ip -n "$APP" link set tb-a up; ip -n "$BACKEND" link set tb-b up
 
-head -c 16384 /dev/zero | tr '\0' 'x' > "$WORK/large"
+chmod 755 "$WORK"
+head -c 16384 /dev/zero | tr '\0' 'x' > "$WORK/large"; chmod 644 "$WORK/large"
 cat > "$WORK/backend.conf" <<CONF
 worker_processes 2;
 worker_rlimit_nofile 18000;
