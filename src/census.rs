@@ -93,22 +93,6 @@ pub fn time_wait() -> Result<Vec<TcpSocket>, CensusError> {
     by_states(StateFlags::TIME_WAIT)
 }
 
-/// TIME_WAIT sockets whose remote port is `port` (toward a backend).
-pub fn time_wait_toward_port(port: u16) -> Result<usize, CensusError> {
-    Ok(time_wait()?
-        .iter()
-        .filter(|s| s.remote.port() == port)
-        .count())
-}
-
-/// TIME_WAIT sockets whose local port is `port` (on a listening port).
-pub fn time_wait_on_local_port(port: u16) -> Result<usize, CensusError> {
-    Ok(time_wait()?
-        .iter()
-        .filter(|s| s.local.port() == port)
-        .count())
-}
-
 /// Every TCP socket listed in a `/proc/<pid>/net` (or `/proc/net`) directory:
 /// the table of that process's network namespace.
 pub fn sockets_from_proc(net_dir: &Path) -> Result<Vec<TcpSocket>, CensusError> {

@@ -180,17 +180,6 @@ impl Metrics {
     }
 }
 
-/// Status class label of a status code.
-pub fn status_class(status: u16) -> &'static str {
-    match status {
-        100..=199 => "1xx",
-        200..=299 => "2xx",
-        300..=399 => "3xx",
-        400..=499 => "4xx",
-        _ => "5xx",
-    }
-}
-
 struct PoolCollector {
     pools: Vec<Pool>,
     listeners: Vec<(String, Option<SocketAddr>)>,
