@@ -23,11 +23,11 @@ fn metric(text: &str, prefix: &str) -> f64 {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn metrics_count_outcomes_endings_and_time_wait() {
-    let backend = Backend::start().await;
-    let mut config = config_for(backend.addr);
-    config.listeners[0].client_close = ClientClose::Graceful;
-    config.listeners[0].close_grace = Duration::from_millis(200);
-    let (running, addr) = start_tether(config).await;
+    let (backend, running, addr) = backend_and_tether(|config| {
+        config.listeners[0].client_close = ClientClose::Graceful;
+        config.listeners[0].close_grace = Duration::from_millis(200);
+    })
+    .await;
     let admin = running.admin_addr().unwrap();
 
     for _ in 0..3 {

@@ -13,10 +13,10 @@ use tokio::net::TcpStream;
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn idle_keep_alive_client_is_reset_not_closed() {
-    let backend = Backend::start().await;
-    let mut config = config_for(backend.addr);
-    config.listeners[0].idle_timeout = Duration::from_millis(300);
-    let (running, addr) = start_tether(config).await;
+    let (_backend, running, addr) = backend_and_tether(|config| {
+        config.listeners[0].idle_timeout = Duration::from_millis(300);
+    })
+    .await;
 
     let stream = TcpStream::connect(addr).await.unwrap();
     let mut reader = BufReader::new(stream);
@@ -37,10 +37,10 @@ async fn idle_keep_alive_client_is_reset_not_closed() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn slowloris_and_silent_clients_are_reset_after_header_timeout() {
-    let backend = Backend::start().await;
-    let mut config = config_for(backend.addr);
-    config.listeners[0].header_timeout = Duration::from_millis(400);
-    let (running, addr) = start_tether(config).await;
+    let (backend, running, addr) = backend_and_tether(|config| {
+        config.listeners[0].header_timeout = Duration::from_millis(400);
+    })
+    .await;
 
     // Silent: connects and sends nothing.
     let mut silent = TcpStream::connect(addr).await.unwrap();
@@ -180,10 +180,10 @@ fn too_many_headers() -> Vec<u8> {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn malformed_requests_get_a_4xx_and_never_reach_the_backend() {
-    let backend = Backend::start().await;
-    let mut config = config_for(backend.addr);
-    config.listeners[0].close_grace = Duration::from_millis(200);
-    let (running, addr) = start_tether(config).await;
+    let (backend, running, addr) = backend_and_tether(|config| {
+        config.listeners[0].close_grace = Duration::from_millis(200);
+    })
+    .await;
 
     for (name, raw, status) in MALFORMED {
         let before = backend.requests();
@@ -212,8 +212,7 @@ async fn malformed_requests_get_a_4xx_and_never_reach_the_backend() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn content_length_with_transfer_encoding_is_never_forwarded_as_ambiguous() {
-    let backend = Backend::start().await;
-    let (running, addr) = start_tether(config_for(backend.addr)).await;
+    let (backend, running, addr) = backend_and_tether(|_| {}).await;
     let raw = b"POST /count HTTP/1.1\r\nHost: t\r\nContent-Length: 4\r\nTransfer-Encoding: chunked\r\n\r\n3\r\nabc\r\n0\r\n\r\n";
     let (bytes, _end) = exchange_raw(addr, raw, Duration::from_secs(5)).await;
     let resp = parse(&bytes).await;
@@ -224,10 +223,10 @@ async fn content_length_with_transfer_encoding_is_never_forwarded_as_ambiguous()
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn graceful_policy_closes_first_so_clients_that_wait_for_the_server_get_no_delay() {
-    let backend = Backend::start().await;
-    let mut config = config_for(backend.addr);
-    config.listeners[0].close_grace = Duration::from_secs(5);
-    let (running, addr) = start_tether(config).await;
+    let (_backend, running, addr) = backend_and_tether(|config| {
+        config.listeners[0].close_grace = Duration::from_secs(5);
+    })
+    .await;
 
     for request in [
         &b"GET / HTTP/1.0\r\n\r\n"[..],
@@ -265,11 +264,11 @@ async fn graceful_policy_closes_first_so_clients_that_wait_for_the_server_get_no
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn client_first_policy_never_sends_the_first_fin() {
-    let backend = Backend::start().await;
-    let mut config = config_for(backend.addr);
-    config.listeners[0].client_close = ClientClose::ClientFirst;
-    config.listeners[0].close_grace = Duration::from_millis(500);
-    let (running, addr) = start_tether(config).await;
+    let (_backend, running, addr) = backend_and_tether(|config| {
+        config.listeners[0].client_close = ClientClose::ClientFirst;
+        config.listeners[0].close_grace = Duration::from_millis(500);
+    })
+    .await;
 
     // A client that waits for the server: nothing until close_grace, then RST.
     let started = Instant::now();
@@ -308,10 +307,10 @@ async fn client_first_policy_never_sends_the_first_fin() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn abort_policy_resets_after_the_response_is_acknowledged_leaving_no_time_wait() {
-    let backend = Backend::start().await;
-    let mut config = config_for(backend.addr);
-    config.listeners[0].client_close = ClientClose::Abort;
-    let (running, addr) = start_tether(config).await;
+    let (_backend, running, addr) = backend_and_tether(|config| {
+        config.listeners[0].client_close = ClientClose::Abort;
+    })
+    .await;
 
     let mut ports = Vec::new();
     for _ in 0..20 {
@@ -337,10 +336,10 @@ async fn abort_policy_resets_after_the_response_is_acknowledged_leaving_no_time_
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn one_request_per_connection_spares_a_close_first_app_its_time_wait() {
-    let backend = Backend::start().await;
-    let mut config = config_for(backend.addr);
-    config.listeners[0].max_requests_per_connection = 1;
-    let (running, addr) = start_tether(config).await;
+    let (_backend, running, addr) = backend_and_tether(|config| {
+        config.listeners[0].max_requests_per_connection = 1;
+    })
+    .await;
 
     let mut ports = Vec::new();
     for _ in 0..100 {
@@ -370,8 +369,7 @@ async fn one_request_per_connection_spares_a_close_first_app_its_time_wait() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn half_close_after_a_complete_request_still_gets_the_whole_response() {
-    let backend = Backend::start().await;
-    let (running, addr) = start_tether(config_for(backend.addr)).await;
+    let (backend, running, addr) = backend_and_tether(|_| {}).await;
 
     let mut stream = TcpStream::connect(addr).await.unwrap();
     stream
@@ -398,10 +396,10 @@ async fn half_close_after_a_complete_request_still_gets_the_whole_response() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn http10_clients_get_content_length_when_the_body_fits_the_buffer() {
-    let backend = Backend::start().await;
-    let mut config = config_for(backend.addr);
-    config.listeners[0].http10_buffer = tether::config::Size::kib(64);
-    let (running, addr) = start_tether(config).await;
+    let (_backend, running, addr) = backend_and_tether(|config| {
+        config.listeners[0].http10_buffer = tether::config::Size::kib(64);
+    })
+    .await;
 
     let (bytes, end) = exchange_raw(
         addr,

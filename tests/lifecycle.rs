@@ -13,10 +13,10 @@ use tokio::net::TcpStream;
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn drain_resets_what_is_still_running_at_the_deadline() {
-    let backend = Backend::start().await;
-    let mut config = config_for(backend.addr);
-    config.runtime.drain_timeout = Duration::from_millis(500);
-    let (running, addr) = start_tether(config).await;
+    let (backend, running, addr) = backend_and_tether(|config| {
+        config.runtime.drain_timeout = Duration::from_millis(500);
+    })
+    .await;
 
     let mut stalled = TcpStream::connect(addr).await.unwrap();
     stalled
@@ -65,11 +65,11 @@ async fn drain_resets_what_is_still_running_at_the_deadline() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn connections_are_retired_at_max_lifetime_and_the_floor_is_refilled() {
-    let backend = Backend::start().await;
-    let mut config = config_for(backend.addr);
-    config.upstreams[0].pool.min_idle = 1;
-    config.upstreams[0].pool.max_lifetime = Duration::from_millis(400);
-    let (running, addr) = start_tether(config).await;
+    let (backend, running, addr) = backend_and_tether(|config| {
+        config.upstreams[0].pool.min_idle = 1;
+        config.upstreams[0].pool.max_lifetime = Duration::from_millis(400);
+    })
+    .await;
     assert_eq!(get_once(addr, "/").await.status, 200);
     // Each lifetime ends in a reset, and a new warm connection takes its place.
     wait_until(Duration::from_secs(10), || {

@@ -46,10 +46,10 @@ async fn five_thousand_sequential_connections_ride_the_warm_pool_without_time_wa
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn sixty_four_concurrent_clients_share_at_most_sixty_four_upstream_connections() {
-    let backend = Backend::start().await;
-    let mut config = config_for(backend.addr);
-    config.listeners[0].client_close = ClientClose::Abort;
-    let (running, addr) = start_tether(config).await;
+    let (backend, running, addr) = backend_and_tether(|config| {
+        config.listeners[0].client_close = ClientClose::Abort;
+    })
+    .await;
     let tw = TimeWaitBaseline::now();
 
     let mut tasks = Vec::new();
@@ -99,11 +99,11 @@ async fn warm_floor_is_opened_at_start_and_refilled_after_the_backend_closes_it(
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn retired_idle_connection_is_reset_and_leaves_no_time_wait() {
-    let backend = Backend::start().await;
-    let mut config = config_for(backend.addr);
-    config.upstreams[0].pool.min_idle = 0;
-    config.upstreams[0].pool.idle_timeout = Duration::from_millis(300);
-    let (running, addr) = start_tether(config).await;
+    let (backend, running, addr) = backend_and_tether(|config| {
+        config.upstreams[0].pool.min_idle = 0;
+        config.upstreams[0].pool.idle_timeout = Duration::from_millis(300);
+    })
+    .await;
     let tw = TimeWaitBaseline::now();
 
     let resp = get_once(addr, "/").await;

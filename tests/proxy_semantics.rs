@@ -26,8 +26,7 @@ fn seen<'a>(headers: &'a [(String, String)], name: &str) -> Option<&'a str> {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn hop_by_hop_headers_are_stripped_and_host_and_forwarded_for_are_set() {
-    let backend = Backend::start().await;
-    let (running, addr) = start_tether(config_for(backend.addr)).await;
+    let (_backend, running, addr) = backend_and_tether(|_| {}).await;
 
     let request = "GET /headers?x=1 HTTP/1.1\r\n\
         Host: legacy.example:8080\r\n\
@@ -106,10 +105,10 @@ async fn response_hop_by_hop_headers_are_stripped_too() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn forwarded_for_can_be_turned_off_and_http10_gets_a_host() {
-    let backend = Backend::start().await;
-    let mut config = config_for(backend.addr);
-    config.listeners[0].forwarded_for = false;
-    let (running, addr) = start_tether(config).await;
+    let (backend, running, addr) = backend_and_tether(|config| {
+        config.listeners[0].forwarded_for = false;
+    })
+    .await;
     let (bytes, _) = exchange_raw(
         addr,
         b"GET /headers HTTP/1.0\r\n\r\n",
@@ -125,8 +124,7 @@ async fn forwarded_for_can_be_turned_off_and_http10_gets_a_host() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn keep_alive_client_is_served_many_requests_on_one_connection() {
-    let backend = Backend::start().await;
-    let (running, addr) = start_tether(config_for(backend.addr)).await;
+    let (_backend, running, addr) = backend_and_tether(|_| {}).await;
     let stream = TcpStream::connect(addr).await.unwrap();
     let mut reader = BufReader::new(stream);
     for i in 0..100 {

@@ -297,8 +297,7 @@ const POST: &str =
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn backend_closing_idle_pooled_connections_is_invisible_to_clients() {
-    let backend = Backend::start().await;
-    let (running, addr) = start_tether(config_for(backend.addr)).await;
+    let (backend, running, addr) = backend_and_tether(|_| {}).await;
     assert_eq!(get_once(addr, "/").await.status, 200);
 
     // The backend has closed its idle connections: the stale check at checkout
@@ -337,8 +336,7 @@ async fn backend_closing_idle_pooled_connections_is_invisible_to_clients() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn racing_the_backend_close_retries_gets_and_never_sends_a_post_twice() {
-    let backend = Backend::start().await;
-    let (running, addr) = start_tether(config_for(backend.addr)).await;
+    let (backend, running, addr) = backend_and_tether(|_| {}).await;
     let mut posts_ok = 0;
     for round in 0..20 {
         // No wait: the request may be written just as the backend closes.

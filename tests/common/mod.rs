@@ -713,3 +713,14 @@ impl Relay {
         self.generation.fetch_add(1, Ordering::SeqCst);
     }
 }
+
+/// A backend, and tether in front of it configured by `tune`, warm and ready.
+pub async fn backend_and_tether(
+    tune: impl FnOnce(&mut Config),
+) -> (Backend, tether::Running, SocketAddr) {
+    let backend = Backend::start().await;
+    let mut config = config_for(backend.addr);
+    tune(&mut config);
+    let (running, addr) = start_tether(config).await;
+    (backend, running, addr)
+}
