@@ -12,14 +12,13 @@ use std::io;
 use std::net::SocketAddr;
 use std::pin::Pin;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
-use std::sync::{Arc, Mutex};
+use std::sync::Arc;
 use std::task::{Context, Poll};
 use std::time::Duration;
 
 use hyper_util::rt::TokioIo;
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, ReadBuf};
 use tokio::net::{TcpStream, UnixStream};
-use tokio::sync::Notify;
 use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
 
@@ -95,7 +94,7 @@ impl ConnState {
 
     /// A request head was parsed and handed to the service.
     pub fn exchange_started(&self) {
-        self.clock.set(Phase::Busy);
+        self.clock.set_busy();
     }
 
     /// Counts a request; returns how many this connection has carried.
@@ -120,7 +119,7 @@ impl ExchangeDone for ConnState {
             self.fin_ready.store(true, Ordering::Relaxed);
         }
         self.rescan.store(true, Ordering::Relaxed);
-        self.clock.set(Phase::Idle(Instant::now()));
+        self.clock.set(Phase::Idle, Instant::now());
     }
 }
 
@@ -147,35 +146,59 @@ impl HeadScan {
         if !self.active {
             return None;
         }
-        let room = self.limit.saturating_sub(self.buf.len());
-        self.buf.extend_from_slice(&bytes[..bytes.len().min(room)]);
-        // Leading empty lines before a request line are allowed and skipped.
-        let start = self
-            .buf
-            .iter()
-            .position(|b| *b != b'\r' && *b != b'\n')
-            .unwrap_or(self.buf.len());
-        let head = &self.buf[start..];
-        // A head ends at an empty line; bare LF line ends count too, as hyper
-        // accepts them.
-        let end = head
-            .windows(2)
-            .position(|w| w == b"\n\n")
-            .into_iter()
-            .chain(head.windows(3).position(|w| w == b"\n\r\n"))
-            .min();
-        let result = match end {
-            Some(end) => Some(declares_both_lengths(&head[..end])),
-            None if self.buf.len() >= self.limit => Some(false),
-            None => return None,
+        // Usually the whole head arrives in one read: scan it where it lies.
+        let scanned = if self.buf.is_empty() {
+            scan_head(bytes, self.limit)
+        } else {
+            let room = self.limit.saturating_sub(self.buf.len());
+            self.buf.extend_from_slice(&bytes[..bytes.len().min(room)]);
+            scan_head(&self.buf, self.limit)
+        };
+        let Some(result) = scanned else {
+            if self.buf.is_empty() {
+                self.buf
+                    .extend_from_slice(&bytes[..bytes.len().min(self.limit)]);
+            }
+            return None;
         };
         self.active = false;
         self.buf.clear();
         if self.buf.capacity() > 16 * 1024 {
             self.buf = Vec::new();
         }
-        result
+        Some(result)
     }
+}
+
+/// `Some(ambiguous)` once `bytes` hold a whole head (or `limit` bytes of one).
+fn scan_head(bytes: &[u8], limit: usize) -> Option<bool> {
+    match head_of(bytes) {
+        Some(head) => Some(declares_both_lengths(head)),
+        None if bytes.len() >= limit => Some(false),
+        None => None,
+    }
+}
+
+/// The head in `bytes` up to the empty line that ends it, once it is complete.
+/// Leading empty lines before a request line are skipped, and bare LF line
+/// ends count, as hyper accepts both.
+fn head_of(bytes: &[u8]) -> Option<&[u8]> {
+    let start = bytes.iter().position(|b| *b != b'\r' && *b != b'\n')?;
+    let head = &bytes[start..];
+    let mut from = 0;
+    while let Some(found) = memchr::memchr(b'\n', &head[from..]) {
+        let at = from + found;
+        let ends = match head.get(at + 1) {
+            Some(b'\n') => true,
+            Some(b'\r') => head.get(at + 2) == Some(&b'\n'),
+            _ => false,
+        };
+        if ends {
+            return Some(&head[..at]);
+        }
+        from = at + 1;
+    }
+    None
 }
 
 fn declares_both_lengths(head: &[u8]) -> bool {
@@ -188,85 +211,117 @@ fn declares_both_lengths(head: &[u8]) -> bool {
     length && encoding
 }
 
-#[derive(Debug, Clone, Copy)]
+/// What a client connection is doing, for its timeouts.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
 enum Phase {
-    /// Reading a request head that began at this instant (or the connection
-    /// was accepted then).
-    Head(Instant),
+    /// Reading a request head (or just accepted).
+    Head,
     /// A request is being served; no client timeout runs.
     Busy,
-    /// Waiting for the next request since this instant.
-    Idle(Instant),
+    /// Waiting for the next request.
+    Idle,
 }
 
 /// The header and idle timers of one connection.
+///
+/// The phase and the instant it began live in one atomic word that the IO and
+/// the service update without waking anyone; the connection's single timer is
+/// lazy: when it fires it reads the phase and either expires or re-arms. A
+/// timer that fires early costs one wake-up; one that fires late would let a
+/// slow client overstay, so it is never armed past the earliest deadline any
+/// phase could have from now.
 struct Clock {
-    phase: Mutex<Phase>,
-    changed: Notify,
+    /// Phase in the top two bits, milliseconds since `origin` in the rest.
+    word: AtomicU64,
+    origin: Instant,
     header_timeout: Duration,
     idle_timeout: Duration,
 }
 
+const PHASE_SHIFT: u32 = 62;
+const SINCE_MASK: u64 = (1 << PHASE_SHIFT) - 1;
+
 impl Clock {
     fn new(header_timeout: Duration, idle_timeout: Duration) -> Self {
         Self {
-            phase: Mutex::new(Phase::Head(Instant::now())),
-            changed: Notify::new(),
+            word: AtomicU64::new(0),
+            origin: Instant::now(),
             header_timeout,
             idle_timeout,
         }
     }
 
-    fn lock(&self) -> std::sync::MutexGuard<'_, Phase> {
-        self.phase.lock().unwrap_or_else(|e| e.into_inner())
+    fn encode(&self, phase: Phase, at: Instant) -> u64 {
+        let tag = match phase {
+            Phase::Head => 0,
+            Phase::Busy => 1,
+            Phase::Idle => 2,
+        };
+        let millis =
+            u64::try_from(at.duration_since(self.origin).as_millis()).unwrap_or(SINCE_MASK);
+        (tag << PHASE_SHIFT) | (millis & SINCE_MASK)
     }
 
-    fn set(&self, phase: Phase) {
-        *self.lock() = phase;
-        self.changed.notify_one();
+    fn decode(&self, word: u64) -> (Phase, Instant) {
+        let phase = match word >> PHASE_SHIFT {
+            0 => Phase::Head,
+            1 => Phase::Busy,
+            _ => Phase::Idle,
+        };
+        (
+            phase,
+            self.origin + Duration::from_millis(word & SINCE_MASK),
+        )
+    }
+
+    fn set(&self, phase: Phase, at: Instant) {
+        self.word.store(self.encode(phase, at), Ordering::Release);
+    }
+
+    /// Busy has no deadline, so no clock read.
+    fn set_busy(&self) {
+        self.word.store(1 << PHASE_SHIFT, Ordering::Release);
     }
 
     /// Bytes arrived from the client: an idle connection starts a request head.
     fn bytes_arrived(&self) {
-        let mut phase = self.lock();
-        if let Phase::Idle(_) = *phase {
-            *phase = Phase::Head(Instant::now());
-            drop(phase);
-            self.changed.notify_one();
+        let word = self.word.load(Ordering::Acquire);
+        if self.decode(word).0 == Phase::Idle {
+            // Lost races are harmless: whoever wins set a newer phase.
+            let _ = self.word.compare_exchange(
+                word,
+                self.encode(Phase::Head, Instant::now()),
+                Ordering::AcqRel,
+                Ordering::Relaxed,
+            );
         }
     }
 
     fn deadline(&self) -> Option<(Instant, &'static str)> {
-        match *self.lock() {
-            Phase::Head(since) => Some((since + self.header_timeout, "header-timeout")),
-            Phase::Idle(since) => Some((since + self.idle_timeout, "idle-timeout")),
-            Phase::Busy => None,
+        match self.decode(self.word.load(Ordering::Acquire)) {
+            (Phase::Head, since) => Some((since + self.header_timeout, "header-timeout")),
+            (Phase::Idle, since) => Some((since + self.idle_timeout, "idle-timeout")),
+            (Phase::Busy, _) => None,
         }
     }
 
     /// Resolves with the reason once a deadline passes in the phase it was set for.
     async fn expired(&self) -> &'static str {
+        // Any phase entered from now on has a deadline no earlier than this.
+        let horizon = self.header_timeout.min(self.idle_timeout);
+        let soonest = Instant::now() + horizon;
+        let first = self.deadline().map_or(soonest, |(at, _)| at.min(soonest));
+        let timer = tokio::time::sleep_until(first);
+        tokio::pin!(timer);
         loop {
-            let notified = self.changed.notified();
-            tokio::pin!(notified);
-            notified.as_mut().enable();
-            match self.deadline() {
-                None => notified.await,
-                Some((at, reason)) => {
-                    if Instant::now() >= at {
-                        return reason;
-                    }
-                    tokio::select! {
-                        _ = tokio::time::sleep_until(at) => {
-                            // Re-check: the phase may have moved on at the same moment.
-                            if self.deadline().is_some_and(|(now_at, _)| now_at <= Instant::now()) {
-                                return reason;
-                            }
-                        }
-                        _ = notified => {}
-                    }
-                }
-            }
+            timer.as_mut().await;
+            let now = Instant::now();
+            let next = match self.deadline() {
+                Some((at, reason)) if at <= now => return reason,
+                Some((at, _)) => at.min(now + horizon),
+                None => now + horizon,
+            };
+            timer.as_mut().reset(next);
         }
     }
 }

@@ -22,19 +22,37 @@ const HOP_BY_HOP: [HeaderName; 7] = [
 /// `Host` and `Content-Length` are kept even if named: removing them would
 /// change what the message means, which a client cannot ask of a proxy.
 pub fn strip_hop_by_hop(headers: &mut HeaderMap) {
-    let named: Vec<HeaderName> = headers
-        .get_all(header::CONNECTION)
-        .iter()
-        .filter_map(|v| v.to_str().ok())
-        .flat_map(|v| v.split(','))
-        .filter_map(|token| HeaderName::from_bytes(token.trim().as_bytes()).ok())
-        .filter(|name| *name != header::HOST && *name != header::CONTENT_LENGTH)
-        .collect();
-    for name in named {
-        headers.remove(name);
+    // One pass over the names finds which hop-by-hop headers are present; most
+    // messages carry only `Connection`, if that.
+    let mut present = [false; 7];
+    for name in headers.keys() {
+        if let Some(i) = HOP_BY_HOP.iter().position(|hop| hop == name) {
+            present[i] = true;
+        }
     }
-    for name in &HOP_BY_HOP {
-        headers.remove(name);
+    if present[0] {
+        let named: Vec<HeaderName> = headers
+            .get_all(header::CONNECTION)
+            .iter()
+            .filter_map(|v| v.to_str().ok())
+            .flat_map(|v| v.split(','))
+            .map(str::trim)
+            // `keep-alive` goes below anyway; `close` is an option, and a
+            // field of that name is reserved (RFC 9110 §7.6.1).
+            .filter(|token| {
+                !token.eq_ignore_ascii_case("keep-alive") && !token.eq_ignore_ascii_case("close")
+            })
+            .filter_map(|token| HeaderName::from_bytes(token.as_bytes()).ok())
+            .filter(|name| *name != header::HOST && *name != header::CONTENT_LENGTH)
+            .collect();
+        for name in named {
+            headers.remove(name);
+        }
+    }
+    for (name, present) in HOP_BY_HOP.iter().zip(present) {
+        if present {
+            headers.remove(name);
+        }
     }
 }
 
@@ -91,7 +109,7 @@ pub fn reject_reason<B>(request: &Request<B>) -> Option<&'static str> {
 /// client's address appended to X-Forwarded-For.
 pub fn prepare_upstream(
     parts: &mut http::request::Parts,
-    client: Option<IpAddr>,
+    client: Option<&HeaderValue>,
     forwarded_for: bool,
     fallback_host: &str,
 ) {
@@ -119,8 +137,8 @@ pub fn prepare_upstream(
     }
     parts.version = Version::HTTP_11;
     if forwarded_for {
-        if let Some(ip) = client {
-            append_forwarded_for(&mut parts.headers, ip);
+        if let Some(address) = client {
+            append_forwarded_for(&mut parts.headers, address);
         }
     }
 }
@@ -147,19 +165,29 @@ pub fn to_http2_form(parts: &mut http::request::Parts) {
     parts.version = Version::HTTP_2;
 }
 
-fn append_forwarded_for(headers: &mut HeaderMap, ip: IpAddr) {
+/// The value a client address adds to X-Forwarded-For; made once per
+/// connection, as every request on it appends the same address.
+pub fn forwarded_for_value(ip: IpAddr) -> Option<HeaderValue> {
+    HeaderValue::from_str(&ip.to_string()).ok()
+}
+
+fn append_forwarded_for(headers: &mut HeaderMap, address: &HeaderValue) {
     let name = HeaderName::from_static("x-forwarded-for");
     let prior: Vec<&str> = headers
         .get_all(&name)
         .iter()
         .filter_map(|v| v.to_str().ok())
         .collect();
-    let value = if prior.is_empty() {
-        ip.to_string()
-    } else {
-        format!("{}, {ip}", prior.join(", "))
-    };
-    if let Ok(value) = HeaderValue::from_str(&value) {
+    if prior.is_empty() {
+        headers.insert(name, address.clone());
+        return;
+    }
+    let chain = format!(
+        "{}, {}",
+        prior.join(", "),
+        address.to_str().unwrap_or_default()
+    );
+    if let Ok(value) = HeaderValue::from_str(&chain) {
         headers.insert(name, value);
     }
 }
@@ -189,7 +217,8 @@ mod tests {
         let mut h = HeaderMap::new();
         h.append("x-forwarded-for", "10.0.0.1".parse().unwrap());
         h.append("x-forwarded-for", "10.0.0.2".parse().unwrap());
-        append_forwarded_for(&mut h, "127.0.0.1".parse().unwrap());
+        let address = forwarded_for_value("127.0.0.1".parse().unwrap()).unwrap();
+        append_forwarded_for(&mut h, &address);
         assert_eq!(
             h.get("x-forwarded-for").unwrap(),
             "10.0.0.1, 10.0.0.2, 127.0.0.1"

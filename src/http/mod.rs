@@ -108,6 +108,8 @@ pub struct ProxyService {
     route: Arc<Route>,
     conn: Arc<ConnState>,
     client: Option<IpAddr>,
+    /// The client's address as X-Forwarded-For appends it.
+    forwarded_for: Option<HeaderValue>,
 }
 
 type ServiceFuture = Pin<Box<dyn Future<Output = Result<Response<ProxyBody>, Infallible>> + Send>>;
@@ -124,7 +126,7 @@ impl hyper::service::Service<Request<Incoming>> for ProxyService {
             let started = Instant::now();
             let done = this.conn.clone();
             let route = this.route.clone();
-            let response = this.handle(request).await;
+            let response = this.handle(request, started).await;
             let reason = response
                 .headers()
                 .get(ERROR_HEADER)
@@ -149,15 +151,16 @@ enum ForwardError {
 impl ProxyService {
     /// A service for one accepted connection.
     pub fn new(route: Arc<Route>, conn: Arc<ConnState>, client: Option<SocketAddr>) -> Self {
+        let client = client.map(|a| a.ip());
         Self {
             route,
             conn,
-            client: client.map(|a| a.ip()),
+            client,
+            forwarded_for: client.and_then(headers::forwarded_for_value),
         }
     }
 
-    async fn handle(self, request: Request<Incoming>) -> Response<ProxyBody> {
-        let started = Instant::now();
+    async fn handle(self, request: Request<Incoming>, started: Instant) -> Response<ProxyBody> {
         let listener = &self.route.listener;
         let served = self.conn.count_request();
         let limit = listener.max_requests_per_connection;
@@ -189,7 +192,7 @@ impl ProxyService {
         let (mut parts, body) = request.into_parts();
         headers::prepare_upstream(
             &mut parts,
-            self.client,
+            self.forwarded_for.as_ref(),
             listener.forwarded_for,
             &self.route.fallback_host,
         );
@@ -198,12 +201,14 @@ impl ProxyService {
         }
 
         let deadline = started + listener.request_timeout;
-        let body = match tokio::time::timeout_at(
-            deadline,
-            UpstreamBody::prefetch(body, listener.request_buffer.as_usize()),
-        )
-        .await
-        {
+        let limit = listener.request_buffer.as_usize();
+        // Most requests have no body: no timer for them.
+        let prefetched = if body.is_end_stream() {
+            Ok(UpstreamBody::prefetch(body, limit).await)
+        } else {
+            tokio::time::timeout_at(deadline, UpstreamBody::prefetch(body, limit)).await
+        };
+        let body = match prefetched {
             Ok(Ok(body)) => body,
             Ok(Err(e)) => {
                 return self.refuse(StatusCode::BAD_REQUEST, "bad-request-body", &e.to_string())
@@ -427,17 +432,11 @@ fn body_allowed(status: StatusCode) -> bool {
 
 /// The head of a request, without its extensions, for a replay.
 fn copy_head(parts: &http::request::Parts) -> http::request::Parts {
-    let mut builder = Request::builder()
-        .method(parts.method.clone())
-        .uri(parts.uri.clone())
-        .version(parts.version);
-    if let Some(headers) = builder.headers_mut() {
-        *headers = parts.headers.clone();
-    }
-    let (head, ()) = builder
-        .body(())
-        .unwrap_or_else(|_| Request::new(()))
-        .into_parts();
+    let (mut head, ()) = Request::new(()).into_parts();
+    head.method = parts.method.clone();
+    head.uri = parts.uri.clone();
+    head.version = parts.version;
+    head.headers = parts.headers.clone();
     head
 }
 

@@ -282,7 +282,8 @@ impl Conn {
 
     /// Records `Keep-Alive: timeout=N, max=M` and `Connection: close`.
     pub(crate) fn note_response(&mut self, headers: &http::HeaderMap) {
-        if let Some(value) = headers.get("keep-alive").and_then(|v| v.to_str().ok()) {
+        const KEEP_ALIVE: http::HeaderName = http::HeaderName::from_static("keep-alive");
+        if let Some(value) = headers.get(KEEP_ALIVE).and_then(|v| v.to_str().ok()) {
             let hint = KeepAliveHint::parse(value);
             if hint.timeout.is_some() {
                 self.announced.timeout = hint.timeout;
