@@ -168,7 +168,27 @@ pub fn to_http2_form(parts: &mut http::request::Parts) {
 /// The value a client address adds to X-Forwarded-For; made once per
 /// connection, as every request on it appends the same address.
 pub fn forwarded_for_value(ip: IpAddr) -> Option<HeaderValue> {
-    HeaderValue::from_str(&ip.to_string()).ok()
+    match ip {
+        // Every new client connection pays for this; the formatting machinery
+        // behind `Display` costs several times more than writing four numbers.
+        IpAddr::V4(v4) => {
+            let mut text = Vec::with_capacity(15);
+            for (i, octet) in v4.octets().into_iter().enumerate() {
+                if i > 0 {
+                    text.push(b'.');
+                }
+                if octet >= 100 {
+                    text.push(b'0' + octet / 100);
+                }
+                if octet >= 10 {
+                    text.push(b'0' + octet / 10 % 10);
+                }
+                text.push(b'0' + octet % 10);
+            }
+            HeaderValue::from_maybe_shared(bytes::Bytes::from(text)).ok()
+        }
+        IpAddr::V6(_) => HeaderValue::from_str(&ip.to_string()).ok(),
+    }
 }
 
 fn append_forwarded_for(headers: &mut HeaderMap, address: &HeaderValue) {
@@ -223,6 +243,21 @@ mod tests {
             h.get("x-forwarded-for").unwrap(),
             "10.0.0.1, 10.0.0.2, 127.0.0.1"
         );
+    }
+
+    #[test]
+    fn forwarded_for_value_matches_display() {
+        for ip in [
+            "0.0.0.0",
+            "127.0.0.1",
+            "10.20.100.255",
+            "192.168.9.99",
+            "::1",
+            "fe80::1",
+        ] {
+            let ip: IpAddr = ip.parse().unwrap();
+            assert_eq!(forwarded_for_value(ip).unwrap(), ip.to_string().as_str());
+        }
     }
 
     #[test]
