@@ -527,9 +527,6 @@ pub async fn serve(
     shutdown: Shutdown,
 ) -> Ending {
     let listener = &route.listener;
-    if let ClientStream::Tcp(s) = &stream {
-        sock::configure_client(s);
-    }
     let state = Arc::new(ConnState::new(
         listener.header_timeout,
         listener.idle_timeout,

@@ -90,6 +90,7 @@ pub fn bind(addr: &ListenAddr) -> Result<Bound, ListenerError> {
             }
             .map_err(error)?;
             socket.set_reuseaddr(true).map_err(error)?;
+            sock::configure_listener(&socket);
             socket.bind(*sa).map_err(error)?;
             Ok(Bound::Tcp(socket.listen(BACKLOG).map_err(error)?))
         }
@@ -173,4 +174,21 @@ pub async fn accept_loop(
     }
     tracing::info!(listener = %route.listener.name, "stopped accepting");
     drop(bound);
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[tokio::test]
+    async fn accepted_client_sockets_have_nodelay() {
+        let addr: SocketAddr = ([127, 0, 0, 1], 0).into();
+        let Bound::Tcp(listener) = bind(&ListenAddr::Tcp(addr)).unwrap() else {
+            panic!("expected a TCP listener");
+        };
+        let target = listener.local_addr().unwrap();
+        let _client = tokio::net::TcpStream::connect(target).await.unwrap();
+        let (accepted, _) = listener.accept().await.unwrap();
+        assert!(accepted.nodelay().unwrap());
+    }
 }

@@ -50,11 +50,12 @@ pub fn configure_upstream(socket: &impl AsFd, keepalive: &KeepaliveConfig) {
     }
 }
 
-/// Sets TCP_NODELAY on an accepted client socket: responses are written whole,
-/// and Nagle would only delay the last segment of each.
-pub fn configure_client(socket: &impl AsFd) {
+/// Sets TCP_NODELAY on a listening socket: responses are written whole, and
+/// Nagle would only delay the last segment of each. Linux copies the option to
+/// every socket the listener accepts, which saves a setsockopt per connection.
+pub fn configure_listener(socket: &impl AsFd) {
     if let Err(e) = SockRef::from(socket).set_nodelay(true) {
-        tracing::debug!(error = %e, "cannot set TCP_NODELAY on client socket");
+        tracing::debug!(error = %e, "cannot set TCP_NODELAY on listening socket");
     }
 }
 

@@ -15,7 +15,7 @@ use std::task::{ready, Context, Poll};
 use hyper::body::Incoming;
 use hyper::client::conn::http1::SendRequest;
 use hyper_util::rt::TokioIo;
-use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
+use tokio::io::{AsyncRead, AsyncWrite, Interest, ReadBuf};
 use tokio::net::TcpStream;
 use tokio::sync::OwnedSemaphorePermit;
 use tokio::time::Instant;
@@ -51,17 +51,29 @@ impl AsyncRead for UpstreamIo {
     ) -> Poll<io::Result<()>> {
         loop {
             ready!(self.socket.poll_read_ready(cx))?;
-            // try_read_buf fills the uninitialised part directly: zeroing it
-            // first (initialize_unfilled) would cost a memset of hyper's whole
-            // read buffer on every read.
-            match self.socket.try_read_buf(buf) {
-                Ok(n) => {
-                    self.received.fetch_add(n as u64, Ordering::Relaxed);
-                    return Poll::Ready(Ok(()));
+            // Reads into the uninitialised part directly: zeroing it first
+            // (initialize_unfilled) would cost a memset of hyper's whole read
+            // buffer on every read. A read that leaves room in the buffer
+            // drained the socket, so readiness is cleared as tokio's own
+            // poll_read does: the next read waits for epoll instead of
+            // costing a recv that returns EAGAIN (one per response otherwise).
+            let room = buf.remaining();
+            let mut read = 0;
+            let attempt = self.socket.try_io(Interest::READABLE, || {
+                read = self.socket.try_read_buf(buf)?;
+                if read > 0 && read < room {
+                    return Err(io::ErrorKind::WouldBlock.into());
                 }
+                Ok(())
+            });
+            match attempt {
+                Ok(()) => {}
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock && read > 0 => {}
                 Err(e) if e.kind() == io::ErrorKind::WouldBlock => continue,
                 Err(e) => return Poll::Ready(Err(e)),
             }
+            self.received.fetch_add(read as u64, Ordering::Relaxed);
+            return Poll::Ready(Ok(()));
         }
     }
 }
