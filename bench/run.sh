@@ -3,18 +3,23 @@
 #
 # Two network namespaces joined by a veth pair: `app` holds the load client and
 # the proxy (on 127.0.0.1:9000), `backend` holds a keep-alive nginx serving a
-# 100-byte (/small) and a 16 KiB (/large) response. Every case runs for each
-# proxy in turn (interleaved), REPEAT times; bench/report.py takes the medians.
-# Needs root. Results: bench/results.jsonl and bench/RESULTS.md.
+# 100-byte (/small) and a 16 KiB (/large) response. Both namespaces are made
+# afresh for every case, so no case inherits another's TIME_WAIT sockets or
+# port usage. Every case runs for each proxy in turn (interleaved), REPEAT
+# times; bench/report.py takes the medians and draws the chart.
+# Needs root. Results: bench/results.jsonl, bench/RESULTS.md, bench/RESULTS.svg.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
 DURATION=${DURATION:-10}          # seconds per case
 REPEAT=${REPEAT:-3}
 THREADS=${THREADS:-"1 2"}
-MODES=${MODES:-"http10 close-first keep-alive"}
+MODES=${MODES:-"http10 close-first keep-alive port-exhaustion"}
 BODIES=${BODIES:-"small large"}
-PROXIES=${PROXIES:-"direct haproxy nginx tether"}
+# tether-mr1-graceful / tether-mr1-abort: max_requests_per_connection = 1 with
+# that client_close policy; they run in the close-first and port-exhaustion modes.
+PROXIES=${PROXIES:-"direct haproxy nginx tether tether-mr1-graceful tether-mr1-abort"}
+PORTS=${PORTS:-1000}              # ephemeral ports left to `app` in port-exhaustion
 CONCURRENCY=${CONCURRENCY:-32}
 POOL=${POOL:-64}                  # upstream connections each proxy may keep
 
@@ -31,19 +36,12 @@ OUT=bench/results.jsonl
 : > "$OUT"
 
 cleanup() {
-  ip netns pids "$APP" 2>/dev/null | xargs -r kill -9 2>/dev/null || true
-  ip netns pids "$BACKEND" 2>/dev/null | xargs -r kill -9 2>/dev/null || true
-  ip netns del "$APP" 2>/dev/null || true
-  ip netns del "$BACKEND" 2>/dev/null || true
+  for ns in "$APP" "$BACKEND"; do
+    ip netns pids "$ns" 2>/dev/null | xargs -r kill -9 2>/dev/null || true
+    ip netns del "$ns" 2>/dev/null || true
+  done
 }
 trap cleanup EXIT
-cleanup
-ip netns add "$APP"; ip netns add "$BACKEND"
-ip link add tb-a type veth peer name tb-b
-ip link set tb-a netns "$APP"; ip link set tb-b netns "$BACKEND"
-ip -n "$APP" addr add 10.88.0.1/24 dev tb-a; ip -n "$BACKEND" addr add 10.88.0.2/24 dev tb-b
-for ns in "$APP" "$BACKEND"; do ip -n "$ns" link set lo up; done
-ip -n "$APP" link set tb-a up; ip -n "$BACKEND" link set tb-b up
 
 chmod 755 "$WORK"
 head -c 16384 /dev/zero | tr '\0' 'x' > "$WORK/large"; chmod 644 "$WORK/large"
@@ -65,7 +63,24 @@ http {
   }
 }
 CONF
-ip netns exec "$BACKEND" nginx -c "$WORK/backend.conf"
+
+# Fresh namespaces, veth and backend for one case.
+net_up() { # ephemeral port range for app ("" = the kernel's default)
+  cleanup
+  ip netns add "$APP"; ip netns add "$BACKEND"
+  ip link add tb-a type veth peer name tb-b
+  ip link set tb-a netns "$APP"; ip link set tb-b netns "$BACKEND"
+  ip -n "$APP" addr add 10.88.0.1/24 dev tb-a; ip -n "$BACKEND" addr add 10.88.0.2/24 dev tb-b
+  for ns in "$APP" "$BACKEND"; do
+    ip -n "$ns" link set lo up
+    # Count every TIME_WAIT socket: a full bucket table would hide them.
+    ip netns exec "$ns" sysctl -qw net.ipv4.tcp_max_tw_buckets=1000000
+  done
+  ip -n "$APP" link set tb-a up; ip -n "$BACKEND" link set tb-b up
+  [ -n "$1" ] && ip netns exec "$APP" sysctl -qw net.ipv4.ip_local_port_range="$1"
+  ip netns exec "$BACKEND" nginx -c "$WORK/backend.conf"
+  for _ in $(seq 50); do ip netns exec "$APP" bash -c "exec 3<>/dev/tcp/${BACKEND_ADDR%:*}/${BACKEND_ADDR#*:}" 2>/dev/null && break; sleep 0.1; done
+}
 
 backend_accepts() {
   ip netns exec "$BACKEND" bash -c "exec 3<>/dev/tcp/${BACKEND_ADDR%:*}/${BACKEND_ADDR#*:};
@@ -106,13 +121,20 @@ http {
   }
 }
 CONF
-  cat > "$WORK/tether.toml" <<CONF
+  for variant in tether tether-mr1-graceful tether-mr1-abort; do
+    local listener_extra=""
+    case $variant in
+      tether-mr1-graceful) listener_extra=$'max_requests_per_connection = 1\nclient_close = "graceful"' ;;
+      tether-mr1-abort) listener_extra=$'max_requests_per_connection = 1\nclient_close = "abort"' ;;
+    esac
+    cat > "$WORK/$variant.toml" <<CONF
 [log]
 level = "warn"
 [[listener]]
 name = "app"
 listen = "127.0.0.1:9000"
 upstream = "backend"
+$listener_extra
 [[upstream]]
 name = "backend"
 endpoints = ["$BACKEND_ADDR"]
@@ -124,14 +146,15 @@ enabled = false
 [runtime]
 worker_threads = $t
 CONF
+  done
 }
 
 start_proxy() { # name -> prints pid
   case $1 in
     haproxy) ip netns exec "$APP" haproxy -D -p "$WORK/haproxy.pid" -f "$WORK/haproxy.cfg"; cat "$WORK/haproxy.pid" ;;
     nginx) ip netns exec "$APP" nginx -c "$WORK/nginx.conf"; sleep 0.2; cat "$WORK/nginx.pid" ;;
-    tether) ip netns exec "$APP" "$BIN" run --config "$WORK/tether.toml" >/dev/null 2>"$WORK/tether.err" &
-            echo $! ;;
+    tether*) ip netns exec "$APP" "$BIN" run --config "$WORK/$1.toml" >/dev/null 2>"$WORK/tether.err" &
+             echo $! ;;
   esac
 }
 
@@ -147,7 +170,15 @@ for r in $(seq 1 "$REPEAT"); do
   write_configs "$t"
   for m in $MODES; do
    for b in $BODIES; do
+    # port-exhaustion: close-first clients with only $PORTS ephemeral ports, 100 B.
+    load_mode=$m; ports=""
+    if [ "$m" = port-exhaustion ]; then
+      [ "$b" = small ] || continue
+      load_mode=close-first; ports="40000 $((40000 + PORTS - 1))"
+    fi
     for p in $PROXIES; do
+      case $p in tether-mr1-*) [ "$load_mode" = close-first ] || continue ;; esac
+      net_up "$ports"
       target=127.0.0.1:9000; pid=""
       if [ "$p" = direct ]; then target=$BACKEND_ADDR; else pid=$(start_proxy "$p"); fi
       for _ in $(seq 50); do ip netns exec "$APP" bash -c "exec 3<>/dev/tcp/${target%:*}/${target#*:}" 2>/dev/null && break; sleep 0.1; done
@@ -156,7 +187,7 @@ for r in $(seq 1 "$REPEAT"); do
       accepts_before=$(backend_accepts)
       time_wait "$APP" > "$WORK/tw-app-before"; time_wait "$BACKEND" > "$WORK/tw-be-before"
       cpu_before=0; [ -n "$pid" ] && cpu_before=$(cpu_ticks "$pid")
-      result=$(ip netns exec "$APP" "$BIN" load --target "$target" --mode "$m" --concurrency "$CONCURRENCY" \
+      result=$(ip netns exec "$APP" "$BIN" load --target "$target" --mode "$load_mode" --concurrency "$CONCURRENCY" \
         --duration "${DURATION}s" --path "/$b" --json)
       cpu=0; rss=0; [ -n "$pid" ] && { cpu=$(( $(cpu_ticks "$pid") - cpu_before )); rss=$(peak_rss_kib "$pid"); }
       time_wait "$APP" > "$WORK/tw-app-after"; time_wait "$BACKEND" > "$WORK/tw-be-after"
@@ -173,18 +204,19 @@ p, t, m, b, r, cpu, rss, acc, twab, twb, twc, twp = sys.argv[1:]
 d = json.loads('''$result''')
 hz = os.sysconf("SC_CLK_TCK")
 done = max(d["requests"], 1)
-d.update(proxy=p, threads=int(t), body=b, repeat=int(r),
+d.update(proxy=p, threads=int(t), mode=m, body=b, repeat=int(r),
          cpu_s_per_1k=int(cpu) / hz / done * 1000 if p != "direct" else None,
          peak_rss_kib=int(rss) if p != "direct" else None, backend_accepts=int(acc),
          tw_app_to_backend=int(twab), tw_in_backend=int(twb), tw_client_to_proxy=int(twc), tw_proxy_to_client=int(twp))
 print(json.dumps(d))
 PY
-      printf '%-8s t=%s %-11s %-5s run %s: %s\n' "$p" "$t" "$m" "$b" "$r" \
+      printf '%-20s t=%s %-15s %-5s run %s: %s\n' "$p" "$t" "$m" "$b" "$r" \
         "$(tail -1 "$OUT" | python3 -c 'import json,sys; d=json.load(sys.stdin); print("%.0f req/s, p99 %.2f ms, errors %d" % (d["rps"], d["p99_ms"], d["errors"]))')"
     done
    done
   done
  done
 done
-python3 bench/report.py "$OUT" > bench/RESULTS.md
-echo "wrote bench/RESULTS.md"
+cleanup
+python3 bench/report.py "$OUT" bench/RESULTS.svg > bench/RESULTS.md
+echo "wrote bench/RESULTS.md and bench/RESULTS.svg"
