@@ -648,7 +648,9 @@ impl ProbeConfig {
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
 #[serde(deny_unknown_fields)]
 pub struct RuntimeConfig {
-    /// Worker threads; 0 = one per core. Default 0.
+    /// Workers, each a single-threaded event loop with its own accept socket
+    /// (SO_REUSEPORT) and its own share of every upstream pool; 0 = one per
+    /// core. Default 0.
     #[serde(default)]
     pub worker_threads: usize,
     /// After SIGTERM, time in-flight requests get to finish before the rest is

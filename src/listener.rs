@@ -78,6 +78,13 @@ impl Bound {
 
 /// Binds `addr`. A stale unix socket file left by an earlier run is replaced.
 pub fn bind(addr: &ListenAddr) -> Result<Bound, ListenerError> {
+    bind_shared(addr, false)
+}
+
+/// Binds `addr`; with `reuse_port`, TCP sockets set SO_REUSEPORT so that each
+/// worker can bind its own socket on the same address and the kernel spreads
+/// new connections among them.
+pub fn bind_shared(addr: &ListenAddr, reuse_port: bool) -> Result<Bound, ListenerError> {
     let error = |source| ListenerError::Bind {
         addr: addr.to_string(),
         source,
@@ -90,6 +97,9 @@ pub fn bind(addr: &ListenAddr) -> Result<Bound, ListenerError> {
             }
             .map_err(error)?;
             socket.set_reuseaddr(true).map_err(error)?;
+            if reuse_port {
+                socket.set_reuseport(true).map_err(error)?;
+            }
             sock::configure_listener(&socket);
             socket.bind(*sa).map_err(error)?;
             Ok(Bound::Tcp(socket.listen(BACKLOG).map_err(error)?))
@@ -108,14 +118,15 @@ pub fn bind(addr: &ListenAddr) -> Result<Bound, ListenerError> {
 }
 
 /// Accepts until draining starts, one task per connection (tracked, so the
-/// drain can wait for them).
+/// drain can wait for them) on the runtime the loop runs on. `limit` holds the
+/// listener's connection permits, shared by every worker's accept loop.
 pub async fn accept_loop(
     bound: Bound,
     route: Arc<Route>,
+    limit: Arc<Semaphore>,
     shutdown: Shutdown,
     tracker: TaskTracker,
 ) {
-    let limit = Arc::new(Semaphore::new(route.listener.max_connections));
     let label = ListenerLabel {
         listener: route.label.clone(),
     };

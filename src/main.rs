@@ -179,27 +179,45 @@ fn load(path: &std::path::Path) -> Result<Config, ExitCode> {
 
 fn run(config: Config) -> anyhow::Result<()> {
     tether::telemetry::init(&config.log);
-    // One worker needs no work-stealing scheduler: everything runs on the
-    // main thread, and wake-ups between a client task and its upstream
-    // connection task stay on it.
-    let mut runtime = match config.runtime.worker_threads {
-        1 => tokio::runtime::Builder::new_current_thread(),
-        n => {
-            let mut builder = tokio::runtime::Builder::new_multi_thread();
-            if n > 0 {
-                builder.worker_threads(n);
-            }
-            builder
-        }
+    let workers = match config.runtime.worker_threads {
+        0 => std::thread::available_parallelism().map_or(1, usize::from),
+        n => n,
     };
-    runtime.enable_all();
-    let runtime = runtime.build().context("cannot start the async runtime")?;
-    runtime.block_on(async {
-        let running = tether::start(config).await?;
+    // Every worker is a single-threaded event loop with its own accept socket
+    // and pool share (see `server::start_on`): a request stays on one thread,
+    // with no work-stealing scheduler between its client and upstream tasks.
+    // The main thread is the first worker and also runs the admin server.
+    let runtime = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .context("cannot start the async runtime")?;
+    let stop = tokio_util::sync::CancellationToken::new();
+    let mut handles = Vec::new();
+    let mut threads = Vec::new();
+    for index in 1..workers {
+        let worker = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+            .context("cannot start a worker's runtime")?;
+        handles.push(worker.handle().clone());
+        let stop = stop.clone();
+        let thread = std::thread::Builder::new()
+            .name(format!("tether-worker-{index}"))
+            .spawn(move || worker.block_on(stop.cancelled_owned()))
+            .context("cannot start a worker thread")?;
+        threads.push(thread);
+    }
+    let result = runtime.block_on(async {
+        let running = tether::server::start_on(config, &handles).await?;
         wait_for_signal().await?;
         running.drain().await;
-        Ok(())
-    })
+        anyhow::Ok(())
+    });
+    stop.cancel();
+    for thread in threads {
+        let _ = thread.join();
+    }
+    result
 }
 
 fn doctor(to: Option<&str>, port: Option<u16>, json: bool) -> anyhow::Result<()> {

@@ -180,6 +180,21 @@ impl Metrics {
     }
 }
 
+/// Folds rows with the same upstream and endpoint into the first of them.
+fn merge_rows(rows: &mut Vec<(String, String, u64)>, combine: impl Fn(u64, u64) -> u64) {
+    let mut merged: Vec<(String, String, u64)> = Vec::with_capacity(rows.len());
+    for (upstream, endpoint, value) in rows.drain(..) {
+        match merged
+            .iter_mut()
+            .find(|(u, e, _)| *u == upstream && *e == endpoint)
+        {
+            Some(row) => row.2 = combine(row.2, value),
+            None => merged.push((upstream, endpoint, value)),
+        }
+    }
+    *rows = merged;
+}
+
 struct PoolCollector {
     pools: Vec<Pool>,
     listeners: Vec<(String, Option<SocketAddr>)>,
@@ -313,6 +328,19 @@ impl Collector for PoolCollector {
                     .observed_idle_close()
                     .map_or(0, |d| u64::try_from(d.as_millis()).unwrap_or(u64::MAX));
                 gauges[5].2.push(row(observed));
+            }
+        }
+        // With several workers an upstream has one pool per worker: one series
+        // per endpoint all the same, summed (a TIME_WAIT count, a flag or an
+        // observation shared by the shares is taken once).
+        for (_, _, rows) in &mut counters {
+            merge_rows(rows, |a, b| a + b);
+        }
+        for (i, (_, _, rows)) in gauges.iter_mut().enumerate() {
+            if i < 3 {
+                merge_rows(rows, |a, b| a + b);
+            } else {
+                merge_rows(rows, u64::max);
             }
         }
         for (name, help, rows) in counters {

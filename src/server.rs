@@ -7,11 +7,12 @@
 use std::sync::Arc;
 use std::time::Duration;
 
+use tokio::sync::Semaphore;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
 use crate::admin::{self, AdminError, AdminState};
-use crate::config::{Config, ListenAddr};
+use crate::config::{Config, ListenAddr, UpstreamConfig};
 use crate::downstream::Shutdown;
 use crate::http::{Route, RouteMetrics};
 use crate::listener::{self, ListenerError};
@@ -51,12 +52,40 @@ pub struct Drained {
     pub forced: bool,
 }
 
-/// Starts pools, binds every listener, then starts accepting.
+/// Starts pools, binds every listener, then starts accepting, all on the
+/// current runtime.
 pub async fn start(config: Config) -> Result<Running, ServerError> {
-    let mut pools = Vec::new();
-    for upstream in &config.upstreams {
-        pools.push(Pool::start(upstream.clone()).await);
+    start_on(config, &[]).await
+}
+
+/// As [`start`], with `workers` as further single-threaded event loops: each
+/// gets its own SO_REUSEPORT socket per TCP listener, its own accept loop and
+/// its own share of every upstream pool, so a request is served on one thread
+/// from accept to response (nginx's shape, without a work-stealing scheduler's
+/// cross-thread wake-ups). Unix listeners are served by the current runtime.
+pub async fn start_on(
+    config: Config,
+    workers: &[tokio::runtime::Handle],
+) -> Result<Running, ServerError> {
+    let shares = workers.len() + 1;
+    // pools[w] holds worker w's pool of each upstream (worker 0 is this runtime).
+    let mut pools: Vec<Vec<Pool>> = Vec::with_capacity(shares);
+    for w in 0..shares {
+        let mut mine = Vec::new();
+        for upstream in &config.upstreams {
+            let settings = share_of(upstream, w, shares);
+            let pool = match w {
+                0 => Pool::start(settings).await,
+                _ => match workers[w - 1].spawn(Pool::start(settings)).await {
+                    Ok(pool) => pool,
+                    Err(_) => Pool::start(share_of(upstream, 0, shares)).await,
+                },
+            };
+            mine.push(pool);
+        }
+        pools.push(mine);
     }
+    let all_pools: Vec<Pool> = pools.iter().flatten().cloned().collect();
     let shutdown = Shutdown {
         drain: CancellationToken::new(),
         force: CancellationToken::new(),
@@ -66,7 +95,7 @@ pub async fn start(config: Config) -> Result<Running, ServerError> {
         match admin::bind(config.admin.listen).await {
             Ok(socket) => Some(socket),
             Err(e) => {
-                pools.iter().for_each(Pool::close);
+                all_pools.iter().for_each(Pool::close);
                 return Err(e.into());
             }
         }
@@ -76,52 +105,72 @@ pub async fn start(config: Config) -> Result<Running, ServerError> {
     // Bind everything first so a bad address leaves nothing half-started.
     let mut bound = Vec::new();
     for l in &config.listeners {
-        let pool = pools
-            .iter()
-            .find(|p| p.name() == l.upstream)
-            .cloned()
-            .ok_or_else(|| ServerError::UnknownUpstream {
-                listener: l.name.clone(),
-                upstream: l.upstream.clone(),
-            })?;
         let fallback_host = config
             .upstream(&l.upstream)
             .and_then(|u| u.endpoints.first().cloned())
             .unwrap_or_default();
-        let socket = match listener::bind(&l.listen) {
-            Ok(socket) => socket,
-            Err(e) => {
-                pools.iter().for_each(Pool::close);
-                return Err(e.into());
-            }
-        };
         let label = Name::from(l.name.as_str());
-        let route = Arc::new(Route {
-            counters: RouteMetrics::new(&metrics, &label),
-            label,
-            listener: l.clone(),
-            pool,
-            draining: shutdown.drain.clone(),
-            fallback_host,
-            metrics: metrics.clone(),
-        });
-        bound.push((socket, route));
+        let limit = Arc::new(Semaphore::new(l.max_connections));
+        let shared = shares > 1 && matches!(l.listen, ListenAddr::Tcp(_));
+        let mut addr = l.listen.clone();
+        for (w, worker_pools) in pools.iter().enumerate() {
+            if w > 0 && !shared {
+                break;
+            }
+            let pool = worker_pools
+                .iter()
+                .find(|p| p.name() == l.upstream)
+                .cloned()
+                .ok_or_else(|| ServerError::UnknownUpstream {
+                    listener: l.name.clone(),
+                    upstream: l.upstream.clone(),
+                })?;
+            let socket = match listener::bind_shared(&addr, shared) {
+                Ok(socket) => socket,
+                Err(e) => {
+                    all_pools.iter().for_each(Pool::close);
+                    return Err(e.into());
+                }
+            };
+            // Port 0: the other workers bind the port the first one got.
+            addr = socket.local_addr();
+            let route = Arc::new(Route {
+                counters: RouteMetrics::new(&metrics, &label),
+                label: label.clone(),
+                listener: l.clone(),
+                pool,
+                draining: shutdown.drain.clone(),
+                fallback_host: fallback_host.clone(),
+                metrics: metrics.clone(),
+            });
+            let runtime = w.checked_sub(1).map(|i| workers[i].clone());
+            bound.push((socket, route, limit.clone(), runtime));
+        }
     }
     let tracker = TaskTracker::new();
     let mut listeners = Vec::new();
-    for (socket, route) in bound {
+    for (socket, route, limit, runtime) in bound {
         let addr = socket.local_addr();
-        tracing::info!(listener = %route.listener.name, listen = %addr, upstream = %route.listener.upstream, "listening");
-        listeners.push((route.listener.name.clone(), addr));
-        tracker.spawn(listener::accept_loop(
+        let accepting = listener::accept_loop(
             socket,
-            route,
+            route.clone(),
+            limit,
             shutdown.clone(),
             tracker.clone(),
-        ));
+        );
+        match runtime {
+            Some(handle) => {
+                tracker.spawn_on(accepting, &handle);
+            }
+            None => {
+                tracing::info!(listener = %route.listener.name, listen = %addr, upstream = %route.listener.upstream, workers = shares, "listening");
+                listeners.push((route.listener.name.clone(), addr));
+                tracker.spawn(accepting);
+            }
+        }
     }
     metrics.watch(
-        pools.clone(),
+        all_pools.clone(),
         listeners
             .iter()
             .map(|(name, addr)| {
@@ -153,11 +202,24 @@ pub async fn start(config: Config) -> Result<Running, ServerError> {
         admin_addr,
         admin_stop,
         metrics,
-        pools,
+        pools: all_pools,
         shutdown,
         tracker,
         drain_timeout: config.runtime.drain_timeout,
     })
+}
+
+/// Worker `index`'s share of an upstream's pool bounds among `shares` workers:
+/// `max_connections`, `max_idle` and `min_idle` are split as evenly as they go
+/// (never below one connection a worker may open, so every worker can serve).
+fn share_of(upstream: &UpstreamConfig, index: usize, shares: usize) -> UpstreamConfig {
+    let split = |total: usize| total / shares + usize::from(index < total % shares);
+    let mut mine = upstream.clone();
+    let pool = &mut mine.pool;
+    pool.max_connections = split(pool.max_connections).max(1);
+    pool.max_idle = split(pool.max_idle).min(pool.max_connections);
+    pool.min_idle = split(pool.min_idle).min(pool.max_idle);
+    mine
 }
 
 impl Running {
@@ -187,9 +249,15 @@ impl Running {
         &self.metrics
     }
 
-    /// The pool of the upstream called `name`.
+    /// The pool of the upstream called `name` (the first worker's share, when
+    /// there are several workers).
     pub fn pool(&self, name: &str) -> Option<&Pool> {
         self.pools.iter().find(|p| p.name() == name)
+    }
+
+    /// Every worker's share of the pool of the upstream called `name`.
+    pub fn pools<'a>(&'a self, name: &'a str) -> impl Iterator<Item = &'a Pool> + 'a {
+        self.pools.iter().filter(move |p| p.name() == name)
     }
 
     /// Stops accepting, lets in-flight exchanges finish (their responses carry

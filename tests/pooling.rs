@@ -121,3 +121,58 @@ async fn retired_idle_connection_is_reset_and_leaves_no_time_wait() {
     assert_eq!(tw.on_local_port(backend.addr.port()), 0);
     running.drain().await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn two_workers_serve_one_listener_each_with_its_share_of_the_pool() {
+    let backend = Backend::start().await;
+    let mut config = config_for(backend.addr);
+    config.upstreams[0].pool.max_connections = 4;
+    config.upstreams[0].pool.max_idle = 4;
+    config.upstreams[0].pool.min_idle = 2;
+    let worker = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .unwrap();
+    let handle = worker.handle().clone();
+    let stop = tokio_util::sync::CancellationToken::new();
+    let thread = {
+        let stop = stop.clone();
+        std::thread::spawn(move || worker.block_on(stop.cancelled_owned()))
+    };
+    let running = tether::server::start_on(config, &[handle]).await.unwrap();
+    let addr = running.tcp_addr("app").unwrap();
+
+    // New connections from new ports: SO_REUSEPORT spreads them over both
+    // workers' sockets.
+    for _ in 0..200 {
+        assert_eq!(get_once(addr, "/").await.status, 200);
+    }
+    let shares: Vec<_> = running.pools("backend").collect();
+    assert_eq!(shares.len(), 2);
+    for share in &shares {
+        let endpoint = &share.endpoints()[0];
+        assert!(
+            endpoint.stats().reused.load(Ordering::SeqCst) > 0,
+            "a worker's pool share carried no request"
+        );
+        assert!(endpoint.open_connections() <= 2);
+    }
+    assert!(
+        backend.accepted() <= 4,
+        "backend accepted {}",
+        backend.accepted()
+    );
+    // One series per endpoint, the shares summed.
+    let metrics = running.metrics().render();
+    let open: Vec<_> = metrics
+        .lines()
+        .filter(|l| {
+            l.starts_with("upstream_connections_open{")
+                || l.starts_with("tether_upstream_connections_open{")
+        })
+        .collect();
+    assert_eq!(open.len(), 1, "{open:?}");
+    running.drain().await;
+    stop.cancel();
+    thread.join().unwrap();
+}
