@@ -78,7 +78,11 @@ pub async fn start_on(
                 0 => Pool::start(settings).await,
                 _ => match workers[w - 1].spawn(Pool::start(settings)).await {
                     Ok(pool) => pool,
-                    Err(_) => Pool::start(share_of(upstream, 0, shares)).await,
+                    // The worker's runtime is gone: its share lives here instead.
+                    Err(e) => {
+                        tracing::warn!(upstream = %upstream.name, worker = w, error = %e, "cannot start a pool share on its worker");
+                        Pool::start(share_of(upstream, w, shares)).await
+                    }
                 },
             };
             mine.push(pool);
