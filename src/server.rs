@@ -287,3 +287,34 @@ impl Running {
         Drained { forced }
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn pool_bounds_are_split_among_workers_with_at_least_one_connection_each() {
+        let mut upstream = UpstreamConfig::new("backend", vec!["127.0.0.1:1".into()]);
+        upstream.pool.max_connections = 5;
+        upstream.pool.max_idle = 5;
+        upstream.pool.min_idle = 3;
+        let shares: Vec<_> = (0..2).map(|w| share_of(&upstream, w, 2).pool).collect();
+        assert_eq!(
+            shares.iter().map(|p| p.max_connections).collect::<Vec<_>>(),
+            [3, 2]
+        );
+        assert_eq!(
+            shares.iter().map(|p| p.min_idle).collect::<Vec<_>>(),
+            [2, 1]
+        );
+
+        upstream.pool.max_connections = 1;
+        upstream.pool.max_idle = 1;
+        upstream.pool.min_idle = 1;
+        for w in 0..4 {
+            let share = share_of(&upstream, w, 4).pool;
+            assert_eq!(share.max_connections, 1, "every worker may open one");
+            assert!(share.min_idle <= share.max_idle && share.max_idle <= share.max_connections);
+        }
+    }
+}
