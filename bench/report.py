@@ -2,6 +2,7 @@
 """Turns bench/results.jsonl into bench/RESULTS.md (medians, tether's ratios to
 its peers) and, given a second argument, an SVG chart of req/s and p99 per case."""
 import json
+import os
 import platform
 import statistics
 import subprocess
@@ -50,7 +51,9 @@ def table(groups, repeats):
           f"{len(open('/proc/cpuinfo').read().split('processor')) - 1} cores")
     print(f"- tether: {version(['target/release/tether', '--version'])}; "
           f"{version(['haproxy', '-v'])}; {version(['nginx', '-v'])}")
-    print(f"- command: `sudo bench/run.sh` (medians of {repeats} interleaved runs per case; "
+    knobs = " ".join(f"{k}={os.environ[k]}" for k in ("DURATION", "REPEAT") if k in os.environ)
+    command = f"{knobs} sudo bench/run.sh".strip() if knobs else "sudo bench/run.sh"
+    print(f"- command: `{command}` (medians of {repeats} interleaved runs per case; "
           "load client `tether load`, proxies on loopback in the `app` namespace, "
           "backend nginx across a veth pair; fresh namespaces for every case)")
     print("- chart: [RESULTS.svg](RESULTS.svg)\n")

@@ -218,5 +218,5 @@ PY
  done
 done
 cleanup
-python3 bench/report.py "$OUT" bench/RESULTS.svg > bench/RESULTS.md
+DURATION=$DURATION REPEAT=$REPEAT python3 bench/report.py "$OUT" bench/RESULTS.svg > bench/RESULTS.md
 echo "wrote bench/RESULTS.md and bench/RESULTS.svg"
