@@ -61,10 +61,12 @@ pub struct ConnState {
     fin_ready: AtomicBool,
     /// tether has already sent its FIN.
     fin_sent: AtomicBool,
+    /// Cancelled when the process starts draining.
+    drain: CancellationToken,
 }
 
 impl ConnState {
-    fn new(header_timeout: Duration, idle_timeout: Duration) -> Self {
+    fn new(header_timeout: Duration, idle_timeout: Duration, drain: CancellationToken) -> Self {
         Self {
             clock: Clock::new(header_timeout, idle_timeout),
             misbehaved: AtomicBool::new(false),
@@ -74,7 +76,14 @@ impl ConnState {
             fin_when_flushed: AtomicBool::new(false),
             fin_ready: AtomicBool::new(false),
             fin_sent: AtomicBool::new(false),
+            drain,
         }
+    }
+
+    /// Whether the process is draining: the exchange being served is the
+    /// connection's last.
+    pub fn draining(&self) -> bool {
+        self.drain.is_cancelled()
     }
 
     /// The exchange being served ends the connection and its client may be
@@ -527,9 +536,15 @@ pub async fn serve(
     shutdown: Shutdown,
 ) -> Ending {
     let listener = &route.listener;
+    // The connection's own tokens: polling them (on every wake-up of this task,
+    // and once per request) touches only this connection's lock, not the
+    // process-wide tokens every connection on every worker shares.
+    let drain = shutdown.drain.child_token();
+    let force = shutdown.force.child_token();
     let state = Arc::new(ConnState::new(
         listener.header_timeout,
         listener.idle_timeout,
+        drain.clone(),
     ));
     let io = ClientIo {
         stream,
@@ -556,8 +571,8 @@ pub async fn serve(
                 break Served::Finished(result);
             }
             reason = &mut expired => break Served::TimedOut(reason),
-            _ = shutdown.force.cancelled() => break Served::Forced,
-            _ = shutdown.drain.cancelled(), if !draining => draining = true,
+            _ = force.cancelled() => break Served::Forced,
+            _ = drain.cancelled(), if !draining => draining = true,
         }
         // Idle connections end now; a busy one ends after its response, which
         // carries `Connection: close`.

@@ -143,7 +143,6 @@ pub async fn start_on(
                 label: label.clone(),
                 listener: l.clone(),
                 pool,
-                draining: shutdown.drain.clone(),
                 fallback_host: fallback_host.clone(),
                 metrics: metrics.clone(),
             });

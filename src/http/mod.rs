@@ -20,7 +20,6 @@ use http_body::Body as _;
 use http_body_util::BodyExt;
 use hyper::body::Incoming;
 use tokio::time::Instant;
-use tokio_util::sync::CancellationToken;
 
 use crate::config::{ClientClose, ListenerConfig};
 use crate::downstream::ConnState;
@@ -39,8 +38,6 @@ pub struct Route {
     pub listener: ListenerConfig,
     /// The upstream's pool.
     pub pool: Pool,
-    /// Cancelled when the process starts draining.
-    pub draining: CancellationToken,
     /// Host sent upstream when an HTTP/1.0 client sent none.
     pub fallback_host: String,
     /// Where outcomes are counted.
@@ -166,7 +163,7 @@ impl ProxyService {
         let limit = listener.max_requests_per_connection;
         let last = headers::client_ends_connection(&request)
             || (limit > 0 && served >= limit)
-            || self.route.draining.is_cancelled();
+            || self.conn.draining();
 
         if self.conn.take_ambiguous_framing() {
             return self.refuse(
