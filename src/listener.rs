@@ -76,15 +76,11 @@ impl Bound {
     }
 }
 
-/// Binds `addr`. A stale unix socket file left by an earlier run is replaced.
-pub fn bind(addr: &ListenAddr) -> Result<Bound, ListenerError> {
-    bind_shared(addr, false)
-}
-
-/// Binds `addr`; with `reuse_port`, TCP sockets set SO_REUSEPORT so that each
-/// worker can bind its own socket on the same address and the kernel spreads
-/// new connections among them.
-pub fn bind_shared(addr: &ListenAddr, reuse_port: bool) -> Result<Bound, ListenerError> {
+/// Binds `addr`; a stale unix socket file left by an earlier run is replaced.
+/// With `reuse_port`, TCP sockets set SO_REUSEPORT so that each worker can bind
+/// its own socket on the same address and the kernel spreads new connections
+/// among them.
+pub fn bind(addr: &ListenAddr, reuse_port: bool) -> Result<Bound, ListenerError> {
     let error = |source| ListenerError::Bind {
         addr: addr.to_string(),
         source,
@@ -194,7 +190,7 @@ mod tests {
     #[tokio::test]
     async fn accepted_client_sockets_have_nodelay() {
         let addr: SocketAddr = ([127, 0, 0, 1], 0).into();
-        let Bound::Tcp(listener) = bind(&ListenAddr::Tcp(addr)).unwrap() else {
+        let Bound::Tcp(listener) = bind(&ListenAddr::Tcp(addr), false).unwrap() else {
             panic!("expected a TCP listener");
         };
         let target = listener.local_addr().unwrap();

@@ -129,7 +129,7 @@ pub async fn start_on(
                     listener: l.name.clone(),
                     upstream: l.upstream.clone(),
                 })?;
-            let socket = match listener::bind_shared(&addr, shared) {
+            let socket = match listener::bind(&addr, shared) {
                 Ok(socket) => socket,
                 Err(e) => {
                     all_pools.iter().for_each(Pool::close);

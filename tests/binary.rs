@@ -322,34 +322,22 @@ async fn open_clients(
     let batch = 250;
     while streams.len() < count {
         let n = batch.min(count - streams.len());
-        let opened = futures_join_all((0..n).map(|_| async move {
-            let mut stream = TcpStream::connect(addr).await.unwrap();
-            stream.write_all(request).await.unwrap();
-            if read_reply {
-                let mut reader = BufReader::new(&mut stream);
-                let resp = read_response(&mut reader, false).await.unwrap();
-                assert_eq!(resp.status, 200);
-            }
-            stream
-        }))
-        .await;
-        streams.extend(opened);
+        let mut opening = tokio::task::JoinSet::new();
+        for _ in 0..n {
+            opening.spawn(async move {
+                let mut stream = TcpStream::connect(addr).await.unwrap();
+                stream.write_all(request).await.unwrap();
+                if read_reply {
+                    let mut reader = BufReader::new(&mut stream);
+                    let resp = read_response(&mut reader, false).await.unwrap();
+                    assert_eq!(resp.status, 200);
+                }
+                stream
+            });
+        }
+        streams.extend(opening.join_all().await);
     }
     streams
-}
-
-/// Awaits every future, in order (spawned, so they run concurrently).
-async fn futures_join_all<F>(futures: impl Iterator<Item = F>) -> Vec<F::Output>
-where
-    F: std::future::Future + Send + 'static,
-    F::Output: Send + 'static,
-{
-    let handles: Vec<_> = futures.map(tokio::spawn).collect();
-    let mut out = Vec::with_capacity(handles.len());
-    for handle in handles {
-        out.push(handle.await.unwrap());
-    }
-    out
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

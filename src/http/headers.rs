@@ -6,9 +6,11 @@ use std::net::IpAddr;
 use http::header::{self, HeaderMap, HeaderName, HeaderValue};
 use http::{Method, Request, Version};
 
+const HOP_BY_HOP_COUNT: usize = 7;
+
 /// Headers that describe one connection, not the message (RFC 9110 §7.6.1), plus
 /// the legacy `Keep-Alive` and `Proxy-Connection`.
-const HOP_BY_HOP: [HeaderName; 7] = [
+const HOP_BY_HOP: [HeaderName; HOP_BY_HOP_COUNT] = [
     header::CONNECTION,
     HeaderName::from_static("keep-alive"),
     HeaderName::from_static("proxy-connection"),
@@ -24,7 +26,7 @@ const HOP_BY_HOP: [HeaderName; 7] = [
 pub fn strip_hop_by_hop(headers: &mut HeaderMap) {
     // One pass over the names finds which hop-by-hop headers are present; most
     // messages carry only `Connection`, if that.
-    let mut present = [false; 7];
+    let mut present = [false; HOP_BY_HOP_COUNT];
     for name in headers.keys() {
         if let Some(i) = HOP_BY_HOP.iter().position(|hop| hop == name) {
             present[i] = true;
