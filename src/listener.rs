@@ -159,11 +159,14 @@ pub async fn accept_loop(
                 let active = active.clone();
                 let route = route.clone();
                 let shutdown = shutdown.clone();
-                tracker.spawn(async move {
+                // Boxed: the task's state is a few KiB, and tokio copies a
+                // spawned future by value several times (into the task cell,
+                // and at each stage change); a box is copied once.
+                tracker.spawn(Box::pin(async move {
                     let _permit = permit;
                     downstream::serve(stream, client, route, shutdown).await;
                     active.dec();
-                });
+                }));
             }
             Err(e) if sock::is_resource_exhaustion(&e) => {
                 accept_error("resources");

@@ -199,11 +199,17 @@ impl ProxyService {
 
         let deadline = started + listener.request_timeout;
         let limit = listener.request_buffer.as_usize();
-        // Most requests have no body: no timer for them.
+        // Most requests have no body: no timer and no read for them. The read
+        // of a body is boxed so its state does not enlarge every request's
+        // future (which is copied whole when hyper boxes it).
         let prefetched = if body.is_end_stream() {
-            Ok(UpstreamBody::prefetch(body, limit).await)
+            Ok(Ok(UpstreamBody::from_bytes(None)))
         } else {
-            tokio::time::timeout_at(deadline, UpstreamBody::prefetch(body, limit)).await
+            Box::pin(tokio::time::timeout_at(
+                deadline,
+                UpstreamBody::prefetch(body, limit),
+            ))
+            .await
         };
         let body = match prefetched {
             Ok(Ok(body)) => body,
@@ -278,7 +284,11 @@ impl ProxyService {
             return Response::from_parts(head, ProxyBody::upstream(None, upstream_body, lease));
         }
         let limit = listener.http10_buffer.as_usize();
-        let buffered = tokio::time::timeout_at(deadline, buffer_up_to(upstream_body, limit)).await;
+        let buffered = Box::pin(tokio::time::timeout_at(
+            deadline,
+            buffer_up_to(upstream_body, limit),
+        ))
+        .await;
         match buffered {
             Ok(Ok(Buffered::Whole(bytes))) => {
                 lease.release();
@@ -323,6 +333,30 @@ impl ProxyService {
             Ok(response) => return Ok((response, lease)),
             Err(failure) => failure,
         };
+        // The retry path is boxed: most requests never take it, and its
+        // futures would otherwise enlarge every request's state.
+        Box::pin(self.retry(
+            lease,
+            failure,
+            replay,
+            idempotent,
+            received_before,
+            client_failed,
+        ))
+        .await
+    }
+
+    /// The one retry of a request whose first attempt failed: on a freshly
+    /// dialled connection, when [`Self::forward`]'s rule allows it.
+    async fn retry(
+        &self,
+        lease: Lease,
+        failure: SendError,
+        replay: Option<(http::request::Parts, Option<Bytes>)>,
+        idempotent: bool,
+        received_before: u64,
+        client_failed: Arc<std::sync::atomic::AtomicBool>,
+    ) -> Result<(Response<Incoming>, Lease), ForwardError> {
         let addr = lease.addr();
         let retry = match failure {
             SendError::Unsent(request, reason) => {

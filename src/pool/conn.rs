@@ -452,7 +452,7 @@ impl Lease {
         request: http::Request<UpstreamBody>,
     ) -> Result<http::Response<Incoming>, SendError> {
         if let Some(stream) = &self.stream {
-            return stream.send(request).await;
+            return Box::pin(stream.send(request)).await;
         }
         let Some(conn) = self.conn.as_mut() else {
             return Err(SendError::Unsent(Box::new(request), None));

@@ -883,8 +883,10 @@ impl Pool {
 
 async fn acquire_on(outstanding: Outstanding, fresh: bool) -> Result<Lease, PoolError> {
     let endpoint = &outstanding.0.clone();
+    // Dialling and HTTP/2 are boxed: the reuse of an idle HTTP/1 connection,
+    // the common case, should not carry their state in every request's future.
     if endpoint.is_http2() {
-        return acquire_h2(outstanding).await;
+        return Box::pin(acquire_h2(outstanding)).await;
     }
     let waited = endpoint.settings.pool.acquire_timeout;
     let deadline = Instant::now() + waited;
@@ -903,7 +905,7 @@ async fn acquire_on(outstanding: Outstanding, fresh: bool) -> Result<Lease, Pool
         }
         if let Ok(permit) = endpoint.slots.clone().try_acquire_owned() {
             let slot = Slot::new(permit, endpoint.clone());
-            let conn = match Conn::connect(endpoint, slot).await {
+            let conn = match Box::pin(Conn::connect(endpoint, slot)).await {
                 Ok(conn) => conn,
                 Err(e) => {
                     endpoint.record(false);
