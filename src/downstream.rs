@@ -13,11 +13,11 @@ use std::net::SocketAddr;
 use std::pin::Pin;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::Arc;
-use std::task::{Context, Poll};
+use std::task::{ready, Context, Poll};
 use std::time::Duration;
 
 use hyper_util::rt::TokioIo;
-use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, ReadBuf};
+use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, Interest, ReadBuf};
 use tokio::net::{TcpStream, UnixStream};
 use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
@@ -342,7 +342,6 @@ pub struct ClientIo {
     stream: ClientStream,
     state: Arc<ConnState>,
     scan: HeadScan,
-    corked: bool,
     reset_on_drop: bool,
 }
 
@@ -448,15 +447,25 @@ impl AsyncRead for ClientIo {
 }
 
 impl ClientIo {
-    /// The last bytes of a connection's last response are being written: cork
-    /// them so they leave with the FIN that the flush will send.
-    fn cork_final_bytes(&mut self) {
-        if !self.corked && self.state.fin_ready.load(Ordering::Relaxed) {
-            self.corked = true;
-            if let ClientStream::Tcp(s) = &self.stream {
-                sock::cork(s);
+    /// Writes the last bytes of a connection's last response with MSG_MORE, so
+    /// they leave with the FIN that the flush will send.
+    fn poll_write_final(
+        &self,
+        socket: &TcpStream,
+        cx: &mut Context<'_>,
+        bufs: &[io::IoSlice<'_>],
+    ) -> Poll<io::Result<usize>> {
+        loop {
+            ready!(socket.poll_write_ready(cx))?;
+            match socket.try_io(Interest::WRITABLE, || sock::send_more(socket, bufs)) {
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock => continue,
+                other => return Poll::Ready(other),
             }
         }
+    }
+
+    fn final_bytes(&self) -> bool {
+        self.state.fin_ready.load(Ordering::Relaxed)
     }
 }
 
@@ -466,7 +475,9 @@ impl AsyncWrite for ClientIo {
         cx: &mut Context<'_>,
         buf: &[u8],
     ) -> Poll<io::Result<usize>> {
-        self.cork_final_bytes();
+        if let (ClientStream::Tcp(s), true) = (&self.stream, self.final_bytes()) {
+            return self.poll_write_final(s, cx, &[io::IoSlice::new(buf)]);
+        }
         match &mut self.stream {
             ClientStream::Tcp(s) => Pin::new(s).poll_write(cx, buf),
             ClientStream::Unix(s) => Pin::new(s).poll_write(cx, buf),
@@ -478,7 +489,9 @@ impl AsyncWrite for ClientIo {
         cx: &mut Context<'_>,
         bufs: &[io::IoSlice<'_>],
     ) -> Poll<io::Result<usize>> {
-        self.cork_final_bytes();
+        if let (ClientStream::Tcp(s), true) = (&self.stream, self.final_bytes()) {
+            return self.poll_write_final(s, cx, bufs);
+        }
         match &mut self.stream {
             ClientStream::Tcp(s) => Pin::new(s).poll_write_vectored(cx, bufs),
             ClientStream::Unix(s) => Pin::new(s).poll_write_vectored(cx, bufs),
@@ -550,7 +563,6 @@ pub async fn serve(
         stream,
         state: state.clone(),
         scan: HeadScan::new(listener.max_header_bytes.as_usize()),
-        corked: false,
         reset_on_drop: true,
     };
     let service = ProxyService::new(route.clone(), state.clone(), client);

@@ -368,6 +368,45 @@ async fn one_request_per_connection_spares_a_close_first_app_its_time_wait() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn last_response_bytes_and_fin_arrive_together() {
+    // A client that reads by length and closes at once must find tether's FIN
+    // already there, or its close comes first and TIME_WAIT lands on the app.
+    let (_backend, running, addr) = backend_and_tether(|config| {
+        config.listeners[0].max_requests_per_connection = 1;
+    })
+    .await;
+
+    let late_fins = tokio::task::spawn_blocking(move || {
+        use std::io::{Read, Write};
+        let mut late = 0;
+        for _ in 0..1000 {
+            let mut stream = std::net::TcpStream::connect(addr).unwrap();
+            stream
+                .write_all(b"GET / HTTP/1.1\r\nHost: t\r\n\r\n")
+                .unwrap();
+            let mut response = Vec::new();
+            let mut chunk = [0u8; 1024];
+            while !response.ends_with(b"hello") {
+                let n = stream.read(&mut chunk).unwrap();
+                assert!(n > 0, "EOF before the whole response");
+                response.extend_from_slice(&chunk[..n]);
+            }
+            // The moment the last byte is readable, is the FIN there too?
+            stream.set_nonblocking(true).unwrap();
+            let peeked = stream.peek(&mut [0u8; 1]);
+            if !matches!(peeked, Ok(0)) {
+                late += 1;
+            }
+        }
+        late
+    })
+    .await
+    .unwrap();
+    assert_eq!(late_fins, 0, "responses whose FIN came in a later segment");
+    running.drain().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn half_close_after_a_complete_request_still_gets_the_whole_response() {
     let (backend, running, addr) = backend_and_tether(|_| {}).await;
 
