@@ -13,11 +13,11 @@ use std::net::SocketAddr;
 use std::pin::Pin;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::Arc;
-use std::task::{ready, Context, Poll};
+use std::task::{Context, Poll};
 use std::time::Duration;
 
 use hyper_util::rt::TokioIo;
-use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, Interest, ReadBuf};
+use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, ReadBuf};
 use tokio::net::{TcpStream, UnixStream};
 use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
@@ -447,23 +447,8 @@ impl AsyncRead for ClientIo {
 }
 
 impl ClientIo {
-    /// Writes the last bytes of a connection's last response with MSG_MORE, so
-    /// they leave with the FIN that the flush will send.
-    fn poll_write_final(
-        &self,
-        socket: &TcpStream,
-        cx: &mut Context<'_>,
-        bufs: &[io::IoSlice<'_>],
-    ) -> Poll<io::Result<usize>> {
-        loop {
-            ready!(socket.poll_write_ready(cx))?;
-            match socket.try_io(Interest::WRITABLE, || sock::send_more(socket, bufs)) {
-                Err(e) if e.kind() == io::ErrorKind::WouldBlock => continue,
-                other => return Poll::Ready(other),
-            }
-        }
-    }
-
+    /// The last bytes of a connection's last response are being written: they
+    /// go with MSG_MORE, so they leave with the FIN that the flush will send.
     fn final_bytes(&self) -> bool {
         self.state.fin_ready.load(Ordering::Relaxed)
     }
@@ -476,7 +461,7 @@ impl AsyncWrite for ClientIo {
         buf: &[u8],
     ) -> Poll<io::Result<usize>> {
         if let (ClientStream::Tcp(s), true) = (&self.stream, self.final_bytes()) {
-            return self.poll_write_final(s, cx, &[io::IoSlice::new(buf)]);
+            return sock::poll_send_more(s, cx, &[io::IoSlice::new(buf)]);
         }
         match &mut self.stream {
             ClientStream::Tcp(s) => Pin::new(s).poll_write(cx, buf),
@@ -490,7 +475,7 @@ impl AsyncWrite for ClientIo {
         bufs: &[io::IoSlice<'_>],
     ) -> Poll<io::Result<usize>> {
         if let (ClientStream::Tcp(s), true) = (&self.stream, self.final_bytes()) {
-            return self.poll_write_final(s, cx, bufs);
+            return sock::poll_send_more(s, cx, bufs);
         }
         match &mut self.stream {
             ClientStream::Tcp(s) => Pin::new(s).poll_write_vectored(cx, bufs),

@@ -7,9 +7,12 @@
 use std::io;
 use std::mem::MaybeUninit;
 use std::os::fd::{AsFd, AsRawFd};
+use std::task::{ready, Context, Poll};
 use std::time::Duration;
 
 use socket2::{SockRef, TcpKeepalive};
+use tokio::io::Interest;
+use tokio::net::TcpStream;
 
 use crate::config::KeepaliveConfig;
 
@@ -26,14 +29,27 @@ pub fn send_fin(socket: &impl AsFd) -> io::Result<()> {
     SockRef::from(socket).shutdown(std::net::Shutdown::Write)
 }
 
-/// Writes `bufs` with MSG_MORE: like TCP_CORK for this one write, the kernel
-/// holds a partial segment for the data that follows, and the FIN that
-/// `shutdown` sends next rides on it. The last bytes of a response and the FIN
-/// so leave in one segment: a client cannot read the end of the response and
-/// close before tether's FIN is there. Costs no extra syscall, where setting
-/// TCP_CORK did.
-pub fn send_more(socket: &impl AsFd, bufs: &[io::IoSlice<'_>]) -> io::Result<usize> {
-    SockRef::from(socket).send_vectored_with_flags(bufs, libc::MSG_MORE)
+/// Writes `bufs` with MSG_MORE when the socket is writable: like TCP_CORK for
+/// this one write, the kernel holds a partial segment for the data that
+/// follows, and the FIN that `shutdown` sends next rides on it. The last bytes
+/// of a response and the FIN so leave in one segment: a client cannot read the
+/// end of the response and close before tether's FIN is there. Costs no extra
+/// syscall, where setting TCP_CORK did.
+pub fn poll_send_more(
+    socket: &TcpStream,
+    cx: &mut Context<'_>,
+    bufs: &[io::IoSlice<'_>],
+) -> Poll<io::Result<usize>> {
+    loop {
+        ready!(socket.poll_write_ready(cx))?;
+        let sent = socket.try_io(Interest::WRITABLE, || {
+            SockRef::from(socket).send_vectored_with_flags(bufs, libc::MSG_MORE)
+        });
+        match sent {
+            Err(e) if e.kind() == io::ErrorKind::WouldBlock => continue,
+            other => return Poll::Ready(other),
+        }
+    }
 }
 
 /// Sets TCP_NODELAY and TCP keepalive (idle, interval, count) on an upstream socket.

@@ -323,7 +323,6 @@ impl ProxyService {
         parts: http::request::Parts,
         mut body: UpstreamBody,
     ) -> Result<(Response<Incoming>, Lease), ForwardError> {
-        let idempotent = idempotent(&parts.method);
         let replay = body.replayable().map(|bytes| (copy_head(&parts), bytes));
         let client_failed = body.client_failed_flag();
         let mut lease = self.route.pool.acquire().await?;
@@ -335,15 +334,7 @@ impl ProxyService {
         };
         // The retry path is boxed: most requests never take it, and its
         // futures would otherwise enlarge every request's state.
-        Box::pin(self.retry(
-            lease,
-            failure,
-            replay,
-            idempotent,
-            received_before,
-            client_failed,
-        ))
-        .await
+        Box::pin(self.retry(lease, failure, replay, received_before, client_failed)).await
     }
 
     /// The one retry of a request whose first attempt failed: on a freshly
@@ -353,7 +344,6 @@ impl ProxyService {
         lease: Lease,
         failure: SendError,
         replay: Option<(http::request::Parts, Option<Bytes>)>,
-        idempotent: bool,
         received_before: u64,
         client_failed: Arc<std::sync::atomic::AtomicBool>,
     ) -> Result<(Response<Incoming>, Lease), ForwardError> {
@@ -375,7 +365,7 @@ impl ProxyService {
                 }
                 let clean = lease.reused() && lease.received() == received_before;
                 match replay {
-                    Some((head, bytes)) if refused || (clean && idempotent) => {
+                    Some((head, bytes)) if refused || (clean && idempotent(&head.method)) => {
                         tracing::debug!(upstream = %addr, error = %source, refused, "request failed before a response; retrying once");
                         Request::from_parts(head, UpstreamBody::from_bytes(bytes))
                     }
