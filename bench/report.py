@@ -52,7 +52,7 @@ def table(groups, repeats):
     print(f"- tether: {version(['target/release/tether', '--version'])}; "
           f"{version(['haproxy', '-v'])}; {version(['nginx', '-v'])}")
     knobs = " ".join(f"{k}={os.environ[k]}" for k in ("DURATION", "REPEAT") if k in os.environ)
-    command = f"{knobs} sudo bench/run.sh".strip() if knobs else "sudo bench/run.sh"
+    command = f"{knobs} sudo bench/run.sh".strip()
     print(f"- command: `{command}` (medians of {repeats} interleaved runs per case; "
           "load client `tether load`, proxies on loopback in the `app` namespace, "
           "backend nginx across a veth pair; fresh namespaces for every case)")

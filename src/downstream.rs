@@ -449,7 +449,7 @@ impl AsyncRead for ClientIo {
 impl ClientIo {
     /// The last bytes of a connection's last response are being written: they
     /// go with MSG_MORE, so they leave with the FIN that the flush will send.
-    fn final_bytes(&self) -> bool {
+    fn writing_last_response(&self) -> bool {
         self.state.fin_ready.load(Ordering::Relaxed)
     }
 }
@@ -460,7 +460,7 @@ impl AsyncWrite for ClientIo {
         cx: &mut Context<'_>,
         buf: &[u8],
     ) -> Poll<io::Result<usize>> {
-        if let (ClientStream::Tcp(s), true) = (&self.stream, self.final_bytes()) {
+        if let (ClientStream::Tcp(s), true) = (&self.stream, self.writing_last_response()) {
             return sock::poll_send_more(s, cx, &[io::IoSlice::new(buf)]);
         }
         match &mut self.stream {
@@ -474,7 +474,7 @@ impl AsyncWrite for ClientIo {
         cx: &mut Context<'_>,
         bufs: &[io::IoSlice<'_>],
     ) -> Poll<io::Result<usize>> {
-        if let (ClientStream::Tcp(s), true) = (&self.stream, self.final_bytes()) {
+        if let (ClientStream::Tcp(s), true) = (&self.stream, self.writing_last_response()) {
             return sock::poll_send_more(s, cx, bufs);
         }
         match &mut self.stream {
