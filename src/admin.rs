@@ -1,6 +1,9 @@
 //! The admin server: `/metrics` (Prometheus text), `/healthz` (the process is
-//! up), `/readyz` (503 once draining, so a load balancer or Kubernetes stops
-//! sending new connections first) and `/config` (the effective configuration).
+//! up), `/readyz` (503 until every pool's warm floor is open or
+//! `runtime.ready_timeout` has passed, so an app started after tether finds
+//! warm connections; 503 again once draining, so a load balancer or
+//! Kubernetes stops sending new connections first) and `/config` (the
+//! effective configuration).
 //!
 //! It binds loopback by default and keeps serving through the drain, so
 //! readiness can report it.
@@ -34,6 +37,9 @@ pub enum AdminError {
 pub struct AdminState {
     /// Every metric.
     pub metrics: Arc<Metrics>,
+    /// Cancelled once the pools are warm (or `ready_timeout` passed):
+    /// `/readyz` turns 200.
+    pub ready: CancellationToken,
     /// Cancelled when draining starts: `/readyz` turns 503.
     pub draining: CancellationToken,
     /// The effective configuration as TOML.
@@ -89,6 +95,11 @@ fn respond(state: &AdminState, request: &Request<Incoming>) -> Response<Full<Byt
             StatusCode::SERVICE_UNAVAILABLE,
             "text/plain",
             "draining\n".to_owned(),
+        ),
+        "/readyz" if !state.ready.is_cancelled() => (
+            StatusCode::SERVICE_UNAVAILABLE,
+            "text/plain",
+            "warming\n".to_owned(),
         ),
         "/readyz" => (StatusCode::OK, "text/plain", "ready\n".to_owned()),
         "/config" => (StatusCode::OK, "application/toml", state.config.clone()),

@@ -657,6 +657,14 @@ pub struct RuntimeConfig {
     /// aborted. Default 30s: Kubernetes' default termination grace period.
     #[serde(default = "defaults::drain_timeout", with = "humantime_serde")]
     pub drain_timeout: Duration,
+    /// Longest tether waits at start for every pool's warm floor
+    /// (`pool.min_idle` connections per endpoint) before it reports ready
+    /// anyway (`/readyz`, systemd's READY=1); 0 = ready as soon as the
+    /// listeners are bound. Default 10s: a healthy backend answers in
+    /// milliseconds, and a backend that is down must not keep the app beside
+    /// tether from starting (requests then dial on demand).
+    #[serde(default = "defaults::ready_timeout", with = "humantime_serde")]
+    pub ready_timeout: Duration,
 }
 
 impl Default for RuntimeConfig {
@@ -664,6 +672,7 @@ impl Default for RuntimeConfig {
         Self {
             worker_threads: 0,
             drain_timeout: defaults::drain_timeout(),
+            ready_timeout: defaults::ready_timeout(),
         }
     }
 }
@@ -831,6 +840,9 @@ mod defaults {
     }
     pub fn drain_timeout() -> Duration {
         Duration::from_secs(30)
+    }
+    pub fn ready_timeout() -> Duration {
+        Duration::from_secs(10)
     }
 }
 

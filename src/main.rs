@@ -36,6 +36,26 @@ enum Command {
         #[arg(short, long, value_name = "FILE")]
         config: PathBuf,
     },
+    /// Ask a running tether's admin server whether it is alive (`/healthz`)
+    /// or, with --ready, ready (`/readyz`: pools warm, not draining). Exits 0
+    /// on 200, otherwise 1 with the reason on stderr. For HEALTHCHECKs and
+    /// exec probes in images without curl.
+    Health {
+        /// The admin server's address (an unspecified address such as
+        /// 0.0.0.0 means this host's loopback). Default: the config's
+        /// `admin.listen` with --config, else 127.0.0.1:9901.
+        #[arg(long, value_name = "HOST:PORT")]
+        admin: Option<String>,
+        /// Take the admin address from this configuration file.
+        #[arg(short, long, value_name = "FILE")]
+        config: Option<PathBuf>,
+        /// Ask /readyz instead of /healthz.
+        #[arg(long)]
+        ready: bool,
+        /// Deadline for the whole check, connect included.
+        #[arg(long, default_value = "2s", value_parser = humantime::parse_duration)]
+        timeout: std::time::Duration,
+    },
     /// Report TIME_WAIT on this host from the kernel's socket table: per remote
     /// endpoint and per local port, the worst offenders, ephemeral-port
     /// headroom, the relevant sysctls, and what to do about it.
@@ -101,6 +121,32 @@ fn main() -> ExitCode {
             }
             Err(code) => code,
         },
+        Command::Health {
+            admin,
+            config,
+            ready,
+            timeout,
+        } => {
+            let admin = match health_address(admin.as_deref(), config.as_deref()) {
+                Ok(addr) => addr,
+                Err(e) => {
+                    eprintln!("tether health: {e:#}");
+                    return ExitCode::FAILURE;
+                }
+            };
+            let check = tether::health::HealthCheck {
+                admin,
+                ready,
+                timeout,
+            };
+            match check.run() {
+                Ok(()) => ExitCode::SUCCESS,
+                Err(e) => {
+                    eprintln!("tether health: {e}");
+                    ExitCode::FAILURE
+                }
+            }
+        }
         Command::Doctor { to, port, json } => match doctor(to.as_deref(), port, json) {
             Ok(()) => ExitCode::SUCCESS,
             Err(e) => {
@@ -177,6 +223,41 @@ fn load(path: &std::path::Path) -> Result<Config, ExitCode> {
     })
 }
 
+/// The admin address `tether health` asks.
+fn health_address(
+    admin: Option<&str>,
+    config: Option<&std::path::Path>,
+) -> anyhow::Result<std::net::SocketAddr> {
+    use std::net::ToSocketAddrs;
+    let mut addr = match (admin, config) {
+        (Some(admin), _) => admin
+            .to_socket_addrs()
+            .with_context(|| format!("cannot resolve {admin}"))?
+            .next()
+            .with_context(|| format!("{admin} resolves to no address"))?,
+        (None, Some(path)) => {
+            let config = Config::load(path, std::env::vars()).with_context(|| {
+                format!("cannot read the admin address from {}", path.display())
+            })?;
+            anyhow::ensure!(
+                config.admin.enabled,
+                "{} disables the admin server",
+                path.display()
+            );
+            config.admin.listen
+        }
+        (None, None) => tether::config::AdminConfig::default().listen,
+    };
+    // A server bound to every address is reached on loopback from beside it.
+    if addr.ip().is_unspecified() {
+        addr.set_ip(match addr {
+            std::net::SocketAddr::V4(_) => std::net::Ipv4Addr::LOCALHOST.into(),
+            std::net::SocketAddr::V6(_) => std::net::Ipv6Addr::LOCALHOST.into(),
+        });
+    }
+    Ok(addr)
+}
+
 fn run(config: Config) -> anyhow::Result<()> {
     tether::telemetry::init(&config.log);
     let workers = match config.runtime.worker_threads {
@@ -208,8 +289,26 @@ fn run(config: Config) -> anyhow::Result<()> {
         threads.push(thread);
     }
     let result = runtime.block_on(async {
+        // Before anything binds: a signal that arrives while starting must
+        // find its handler, or SIGHUP's default action would end the process.
+        let mut signals = Signals::watch()?;
         let running = tether::server::start_on(config, &handles).await?;
-        wait_for_signal().await?;
+        let mut announced = false;
+        loop {
+            tokio::select! {
+                () = running.ready(), if !announced => {
+                    announced = true;
+                    tether::notify::ready("serving");
+                }
+                signal = signals.next() => match signal {
+                    Signal::Hangup => tracing::warn!(
+                        "SIGHUP received and ignored: tether does not reload its configuration; restart it to apply a new one"
+                    ),
+                    Signal::Terminate | Signal::Interrupt => break,
+                },
+            }
+        }
+        tether::notify::stopping("draining");
         running.drain().await;
         anyhow::Ok(())
     });
@@ -307,13 +406,41 @@ fn demo(duration: std::time::Duration, concurrency: usize, json: bool) -> anyhow
     Ok(())
 }
 
-async fn wait_for_signal() -> anyhow::Result<()> {
-    use tokio::signal::unix::{signal, SignalKind};
-    let mut term = signal(SignalKind::terminate()).context("cannot watch SIGTERM")?;
-    let mut int = signal(SignalKind::interrupt()).context("cannot watch SIGINT")?;
-    tokio::select! {
-        _ = term.recv() => tracing::info!("SIGTERM received"),
-        _ = int.recv() => tracing::info!("SIGINT received"),
+/// The signals `run` acts on.
+enum Signal {
+    Terminate,
+    Interrupt,
+    Hangup,
+}
+
+/// Handlers for SIGTERM, SIGINT and SIGHUP, installed together.
+struct Signals {
+    term: tokio::signal::unix::Signal,
+    int: tokio::signal::unix::Signal,
+    hup: tokio::signal::unix::Signal,
+}
+
+impl Signals {
+    fn watch() -> anyhow::Result<Self> {
+        use tokio::signal::unix::{signal, SignalKind};
+        Ok(Self {
+            term: signal(SignalKind::terminate()).context("cannot watch SIGTERM")?,
+            int: signal(SignalKind::interrupt()).context("cannot watch SIGINT")?,
+            hup: signal(SignalKind::hangup()).context("cannot watch SIGHUP")?,
+        })
     }
-    Ok(())
+
+    async fn next(&mut self) -> Signal {
+        tokio::select! {
+            _ = self.term.recv() => {
+                tracing::info!("SIGTERM received");
+                Signal::Terminate
+            }
+            _ = self.int.recv() => {
+                tracing::info!("SIGINT received");
+                Signal::Interrupt
+            }
+            _ = self.hup.recv() => Signal::Hangup,
+        }
+    }
 }

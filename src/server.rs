@@ -43,6 +43,7 @@ pub struct Running {
     shutdown: Shutdown,
     tracker: TaskTracker,
     drain_timeout: Duration,
+    ready: CancellationToken,
 }
 
 /// What a drain did.
@@ -185,12 +186,19 @@ pub async fn start_on(
             })
             .collect(),
     );
+    let ready = CancellationToken::new();
+    tokio::spawn(declare_ready(
+        all_pools.clone(),
+        config.runtime.ready_timeout,
+        ready.clone(),
+    ));
     let admin_stop = CancellationToken::new();
     let admin_addr = match admin_socket {
         Some(socket) => {
             let addr = socket.local_addr().ok();
             let state = Arc::new(AdminState {
                 metrics: metrics.clone(),
+                ready: ready.clone(),
                 draining: shutdown.drain.clone(),
                 config: config.to_toml(),
             });
@@ -209,7 +217,36 @@ pub async fn start_on(
         shutdown,
         tracker,
         drain_timeout: config.runtime.drain_timeout,
+        ready,
     })
+}
+
+/// Cancels `ready` once every pool share has its warm floor open, or once
+/// `timeout` has passed: an app started after tether (a Kubernetes native
+/// sidecar's startup probe, systemd's `After=`) then finds warm connections,
+/// while a backend that is down delays it by `timeout` at most.
+async fn declare_ready(pools: Vec<Pool>, timeout: Duration, ready: CancellationToken) {
+    // Only at start, for at most `timeout`: polling is simpler than a
+    // notification threaded through every endpoint, and costs nothing later.
+    const POLL: Duration = Duration::from_millis(10);
+    let deadline = tokio::time::Instant::now() + timeout;
+    loop {
+        if pools.iter().all(Pool::is_warm) {
+            tracing::info!("ready: every pool's warm floor is open");
+            break;
+        }
+        if tokio::time::Instant::now() >= deadline {
+            let cold: Vec<&str> = pools
+                .iter()
+                .filter(|p| !p.is_warm())
+                .map(Pool::name)
+                .collect();
+            tracing::warn!(upstreams = ?cold, ready_timeout = ?timeout, "ready before every warm floor is open; requests to these upstreams dial on demand");
+            break;
+        }
+        tokio::time::sleep(POLL).await;
+    }
+    ready.cancel();
 }
 
 /// Worker `index`'s share of an upstream's pool bounds among `shares` workers:
@@ -245,6 +282,17 @@ impl Running {
     /// The admin server's address, when it is enabled.
     pub fn admin_addr(&self) -> Option<std::net::SocketAddr> {
         self.admin_addr
+    }
+
+    /// Waits until tether is ready: every pool's warm floor is open, or
+    /// `runtime.ready_timeout` has passed (`/readyz` answers 200 from then on).
+    pub async fn ready(&self) {
+        self.ready.cancelled().await;
+    }
+
+    /// Whether tether is ready (see [`Running::ready`]).
+    pub fn is_ready(&self) -> bool {
+        self.ready.is_cancelled()
     }
 
     /// Every metric.

@@ -107,6 +107,7 @@ async fn metrics_count_outcomes_endings_and_time_wait() {
     assert!(metric(&text, r#"tether_time_wait_on_listener{listener="app"}"#) >= 3.0);
 
     assert_eq!(admin_get(admin, "/healthz").await.status, 200);
+    running.ready().await;
     assert_eq!(admin_get(admin, "/readyz").await.status, 200);
     let config = admin_get(admin, "/config").await.text();
     assert!(tether::Config::from_toml(&config).is_ok(), "{config}");

@@ -37,6 +37,7 @@ async fn drain_resets_what_is_still_running_at_the_deadline() {
     assert_eq!(read_response(&mut idle, false).await.unwrap().status, 200);
 
     let admin = running.admin_addr().unwrap();
+    running.ready().await;
     assert_eq!(get_once(admin, "/readyz").await.status, 200);
     let drain = tokio::spawn(running.drain());
     tokio::time::sleep(Duration::from_millis(50)).await;

@@ -751,6 +751,15 @@ impl Pool {
         &self.inner.settings.name
     }
 
+    /// Whether every endpoint has its warm floor (`pool.min_idle`
+    /// connections) open. An upstream whose endpoints have not resolved yet
+    /// is not warm: a request now would have nowhere to go.
+    pub fn is_warm(&self) -> bool {
+        let endpoints = self.endpoints();
+        let floor = self.inner.settings.pool.min_idle;
+        !endpoints.is_empty() && endpoints.iter().all(|e| e.open_connections() >= floor)
+    }
+
     /// The endpoints currently balanced across.
     pub fn endpoints(&self) -> Arc<Vec<Arc<Endpoint>>> {
         self.inner
