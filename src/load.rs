@@ -86,6 +86,9 @@ pub struct LoadReport {
     pub p999_ms: f64,
     /// The first error seen, in full.
     pub first_error: Option<String>,
+    /// When the first error happened, in seconds from the start of the run
+    /// (how long until a host ran out of ports, say).
+    pub first_error_after_s: Option<f64>,
 }
 
 /// What to run.
@@ -161,7 +164,7 @@ pub async fn run_spec(spec: &LoadSpec, progress: Arc<Progress>) -> LoadReport {
                     Err(e) => {
                         progress.errors.fetch_add(1, Ordering::Relaxed);
                         *errors.entry(e.label()).or_default() += 1;
-                        first_error.get_or_insert_with(|| e.to_string());
+                        first_error.get_or_insert_with(|| (begun, e.to_string()));
                         kept = None;
                         // Back off a little so a refused port is not hammered.
                         tokio::time::sleep(Duration::from_millis(1)).await;
@@ -173,15 +176,17 @@ pub async fn run_spec(spec: &LoadSpec, progress: Arc<Progress>) -> LoadReport {
     }
     let mut latencies = Vec::new();
     let mut errors_by_kind: BTreeMap<String, u64> = BTreeMap::new();
-    let mut first_error = None;
+    let mut first_error: Option<(Instant, String)> = None;
     for task in tasks {
         if let Ok((mut l, errors, e)) = task.await {
             latencies.append(&mut l);
             for (kind, n) in errors {
                 *errors_by_kind.entry(kind).or_default() += n;
             }
-            if first_error.is_none() {
-                first_error = e;
+            if let Some((at, error)) = e {
+                if first_error.as_ref().is_none_or(|(first, _)| at < *first) {
+                    first_error = Some((at, error));
+                }
             }
         }
     }
@@ -202,7 +207,10 @@ pub async fn run_spec(spec: &LoadSpec, progress: Arc<Progress>) -> LoadReport {
         p50_ms: percentile(0.50),
         p99_ms: percentile(0.99),
         p999_ms: percentile(0.999),
-        first_error,
+        first_error_after_s: first_error
+            .as_ref()
+            .map(|(at, _)| at.duration_since(started).as_secs_f64()),
+        first_error: first_error.map(|(_, error)| error),
     }
 }
 

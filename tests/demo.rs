@@ -1,12 +1,23 @@
-//! `tether demo` proves the promise with the kernel's own figures: TIME_WAIT
-//! toward the backend piles up going direct and stays at zero through tether.
+//! `tether demo` proves the promise with the kernel's own figures. As root
+//! (CI runs as root) the backend gets a host of its own, and going direct runs
+//! out of ephemeral ports while every request through tether succeeds; on
+//! loopback, and without the privileges, the JSON says which mode ran. The
+//! demo's namespaces leave nothing behind, even when it is interrupted.
 
-use std::process::Command;
+use std::collections::HashSet;
+use std::process::{Command, Stdio};
+use std::sync::Mutex;
+use std::time::{Duration, Instant};
 
-#[test]
-fn demo_shows_time_wait_toward_the_backend_only_without_tether() {
+/// One demo at a time: each loads both cores, and a namespace number freed by
+/// one may be reused by another's.
+static ONE_AT_A_TIME: Mutex<()> = Mutex::new(());
+
+fn demo(args: &[&str]) -> serde_json::Value {
     let out = Command::new(env!("CARGO_BIN_EXE_tether"))
-        .args(["demo", "--duration", "1s", "--concurrency", "4", "--json"])
+        .arg("demo")
+        .args(args)
+        .arg("--json")
         .output()
         .unwrap();
     assert!(
@@ -14,23 +25,27 @@ fn demo_shows_time_wait_toward_the_backend_only_without_tether() {
         "{}",
         String::from_utf8_lossy(&out.stderr)
     );
-    let report: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
-    let direct = &report["direct"];
-    let tether = &report["tether"];
-    let n = |v: &serde_json::Value, k: &str| v[k].as_f64().unwrap_or_else(|| panic!("{k} in {v}"));
+    serde_json::from_slice(&out.stdout).unwrap_or_else(|e| {
+        panic!(
+            "{e}: {}{}",
+            String::from_utf8_lossy(&out.stdout),
+            String::from_utf8_lossy(&out.stderr)
+        )
+    })
+}
 
-    assert!(n(direct, "requests") > 100.0, "{report}");
+fn n(v: &serde_json::Value, k: &str) -> f64 {
+    v[k].as_f64().unwrap_or_else(|| panic!("{k} in {v}"))
+}
+
+/// What both modes show: through tether, no errors, a handful of pooled
+/// connections and no TIME_WAIT toward or in the backend.
+fn assert_tether_pools(report: &serde_json::Value) {
+    let tether = &report["tether"];
     assert!(n(tether, "requests") > 100.0, "{report}");
     assert_eq!(n(tether, "errors"), 0.0, "{report}");
-    // Direct: one backend connection and one TIME_WAIT per request.
     assert!(
-        n(direct, "backend_connections") >= n(direct, "requests"),
-        "{report}"
-    );
-    assert!(n(direct, "time_wait_to_backend") > 100.0, "{report}");
-    // Through tether: a handful of pooled connections and no TIME_WAIT on the backend leg.
-    assert!(
-        n(tether, "backend_connections") <= n(&report, "pool_size"),
+        n(tether, "backend_connections") <= n(report, "pool_size"),
         "{report}"
     );
     assert_eq!(n(tether, "time_wait_to_backend"), 0.0, "{report}");
@@ -38,4 +53,174 @@ fn demo_shows_time_wait_toward_the_backend_only_without_tether() {
     for key in ["rps", "p50_ms", "p99_ms", "time_wait_on_listener"] {
         assert!(tether[key].is_number(), "{key} missing: {report}");
     }
+}
+
+#[test]
+fn toward_a_remote_backend_going_direct_runs_out_of_ports_and_tether_does_not() {
+    let _one = ONE_AT_A_TIME.lock().unwrap_or_else(|e| e.into_inner());
+    let report = demo(&["--duration", "1s", "--concurrency", "4", "--ports", "1000"]);
+    assert_eq!(report["mode"], "namespaces", "{report}");
+    assert_eq!(n(&report, "ephemeral_ports"), 1000.0, "{report}");
+    let direct = &report["direct"];
+    // Each closed connection holds its port for 60 s: about 1000 requests,
+    // then only EADDRNOTAVAIL.
+    assert!(
+        n(&direct["errors_by_kind"], "EADDRNOTAVAIL") > 0.0,
+        "{report}"
+    );
+    assert!(n(direct, "requests") <= 1000.0, "{report}");
+    assert!(n(direct, "first_error_after_s") < 1.0, "{report}");
+    assert!(
+        n(direct, "time_wait_to_backend") >= n(direct, "requests"),
+        "{report}"
+    );
+    // Through tether, on the same host with those ports gone.
+    assert_tether_pools(&report);
+    assert!(
+        n(&report["tether"], "requests") > n(direct, "requests"),
+        "{report}"
+    );
+}
+
+#[test]
+fn on_loopback_the_json_says_so_and_what_it_cannot_show() {
+    let _one = ONE_AT_A_TIME.lock().unwrap_or_else(|e| e.into_inner());
+    let report = demo(&["--duration", "1s", "--concurrency", "4", "--loopback"]);
+    assert_eq!(report["mode"], "loopback", "{report}");
+    assert!(
+        report["loopback_limits"]
+            .as_str()
+            .is_some_and(|s| s.contains("one second")),
+        "{report}"
+    );
+    let direct = &report["direct"];
+    assert!(n(direct, "requests") > 100.0, "{report}");
+    // Direct: one backend connection and one TIME_WAIT per request.
+    assert!(
+        n(direct, "backend_connections") >= n(direct, "requests"),
+        "{report}"
+    );
+    assert!(n(direct, "time_wait_to_backend") > 100.0, "{report}");
+    assert_tether_pools(&report);
+}
+
+#[test]
+fn without_privileges_it_falls_back_to_loopback_and_says_why() {
+    let _one = ONE_AT_A_TIME.lock().unwrap_or_else(|e| e.into_inner());
+    // setpriv (util-linux) drops to nobody with no capabilities at all.
+    let out = Command::new("setpriv")
+        .args([
+            "--reuid=65534",
+            "--regid=65534",
+            "--clear-groups",
+            "--inh-caps=-all",
+            "--bounding-set=-all",
+        ])
+        .arg(env!("CARGO_BIN_EXE_tether"))
+        .args([
+            "demo",
+            "--duration",
+            "500ms",
+            "--concurrency",
+            "2",
+            "--json",
+        ])
+        .output()
+        .unwrap_or_else(|e| panic!("cannot run setpriv (install util-linux): {e}"));
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(out.status.success(), "{stderr}");
+    let report: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(report["mode"], "loopback", "{report}");
+    let reason = report["loopback_reason"].as_str().unwrap_or_default();
+    assert!(reason.contains("needs root"), "{report}");
+    // One line tells the user what this mode cannot show.
+    assert!(
+        stderr
+            .lines()
+            .any(|l| l.starts_with("loopback mode") && l.contains("one second")),
+        "{stderr}"
+    );
+}
+
+/// Network namespace inodes of every thread of `pid`.
+fn namespaces_of(pid: u32) -> HashSet<String> {
+    let mut found = HashSet::new();
+    let Ok(tasks) = std::fs::read_dir(format!("/proc/{pid}/task")) else {
+        return found;
+    };
+    for task in tasks.flatten() {
+        if let Ok(link) = std::fs::read_link(task.path().join("ns/net")) {
+            found.insert(link.to_string_lossy().into_owned());
+        }
+    }
+    found
+}
+
+/// Network namespace inodes any thread on this machine is in.
+fn namespaces_in_use() -> HashSet<String> {
+    let mut found = HashSet::new();
+    for entry in std::fs::read_dir("/proc").unwrap().flatten() {
+        if let Some(pid) = entry.file_name().to_str().and_then(|p| p.parse().ok()) {
+            found.extend(namespaces_of(pid));
+        }
+    }
+    found
+}
+
+fn links() -> String {
+    let out = Command::new("ip").args(["-o", "link"]).output().unwrap();
+    String::from_utf8_lossy(&out.stdout).into_owned()
+}
+
+#[test]
+fn an_interrupted_demo_leaves_no_namespace_interface_or_sysctl_behind() {
+    let _one = ONE_AT_A_TIME.lock().unwrap_or_else(|e| e.into_inner());
+    let own = namespaces_of(std::process::id());
+    let range_before = std::fs::read_to_string("/proc/sys/net/ipv4/ip_local_port_range").unwrap();
+    let links_before = links();
+    let mut child = Command::new(env!("CARGO_BIN_EXE_tether"))
+        .args(["demo", "--duration", "20s", "--ports", "1000"])
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .unwrap();
+    // Wait until its threads are in both namespaces of their own.
+    let deadline = Instant::now() + Duration::from_secs(10);
+    let demo_namespaces = loop {
+        let mine: HashSet<String> = namespaces_of(child.id())
+            .difference(&own)
+            .cloned()
+            .collect();
+        if mine.len() >= 2 {
+            break mine;
+        }
+        assert!(Instant::now() < deadline, "the demo made no namespaces");
+        std::thread::sleep(Duration::from_millis(20));
+    };
+    // The host's own namespace is untouched while it runs.
+    assert!(!links().contains("tether-app"), "{}", links());
+    std::thread::sleep(Duration::from_millis(500));
+    let status = Command::new("kill")
+        .args(["-INT", &child.id().to_string()])
+        .status()
+        .unwrap();
+    assert!(status.success());
+    let deadline = Instant::now() + Duration::from_secs(10);
+    loop {
+        if child.try_wait().unwrap().is_some() {
+            break;
+        }
+        assert!(Instant::now() < deadline, "demo still running after SIGINT");
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    let left: Vec<String> = namespaces_in_use()
+        .intersection(&demo_namespaces)
+        .cloned()
+        .collect();
+    assert!(left.is_empty(), "namespaces still in use: {left:?}");
+    assert_eq!(links(), links_before, "the host's interfaces changed");
+    assert_eq!(
+        std::fs::read_to_string("/proc/sys/net/ipv4/ip_local_port_range").unwrap(),
+        range_before
+    );
 }
