@@ -231,7 +231,9 @@ fn by_states(states: StateFlags) -> Result<Vec<TcpSocket>, CensusError> {
         Ok(found) => Ok(found),
         Err(e) => {
             tracing::debug!(error = %e, "sock_diag unavailable; reading /proc/net/tcp");
-            let all = sockets_from_proc(Path::new("/proc/net"))?;
+            // thread-self: a thread that entered another network namespace
+            // (the demo's hosts) reads its own table, not the main thread's.
+            let all = sockets_from_proc(Path::new("/proc/thread-self/net"))?;
             Ok(all
                 .into_iter()
                 .filter(|s| states.contains(state_flag(s.state)))
