@@ -20,6 +20,7 @@ pub mod load;
 pub mod metrics;
 pub mod notify;
 pub mod pool;
+pub mod rlimit;
 pub mod server;
 pub mod sock;
 pub mod telemetry;

@@ -282,6 +282,19 @@ fn health_address(
 
 fn run(config: Config) -> anyhow::Result<()> {
     tether::telemetry::init(&config.log);
+    let needed = tether::rlimit::descriptors_needed(&config);
+    match tether::rlimit::raise_open_files() {
+        Ok(limits) if limits.now < needed => tracing::warn!(
+            limit = limits.now,
+            needed,
+            "the open-file limit is below what this configuration can use (max_connections of every listener and pool): past it, accepts and dials fail with EMFILE; raise the hard limit (LimitNOFILE, ulimit -n, the container runtime's nofile)"
+        ),
+        Ok(limits) if limits.now > limits.before => {
+            tracing::info!(from = limits.before, to = limits.now, "open-file limit raised to the hard limit")
+        }
+        Ok(_) => {}
+        Err(e) => tracing::warn!(error = %e, "cannot raise the open-file limit"),
+    }
     let workers = match config.runtime.worker_threads {
         0 => std::thread::available_parallelism().map_or(1, usize::from),
         n => n,

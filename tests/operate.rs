@@ -23,6 +23,8 @@ struct Tether {
     listen: SocketAddr,
     admin: SocketAddr,
     log: mpsc::Receiver<String>,
+    /// Every line read from `log` so far.
+    seen: std::cell::RefCell<Vec<String>>,
     dir: PathBuf,
 }
 
@@ -30,6 +32,17 @@ impl Tether {
     /// Starts `tether run` forwarding to `backend`, with `runtime` appended to
     /// its `[runtime]` section and `env` in its environment.
     fn start(backend: &str, runtime: &str, env: &[(&str, &Path)]) -> Self {
+        Self::start_under(backend, runtime, env, None)
+    }
+
+    /// As `start`, with `shell` (`ulimit …`) run first in the shell that
+    /// then becomes tether.
+    fn start_under(
+        backend: &str,
+        runtime: &str,
+        env: &[(&str, &Path)],
+        shell: Option<&str>,
+    ) -> Self {
         use std::io::BufRead;
         let dir = std::env::temp_dir().join(format!(
             "tether-operate-{}-{}",
@@ -61,10 +74,23 @@ impl Tether {
             ),
         )
         .unwrap();
-        let mut command = Command::new(env!("CARGO_BIN_EXE_tether"));
+        let mut command = match shell {
+            None => {
+                let mut c = Command::new(env!("CARGO_BIN_EXE_tether"));
+                c.args(["run", "--config"]).arg(&file);
+                c
+            }
+            Some(first) => {
+                let mut c = Command::new("sh");
+                c.arg("-c").arg(format!(
+                    "{first} && exec \"{}\" run --config \"{}\"",
+                    env!("CARGO_BIN_EXE_tether"),
+                    file.display()
+                ));
+                c
+            }
+        };
         command
-            .args(["run", "--config"])
-            .arg(&file)
             .env_remove("RUST_LOG")
             .env_remove("NOTIFY_SOCKET")
             .stderr(Stdio::piped());
@@ -89,6 +115,7 @@ impl Tether {
             listen: SocketAddr::from(([0, 0, 0, 0], 0)),
             admin: SocketAddr::from(([0, 0, 0, 0], 0)),
             log,
+            seen: std::cell::RefCell::new(Vec::new()),
             dir,
         };
         let listen = tether.wait_for_log("listen=");
@@ -104,8 +131,12 @@ impl Tether {
         loop {
             let left = deadline.saturating_duration_since(Instant::now());
             match self.log.recv_timeout(left) {
-                Ok(line) if line.contains(needle) => return line,
-                Ok(_) => {}
+                Ok(line) => {
+                    self.seen.borrow_mut().push(line.clone());
+                    if line.contains(needle) {
+                        return line;
+                    }
+                }
                 Err(e) => panic!("no log line with {needle:?}: {e}"),
             }
         }
@@ -288,11 +319,17 @@ async fn the_notify_socket_hears_ready_once_the_floor_is_open_and_stopping_on_si
     let message = String::from_utf8_lossy(&buf[..n]).into_owned();
     assert!(message.lines().any(|l| l == "READY=1"), "{message}");
     assert!(message.contains("STATUS="), "{message}");
-    // Two workers share min_idle = 2: one warm connection each, open before READY.
+    // Two workers share min_idle = 2: one warm connection each, established
+    // in the kernel before READY (the backend's accept loop may not have run
+    // yet, so its own count can lag).
+    let established = tether::census::sockets()
+        .unwrap()
+        .into_iter()
+        .filter(|s| s.remote == backend.addr && s.state == tether::census::TcpState::Established)
+        .count();
     assert!(
-        backend.open() >= 2,
-        "READY=1 with {} warm connections",
-        backend.open()
+        established >= 2,
+        "READY=1 with {established} warm connections"
     );
     assert_eq!(
         health(&["--admin", &tether.admin.to_string(), "--ready"])
@@ -368,4 +405,56 @@ async fn sighup_is_logged_and_ignored() {
         tokio::time::sleep(Duration::from_millis(20)).await;
     };
     assert!(status.success());
+}
+
+/// The soft and hard open-file limits of process `pid`.
+fn open_file_limits(pid: u32) -> (u64, u64) {
+    let limits = std::fs::read_to_string(format!("/proc/{pid}/limits")).unwrap();
+    let line = limits
+        .lines()
+        .find(|l| l.starts_with("Max open files"))
+        .unwrap();
+    let mut numbers = line.split_whitespace().filter_map(|w| w.parse().ok());
+    (numbers.next().unwrap(), numbers.next().unwrap())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_soft_open_file_limit_is_raised_and_a_short_one_is_reported() {
+    let backend = Backend::start().await;
+    // Lowering a hard limit needs no privilege; raising it may.
+    let hard = open_file_limits(std::process::id()).1.min(16384);
+    // A soft limit of 1024 under a higher hard one, as container runtimes give.
+    let tether = Tether::start_under(
+        &backend.addr.to_string(),
+        "",
+        &[],
+        Some(&format!("ulimit -S -n 1024 && ulimit -H -n {hard}")),
+    );
+    assert_eq!(open_file_limits(tether.child.id()), (hard, hard));
+    assert_eq!(get_once(tether.listen, "/").await.status, 200);
+    // The default max_connections (10000), one pool of 256 and the slack.
+    let needed = 10_000 + 256 + tether::rlimit::SLACK;
+    let warned = |t: &Tether| {
+        t.seen
+            .borrow()
+            .iter()
+            .any(|l| l.contains("WARN") && l.contains("open-file limit is below"))
+    };
+    assert_eq!(warned(&tether), hard < needed, "{:?}", tether.seen.borrow());
+
+    // A hard limit below what the config can use: said at start, with figures.
+    let short = Tether::start_under(
+        &backend.addr.to_string(),
+        "",
+        &[],
+        Some("ulimit -S -n 1024 && ulimit -H -n 2048"),
+    );
+    assert_eq!(open_file_limits(short.child.id()), (2048, 2048));
+    assert!(warned(&short), "{:?}", short.seen.borrow());
+    let needed = format!("needed={needed}");
+    assert!(
+        short.seen.borrow().iter().any(|l| l.contains(&needed)),
+        "{:?}",
+        short.seen.borrow()
+    );
 }
