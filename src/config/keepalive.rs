@@ -1,0 +1,177 @@
+//! `[upstream.keepalive]` and `[upstream.keepalive.probe]`: what keeps an idle
+//! pooled connection alive and finds a dead one — TCP keepalive on every
+//! socket, PING frames on HTTP/2, and optional HTTP/1.1 probe requests so the
+//! backend never closes an idle connection first.
+
+use std::time::Duration;
+
+use serde::{Deserialize, Serialize};
+
+use super::{defaults, Problems};
+
+/// `[upstream.keepalive]`
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields)]
+pub struct KeepaliveConfig {
+    /// Idle time before the first TCP keepalive probe. Default:
+    /// [`defaults::tcp_idle`].
+    #[serde(default = "defaults::tcp_idle", with = "humantime_serde")]
+    pub tcp_idle: Duration,
+    /// Interval between unanswered probes. Default: [`defaults::tcp_interval`].
+    #[serde(default = "defaults::tcp_interval", with = "humantime_serde")]
+    pub tcp_interval: Duration,
+    /// Unanswered probes before the kernel declares the connection dead.
+    /// Default: [`defaults::tcp_count`].
+    #[serde(default = "defaults::tcp_count")]
+    pub tcp_count: u32,
+    /// HTTP/2 only: PING interval on every connection, idle or not. Default:
+    /// [`defaults::ping_interval`].
+    #[serde(default = "defaults::ping_interval", with = "humantime_serde")]
+    pub ping_interval: Duration,
+    /// HTTP/2 only: a PING not answered within this evicts the connection.
+    /// Default: [`defaults::ping_timeout`].
+    #[serde(default = "defaults::ping_timeout", with = "humantime_serde")]
+    pub ping_timeout: Duration,
+    /// HTTP/1.1 probes on idle pooled connections.
+    #[serde(default)]
+    pub probe: ProbeConfig,
+}
+
+impl Default for KeepaliveConfig {
+    fn default() -> Self {
+        Self {
+            tcp_idle: defaults::tcp_idle(),
+            tcp_interval: defaults::tcp_interval(),
+            tcp_count: defaults::tcp_count(),
+            ping_interval: defaults::ping_interval(),
+            ping_timeout: defaults::ping_timeout(),
+            probe: ProbeConfig::default(),
+        }
+    }
+}
+
+/// Probe request method.
+#[derive(Debug, Clone, Copy, Default, Serialize, Deserialize, PartialEq, Eq)]
+#[serde(rename_all = "UPPERCASE")]
+pub enum ProbeMethod {
+    /// `HEAD`: no body to read.
+    #[default]
+    Head,
+    /// `GET`.
+    Get,
+    /// `OPTIONS`.
+    Options,
+}
+
+impl ProbeMethod {
+    /// The HTTP method.
+    pub fn as_method(self) -> http::Method {
+        match self {
+            Self::Head => http::Method::HEAD,
+            Self::Get => http::Method::GET,
+            Self::Options => http::Method::OPTIONS,
+        }
+    }
+}
+
+/// `[upstream.keepalive.probe]`
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields)]
+pub struct ProbeConfig {
+    /// Send probes. Default: [`defaults::probe_enabled`].
+    #[serde(default = "defaults::probe_enabled")]
+    pub enabled: bool,
+    /// `HEAD`, `GET` or `OPTIONS`. Default [`ProbeMethod::Head`]: nothing to
+    /// read back.
+    #[serde(default)]
+    pub method: ProbeMethod,
+    /// Request target of the probe. Default: [`defaults::probe_path`].
+    #[serde(default = "defaults::probe_path")]
+    pub path: String,
+    /// Idle time after which a pooled connection is probed; set it below the
+    /// backend's keep-alive timeout. Default: [`defaults::probe_interval`].
+    #[serde(default = "defaults::probe_interval", with = "humantime_serde")]
+    pub interval: Duration,
+    /// Time allowed for the probe's response; then the connection is reset.
+    /// Default: [`defaults::probe_timeout`].
+    #[serde(default = "defaults::probe_timeout", with = "humantime_serde")]
+    pub timeout: Duration,
+    /// Status classes that count as alive. Default: [`defaults::probe_expect`].
+    #[serde(default = "defaults::probe_expect")]
+    pub expect: Vec<String>,
+}
+
+impl Default for ProbeConfig {
+    fn default() -> Self {
+        Self {
+            enabled: defaults::probe_enabled(),
+            method: ProbeMethod::default(),
+            path: defaults::probe_path(),
+            interval: defaults::probe_interval(),
+            timeout: defaults::probe_timeout(),
+            expect: defaults::probe_expect(),
+        }
+    }
+}
+
+impl ProbeConfig {
+    /// Whether a probe's status means the connection is alive.
+    pub fn accepts(&self, status: u16) -> bool {
+        let class = format!("{}xx", status / 100);
+        self.expect.iter().any(|e| e.eq_ignore_ascii_case(&class))
+    }
+}
+
+/// Checks the TCP keepalive of one `[upstream.keepalive]`.
+pub(super) fn validate_tcp(k: &KeepaliveConfig, mut problems: Problems<'_>) {
+    // The kernel takes these in whole seconds.
+    if k.tcp_idle < Duration::from_secs(1) {
+        problems.add("tcp_idle", "must be at least 1s");
+    }
+    if k.tcp_interval < Duration::from_secs(1) {
+        problems.add("tcp_interval", "must be at least 1s");
+    }
+    if k.tcp_count == 0 {
+        problems.add("tcp_count", "must be at least 1");
+    }
+}
+
+/// Checks the HTTP keepalive of one `[upstream.keepalive]`: HTTP/2 PINGs and
+/// the HTTP/1.1 probe requests of `[upstream.keepalive.probe]`.
+pub(super) fn validate_http(k: &KeepaliveConfig, mut problems: Problems<'_>) {
+    if k.ping_interval.is_zero() || k.ping_timeout.is_zero() {
+        problems.add(
+            "ping_interval",
+            "ping_interval and ping_timeout must be greater than 0",
+        );
+    }
+    validate_probe(&k.probe, problems.within("probe"));
+}
+
+/// Checks one `[upstream.keepalive.probe]`: clocks that run, an origin-form
+/// path, and status classes that exist.
+fn validate_probe(probe: &ProbeConfig, mut problems: Problems<'_>) {
+    if probe.interval.is_zero() {
+        problems.add("interval", "must be greater than 0");
+    }
+    if probe.timeout.is_zero() {
+        problems.add("timeout", "must be greater than 0");
+    }
+    if !probe.path.starts_with('/') || probe.path.parse::<http::uri::PathAndQuery>().is_err() {
+        problems.add(
+            "path",
+            format!(
+                "{:?} is not an origin-form path like \"/health\"",
+                probe.path
+            ),
+        );
+    }
+    for (j, class) in probe.expect.iter().enumerate() {
+        if !["1xx", "2xx", "3xx", "4xx", "5xx"].contains(&class.to_ascii_lowercase().as_str()) {
+            problems.add(
+                &format!("expect[{j}]"),
+                format!("{class:?} is not a status class like \"2xx\""),
+            );
+        }
+    }
+}

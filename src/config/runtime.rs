@@ -1,0 +1,47 @@
+//! `[runtime]`: process-wide settings — how many workers, how long the drain
+//! may take, and how long start-up waits for warm pools before it reports
+//! ready.
+
+use std::time::Duration;
+
+use serde::{Deserialize, Serialize};
+
+use super::{defaults, Problems};
+
+/// `[runtime]`
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields)]
+pub struct RuntimeConfig {
+    /// Workers, each a single-threaded event loop with its own accept socket
+    /// (SO_REUSEPORT) and its own share of every upstream pool; 0 = one per
+    /// core. Default: [`defaults::worker_threads`].
+    #[serde(default = "defaults::worker_threads")]
+    pub worker_threads: usize,
+    /// After SIGTERM, time in-flight requests get to finish before the rest is
+    /// aborted. Default: [`defaults::drain_timeout`].
+    #[serde(default = "defaults::drain_timeout", with = "humantime_serde")]
+    pub drain_timeout: Duration,
+    /// Longest tether waits at start for every pool's warm floor
+    /// (`pool.min_idle` connections per endpoint) before it reports ready
+    /// anyway (`/readyz`, systemd's READY=1); 0 = ready as soon as the
+    /// listeners are bound. Default: [`defaults::ready_timeout`].
+    #[serde(default = "defaults::ready_timeout", with = "humantime_serde")]
+    pub ready_timeout: Duration,
+}
+
+impl Default for RuntimeConfig {
+    fn default() -> Self {
+        Self {
+            worker_threads: defaults::worker_threads(),
+            drain_timeout: defaults::drain_timeout(),
+            ready_timeout: defaults::ready_timeout(),
+        }
+    }
+}
+
+/// Checks `[runtime]`: the drain needs some time.
+pub(super) fn validate(runtime: &RuntimeConfig, mut problems: Problems<'_>) {
+    if runtime.drain_timeout.is_zero() {
+        problems.add("drain_timeout", "must be greater than 0");
+    }
+}
