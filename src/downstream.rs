@@ -23,6 +23,7 @@ use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
 
 use crate::config::ClientClose;
+use crate::drain::Shutdown;
 use crate::http::body::ExchangeDone;
 use crate::http::{ProxyService, Route};
 use crate::metrics::{Name, ReasonLabels};
@@ -508,15 +509,6 @@ impl AsyncWrite for ClientIo {
     fn poll_shutdown(self: Pin<&mut Self>, _cx: &mut Context<'_>) -> Poll<io::Result<()>> {
         Poll::Ready(Ok(()))
     }
-}
-
-/// Signals a connection task listens to.
-#[derive(Clone)]
-pub struct Shutdown {
-    /// Draining: finish the exchange in flight, then end the connection.
-    pub drain: CancellationToken,
-    /// Drain deadline passed: reset now.
-    pub force: CancellationToken,
 }
 
 enum Served {

@@ -7,23 +7,19 @@
 
 #![deny(unsafe_code)]
 
-pub mod admin;
+pub mod app;
 pub mod census;
 pub mod config;
-pub mod demo;
-pub mod doctor;
 pub mod downstream;
-pub mod health;
+pub mod drain;
 pub mod http;
-pub mod listener;
-pub mod load;
 pub mod metrics;
 pub mod notify;
 pub mod pool;
 pub mod rlimit;
-pub mod server;
 pub mod sock;
 pub mod telemetry;
+pub mod tools;
 
+pub use app::{start, Running};
 pub use config::Config;
-pub use server::{start, Running};

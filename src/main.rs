@@ -79,8 +79,8 @@ enum Command {
         #[arg(long, value_name = "IP:PORT")]
         target: std::net::SocketAddr,
         /// How clients connect.
-        #[arg(long, value_enum, default_value_t = tether::load::Mode::CloseFirst)]
-        mode: tether::load::Mode,
+        #[arg(long, value_enum, default_value_t = tether::tools::load::Mode::CloseFirst)]
+        mode: tether::tools::load::Mode,
         /// Concurrent clients.
         #[arg(long, default_value_t = 16)]
         concurrency: usize,
@@ -146,7 +146,7 @@ fn main() -> ExitCode {
                     return ExitCode::FAILURE;
                 }
             };
-            let check = tether::health::HealthCheck {
+            let check = tether::tools::health::HealthCheck {
                 admin,
                 ready,
                 timeout,
@@ -174,7 +174,7 @@ fn main() -> ExitCode {
             path,
             json,
         } => {
-            let spec = tether::load::LoadSpec {
+            let spec = tether::tools::load::LoadSpec {
                 target,
                 mode,
                 concurrency,
@@ -196,7 +196,7 @@ fn main() -> ExitCode {
             loopback,
             json,
         } => match demo(
-            tether::demo::DemoOptions {
+            tether::tools::demo::DemoOptions {
                 duration,
                 concurrency,
                 ports: (ports > 0).then_some(ports),
@@ -282,76 +282,8 @@ fn health_address(
 
 fn run(config: Config) -> anyhow::Result<()> {
     tether::telemetry::init(&config.log);
-    let needed = tether::rlimit::descriptors_needed(&config);
-    match tether::rlimit::raise_open_files() {
-        Ok(limits) if limits.now < needed => tracing::warn!(
-            limit = limits.now,
-            needed,
-            "the open-file limit is below what this configuration can use (max_connections of every listener and pool): past it, accepts and dials fail with EMFILE; raise the hard limit (LimitNOFILE, ulimit -n, the container runtime's nofile)"
-        ),
-        Ok(limits) if limits.now > limits.before => {
-            tracing::info!(from = limits.before, to = limits.now, "open-file limit raised to the hard limit")
-        }
-        Ok(_) => {}
-        Err(e) => tracing::warn!(error = %e, "cannot raise the open-file limit"),
-    }
-    let workers = match config.runtime.worker_threads {
-        0 => std::thread::available_parallelism().map_or(1, usize::from),
-        n => n,
-    };
-    // Every worker is a single-threaded event loop with its own accept socket
-    // and pool share (see `server::start_on`): a request stays on one thread,
-    // with no work-stealing scheduler between its client and upstream tasks.
-    // The main thread is the first worker and also runs the admin server.
-    let runtime = tokio::runtime::Builder::new_current_thread()
-        .enable_all()
-        .build()
-        .context("cannot start the async runtime")?;
-    let stop = tokio_util::sync::CancellationToken::new();
-    let mut handles = Vec::new();
-    let mut threads = Vec::new();
-    for index in 1..workers {
-        let worker = tokio::runtime::Builder::new_current_thread()
-            .enable_all()
-            .build()
-            .context("cannot start a worker's runtime")?;
-        handles.push(worker.handle().clone());
-        let stop = stop.clone();
-        let thread = std::thread::Builder::new()
-            .name(format!("tether-worker-{index}"))
-            .spawn(move || worker.block_on(stop.cancelled_owned()))
-            .context("cannot start a worker thread")?;
-        threads.push(thread);
-    }
-    let result = runtime.block_on(async {
-        // Before anything binds: a signal that arrives while starting must
-        // find its handler, or SIGHUP's default action would end the process.
-        let mut signals = Signals::watch()?;
-        let running = tether::server::start_on(config, &handles).await?;
-        let mut announced = false;
-        loop {
-            tokio::select! {
-                () = running.ready(), if !announced => {
-                    announced = true;
-                    tether::notify::ready("serving");
-                }
-                signal = signals.next() => match signal {
-                    Signal::Hangup => tracing::warn!(
-                        "SIGHUP received and ignored: tether does not reload its configuration; restart it to apply a new one"
-                    ),
-                    Signal::Terminate | Signal::Interrupt => break,
-                },
-            }
-        }
-        tether::notify::stopping("draining");
-        running.drain().await;
-        anyhow::Ok(())
-    });
-    stop.cancel();
-    for thread in threads {
-        let _ = thread.join();
-    }
-    result
+    tether::app::run(config)?;
+    Ok(())
 }
 
 fn doctor(to: Option<&str>, port: Option<u16>, json: bool) -> anyhow::Result<()> {
@@ -366,7 +298,8 @@ fn doctor(to: Option<&str>, port: Option<u16>, json: bool) -> anyhow::Result<()>
                 .with_context(|| format!("{endpoint} resolves to no address"))?,
         ),
     };
-    let diagnosis = tether::doctor::diagnose(&tether::doctor::DoctorOptions { to, port })?;
+    let diagnosis =
+        tether::tools::doctor::diagnose(&tether::tools::doctor::DoctorOptions { to, port })?;
     if json {
         println!("{}", serde_json::to_string_pretty(&diagnosis)?);
     } else {
@@ -375,15 +308,15 @@ fn doctor(to: Option<&str>, port: Option<u16>, json: bool) -> anyhow::Result<()>
     Ok(())
 }
 
-fn run_load(spec: &tether::load::LoadSpec, json: bool) -> anyhow::Result<()> {
+fn run_load(spec: &tether::tools::load::LoadSpec, json: bool) -> anyhow::Result<()> {
     let runtime = tokio::runtime::Builder::new_multi_thread()
         .enable_all()
         .build()
         .context("cannot start the async runtime")?;
-    let opens_before = active_opens();
-    let progress = std::sync::Arc::new(tether::load::Progress::default());
-    let report = runtime.block_on(tether::load::run_spec(spec, progress));
-    let opened = active_opens()
+    let opens_before = tether::tools::load::active_opens();
+    let progress = std::sync::Arc::new(tether::tools::load::Progress::default());
+    let report = runtime.block_on(tether::tools::load::run_spec(spec, progress));
+    let opened = tether::tools::load::active_opens()
         .zip(opens_before)
         .map(|(after, before)| after - before);
     let attempts = report.requests + report.errors;
@@ -411,19 +344,8 @@ fn run_load(spec: &tether::load::LoadSpec, json: bool) -> anyhow::Result<()> {
     Ok(())
 }
 
-/// TCP connections this network namespace has opened (`ActiveOpens` in
-/// /proc/net/snmp): proof that a per-request mode opened one per request.
-fn active_opens() -> Option<u64> {
-    let text = std::fs::read_to_string("/proc/net/snmp").ok()?;
-    let mut tcp = text.lines().filter(|l| l.starts_with("Tcp:"));
-    let names = tcp.next()?;
-    let values = tcp.next()?;
-    let index = names.split_whitespace().position(|n| n == "ActiveOpens")?;
-    values.split_whitespace().nth(index)?.parse().ok()
-}
-
-fn demo(options: tether::demo::DemoOptions, json: bool) -> anyhow::Result<()> {
-    let report = tether::demo::run(&options)?;
+fn demo(options: tether::tools::demo::DemoOptions, json: bool) -> anyhow::Result<()> {
+    let report = tether::tools::demo::run(&options)?;
     if json {
         println!("{}", report.json());
     } else {
@@ -431,43 +353,4 @@ fn demo(options: tether::demo::DemoOptions, json: bool) -> anyhow::Result<()> {
         print!("{}", report.table());
     }
     Ok(())
-}
-
-/// The signals `run` acts on.
-enum Signal {
-    Terminate,
-    Interrupt,
-    Hangup,
-}
-
-/// Handlers for SIGTERM, SIGINT and SIGHUP, installed together.
-struct Signals {
-    term: tokio::signal::unix::Signal,
-    int: tokio::signal::unix::Signal,
-    hup: tokio::signal::unix::Signal,
-}
-
-impl Signals {
-    fn watch() -> anyhow::Result<Self> {
-        use tokio::signal::unix::{signal, SignalKind};
-        Ok(Self {
-            term: signal(SignalKind::terminate()).context("cannot watch SIGTERM")?,
-            int: signal(SignalKind::interrupt()).context("cannot watch SIGINT")?,
-            hup: signal(SignalKind::hangup()).context("cannot watch SIGHUP")?,
-        })
-    }
-
-    async fn next(&mut self) -> Signal {
-        tokio::select! {
-            _ = self.term.recv() => {
-                tracing::info!("SIGTERM received");
-                Signal::Terminate
-            }
-            _ = self.int.recv() => {
-                tracing::info!("SIGINT received");
-                Signal::Interrupt
-            }
-            _ = self.hup.recv() => Signal::Hangup,
-        }
-    }
 }

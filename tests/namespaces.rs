@@ -109,14 +109,14 @@ async fn churn(target: SocketAddr, concurrency: usize, window: Duration) -> Chur
             while tokio::time::Instant::now() < deadline {
                 match tokio::time::timeout(
                     Duration::from_secs(2),
-                    tether::load::one_request(target),
+                    tether::tools::load::one_request(target),
                 )
                 .await
                 {
                     Ok(Ok(())) => c.ok += 1,
                     Ok(Err(e)) => {
                         c.errors += 1;
-                        if let tether::load::LoadError::Io(io) = &e {
+                        if let tether::tools::load::LoadError::Io(io) = &e {
                             if io.raw_os_error() == Some(libc::EADDRNOTAVAIL) {
                                 c.addr_not_available += 1;
                             }

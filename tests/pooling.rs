@@ -139,7 +139,7 @@ async fn two_workers_serve_one_listener_each_with_its_share_of_the_pool() {
         let stop = stop.clone();
         std::thread::spawn(move || worker.block_on(stop.cancelled_owned()))
     };
-    let running = tether::server::start_on(config, &[handle]).await.unwrap();
+    let running = tether::app::start_on(config, &[handle]).await.unwrap();
     let addr = running.tcp_addr("app").unwrap();
 
     // New connections from new ports: SO_REUSEPORT spreads them over both

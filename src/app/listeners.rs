@@ -16,7 +16,8 @@ use tokio::sync::Semaphore;
 use tokio_util::task::TaskTracker;
 
 use crate::config::ListenAddr;
-use crate::downstream::{self, ClientStream, Shutdown};
+use crate::downstream::{self, ClientStream};
+use crate::drain::Shutdown;
 use crate::http::Route;
 use crate::metrics::{ListenerLabel, Name, ReasonLabels};
 use crate::sock;

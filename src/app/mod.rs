@@ -1,5 +1,7 @@
-//! Owns the listeners and pools of a running tether: starts them from a
-//! [`Config`] and drains them.
+//! The app: a running tether's workers, listeners, pools and admin server.
+//! [`run`] is `tether run` (workers, signals, readiness notification);
+//! [`start`] and [`start_on`] build the app from a [`Config`] and hand back a
+//! [`Running`] that drains it.
 //!
 //! [`start`] binds every socket before it returns (port 0 allowed), so tests run
 //! the whole proxy in-process and read the bound addresses from [`Running`].
@@ -11,17 +13,22 @@ use tokio::sync::Semaphore;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
-use crate::admin::{self, AdminError, AdminState};
+pub mod admin;
+pub mod listeners;
+mod signals;
+mod workers;
+
 use crate::config::{Config, ListenAddr, UpstreamConfig};
-use crate::downstream::Shutdown;
+use crate::drain::Shutdown;
 use crate::http::{Route, RouteMetrics};
-use crate::listener::{self, ListenerError};
 use crate::metrics::{Metrics, Name};
 use crate::pool::Pool;
+use admin::{AdminError, AdminState};
+use listeners::ListenerError;
 
-/// Failures to start.
+/// Failures to start or run.
 #[derive(Debug, thiserror::Error)]
-pub enum ServerError {
+pub enum AppError {
     /// A listener could not be bound.
     #[error(transparent)]
     Listener(#[from] ListenerError),
@@ -31,6 +38,12 @@ pub enum ServerError {
     /// A listener names an upstream that does not exist (validation prevents it).
     #[error("listener {listener:?} names unknown upstream {upstream:?}")]
     UnknownUpstream { listener: String, upstream: String },
+    /// An event loop or a worker thread could not be started.
+    #[error("cannot start the async runtime: {0}")]
+    Runtime(std::io::Error),
+    /// A signal handler could not be installed.
+    #[error("cannot watch signals: {0}")]
+    Signals(std::io::Error),
 }
 
 /// A started tether.
@@ -53,9 +66,70 @@ pub struct Drained {
     pub forced: bool,
 }
 
+/// Runs tether as `tether run` does, until SIGTERM or SIGINT, then drains:
+/// raises the open-file limit, starts the workers (the calling thread is the
+/// first, and also runs the admin server and the signal handlers), tells a
+/// service manager when tether is ready and when it stops.
+pub fn run(config: Config) -> Result<Drained, AppError> {
+    open_file_limit(&config);
+    let workers = workers::Workers::start(workers::count(config.runtime.worker_threads))
+        .map_err(AppError::Runtime)?;
+    let runtime = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .map_err(AppError::Runtime);
+    let result = runtime.and_then(|runtime| runtime.block_on(serve_until_signal(config, &workers)));
+    workers.stop();
+    result
+}
+
+async fn serve_until_signal(
+    config: Config,
+    workers: &workers::Workers,
+) -> Result<Drained, AppError> {
+    use signals::Signal;
+    // Before anything binds (see `signals`).
+    let mut signals = signals::Signals::watch().map_err(AppError::Signals)?;
+    let running = start_on(config, workers.handles()).await?;
+    let mut announced = false;
+    loop {
+        tokio::select! {
+            () = running.ready(), if !announced => {
+                announced = true;
+                crate::notify::ready("serving");
+            }
+            signal = signals.next() => match signal {
+                Signal::Hangup => tracing::warn!(
+                    "SIGHUP received and ignored: tether does not reload its configuration; restart it to apply a new one"
+                ),
+                Signal::Terminate | Signal::Interrupt => break,
+            },
+        }
+    }
+    crate::notify::stopping("draining");
+    Ok(running.drain().await)
+}
+
+/// Raises the soft open-file limit and says when the hard one is too low.
+fn open_file_limit(config: &Config) {
+    let needed = crate::rlimit::descriptors_needed(config);
+    match crate::rlimit::raise_open_files() {
+        Ok(limits) if limits.now < needed => tracing::warn!(
+            limit = limits.now,
+            needed,
+            "the open-file limit is below what this configuration can use (max_connections of every listener and pool): past it, accepts and dials fail with EMFILE; raise the hard limit (LimitNOFILE, ulimit -n, the container runtime's nofile)"
+        ),
+        Ok(limits) if limits.now > limits.before => {
+            tracing::info!(from = limits.before, to = limits.now, "open-file limit raised to the hard limit")
+        }
+        Ok(_) => {}
+        Err(e) => tracing::warn!(error = %e, "cannot raise the open-file limit"),
+    }
+}
+
 /// Starts pools, binds every listener, then starts accepting, all on the
 /// current runtime.
-pub async fn start(config: Config) -> Result<Running, ServerError> {
+pub async fn start(config: Config) -> Result<Running, AppError> {
     start_on(config, &[]).await
 }
 
@@ -67,7 +141,7 @@ pub async fn start(config: Config) -> Result<Running, ServerError> {
 pub async fn start_on(
     config: Config,
     workers: &[tokio::runtime::Handle],
-) -> Result<Running, ServerError> {
+) -> Result<Running, AppError> {
     let shares = workers.len() + 1;
     // pools[w] holds worker w's pool of each upstream (worker 0 is this runtime).
     let mut pools: Vec<Vec<Pool>> = Vec::with_capacity(shares);
@@ -91,10 +165,7 @@ pub async fn start_on(
         pools.push(mine);
     }
     let all_pools: Vec<Pool> = pools.iter().flatten().cloned().collect();
-    let shutdown = Shutdown {
-        drain: CancellationToken::new(),
-        force: CancellationToken::new(),
-    };
+    let shutdown = Shutdown::default();
     let metrics = Arc::new(Metrics::new());
     let admin_socket = if config.admin.enabled {
         match admin::bind(config.admin.listen).await {
@@ -126,11 +197,11 @@ pub async fn start_on(
                 .iter()
                 .find(|p| p.name() == l.upstream)
                 .cloned()
-                .ok_or_else(|| ServerError::UnknownUpstream {
+                .ok_or_else(|| AppError::UnknownUpstream {
                     listener: l.name.clone(),
                     upstream: l.upstream.clone(),
                 })?;
-            let socket = match listener::bind(&addr, shared) {
+            let socket = match listeners::bind(&addr, shared) {
                 Ok(socket) => socket,
                 Err(e) => {
                     all_pools.iter().for_each(Pool::close);
@@ -155,7 +226,7 @@ pub async fn start_on(
     let mut listeners = Vec::new();
     for (socket, route, limit, runtime) in bound {
         let addr = socket.local_addr();
-        let accepting = listener::accept_loop(
+        let accepting = listeners::accept_loop(
             socket,
             route.clone(),
             limit,

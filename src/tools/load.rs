@@ -214,6 +214,17 @@ pub async fn run_spec(spec: &LoadSpec, progress: Arc<Progress>) -> LoadReport {
     }
 }
 
+/// TCP connections this network namespace has opened (`ActiveOpens` in
+/// /proc/net/snmp): proof that a per-request mode opened one per request.
+pub fn active_opens() -> Option<u64> {
+    let text = std::fs::read_to_string("/proc/net/snmp").ok()?;
+    let mut tcp = text.lines().filter(|l| l.starts_with("Tcp:"));
+    let names = tcp.next()?;
+    let values = tcp.next()?;
+    let index = names.split_whitespace().position(|n| n == "ActiveOpens")?;
+    values.split_whitespace().nth(index)?.parse().ok()
+}
+
 /// One request on a new connection: write, read the head and a Content-Length
 /// body, then close first.
 pub async fn one_request(target: SocketAddr) -> Result<(), LoadError> {

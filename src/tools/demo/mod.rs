@@ -26,9 +26,9 @@ use http_body_util::Full;
 use hyper_util::rt::TokioIo;
 use tokio::net::TcpListener;
 
+use super::load::{self, LoadReport, Progress};
 use crate::census::{self, TcpSocket};
 use crate::config::{Config, ListenAddr, ListenerConfig, UpstreamConfig};
-use crate::load::{self, LoadReport, Progress};
 use hosts::Hosts;
 pub use hosts::HostsError;
 
@@ -40,7 +40,7 @@ pub enum DemoError {
     Setup(#[from] std::io::Error),
     /// tether did not start.
     #[error("tether did not start: {0}")]
-    Start(#[from] crate::server::ServerError),
+    Start(#[from] crate::app::AppError),
     /// tether could not open its pool toward the backend.
     #[error("tether could not open its {0} pooled connections to the backend")]
     Cold(usize),
@@ -187,7 +187,7 @@ async fn phases(
     upstream.pool.min_idle = pool_size;
     config.upstreams.push(upstream);
     config.admin.enabled = false;
-    let running = crate::server::start(config).await?;
+    let running = crate::app::start(config).await?;
     let Some(listen) = running.tcp_addr("demo") else {
         return Err(DemoError::Setup(std::io::Error::other(
             "listener has no TCP address",

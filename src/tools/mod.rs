@@ -1,0 +1,9 @@
+//! The subcommands that are not the proxy: `demo` (what tether is for, with
+//! the kernel's figures), `doctor` (this host's TIME_WAIT and advice), `load`
+//! (the benchmark client) and `health` (the probe). They use the proxy's
+//! layers from above; nothing in the proxy imports them.
+
+pub mod demo;
+pub mod doctor;
+pub mod health;
+pub mod load;
