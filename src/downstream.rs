@@ -6,7 +6,7 @@
 //! `poll_without_shutdown`, the socket is taken back afterwards on every path,
 //! and [`ClientIo`] resets (SO_LINGER 0) on drop unless a path has explicitly
 //! chosen an orderly close. Timeouts (header, idle) are tether's own, driven by
-//! a per-connection [`Clock`] that the IO and the service update.
+//! a per-connection `Clock` that the IO and the service update.
 
 use std::io;
 use std::net::SocketAddr;

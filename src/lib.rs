@@ -4,6 +4,17 @@
 //! those requests over a few persistent upstream connections, keeps TIME_WAIT
 //! off the backend, and aborts idle or misbehaving peers with RST. See
 //! `ARCHITECTURE.md` for how the pieces fit.
+//!
+//! # Layout
+//!
+//! Layers, top to bottom; a module imports only from layers below it:
+//! [`tools`] (demo, doctor, load, health) → [`app`] (run, start, workers,
+//! signals, listeners, admin) → [`downstream`] (one client connection) →
+//! [`http`] (the proxy service) → [`pool`] (upstream pools) → leaves:
+//! [`config`], [`drain`], [`sock`], [`metrics`], [`census`], [`telemetry`],
+//! [`notify`], [`rlimit`].
+//! Two arrows still point the wrong way: `http` and `downstream` import each
+//! other, and `metrics` reads the pool's state.
 
 #![deny(unsafe_code)]
 

@@ -44,7 +44,7 @@ enum Command {
         /// The admin server's address (an unspecified address such as
         /// 0.0.0.0 means this host's loopback). Default: the config's
         /// `admin.listen` with --config, else 127.0.0.1:9901.
-        #[arg(long, value_name = "HOST:PORT")]
+        #[arg(long, value_name = "HOST:PORT", conflicts_with = "config")]
         admin: Option<String>,
         /// Take the admin address from this configuration file.
         #[arg(short, long, value_name = "FILE")]
@@ -111,7 +111,8 @@ enum Command {
         /// Ephemeral ports of the app's host in remote-backend mode, so that
         /// going direct runs out in seconds rather than in a minute (a Linux
         /// host has 28,232); 0 keeps the kernel's range.
-        #[arg(long, value_name = "N", default_value_t = 4096)]
+        #[arg(long, value_name = "N", default_value_t = 4096,
+              value_parser = clap::value_parser!(u16).range(0..=45536))]
         ports: u16,
         /// Keep the backend on loopback even where it could have a host of
         /// its own.
@@ -211,6 +212,7 @@ fn main() -> ExitCode {
             }
         },
         Command::Run { config } => {
+            tether::app::ignore_hangup();
             let config = match load(&config) {
                 Ok(config) => config,
                 Err(code) => return code,
@@ -245,18 +247,17 @@ fn load(path: &std::path::Path) -> Result<Config, ExitCode> {
     })
 }
 
-/// The admin address `tether health` asks.
+/// The admin addresses `tether health` asks, in turn.
 fn health_address(
     admin: Option<&str>,
     config: Option<&std::path::Path>,
-) -> anyhow::Result<std::net::SocketAddr> {
+) -> anyhow::Result<Vec<std::net::SocketAddr>> {
     use std::net::ToSocketAddrs;
-    let mut addr = match (admin, config) {
+    let addrs: Vec<std::net::SocketAddr> = match (admin, config) {
         (Some(admin), _) => admin
             .to_socket_addrs()
             .with_context(|| format!("cannot resolve {admin}"))?
-            .next()
-            .with_context(|| format!("{admin} resolves to no address"))?,
+            .collect(),
         (None, Some(path)) => {
             let config = Config::load(path, std::env::vars()).with_context(|| {
                 format!("cannot read the admin address from {}", path.display())
@@ -266,18 +267,24 @@ fn health_address(
                 "{} disables the admin server",
                 path.display()
             );
-            config.admin.listen
+            vec![config.admin.listen]
         }
-        (None, None) => tether::config::AdminConfig::default().listen,
+        (None, None) => vec![tether::config::AdminConfig::default().listen],
     };
+    anyhow::ensure!(!addrs.is_empty(), "the admin address resolves to nothing");
     // A server bound to every address is reached on loopback from beside it.
-    if addr.ip().is_unspecified() {
-        addr.set_ip(match addr {
-            std::net::SocketAddr::V4(_) => std::net::Ipv4Addr::LOCALHOST.into(),
-            std::net::SocketAddr::V6(_) => std::net::Ipv6Addr::LOCALHOST.into(),
-        });
-    }
-    Ok(addr)
+    Ok(addrs
+        .into_iter()
+        .map(|mut addr| {
+            if addr.ip().is_unspecified() {
+                addr.set_ip(match addr {
+                    std::net::SocketAddr::V4(_) => std::net::Ipv4Addr::LOCALHOST.into(),
+                    std::net::SocketAddr::V6(_) => std::net::Ipv6Addr::LOCALHOST.into(),
+                });
+            }
+            addr
+        })
+        .collect())
 }
 
 fn run(config: Config) -> anyhow::Result<()> {

@@ -48,6 +48,11 @@ fn assert_tether_pools(report: &serde_json::Value) {
         n(tether, "backend_connections") <= n(report, "pool_size"),
         "{report}"
     );
+    assert!(n(report, "pooled_connections") >= 1.0, "{report}");
+    assert!(
+        n(report, "pooled_connections") <= n(report, "pool_size"),
+        "{report}"
+    );
     assert_eq!(n(tether, "time_wait_to_backend"), 0.0, "{report}");
     assert_eq!(n(tether, "time_wait_in_backend"), 0.0, "{report}");
     for key in ["rps", "p50_ms", "p99_ms", "time_wait_on_listener"] {
@@ -58,28 +63,24 @@ fn assert_tether_pools(report: &serde_json::Value) {
 #[test]
 fn toward_a_remote_backend_going_direct_runs_out_of_ports_and_tether_does_not() {
     let _one = ONE_AT_A_TIME.lock().unwrap_or_else(|e| e.into_inner());
-    let report = demo(&["--duration", "1s", "--concurrency", "4", "--ports", "1000"]);
+    let report = demo(&["--duration", "3s", "--concurrency", "4", "--ports", "200"]);
     assert_eq!(report["mode"], "namespaces", "{report}");
-    assert_eq!(n(&report, "ephemeral_ports"), 1000.0, "{report}");
+    assert_eq!(n(&report, "ephemeral_ports"), 200.0, "{report}");
     let direct = &report["direct"];
-    // Each closed connection holds its port for 60 s: about 1000 requests,
-    // then only EADDRNOTAVAIL.
+    // Each closed connection holds its port for 60 s: at most 200 requests,
+    // then only EADDRNOTAVAIL, well within the phase.
     assert!(
         n(&direct["errors_by_kind"], "EADDRNOTAVAIL") > 0.0,
         "{report}"
     );
-    assert!(n(direct, "requests") <= 1000.0, "{report}");
-    assert!(n(direct, "first_error_after_s") < 1.0, "{report}");
+    assert!(n(direct, "requests") <= 200.0, "{report}");
+    assert!(n(direct, "first_error_after_s") < 2.0, "{report}");
     assert!(
         n(direct, "time_wait_to_backend") >= n(direct, "requests"),
         "{report}"
     );
     // Through tether, on the same host with those ports gone.
     assert_tether_pools(&report);
-    assert!(
-        n(&report["tether"], "requests") > n(direct, "requests"),
-        "{report}"
-    );
 }
 
 #[test]
@@ -156,12 +157,31 @@ fn namespaces_of(pid: u32) -> HashSet<String> {
     found
 }
 
-/// Network namespace inodes any thread on this machine is in.
+/// Network namespace inodes anything on this machine keeps alive: a
+/// thread in it, an open descriptor of it, or a mount of it.
 fn namespaces_in_use() -> HashSet<String> {
     let mut found = HashSet::new();
     for entry in std::fs::read_dir("/proc").unwrap().flatten() {
-        if let Some(pid) = entry.file_name().to_str().and_then(|p| p.parse().ok()) {
-            found.extend(namespaces_of(pid));
+        let Some(pid) = entry.file_name().to_str().and_then(|p| p.parse().ok()) else {
+            continue;
+        };
+        found.extend(namespaces_of(pid));
+        if let Ok(fds) = std::fs::read_dir(format!("/proc/{pid}/fd")) {
+            for fd in fds.flatten() {
+                if let Ok(link) = std::fs::read_link(fd.path()) {
+                    let link = link.to_string_lossy().into_owned();
+                    if link.starts_with("net:[") {
+                        found.insert(link);
+                    }
+                }
+            }
+        }
+    }
+    // A mount of a namespace (`ip netns add`) shows as its inode in mountinfo.
+    let mounts = std::fs::read_to_string("/proc/self/mountinfo").unwrap_or_default();
+    for word in mounts.split_whitespace() {
+        if word.starts_with("net:[") {
+            found.insert(word.to_owned());
         }
     }
     found
@@ -197,6 +217,11 @@ fn an_interrupted_demo_leaves_no_namespace_interface_or_sysctl_behind() {
         assert!(Instant::now() < deadline, "the demo made no namespaces");
         std::thread::sleep(Duration::from_millis(20));
     };
+    // The search below sees them while they are alive.
+    assert!(
+        demo_namespaces.is_subset(&namespaces_in_use()),
+        "{demo_namespaces:?} not found"
+    );
     // The host's own namespace is untouched while it runs.
     assert!(!links().contains("tether-app"), "{}", links());
     std::thread::sleep(Duration::from_millis(500));

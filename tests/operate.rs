@@ -35,8 +35,18 @@ impl Tether {
         Self::start_under(backend, runtime, env, None)
     }
 
-    /// As `start`, with `shell` (`ulimit …`) run first in the shell that
-    /// then becomes tether.
+    /// As `start`, in network namespace `netns`.
+    fn start_in(netns: &str, backend: &str, runtime: &str, env: &[(&str, &Path)]) -> Self {
+        Self::start_under(
+            backend,
+            runtime,
+            env,
+            Some(&format!("true && exec ip netns exec {netns}")),
+        )
+    }
+
+    /// As `start`, with `shell` (`ulimit …`, or `true && exec ip netns exec
+    /// NS`) run first in the shell that then becomes tether.
     fn start_under(
         backend: &str,
         runtime: &str,
@@ -83,7 +93,12 @@ impl Tether {
             Some(first) => {
                 let mut c = Command::new("sh");
                 c.arg("-c").arg(format!(
-                    "{first} && exec \"{}\" run --config \"{}\"",
+                    "{first} {}\"{}\" run --config \"{}\"",
+                    if first.contains("exec") {
+                        ""
+                    } else {
+                        "&& exec "
+                    },
                     env!("CARGO_BIN_EXE_tether"),
                     file.display()
                 ));
@@ -457,4 +472,114 @@ async fn the_soft_open_file_limit_is_raised_and_a_short_one_is_reported() {
         "{:?}",
         short.seen.borrow()
     );
+}
+
+/// A network namespace where a SYN to 10.9.9.2 goes nowhere, so a dial
+/// stays in progress until its timeout.
+struct SilentNetwork(String);
+
+impl SilentNetwork {
+    fn new() -> Self {
+        let name = format!("tether-silent-{}", std::process::id());
+        let ip = |args: &[&str]| {
+            let out = Command::new("ip")
+                .args(args)
+                .output()
+                .unwrap_or_else(|e| panic!("cannot run `ip` (install iproute2): {e}"));
+            assert!(
+                out.status.success(),
+                "ip {}: {} (network namespaces need root)",
+                args.join(" "),
+                String::from_utf8_lossy(&out.stderr)
+            );
+        };
+        let _ = Command::new("ip").args(["netns", "del", &name]).output();
+        ip(&["netns", "add", &name]);
+        let network = Self(name.clone());
+        ip(&["-n", &name, "link", "set", "lo", "up"]);
+        // The far end has no address, and frames go to a MAC nobody has:
+        // every SYN is dropped without an answer.
+        ip(&[
+            "-n", &name, "link", "add", "silent", "type", "veth", "peer", "name", "sink",
+        ]);
+        ip(&["-n", &name, "addr", "add", "10.9.9.1/24", "dev", "silent"]);
+        ip(&["-n", &name, "link", "set", "silent", "up"]);
+        ip(&["-n", &name, "link", "set", "sink", "up"]);
+        ip(&[
+            "-n",
+            &name,
+            "neigh",
+            "add",
+            "10.9.9.2",
+            "lladdr",
+            "02:00:00:00:00:02",
+            "dev",
+            "silent",
+            "nud",
+            "permanent",
+        ]);
+        network
+    }
+
+    /// `tether health` with `args`, run inside the namespace.
+    async fn health(&self, args: &[&str]) -> (i32, String) {
+        let out = tokio::process::Command::new("ip")
+            .args([
+                "netns",
+                "exec",
+                &self.0,
+                env!("CARGO_BIN_EXE_tether"),
+                "health",
+            ])
+            .args(args)
+            .output()
+            .await
+            .unwrap();
+        (
+            out.status.code().unwrap_or(-1),
+            String::from_utf8_lossy(&out.stderr).into_owned(),
+        )
+    }
+}
+
+impl Drop for SilentNetwork {
+    fn drop(&mut self) {
+        let _ = Command::new("ip").args(["netns", "del", &self.0]).output();
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_dial_in_progress_is_not_a_warm_connection() {
+    let network = SilentNetwork::new();
+    let dir = std::env::temp_dir().join(format!("tether-notify-silent-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let path = dir.join("notify.sock");
+    let _ = std::fs::remove_file(&path);
+    let socket = tokio::net::UnixDatagram::bind(&path).unwrap();
+    let started = Instant::now();
+    let tether = Tether::start_in(
+        &network.0,
+        "10.9.9.2:80",
+        "ready_timeout = \"2s\"",
+        &[("NOTIFY_SOCKET", &path)],
+    );
+    // Dials to the silent address are in progress (each for connect_timeout,
+    // then again after a backoff): not warm, so not ready.
+    let admin = tether.admin.to_string();
+    let (code, stderr) = network.health(&["--admin", &admin, "--ready"]).await;
+    assert_eq!(code, 1, "ready while every dial is in progress: {stderr}");
+    assert!(stderr.contains("warming"), "{stderr}");
+    let mut buf = vec![0u8; 4096];
+    let n = tokio::time::timeout(PATIENCE, socket.recv(&mut buf))
+        .await
+        .expect("READY=1 once ready_timeout passed")
+        .unwrap();
+    assert!(String::from_utf8_lossy(&buf[..n]).contains("READY=1"));
+    assert!(
+        started.elapsed() >= Duration::from_millis(1900),
+        "READY=1 after {:?}, before ready_timeout",
+        started.elapsed()
+    );
+    drop(tether);
+    let _ = std::fs::remove_dir_all(&dir);
 }

@@ -18,6 +18,8 @@ pub mod listeners;
 mod signals;
 mod workers;
 
+pub use signals::ignore_hangup;
+
 use crate::config::{Config, ListenAddr, UpstreamConfig};
 use crate::drain::Shutdown;
 use crate::http::{Route, RouteMetrics};
@@ -78,7 +80,13 @@ pub fn run(config: Config) -> Result<Drained, AppError> {
         .enable_all()
         .build()
         .map_err(AppError::Runtime);
-    let result = runtime.and_then(|runtime| runtime.block_on(serve_until_signal(config, &workers)));
+    let result = runtime.and_then(|runtime| {
+        let result = runtime.block_on(serve_until_signal(config, &workers));
+        // The drain is over: tasks still parked (a DNS lookup on a blocking
+        // thread, say) must not hold the exit.
+        runtime.shutdown_background();
+        result
+    });
     workers.stop();
     result
 }
@@ -87,24 +95,26 @@ async fn serve_until_signal(
     config: Config,
     workers: &workers::Workers,
 ) -> Result<Drained, AppError> {
-    use signals::Signal;
     // Before anything binds (see `signals`).
     let mut signals = signals::Signals::watch().map_err(AppError::Signals)?;
-    let running = start_on(config, workers.handles()).await?;
-    let mut announced = false;
-    loop {
-        tokio::select! {
-            () = running.ready(), if !announced => {
-                announced = true;
-                crate::notify::ready("serving");
-            }
-            signal = signals.next() => match signal {
-                Signal::Hangup => tracing::warn!(
-                    "SIGHUP received and ignored: tether does not reload its configuration; restart it to apply a new one"
-                ),
-                Signal::Terminate | Signal::Interrupt => break,
-            },
+    // A stop asked for while starting (DNS can take `connect_timeout` per
+    // upstream) is honoured at once: nothing was served, nothing to drain.
+    let running = tokio::select! {
+        started = start_on(config, workers.handles()) => started?,
+        () = signals.stop_requested() => {
+            tracing::info!("stopped before tether finished starting");
+            return Ok(Drained { forced: false });
         }
+    };
+    let stopped_while_warming = tokio::select! {
+        () = running.ready() => {
+            crate::notify::ready("serving");
+            false
+        }
+        () = signals.stop_requested() => true,
+    };
+    if !stopped_while_warming {
+        signals.stop_requested().await;
     }
     crate::notify::stopping("draining");
     Ok(running.drain().await)
@@ -258,11 +268,19 @@ pub async fn start_on(
             .collect(),
     );
     let ready = CancellationToken::new();
-    tokio::spawn(declare_ready(
+    let declaring = declare_ready(
         all_pools.clone(),
         config.runtime.ready_timeout,
         ready.clone(),
-    ));
+    );
+    let drain = shutdown.drain.clone();
+    tokio::spawn(async move {
+        // A drain that starts while warming ends the wait: the pools close.
+        tokio::select! {
+            () = declaring => {}
+            () = drain.cancelled() => {}
+        }
+    });
     let admin_stop = CancellationToken::new();
     let admin_addr = match admin_socket {
         Some(socket) => {
@@ -300,13 +318,19 @@ async fn declare_ready(pools: Vec<Pool>, timeout: Duration, ready: CancellationT
     // Only at start, for at most `timeout`: polling is simpler than a
     // notification threaded through every endpoint, and costs nothing later.
     const POLL: Duration = Duration::from_millis(10);
-    let deadline = tokio::time::Instant::now() + timeout;
+    // Validation bounds the timeout; an unvalidated one past the clock's end
+    // waits for the floor alone.
+    let deadline = tokio::time::Instant::now().checked_add(timeout);
     loop {
         if pools.iter().all(Pool::is_warm) {
             tracing::info!("ready: every pool's warm floor is open");
             break;
         }
-        if tokio::time::Instant::now() >= deadline {
+        if timeout.is_zero() {
+            tracing::info!("ready: ready_timeout = 0, the warm floors open in the background");
+            break;
+        }
+        if deadline.is_some_and(|d| tokio::time::Instant::now() >= d) {
             let cold: Vec<&str> = pools
                 .iter()
                 .filter(|p| !p.is_warm())

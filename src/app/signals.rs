@@ -44,4 +44,28 @@ impl Signals {
             _ = self.hup.recv() => Signal::Hangup,
         }
     }
+
+    /// Waits for SIGTERM or SIGINT, logging and ignoring every SIGHUP.
+    pub(crate) async fn stop_requested(&mut self) {
+        loop {
+            match self.next().await {
+                Signal::Hangup => tracing::warn!(
+                    "SIGHUP received and ignored: tether does not reload its configuration; restart it to apply a new one"
+                ),
+                Signal::Terminate | Signal::Interrupt => return,
+            }
+        }
+    }
+}
+
+/// Ignores SIGHUP from now until `Signals::watch` installs its handler, so
+/// a SIGHUP that arrives while tether loads its configuration is not fatal.
+/// Call it first thing in `tether run`.
+#[allow(unsafe_code)]
+pub fn ignore_hangup() {
+    // SAFETY: setting a signal's disposition to SIG_IGN installs no handler
+    // code; tokio's later sigaction replaces it.
+    unsafe {
+        libc::signal(libc::SIGHUP, libc::SIG_IGN);
+    }
 }

@@ -28,7 +28,11 @@ impl Workers {
             let stop = workers.stop.clone();
             let thread = std::thread::Builder::new()
                 .name(format!("tether-worker-{index}"))
-                .spawn(move || runtime.block_on(stop.cancelled_owned()));
+                .spawn(move || {
+                    runtime.block_on(stop.cancelled_owned());
+                    // Parked tasks (a blocked DNS lookup) must not hold the exit.
+                    runtime.shutdown_background();
+                });
             match thread {
                 Ok(thread) => workers.threads.push(thread),
                 Err(e) => {

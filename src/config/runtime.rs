@@ -39,9 +39,22 @@ impl Default for RuntimeConfig {
     }
 }
 
-/// Checks `[runtime]`: the drain needs some time.
+/// The longest `drain_timeout` and `ready_timeout` accepted: longer is a
+/// typo (no service manager waits that long), and far-future deadlines
+/// overflow the clock.
+pub const MAX_WAIT: Duration = Duration::from_secs(60 * 60);
+
+/// Checks `[runtime]`: the drain needs some time, and neither wait is absurd.
 pub(super) fn validate(runtime: &RuntimeConfig, mut problems: Problems<'_>) {
     if runtime.drain_timeout.is_zero() {
         problems.add("drain_timeout", "must be greater than 0");
+    }
+    for (key, wait) in [
+        ("drain_timeout", runtime.drain_timeout),
+        ("ready_timeout", runtime.ready_timeout),
+    ] {
+        if wait > MAX_WAIT {
+            problems.add(key, "must be at most 1h");
+        }
     }
 }

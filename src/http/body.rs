@@ -1,184 +1,45 @@
 //! Body adapters between the two legs.
 //!
-//! [`UpstreamBody`] carries the client's request body upstream: up to
-//! `request_buffer` bytes are read before anything is forwarded (so framing
-//! errors in that part are answered with 400, never forwarded), and a body that
-//! fits whole can be replayed for the one retry. [`ProxyBody`] carries the response back and owns
-//! the upstream [`Lease`]: the connection returns to the pool only when the
-//! response body has ended; if the body errors or is dropped early, the lease
-//! discards the connection with RST.
+//! [`prefetch`] reads up to `request_buffer` bytes of the client's request body
+//! before anything is forwarded, so framing errors in that part are answered
+//! with 400, never forwarded, and a body that fits whole can be replayed for
+//! the one retry; what it read becomes the pool's [`UpstreamBody`].
+//! [`ProxyBody`] carries the pool's [`ResponseBody`] back and owns the upstream
+//! [`Lease`]: the connection returns to the pool only when the response body
+//! has ended; if the body errors or is dropped early, the lease discards the
+//! connection (with RST unless `pool.retire.error` is `graceful`).
 
 use std::collections::VecDeque;
 use std::pin::Pin;
-use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::task::{Context, Poll};
 
-use bytes::{Bytes, BytesMut};
+use bytes::Bytes;
 use http_body::{Body, Frame, SizeHint};
 use http_body_util::BodyExt;
 use hyper::body::Incoming;
 
-use crate::pool::Lease;
+pub use crate::pool::BodyError;
+use crate::pool::{hint_plus, Lease, ResponseBody, UpstreamBody};
 
-/// Errors a body adapter can yield.
-#[derive(Debug, thiserror::Error)]
-pub enum BodyError {
-    /// The client's request body failed (bad framing, or the client went away).
-    #[error("client request body: {0}")]
-    Client(#[source] hyper::Error),
-    /// The upstream's response body failed (reset, or closed mid-body).
-    #[error("upstream response body: {0}")]
-    Upstream(#[source] hyper::Error),
-}
-
-/// The request body as sent upstream.
-pub struct UpstreamBody {
-    buffered: VecDeque<Frame<Bytes>>,
-    rest: Option<Incoming>,
-    sent: Option<Arc<AtomicBool>>,
-    client_failed: Arc<AtomicBool>,
-}
-
-impl UpstreamBody {
-    /// Reads `body` until it ends or `limit` bytes are in memory, before anything
-    /// is forwarded: framing errors in that part are the client's 400, and a body
-    /// that fits whole can be replayed.
-    pub async fn prefetch(mut body: Incoming, limit: usize) -> Result<Self, hyper::Error> {
-        let mut buffered = VecDeque::new();
-        let mut total = 0usize;
-        while total < limit && !body.is_end_stream() {
-            match body.frame().await {
-                None => break,
-                Some(frame) => {
-                    let frame = frame?;
-                    total += frame.data_ref().map_or(0, Bytes::len);
-                    buffered.push_back(frame);
-                }
-            }
-        }
-        let rest = (!body.is_end_stream()).then_some(body);
-        Ok(Self {
-            buffered,
-            rest,
-            sent: None,
-            client_failed: Arc::new(AtomicBool::new(false)),
-        })
-    }
-
-    /// A body of fixed bytes (used for the replay of a buffered body).
-    pub fn from_bytes(bytes: Option<Bytes>) -> Self {
-        Self {
-            buffered: bytes.map(Frame::data).into_iter().collect(),
-            rest: None,
-            sent: None,
-            client_failed: Arc::new(AtomicBool::new(false)),
-        }
-    }
-
-    /// The whole body, if it is all in memory (and so can be sent again).
-    /// Trailers are not replayed, so a body with trailers is not replayable.
-    pub fn replayable(&self) -> Option<Option<Bytes>> {
-        if self.rest.is_some() {
-            return None;
-        }
-        let mut whole = BytesMut::new();
-        for frame in &self.buffered {
-            whole.extend_from_slice(frame.data_ref()?);
-        }
-        Some((!whole.is_empty()).then(|| whole.freeze()))
-    }
-
-    /// Sets the flag raised once the body has been sent whole.
-    pub fn notify_sent(&mut self, flag: Arc<AtomicBool>) {
-        if self.buffered.is_empty() && self.rest.is_none() {
-            flag.store(true, Ordering::Release);
-        }
-        self.sent = Some(flag);
-    }
-
-    /// Raised when the client's side of the body failed (as opposed to the upstream).
-    pub fn client_failed_flag(&self) -> Arc<AtomicBool> {
-        self.client_failed.clone()
-    }
-
-    fn mark_sent(&self) {
-        if let Some(flag) = &self.sent {
-            flag.store(true, Ordering::Release);
-        }
-    }
-}
-
-impl Body for UpstreamBody {
-    type Data = Bytes;
-    type Error = BodyError;
-
-    fn poll_frame(
-        mut self: Pin<&mut Self>,
-        cx: &mut Context<'_>,
-    ) -> Poll<Option<Result<Frame<Bytes>, BodyError>>> {
-        if let Some(frame) = self.buffered.pop_front() {
-            if self.buffered.is_empty() && self.rest.is_none() {
-                self.mark_sent();
-            }
-            return Poll::Ready(Some(Ok(frame)));
-        }
-        let Some(rest) = self.rest.as_mut() else {
-            self.mark_sent();
-            return Poll::Ready(None);
-        };
-        match Pin::new(rest).poll_frame(cx) {
-            Poll::Pending => Poll::Pending,
-            Poll::Ready(None) => {
-                self.rest = None;
-                self.mark_sent();
-                Poll::Ready(None)
-            }
-            Poll::Ready(Some(Ok(frame))) => {
-                if self.rest.as_ref().is_some_and(Body::is_end_stream) {
-                    self.rest = None;
-                    self.mark_sent();
-                }
-                Poll::Ready(Some(Ok(frame)))
-            }
-            Poll::Ready(Some(Err(e))) => {
-                self.rest = None;
-                self.client_failed.store(true, Ordering::Release);
-                Poll::Ready(Some(Err(BodyError::Client(e))))
+/// Reads the client's request `body` until it ends or `limit` bytes are in
+/// memory, before anything is forwarded: framing errors in that part are the
+/// client's 400, and a body that fits whole can be replayed.
+pub async fn prefetch(mut body: Incoming, limit: usize) -> Result<UpstreamBody, hyper::Error> {
+    let mut buffered = VecDeque::new();
+    let mut total = 0usize;
+    while total < limit && !body.is_end_stream() {
+        match body.frame().await {
+            None => break,
+            Some(frame) => {
+                let frame = frame?;
+                total += frame.data_ref().map_or(0, Bytes::len);
+                buffered.push_back(frame);
             }
         }
     }
-
-    fn is_end_stream(&self) -> bool {
-        let end = self.buffered.is_empty() && self.rest.as_ref().is_none_or(Body::is_end_stream);
-        if end {
-            self.mark_sent();
-        }
-        end
-    }
-
-    fn size_hint(&self) -> SizeHint {
-        let first: u64 = self
-            .buffered
-            .iter()
-            .filter_map(Frame::data_ref)
-            .map(|d| d.len() as u64)
-            .sum();
-        match &self.rest {
-            None => SizeHint::with_exact(first),
-            Some(rest) => hint_plus(rest.size_hint(), first),
-        }
-    }
-}
-
-/// A body's size hint grown by `extra` bytes held in front of it.
-fn hint_plus(hint: SizeHint, extra: u64) -> SizeHint {
-    let mut total = SizeHint::new();
-    total.set_lower(hint.lower() + extra);
-    if let Some(upper) = hint.upper() {
-        total.set_upper(upper + extra);
-    }
-    total
+    let rest = (!body.is_end_stream()).then_some(body);
+    Ok(UpstreamBody::new(buffered, rest))
 }
 
 /// Told when the response body is done with.
@@ -203,7 +64,7 @@ enum Kind {
     Full(Option<Bytes>),
     Upstream {
         prefix: Option<Bytes>,
-        body: Incoming,
+        body: ResponseBody,
         lease: Option<Lease>,
     },
 }
@@ -220,7 +81,7 @@ impl ProxyBody {
     }
 
     /// An upstream body streamed through, after `prefix` (already read from it).
-    pub fn upstream(prefix: Option<Bytes>, body: Incoming, lease: Lease) -> Self {
+    pub fn upstream(prefix: Option<Bytes>, body: ResponseBody, lease: Lease) -> Self {
         Self {
             finished: prefix.is_none() && body.is_end_stream(),
             kind: Kind::Upstream {
@@ -281,9 +142,9 @@ impl Body for ProxyBody {
                         Poll::Ready(Some(Ok(frame)))
                     }
                     Poll::Ready(Some(Err(e))) => {
-                        // Dropping the lease resets the upstream connection.
+                        // Dropping the lease discards the upstream connection.
                         lease.take();
-                        Poll::Ready(Some(Err(BodyError::Upstream(e))))
+                        Poll::Ready(Some(Err(e)))
                     }
                 }
             }

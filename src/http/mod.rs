@@ -24,8 +24,10 @@ use tokio::time::Instant;
 use crate::config::{ClientClose, ListenerConfig};
 use crate::downstream::ConnState;
 use crate::metrics::{ListenerLabel, Metrics, Name, ReasonLabels, RequestLabels};
-use crate::pool::{refused_by_peer, Lease, Pool, PoolError, SendError};
-use body::{ProxyBody, UpstreamBody};
+use crate::pool::{
+    refused_by_peer, BodyError, Lease, Pool, PoolError, ResponseBody, SendError, UpstreamBody,
+};
+use body::{prefetch, ProxyBody};
 
 /// Header carrying the reason of every response tether makes itself.
 pub const ERROR_HEADER: &str = "x-tether-error";
@@ -205,11 +207,7 @@ impl ProxyService {
         let prefetched = if body.is_end_stream() {
             Ok(Ok(UpstreamBody::from_bytes(None)))
         } else {
-            Box::pin(tokio::time::timeout_at(
-                deadline,
-                UpstreamBody::prefetch(body, limit),
-            ))
-            .await
+            Box::pin(tokio::time::timeout_at(deadline, prefetch(body, limit))).await
         };
         let body = match prefetched {
             Ok(Ok(body)) => body,
@@ -299,7 +297,7 @@ impl ProxyService {
             Ok(Ok(Buffered::Prefix(prefix, rest))) => {
                 Response::from_parts(head, ProxyBody::upstream(Some(prefix), rest, lease))
             }
-            Ok(Err(e)) => error_response(
+            Ok(Err(BodyError::Upstream(e) | BodyError::Client(e))) => error_response(
                 StatusCode::BAD_GATEWAY,
                 "upstream-failed",
                 &format!("upstream body failed: {e}"),
@@ -322,7 +320,7 @@ impl ProxyService {
         &self,
         parts: http::request::Parts,
         mut body: UpstreamBody,
-    ) -> Result<(Response<Incoming>, Lease), ForwardError> {
+    ) -> Result<(Response<ResponseBody>, Lease), ForwardError> {
         let replay = body.replayable().map(|bytes| (copy_head(&parts), bytes));
         let client_failed = body.client_failed_flag();
         let mut lease = self.route.pool.acquire().await?;
@@ -346,7 +344,7 @@ impl ProxyService {
         replay: Option<(http::request::Parts, Option<Bytes>)>,
         received_before: u64,
         client_failed: Arc<std::sync::atomic::AtomicBool>,
-    ) -> Result<(Response<Incoming>, Lease), ForwardError> {
+    ) -> Result<(Response<ResponseBody>, Lease), ForwardError> {
         let addr = lease.addr();
         let retry = match failure {
             SendError::Unsent(request, reason) => {
@@ -463,11 +461,11 @@ fn copy_head(parts: &http::request::Parts) -> http::request::Parts {
 
 enum Buffered {
     Whole(Bytes),
-    Prefix(Bytes, Incoming),
+    Prefix(Bytes, ResponseBody),
 }
 
 /// Reads `body` until it ends or exceeds `limit` bytes.
-async fn buffer_up_to(mut body: Incoming, limit: usize) -> Result<Buffered, hyper::Error> {
+async fn buffer_up_to(mut body: ResponseBody, limit: usize) -> Result<Buffered, BodyError> {
     let mut buffer = BytesMut::new();
     loop {
         if buffer.len() > limit {

@@ -20,9 +20,9 @@ use tokio::net::TcpStream;
 use tokio::sync::OwnedSemaphorePermit;
 use tokio::time::Instant;
 
+use super::body::{ResponseBody, UpstreamBody};
 use super::{Endpoint, PoolError};
 use crate::config::{Retire, RetirePolicy, RetireReason};
-use crate::http::body::UpstreamBody;
 use crate::sock::{self, PeerState};
 
 /// The IO object handed to hyper: reads and writes through the shared socket and
@@ -124,17 +124,18 @@ impl AsyncWrite for UpstreamIo {
 
 /// A live upstream connection owned by the pool (idle) or by a [`Lease`] (busy).
 pub(crate) struct Conn {
-    pub(crate) sender: SendRequest<UpstreamBody>,
-    pub(crate) socket: Arc<TcpStream>,
+    sender: SendRequest<UpstreamBody>,
+    socket: Arc<TcpStream>,
     received: Arc<AtomicU64>,
-    pub(crate) expires: Instant,
-    pub(crate) requests: u64,
+    expires: Instant,
+    /// Requests sent on it.
+    requests: u64,
     /// What the backend announced in `Keep-Alive: timeout=N, max=M`.
-    pub(crate) announced: KeepAliveHint,
-    /// The backend said `Connection: close`: never pool it again.
-    pub(crate) closing: bool,
+    announced: KeepAliveHint,
+    /// An exchange said `Connection: close`: never pool it again.
+    closing: bool,
     /// Retiring peer-first: its next request says `Connection: close`.
-    pub(crate) goodbye: bool,
+    goodbye: bool,
     /// Held for the connection's whole life: counts it against
     /// `pool.max_connections` and wakes waiters when it is gone.
     _slot: Slot,
@@ -175,6 +176,10 @@ impl KeepAliveHint {
 pub(crate) struct Slot {
     _permit: OwnedSemaphorePermit,
     endpoint: Arc<Endpoint>,
+    /// The connection holding it finished its handshake (counted in the
+    /// endpoint's `established`, which readiness reads: a dial in progress
+    /// holds a slot but is not yet a warm connection).
+    established: bool,
 }
 
 impl Slot {
@@ -183,6 +188,15 @@ impl Slot {
         Self {
             _permit: permit,
             endpoint,
+            established: false,
+        }
+    }
+
+    /// Records that the connection holding this slot is open for requests.
+    pub(crate) fn established(&mut self) {
+        if !self.established {
+            self.established = true;
+            self.endpoint.established.fetch_add(1, Ordering::Relaxed);
         }
     }
 }
@@ -190,6 +204,9 @@ impl Slot {
 impl Drop for Slot {
     fn drop(&mut self) {
         self.endpoint.open.fetch_sub(1, Ordering::Relaxed);
+        if self.established {
+            self.endpoint.established.fetch_sub(1, Ordering::Relaxed);
+        }
         // The permit is released after this body runs; waiters re-check then.
         self.endpoint.available.notify_one();
         self.endpoint.maintenance.notify_one();
@@ -245,7 +262,10 @@ pub(crate) fn jittered_lifetime(settings: &crate::config::UpstreamConfig) -> std
 
 impl Conn {
     /// Dials `endpoint`, sets socket options and runs the HTTP/1 handshake.
-    pub(crate) async fn connect(endpoint: &Arc<Endpoint>, slot: Slot) -> Result<Self, PoolError> {
+    pub(crate) async fn connect(
+        endpoint: &Arc<Endpoint>,
+        mut slot: Slot,
+    ) -> Result<Self, PoolError> {
         let settings = &endpoint.settings;
         let addr = endpoint.addr;
         let socket = dial(endpoint).await?;
@@ -273,6 +293,7 @@ impl Conn {
         let lifetime = jittered_lifetime(settings);
         tracing::debug!(upstream = %addr, "upstream connection opened");
         endpoint.stats.opened.fetch_add(1, Ordering::Relaxed);
+        slot.established();
         Ok(Self {
             sender,
             socket,
@@ -286,10 +307,81 @@ impl Conn {
         })
     }
 
+    /// Whether hyper still has the connection open. Costs no syscall; a FIN
+    /// or RST that hyper has not read yet goes unnoticed (see [`Self::is_usable`]).
+    pub(crate) fn is_open(&self) -> bool {
+        !self.sender.is_closed()
+    }
+
     /// Whether an idle connection can carry another request: hyper still has it
     /// open and nothing arrived on it unasked (no FIN, no stray bytes, no RST).
     pub(crate) fn is_usable(&self) -> bool {
-        !self.sender.is_closed() && sock::peer_state(&*self.socket) == PeerState::Quiet
+        self.is_open() && sock::peer_state(&*self.socket) == PeerState::Quiet
+    }
+
+    /// Whether it outlived its (jittered) `max_lifetime`.
+    pub(crate) fn expired(&self, now: Instant) -> bool {
+        now >= self.expires
+    }
+
+    /// The idle timeout the backend announced on this connection
+    /// (`Keep-Alive: timeout=N`), if it did.
+    pub(crate) fn announced_idle(&self) -> Option<std::time::Duration> {
+        self.announced.timeout
+    }
+
+    /// Whether it has carried as many requests as the backend serves on one
+    /// connection (`Keep-Alive: max=M`).
+    pub(crate) fn at_request_limit(&self) -> bool {
+        self.announced.max.is_some_and(|max| self.requests >= max)
+    }
+
+    /// Whether an exchange on it said `Connection: close`: the backend closes
+    /// it, so it must never be pooled again.
+    pub(crate) fn is_closing(&self) -> bool {
+        self.closing
+    }
+
+    /// Makes its next request its last (retiring peer-first): that request
+    /// says `Connection: close`, and the backend closes after answering it.
+    pub(crate) fn end_after_next_request(&mut self) {
+        self.goodbye = true;
+    }
+
+    /// Sends a request of the pool's own (a probe) once hyper is ready for
+    /// it. Such a request is never sent anywhere else, so a failure does not
+    /// give it back (a client's request goes through [`Lease::send`], which
+    /// does). On a connection ending after this request
+    /// ([`Self::end_after_next_request`]) the request says `Connection: close`.
+    pub(crate) async fn send(
+        &mut self,
+        request: http::Request<UpstreamBody>,
+    ) -> Result<http::Response<ResponseBody>, hyper::Error> {
+        let mut request = request;
+        self.sender.ready().await?;
+        self.prepare(&mut request);
+        let response = self.sender.send_request(request).await?;
+        Ok(response.map(ResponseBody::new))
+    }
+
+    /// Counts a request about to be sent, and makes it say `Connection: close`
+    /// when it is the connection's last: what every send does first.
+    #[inline]
+    fn prepare(&mut self, request: &mut http::Request<UpstreamBody>) {
+        self.requests += 1;
+        if self.goodbye {
+            request.headers_mut().insert(
+                http::header::CONNECTION,
+                http::HeaderValue::from_static("close"),
+            );
+            self.closing = true;
+        }
+    }
+
+    /// The socket, for tests that check its options.
+    #[cfg(test)]
+    pub(crate) fn socket(&self) -> &TcpStream {
+        &self.socket
     }
 
     /// Records `Keep-Alive: timeout=N, max=M` and `Connection: close`.
@@ -360,8 +452,10 @@ impl Conn {
 /// A connection checked out for one exchange.
 ///
 /// [`Lease::release`] returns it to the pool once the exchange is provably
-/// complete; dropping the lease instead discards the connection with RST, so a
-/// connection abandoned mid-exchange (client gone, timeout, error) is never reused.
+/// complete; dropping the lease instead discards the connection, so a
+/// connection abandoned mid-exchange (client gone, timeout, error) is never
+/// reused. A discarded connection ends as `pool.retire.error` says: with RST
+/// unless that is `graceful` (FIN).
 pub struct Lease {
     conn: Option<Conn>,
     /// An HTTP/2 lease borrows a stream instead of a connection.
@@ -450,32 +544,22 @@ impl Lease {
     pub(crate) async fn send(
         &mut self,
         request: http::Request<UpstreamBody>,
-    ) -> Result<http::Response<Incoming>, SendError> {
+    ) -> Result<http::Response<ResponseBody>, SendError> {
         if let Some(stream) = &self.stream {
             return Box::pin(stream.send(request)).await;
         }
         let Some(conn) = self.conn.as_mut() else {
             return Err(SendError::Unsent(Box::new(request), None));
         };
+        // Written here rather than as a connection method: awaited as a
+        // future of its own, it would cost every request a move of the
+        // request into that future's state.
+        let mut request = request;
         if let Err(e) = conn.sender.ready().await {
             return Err(SendError::Unsent(Box::new(request), Some(e)));
         }
-        conn.requests += 1;
-        let mut request = request;
-        if conn.goodbye {
-            request.headers_mut().insert(
-                http::header::CONNECTION,
-                http::HeaderValue::from_static("close"),
-            );
-            conn.closing = true;
-        }
-        conn.sender
-            .try_send_request(request)
-            .await
-            .map_err(|mut e| match e.take_message() {
-                Some(request) => SendError::Unsent(Box::new(request), Some(e.into_error())),
-                None => SendError::Failed(e.into_error()),
-            })
+        conn.prepare(&mut request);
+        sent(conn.sender.try_send_request(request).await)
     }
 
     /// Takes note of what the response's headers say about the connection's
@@ -517,6 +601,31 @@ impl Drop for Lease {
                 .fetch_add(1, Ordering::Relaxed);
             conn.close(Ending::Discarded, &self.endpoint.settings.pool.retire);
         }
+    }
+}
+
+/// hyper's failure to send a request on a connection, with the request when it
+/// was never written.
+type TrySendError = hyper::client::conn::TrySendError<http::Request<UpstreamBody>>;
+
+/// The outcome of a send as the pool reports it: the response with the pool's
+/// body, or the failure with the request when it can be sent elsewhere.
+#[inline]
+pub(crate) fn sent(
+    result: Result<http::Response<Incoming>, TrySendError>,
+) -> Result<http::Response<ResponseBody>, SendError> {
+    match result {
+        Ok(response) => Ok(response.map(ResponseBody::new)),
+        Err(e) => Err(send_error(e)),
+    }
+}
+
+/// hyper's failure as a [`SendError`], the request recovered when unsent.
+#[cold]
+fn send_error(mut e: TrySendError) -> SendError {
+    match e.take_message() {
+        Some(request) => SendError::Unsent(Box::new(request), Some(e.into_error())),
+        None => SendError::Failed(e.into_error()),
     }
 }
 

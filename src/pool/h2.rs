@@ -11,15 +11,14 @@ use std::future::Future;
 use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 
-use hyper::body::Incoming;
 use hyper::client::conn::http2::SendRequest;
 use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
 use tokio::net::TcpStream;
 use tokio::time::Instant;
 
-use super::conn::{dial, jittered_lifetime, SendError, Slot, UpstreamIo};
+use super::body::{ResponseBody, UpstreamBody};
+use super::conn::{dial, jittered_lifetime, sent, SendError, Slot, UpstreamIo};
 use super::{Endpoint, PoolError};
-use crate::http::body::UpstreamBody;
 use crate::sock;
 
 /// One HTTP/2 connection to an endpoint.
@@ -41,7 +40,7 @@ impl H2Conn {
     /// Dials `endpoint` and runs the HTTP/2 handshake (prior knowledge).
     pub(crate) async fn connect(
         endpoint: &Arc<Endpoint>,
-        slot: Slot,
+        mut slot: Slot,
     ) -> Result<Arc<Self>, PoolError> {
         let settings = &endpoint.settings;
         let addr = endpoint.addr;
@@ -84,6 +83,7 @@ impl H2Conn {
         let lifetime = jittered_lifetime(settings);
         endpoint.stats.opened.fetch_add(1, Ordering::Relaxed);
         tracing::debug!(upstream = %addr, "HTTP/2 upstream connection opened");
+        slot.established();
         Ok(Arc::new(Self {
             sender,
             max_streams,
@@ -160,15 +160,9 @@ impl H2Stream {
     pub(crate) async fn send(
         &self,
         request: http::Request<UpstreamBody>,
-    ) -> Result<http::Response<Incoming>, SendError> {
+    ) -> Result<http::Response<ResponseBody>, SendError> {
         let mut sender = self.conn.sender.clone();
-        sender
-            .try_send_request(request)
-            .await
-            .map_err(|mut e| match e.take_message() {
-                Some(request) => SendError::Unsent(Box::new(request), Some(e.into_error())),
-                None => SendError::Failed(e.into_error()),
-            })
+        sent(sender.try_send_request(request).await)
     }
 
     /// The connection stops taking streams (after the peer refused this one).

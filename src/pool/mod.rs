@@ -7,7 +7,9 @@
 //! - an idle connection is checked for staleness (hyper closed it, or a peek
 //!   shows FIN, RST or stray bytes) before it is handed out;
 //! - a connection goes back to the idle list only when its exchange is known to
-//!   be complete ([`Lease::release`]); every other path closes it with RST;
+//!   be complete and its request body was sent whole ([`Lease::release`]);
+//!   every other path discards it, with RST unless `pool.retire.error` is
+//!   `graceful` (then FIN);
 //! - with zero traffic each endpoint keeps `pool.min_idle` connections open, and
 //!   a background task per pool refills, retires and reaps them;
 //! - endpoints that vanish from DNS leave the balancing set at once, retire
@@ -15,8 +17,10 @@
 //!
 //! The pool is built on `hyper::client::conn` rather than hyper-util's client:
 //! that pool has no warm floor, always closes with FIN, and needs a timer for
-//! its idle timeout to fire at all.
+//! its idle timeout to fire at all. hyper stays inside the pool: requests go up
+//! as [`UpstreamBody`] and responses come back as [`ResponseBody`].
 
+mod body;
 mod conn;
 mod h2;
 
@@ -30,6 +34,8 @@ use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
 
 use crate::config::{Balance, Protocol, Retire, RetireReason, UpstreamConfig};
+pub(crate) use body::hint_plus;
+pub use body::{BodyError, ResponseBody, UpstreamBody};
 pub(crate) use conn::SendError;
 use conn::{Conn, Ending, Outstanding, Slot};
 pub use conn::{KeepAliveHint, Lease};
@@ -118,7 +124,7 @@ pub struct EndpointStats {
     pub reused: AtomicU64,
     /// Probes sent on idle connections.
     pub probes: AtomicU64,
-    /// Probes that failed (the connection was reset).
+    /// Probes that failed (the connection was discarded).
     pub probe_failures: AtomicU64,
     /// Times the endpoint was ejected.
     pub ejections: AtomicU64,
@@ -134,6 +140,8 @@ pub struct Endpoint {
     idle: Mutex<Vec<IdleConn>>,
     slots: Arc<Semaphore>,
     open: AtomicUsize,
+    /// Connections past their handshake (`open` less those still dialling).
+    established: AtomicUsize,
     outstanding: AtomicUsize,
     /// Signalled when a connection is returned or a slot frees.
     available: Notify,
@@ -181,6 +189,7 @@ impl Endpoint {
             settings,
             idle: Mutex::new(Vec::new()),
             open: AtomicUsize::new(0),
+            established: AtomicUsize::new(0),
             outstanding: AtomicUsize::new(0),
             available: Notify::new(),
             maintenance,
@@ -205,6 +214,11 @@ impl Endpoint {
     /// Connections open now (idle and busy).
     pub fn open_connections(&self) -> usize {
         self.open.load(Ordering::Relaxed)
+    }
+
+    /// Connections open now that finished their handshake (not dialling).
+    pub fn established_connections(&self) -> usize {
+        self.established.load(Ordering::Relaxed)
     }
 
     /// Idle connections now (HTTP/2: connections with no stream open).
@@ -303,12 +317,12 @@ impl Endpoint {
                     .close(Ending::Retired(RetireReason::Idle), self.retire_policy());
                 continue;
             }
-            if now >= idle.conn.expires {
+            if idle.conn.expired(now) {
                 if self.retire_policy().for_reason(RetireReason::Lifetime) == Retire::PeerFirst
                     && idle.conn.is_usable()
                 {
                     // This request is the connection's last: it says goodbye.
-                    idle.conn.goodbye = true;
+                    idle.conn.end_after_next_request();
                     return Some(idle.conn);
                 }
                 self.stats.retired.fetch_add(1, Ordering::Relaxed);
@@ -325,7 +339,7 @@ impl Endpoint {
             let stale = if sat {
                 !idle.conn.is_usable()
             } else {
-                idle.conn.sender.is_closed()
+                !idle.conn.is_open()
             };
             if stale {
                 tracing::debug!(upstream = %self.addr, "discarding stale idle connection");
@@ -370,7 +384,7 @@ impl Endpoint {
         [
             millis(self.observed_idle_close_ms.load(Ordering::Relaxed)),
             millis(self.announced_idle_ms.load(Ordering::Relaxed)),
-            idle.conn.announced.timeout,
+            idle.conn.announced_idle(),
         ]
         .into_iter()
         .flatten()
@@ -444,7 +458,7 @@ impl Endpoint {
     /// Returns a connection after a complete exchange.
     fn put_idle(&self, conn: Conn) {
         let now = Instant::now();
-        if conn.closing {
+        if conn.is_closing() {
             // This exchange said `Connection: close`; the backend closes it.
             self.stats.retired.fetch_add(1, Ordering::Relaxed);
             conn.close_after_peer();
@@ -452,9 +466,9 @@ impl Endpoint {
         }
         let reason = if self.removed.load(Ordering::Relaxed) {
             Some(RetireReason::Drain)
-        } else if conn.announced.max.is_some_and(|max| conn.requests >= max) {
+        } else if conn.at_request_limit() {
             Some(RetireReason::MaxRequests)
-        } else if now >= conn.expires
+        } else if conn.expired(now)
             && self.retire_policy().for_reason(RetireReason::Lifetime) != Retire::PeerFirst
         {
             Some(RetireReason::Lifetime)
@@ -494,10 +508,10 @@ impl Endpoint {
             let idle_count = idle.len();
             for (position, entry) in idle.drain(..).enumerate() {
                 let hotter = idle_count - position - 1;
-                let dead = entry.conn.sender.is_closed();
+                let dead = !entry.conn.is_open();
                 let usable_until = self.usable_until(&entry);
                 let near_idle_limit = usable_until.is_some_and(|until| now >= until);
-                let past_lifetime = now >= entry.conn.expires;
+                let past_lifetime = entry.conn.expired(now);
                 let peer_first =
                     self.retire_policy().for_reason(RetireReason::Lifetime) == Retire::PeerFirst;
                 let cold =
@@ -520,7 +534,7 @@ impl Endpoint {
                 } else if past_lifetime && peer_first && entry.probe_at.is_some() {
                     // A probe is the last request: it says goodbye.
                     let mut conn = entry.conn;
-                    conn.goodbye = true;
+                    conn.end_after_next_request();
                     probing.push(conn);
                 } else if past_lifetime {
                     closing.push((entry.conn, Ending::Retired(RetireReason::Lifetime), None));
@@ -633,7 +647,8 @@ impl Endpoint {
 }
 
 /// Probes an idle connection; puts it back if the backend answers as
-/// expected, resets it otherwise.
+/// expected, discards it otherwise (as `pool.retire.error` says: RST unless
+/// `graceful`).
 async fn probe(endpoint: Arc<Endpoint>, mut conn: Conn) {
     let settings = &endpoint.settings.keepalive.probe;
     endpoint.stats.probes.fetch_add(1, Ordering::Relaxed);
@@ -643,17 +658,14 @@ async fn probe(endpoint: Arc<Endpoint>, mut conn: Conn) {
         .first()
         .cloned()
         .unwrap_or_else(|| endpoint.addr.to_string());
-    let mut request = http::Request::builder()
+    // On a connection retiring peer-first, `Conn::send` makes this request say
+    // `Connection: close`: the backend closes it after answering.
+    let request = http::Request::builder()
         .method(settings.method.as_method())
         .uri(settings.path.as_str())
         .header(http::header::HOST, host)
-        .header(http::header::USER_AGENT, "tether-probe");
-    if conn.goodbye {
-        // The connection's last request: the backend closes it after answering.
-        request = request.header(http::header::CONNECTION, "close");
-        conn.closing = true;
-    }
-    let request = request.body(crate::http::body::UpstreamBody::from_bytes(None));
+        .header(http::header::USER_AGENT, "tether-probe")
+        .body(UpstreamBody::from_bytes(None));
     let outcome = match request {
         Ok(request) => tokio::time::timeout(settings.timeout, probe_exchange(&mut conn, request))
             .await
@@ -663,9 +675,8 @@ async fn probe(endpoint: Arc<Endpoint>, mut conn: Conn) {
     };
     match outcome {
         Ok((status, headers)) if settings.accepts(status) => {
-            conn.requests += 1;
             conn.note_response(&headers);
-            if let Some(timeout) = conn.announced.timeout {
+            if let Some(timeout) = conn.announced_idle() {
                 endpoint.note_announced_idle(timeout);
             }
             tracing::trace!(upstream = %endpoint.addr, status, "probe answered");
@@ -676,7 +687,7 @@ async fn probe(endpoint: Arc<Endpoint>, mut conn: Conn) {
                 .stats
                 .probe_failures
                 .fetch_add(1, Ordering::Relaxed);
-            tracing::info!(upstream = %endpoint.addr, outcome = ?other.map(|(status, _)| status), "probe failed; resetting the connection");
+            tracing::info!(upstream = %endpoint.addr, outcome = ?other.map(|(status, _)| status), "probe failed; discarding the connection");
             conn.close(Ending::Discarded, endpoint.retire_policy());
         }
     }
@@ -684,10 +695,9 @@ async fn probe(endpoint: Arc<Endpoint>, mut conn: Conn) {
 
 async fn probe_exchange(
     conn: &mut Conn,
-    request: http::Request<crate::http::body::UpstreamBody>,
+    request: http::Request<UpstreamBody>,
 ) -> Result<(u16, http::HeaderMap), Box<dyn std::error::Error + Send + Sync>> {
-    conn.sender.ready().await?;
-    let response = conn.sender.send_request(request).await?;
+    let response = conn.send(request).await?;
     let status = response.status().as_u16();
     let headers = response.headers().clone();
     // Read the body to its end so the connection stays reusable; bounded.
@@ -757,7 +767,10 @@ impl Pool {
     pub fn is_warm(&self) -> bool {
         let endpoints = self.endpoints();
         let floor = self.inner.settings.pool.min_idle;
-        !endpoints.is_empty() && endpoints.iter().all(|e| e.open_connections() >= floor)
+        !endpoints.is_empty()
+            && endpoints
+                .iter()
+                .all(|e| e.established_connections() >= floor)
     }
 
     /// The endpoints currently balanced across.
@@ -1153,7 +1166,7 @@ mod tests {
         let endpoint = pool.endpoints()[0].clone();
         eventually(|| endpoint.idle_connections() == 1).await;
         let idle = endpoint.lock_idle();
-        let sock = socket2::SockRef::from(&*idle[0].conn.socket);
+        let sock = socket2::SockRef::from(idle[0].conn.socket());
         assert!(sock.keepalive().unwrap());
         assert_eq!(sock.keepalive_time().unwrap(), Duration::from_secs(17));
         assert_eq!(sock.keepalive_interval().unwrap(), Duration::from_secs(4));

@@ -33,11 +33,18 @@ pub enum HostsError {
     Ip(std::io::Error),
     /// `ip` failed.
     #[error("`ip {args}` failed: {stderr}")]
-    IpFailed { args: String, stderr: String },
-    /// A sysctl of the app's namespace could not be set.
-    #[error("cannot set {key} in the app's namespace: {source}")]
+    IpFailed {
+        /// The arguments `ip` was given.
+        args: String,
+        /// What it said.
+        stderr: String,
+    },
+    /// A sysctl of the app's namespace could not be set or read.
+    #[error("cannot use {key} in the app's namespace: {source}")]
     Sysctl {
+        /// The sysctl.
         key: &'static str,
+        /// What the kernel said.
         source: std::io::Error,
     },
     /// A runtime for a namespace could not be started.
@@ -210,8 +217,13 @@ impl Hosts {
             let mut bounds = range
                 .split_whitespace()
                 .filter_map(|n| n.parse::<u32>().ok());
-            let (low, high) = (bounds.next().unwrap_or(0), bounds.next().unwrap_or(0));
-            Ok(high.saturating_sub(low) + 1)
+            match (bounds.next(), bounds.next()) {
+                (Some(low), Some(high)) if low <= high => Ok(high - low + 1),
+                _ => Err(HostsError::Sysctl {
+                    key: "net.ipv4.ip_local_port_range",
+                    source: std::io::Error::other(format!("unreadable range {range:?}")),
+                }),
+            }
         })?;
         backend_ns.run(move || {
             ip(&["link", "set", "lo", "up"])?;

@@ -1,0 +1,208 @@
+//! The bodies a pooled connection carries: [`UpstreamBody`], the request body
+//! sent upstream, and [`ResponseBody`], the response body handed back.
+//!
+//! Both belong to the pool, so the layers above use the pool's types, not the
+//! HTTP client's: `ResponseBody` wraps hyper's `Incoming`, and another HTTP/1
+//! implementation can hand out the same type. It polls straight through, with
+//! no allocation per frame.
+
+use std::collections::VecDeque;
+use std::pin::Pin;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
+use std::task::{Context, Poll};
+
+use bytes::{Bytes, BytesMut};
+use http_body::{Body, Frame, SizeHint};
+use hyper::body::Incoming;
+
+/// Errors a body on a pooled connection can yield.
+#[derive(Debug, thiserror::Error)]
+pub enum BodyError {
+    /// The client's request body failed (bad framing, or the client went away).
+    #[error("client request body: {0}")]
+    Client(#[source] hyper::Error),
+    /// The upstream's response body failed (reset, or closed mid-body).
+    #[error("upstream response body: {0}")]
+    Upstream(#[source] hyper::Error),
+}
+
+/// The request body as sent upstream: frames already in memory, then, when the
+/// body did not fit in them, the rest streamed from the client.
+///
+/// It raises the flag given to [`UpstreamBody::notify_sent`] once it has been
+/// sent whole (a connection is reused only then), and its
+/// [`client_failed_flag`](UpstreamBody::client_failed_flag) when the client's
+/// side of the body failed.
+pub struct UpstreamBody {
+    buffered: VecDeque<Frame<Bytes>>,
+    rest: Option<Incoming>,
+    sent: Option<Arc<AtomicBool>>,
+    client_failed: Arc<AtomicBool>,
+}
+
+impl UpstreamBody {
+    /// A body made of `buffered` (already read from the client), followed by
+    /// `rest` when the client's body has not ended yet.
+    #[inline]
+    pub fn new(buffered: VecDeque<Frame<Bytes>>, rest: Option<Incoming>) -> Self {
+        Self {
+            buffered,
+            rest,
+            sent: None,
+            client_failed: Arc::new(AtomicBool::new(false)),
+        }
+    }
+
+    /// A body of fixed bytes (used for the replay of a buffered body).
+    #[inline]
+    pub fn from_bytes(bytes: Option<Bytes>) -> Self {
+        Self::new(bytes.map(Frame::data).into_iter().collect(), None)
+    }
+
+    /// The whole body, if it is all in memory (and so can be sent again).
+    /// Trailers are not replayed, so a body with trailers is not replayable.
+    pub fn replayable(&self) -> Option<Option<Bytes>> {
+        if self.rest.is_some() {
+            return None;
+        }
+        let mut whole = BytesMut::new();
+        for frame in &self.buffered {
+            whole.extend_from_slice(frame.data_ref()?);
+        }
+        Some((!whole.is_empty()).then(|| whole.freeze()))
+    }
+
+    /// Sets the flag raised once the body has been sent whole.
+    pub fn notify_sent(&mut self, flag: Arc<AtomicBool>) {
+        if self.buffered.is_empty() && self.rest.is_none() {
+            flag.store(true, Ordering::Release);
+        }
+        self.sent = Some(flag);
+    }
+
+    /// Raised when the client's side of the body failed (as opposed to the upstream).
+    pub fn client_failed_flag(&self) -> Arc<AtomicBool> {
+        self.client_failed.clone()
+    }
+
+    fn mark_sent(&self) {
+        if let Some(flag) = &self.sent {
+            flag.store(true, Ordering::Release);
+        }
+    }
+}
+
+impl Body for UpstreamBody {
+    type Data = Bytes;
+    type Error = BodyError;
+
+    fn poll_frame(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<Frame<Bytes>, BodyError>>> {
+        if let Some(frame) = self.buffered.pop_front() {
+            if self.buffered.is_empty() && self.rest.is_none() {
+                self.mark_sent();
+            }
+            return Poll::Ready(Some(Ok(frame)));
+        }
+        let Some(rest) = self.rest.as_mut() else {
+            self.mark_sent();
+            return Poll::Ready(None);
+        };
+        match Pin::new(rest).poll_frame(cx) {
+            Poll::Pending => Poll::Pending,
+            Poll::Ready(None) => {
+                self.rest = None;
+                self.mark_sent();
+                Poll::Ready(None)
+            }
+            Poll::Ready(Some(Ok(frame))) => {
+                if self.rest.as_ref().is_some_and(Body::is_end_stream) {
+                    self.rest = None;
+                    self.mark_sent();
+                }
+                Poll::Ready(Some(Ok(frame)))
+            }
+            Poll::Ready(Some(Err(e))) => {
+                self.rest = None;
+                self.client_failed.store(true, Ordering::Release);
+                Poll::Ready(Some(Err(BodyError::Client(e))))
+            }
+        }
+    }
+
+    fn is_end_stream(&self) -> bool {
+        let end = self.buffered.is_empty() && self.rest.as_ref().is_none_or(Body::is_end_stream);
+        if end {
+            self.mark_sent();
+        }
+        end
+    }
+
+    fn size_hint(&self) -> SizeHint {
+        let first: u64 = self
+            .buffered
+            .iter()
+            .filter_map(Frame::data_ref)
+            .map(|d| d.len() as u64)
+            .sum();
+        match &self.rest {
+            None => SizeHint::with_exact(first),
+            Some(rest) => hint_plus(rest.size_hint(), first),
+        }
+    }
+}
+
+/// A body's size hint grown by `extra` bytes held in front of it.
+pub(crate) fn hint_plus(hint: SizeHint, extra: u64) -> SizeHint {
+    let mut total = SizeHint::new();
+    total.set_lower(hint.lower() + extra);
+    if let Some(upper) = hint.upper() {
+        total.set_upper(upper + extra);
+    }
+    total
+}
+
+/// The response body of an exchange on a pooled connection, as the pool hands
+/// it out. Its failures are [`BodyError::Upstream`].
+///
+/// It says nothing about the connection's return to the pool: whoever holds
+/// the [`Lease`](super::Lease) releases it once this body has ended.
+pub struct ResponseBody {
+    inner: Incoming,
+}
+
+impl ResponseBody {
+    /// Wraps the body hyper received.
+    #[inline]
+    pub(crate) fn new(inner: Incoming) -> Self {
+        Self { inner }
+    }
+}
+
+impl Body for ResponseBody {
+    type Data = Bytes;
+    type Error = BodyError;
+
+    #[inline]
+    fn poll_frame(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<Frame<Bytes>, BodyError>>> {
+        Pin::new(&mut self.inner)
+            .poll_frame(cx)
+            .map_err(BodyError::Upstream)
+    }
+
+    #[inline]
+    fn is_end_stream(&self) -> bool {
+        self.inner.is_end_stream()
+    }
+
+    #[inline]
+    fn size_hint(&self) -> SizeHint {
+        self.inner.size_hint()
+    }
+}
