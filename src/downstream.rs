@@ -25,7 +25,7 @@ use tokio_util::sync::CancellationToken;
 use crate::config::ClientClose;
 use crate::drain::Shutdown;
 use crate::http::body::ExchangeDone;
-use crate::http::{ProxyService, Route};
+use crate::http::{Binding, ProxyService};
 use crate::metrics::{Name, ReasonLabels};
 use crate::sock;
 
@@ -522,10 +522,10 @@ enum Served {
 pub async fn serve(
     stream: ClientStream,
     client: Option<SocketAddr>,
-    route: Arc<Route>,
+    binding: Arc<Binding>,
     shutdown: Shutdown,
 ) -> Ending {
-    let listener = &route.listener;
+    let listener = &binding.listener;
     // The connection's own tokens: polling them (on every wake-up of this task,
     // and once per request) touches only this connection's lock, not the
     // process-wide tokens every connection on every worker shares.
@@ -542,7 +542,7 @@ pub async fn serve(
         scan: HeadScan::new(listener.max_header_bytes.as_usize()),
         reset_on_drop: true,
     };
-    let service = ProxyService::new(route.clone(), state.clone(), client);
+    let service = ProxyService::new(binding.clone(), state.clone(), client);
     let max_head = listener.max_header_bytes.as_usize();
     let mut conn = hyper::server::conn::http1::Builder::new()
         .half_close(true)
@@ -587,7 +587,7 @@ pub async fn serve(
                 } else {
                     http::StatusCode::BAD_REQUEST
                 };
-                route.record(status, Some("malformed-request"), None);
+                binding.record(status, Some("malformed-request"), None);
                 linger_then_reset(io, listener.close_grace).await
             } else {
                 tracing::debug!(listener = %listener.name, ?client, error = %e, "client connection failed");
@@ -605,11 +605,11 @@ pub async fn serve(
         Ending::Closed => "fin",
         Ending::Reset(reason) => reason,
     };
-    route
+    binding
         .metrics
         .client_closed
         .get_or_create(&ReasonLabels {
-            listener: route.label.clone(),
+            listener: binding.label.clone(),
             reason: Name::from(how),
         })
         .inc();

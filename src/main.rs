@@ -160,13 +160,7 @@ fn main() -> ExitCode {
                 }
             }
         }
-        Command::Doctor { to, port, json } => match doctor(to.as_deref(), port, json) {
-            Ok(()) => ExitCode::SUCCESS,
-            Err(e) => {
-                eprintln!("tether: {e:#}");
-                ExitCode::FAILURE
-            }
-        },
+        Command::Doctor { to, port, json } => exit_code(doctor(to.as_deref(), port, json)),
         Command::Load {
             target,
             mode,
@@ -182,13 +176,7 @@ fn main() -> ExitCode {
                 duration,
                 path,
             };
-            match run_load(&spec, json) {
-                Ok(()) => ExitCode::SUCCESS,
-                Err(e) => {
-                    eprintln!("tether: {e:#}");
-                    ExitCode::FAILURE
-                }
-            }
+            exit_code(run_load(&spec, json))
         }
         Command::Demo {
             duration,
@@ -196,7 +184,7 @@ fn main() -> ExitCode {
             ports,
             loopback,
             json,
-        } => match demo(
+        } => exit_code(demo(
             tether::tools::demo::DemoOptions {
                 duration,
                 concurrency,
@@ -204,26 +192,25 @@ fn main() -> ExitCode {
                 loopback,
             },
             json,
-        ) {
-            Ok(()) => ExitCode::SUCCESS,
-            Err(e) => {
-                eprintln!("tether: {e:#}");
-                ExitCode::FAILURE
-            }
-        },
+        )),
         Command::Run { config } => {
             tether::app::ignore_hangup();
             let config = match load(&config) {
                 Ok(config) => config,
                 Err(code) => return code,
             };
-            match run(config) {
-                Ok(()) => ExitCode::SUCCESS,
-                Err(e) => {
-                    eprintln!("tether: {e:#}");
-                    ExitCode::FAILURE
-                }
-            }
+            exit_code(run(config))
+        }
+    }
+}
+
+/// 0, or 1 with the error and its causes on stderr.
+fn exit_code(result: anyhow::Result<()>) -> ExitCode {
+    match result {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("tether: {e:#}");
+            ExitCode::FAILURE
         }
     }
 }

@@ -18,7 +18,7 @@ use tokio_util::task::TaskTracker;
 use crate::config::ListenAddr;
 use crate::downstream::{self, ClientStream};
 use crate::drain::Shutdown;
-use crate::http::Route;
+use crate::http::Binding;
 use crate::metrics::{ListenerLabel, Name, ReasonLabels};
 use crate::sock;
 
@@ -119,22 +119,26 @@ pub fn bind(addr: &ListenAddr, reuse_port: bool) -> Result<Bound, ListenerError>
 /// listener's connection permits, shared by every worker's accept loop.
 pub async fn accept_loop(
     bound: Bound,
-    route: Arc<Route>,
+    binding: Arc<Binding>,
     limit: Arc<Semaphore>,
     shutdown: Shutdown,
     tracker: TaskTracker,
 ) {
     let label = ListenerLabel {
-        listener: route.label.clone(),
+        listener: binding.label.clone(),
     };
-    let accepted_total = route.metrics.client_accepted.get_or_create(&label).clone();
-    let active = route.metrics.client_active.get_or_create(&label).clone();
+    let accepted_total = binding
+        .metrics
+        .client_accepted
+        .get_or_create(&label)
+        .clone();
+    let active = binding.metrics.client_active.get_or_create(&label).clone();
     let accept_error = |kind: &str| {
-        route
+        binding
             .metrics
             .accept_errors
             .get_or_create(&ReasonLabels {
-                listener: route.label.clone(),
+                listener: binding.label.clone(),
                 reason: Name::from(kind),
             })
             .inc();
@@ -158,20 +162,20 @@ pub async fn accept_loop(
                 accepted_total.inc();
                 active.inc();
                 let active = active.clone();
-                let route = route.clone();
+                let binding = binding.clone();
                 let shutdown = shutdown.clone();
                 // Boxed: the task's state is a few KiB, and tokio copies a
                 // spawned future by value several times (into the task cell,
                 // and at each stage change); a box is copied once.
                 tracker.spawn(Box::pin(async move {
                     let _permit = permit;
-                    downstream::serve(stream, client, route, shutdown).await;
+                    downstream::serve(stream, client, binding, shutdown).await;
                     active.dec();
                 }));
             }
             Err(e) if sock::is_resource_exhaustion(&e) => {
                 accept_error("resources");
-                tracing::error!(listener = %route.listener.name, error = %e, pause = ?pause, "accept failed: out of resources; pausing");
+                tracing::error!(listener = %binding.listener.name, error = %e, pause = ?pause, "accept failed: out of resources; pausing");
                 tokio::time::sleep(pause).await;
                 pause = (pause * 2).min(Duration::from_secs(1));
             }
@@ -179,11 +183,11 @@ pub async fn accept_loop(
                 // Per-connection errors (ECONNABORTED and friends) affect only that
                 // connection.
                 accept_error("connection");
-                tracing::debug!(listener = %route.listener.name, error = %e, "accept failed");
+                tracing::debug!(listener = %binding.listener.name, error = %e, "accept failed");
             }
         }
     }
-    tracing::info!(listener = %route.listener.name, "stopped accepting");
+    tracing::info!(listener = %binding.listener.name, "stopped accepting");
     drop(bound);
 }
 

@@ -22,7 +22,7 @@ pub use signals::ignore_hangup;
 
 use crate::config::{Config, ListenAddr, UpstreamConfig};
 use crate::drain::Shutdown;
-use crate::http::{Route, RouteMetrics};
+use crate::http::{Binding, BindingMetrics};
 use crate::metrics::{Metrics, Name};
 use crate::pool::Pool;
 use admin::{AdminError, AdminState};
@@ -220,8 +220,8 @@ pub async fn start_on(
             };
             // Port 0: the other workers bind the port the first one got.
             addr = socket.local_addr();
-            let route = Arc::new(Route {
-                counters: RouteMetrics::new(&metrics, &label),
+            let binding = Arc::new(Binding {
+                counters: BindingMetrics::new(&metrics, &label),
                 label: label.clone(),
                 listener: l.clone(),
                 pool,
@@ -229,16 +229,16 @@ pub async fn start_on(
                 metrics: metrics.clone(),
             });
             let runtime = w.checked_sub(1).map(|i| workers[i].clone());
-            bound.push((socket, route, limit.clone(), runtime));
+            bound.push((socket, binding, limit.clone(), runtime));
         }
     }
     let tracker = TaskTracker::new();
     let mut listeners = Vec::new();
-    for (socket, route, limit, runtime) in bound {
+    for (socket, binding, limit, runtime) in bound {
         let addr = socket.local_addr();
         let accepting = listeners::accept_loop(
             socket,
-            route.clone(),
+            binding.clone(),
             limit,
             shutdown.clone(),
             tracker.clone(),
@@ -248,8 +248,8 @@ pub async fn start_on(
                 tracker.spawn_on(accepting, &handle);
             }
             None => {
-                tracing::info!(listener = %route.listener.name, listen = %addr, upstream = %route.listener.upstream, workers = shares, "listening");
-                listeners.push((route.listener.name.clone(), addr));
+                tracing::info!(listener = %binding.listener.name, listen = %addr, upstream = %binding.listener.upstream, workers = shares, "listening");
+                listeners.push((binding.listener.name.clone(), addr));
                 tracker.spawn(accepting);
             }
         }

@@ -32,8 +32,9 @@ use body::{prefetch, ProxyBody};
 /// Header carrying the reason of every response tether makes itself.
 pub const ERROR_HEADER: &str = "x-tether-error";
 
-/// What a listener forwards to, shared by its connections.
-pub struct Route {
+/// A listener bound to its upstream pool: what it forwards to, shared by its
+/// connections.
+pub struct Binding {
     /// The listener's name as a metric label.
     pub label: Name,
     /// The listener's settings.
@@ -45,17 +46,17 @@ pub struct Route {
     /// Where outcomes are counted.
     pub metrics: Arc<Metrics>,
     /// The per-request handles into `metrics`.
-    pub counters: RouteMetrics,
+    pub counters: BindingMetrics,
 }
 
-/// Metric handles a route touches on every request, resolved once so the
+/// Metric handles a binding touches on every request, resolved once so the
 /// request path does no label hashing.
-pub struct RouteMetrics {
+pub struct BindingMetrics {
     by_class: [prometheus_client::metrics::counter::Counter; 5],
     latency: prometheus_client::metrics::histogram::Histogram,
 }
 
-impl RouteMetrics {
+impl BindingMetrics {
     /// Resolves the handles of listener `label`.
     pub fn new(metrics: &Metrics, label: &Name) -> Self {
         let class = |class: &'static str| {
@@ -79,7 +80,7 @@ impl RouteMetrics {
     }
 }
 
-impl Route {
+impl Binding {
     /// Counts one answered request, and its reason when tether made the response.
     pub fn record(&self, status: StatusCode, reason: Option<&str>, started: Option<Instant>) {
         let class = usize::from(status.as_u16() / 100).clamp(1, 5) - 1;
@@ -104,7 +105,7 @@ impl Route {
 /// The hyper service of one client connection.
 #[derive(Clone)]
 pub struct ProxyService {
-    route: Arc<Route>,
+    binding: Arc<Binding>,
     conn: Arc<ConnState>,
     client: Option<IpAddr>,
     /// The client's address as X-Forwarded-For appends it.
@@ -124,13 +125,13 @@ impl hyper::service::Service<Request<Incoming>> for ProxyService {
         Box::pin(async move {
             let started = Instant::now();
             let done = this.conn.clone();
-            let route = this.route.clone();
+            let binding = this.binding.clone();
             let response = this.handle(request, started).await;
             let reason = response
                 .headers()
                 .get(ERROR_HEADER)
                 .and_then(|v| v.to_str().ok());
-            route.record(response.status(), reason, Some(started));
+            binding.record(response.status(), reason, Some(started));
             Ok(response.map(|body| body.on_done(done)))
         })
     }
@@ -149,10 +150,10 @@ enum ForwardError {
 
 impl ProxyService {
     /// A service for one accepted connection.
-    pub fn new(route: Arc<Route>, conn: Arc<ConnState>, client: Option<SocketAddr>) -> Self {
+    pub fn new(binding: Arc<Binding>, conn: Arc<ConnState>, client: Option<SocketAddr>) -> Self {
         let client = client.map(|a| a.ip());
         Self {
-            route,
+            binding,
             conn,
             client,
             forwarded_for: client.and_then(headers::forwarded_for_value),
@@ -160,7 +161,7 @@ impl ProxyService {
     }
 
     async fn handle(self, request: Request<Incoming>, started: Instant) -> Response<ProxyBody> {
-        let listener = &self.route.listener;
+        let listener = &self.binding.listener;
         let served = self.conn.count_request();
         let limit = listener.max_requests_per_connection;
         let last = headers::client_ends_connection(&request)
@@ -193,9 +194,9 @@ impl ProxyService {
             &mut parts,
             self.forwarded_for.as_ref(),
             listener.forwarded_for,
-            &self.route.fallback_host,
+            &self.binding.fallback_host,
         );
-        if self.route.pool.settings().protocol == crate::config::Protocol::Http2 {
+        if self.binding.pool.settings().protocol == crate::config::Protocol::Http2 {
             headers::to_http2_form(&mut parts);
         }
 
@@ -230,7 +231,7 @@ impl ProxyService {
                 return self.refuse(StatusCode::BAD_REQUEST, "bad-request-body", &e.to_string())
             }
             Ok(Err(ForwardError::Pool(e))) => {
-                tracing::warn!(upstream = %self.route.pool.name(), error = %e, "no upstream connection");
+                tracing::warn!(upstream = %self.binding.pool.name(), error = %e, "no upstream connection");
                 let status = match e {
                     PoolError::Exhausted { .. } | PoolError::AllEjected { .. } => {
                         StatusCode::SERVICE_UNAVAILABLE
@@ -240,7 +241,7 @@ impl ProxyService {
                 return error_response(status, e.reason(), &e.to_string(), last);
             }
             Ok(Err(e @ ForwardError::Upstream { .. })) => {
-                tracing::warn!(upstream = %self.route.pool.name(), error = %e, "upstream request failed");
+                tracing::warn!(upstream = %self.binding.pool.name(), error = %e, "upstream request failed");
                 return error_response(
                     StatusCode::BAD_GATEWAY,
                     "upstream-failed",
@@ -249,7 +250,7 @@ impl ProxyService {
                 );
             }
             Err(_) => {
-                tracing::warn!(upstream = %self.route.pool.name(), timeout = ?listener.request_timeout, "upstream response timed out");
+                tracing::warn!(upstream = %self.binding.pool.name(), timeout = ?listener.request_timeout, "upstream response timed out");
                 return error_response(
                     StatusCode::GATEWAY_TIMEOUT,
                     "upstream-timeout",
@@ -265,7 +266,7 @@ impl ProxyService {
         let (mut head, upstream_body) = response.into_parts();
         let mut lease = lease;
         lease.note_response(&head.headers);
-        if listener_counts_5xx(&self.route) {
+        if listener_counts_5xx(&self.binding) {
             lease.record_outcome(!head.status.is_server_error());
         }
         headers::strip_hop_by_hop(&mut head.headers);
@@ -323,7 +324,7 @@ impl ProxyService {
     ) -> Result<(Response<ResponseBody>, Lease), ForwardError> {
         let replay = body.replayable().map(|bytes| (copy_head(&parts), bytes));
         let client_failed = body.client_failed_flag();
-        let mut lease = self.route.pool.acquire().await?;
+        let mut lease = self.binding.pool.acquire().await?;
         body.notify_sent(lease.request_sent_flag());
         let received_before = lease.received();
         let failure = match lease.send(Request::from_parts(parts, body)).await {
@@ -377,7 +378,7 @@ impl ProxyService {
             }
         };
         drop(lease);
-        let mut lease = self.route.pool.acquire_fresh(addr).await?;
+        let mut lease = self.binding.pool.acquire_fresh(addr).await?;
         let (head, mut body) = retry.into_parts();
         body.notify_sent(lease.request_sent_flag());
         match lease.send(Request::from_parts(head, body)).await {
@@ -404,7 +405,7 @@ impl ProxyService {
         reason: &'static str,
         detail: &str,
     ) -> Response<ProxyBody> {
-        tracing::info!(listener = %self.route.listener.name, client = ?self.client, %status, reason, detail, "request refused");
+        tracing::info!(listener = %self.binding.listener.name, client = ?self.client, %status, reason, detail, "request refused");
         self.conn.mark_misbehaved();
         error_response(status, reason, detail, true)
     }
@@ -432,8 +433,8 @@ pub fn error_response(
     response
 }
 
-fn listener_counts_5xx(route: &Route) -> bool {
-    route.pool.settings().health.eject_on_5xx
+fn listener_counts_5xx(binding: &Binding) -> bool {
+    binding.pool.settings().health.eject_on_5xx
 }
 
 fn idempotent(method: &Method) -> bool {
