@@ -37,13 +37,62 @@ pub enum ClientStream {
     Unix(UnixStream),
 }
 
-/// How a client connection ended, for logs.
+/// How a client connection ended, for logs and the
+/// `tether_client_connections_closed` metric.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Ending {
     /// Orderly: FIN exchanged.
     Closed,
     /// Aborted with RST.
-    Reset(&'static str),
+    Reset(ResetReason),
+}
+
+/// Why tether reset a client connection.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ResetReason {
+    /// No complete request head within `header_timeout`.
+    HeaderTimeout,
+    /// Silent between requests for `idle_timeout`.
+    IdleTimeout,
+    /// The socket failed under hyper (not a parse error).
+    ConnectionError,
+    /// Still open at the drain deadline.
+    DrainDeadline,
+    /// tether's own FIN could not be sent.
+    FinFailed,
+    /// The client did not close within `close_grace` after tether's FIN or
+    /// goodbye.
+    CloseGrace,
+    /// `client_close = "abort"`: reset once the response was acknowledged.
+    CloseAbort,
+    /// A client that sent a bad request did not close within `close_grace`.
+    Misbehaved,
+}
+
+impl Ending {
+    /// The metric label: `fin`, or the reset's reason.
+    pub fn label(self) -> &'static str {
+        match self {
+            Self::Closed => "fin",
+            Self::Reset(reason) => reason.label(),
+        }
+    }
+}
+
+impl ResetReason {
+    /// The metric and log label.
+    pub fn label(self) -> &'static str {
+        match self {
+            Self::HeaderTimeout => "header-timeout",
+            Self::IdleTimeout => "idle-timeout",
+            Self::ConnectionError => "connection-error",
+            Self::DrainDeadline => "drain-deadline",
+            Self::FinFailed => "fin-failed",
+            Self::CloseGrace => "close-grace",
+            Self::CloseAbort => "close-policy-abort",
+            Self::Misbehaved => "misbehaved",
+        }
+    }
 }
 
 /// Per-connection state shared by the IO, the service and the connection task.
@@ -307,16 +356,16 @@ impl Clock {
         }
     }
 
-    fn deadline(&self) -> Option<(Instant, &'static str)> {
+    fn deadline(&self) -> Option<(Instant, ResetReason)> {
         match self.decode(self.word.load(Ordering::Acquire)) {
-            (Phase::Head, since) => Some((since + self.header_timeout, "header-timeout")),
-            (Phase::Idle, since) => Some((since + self.idle_timeout, "idle-timeout")),
+            (Phase::Head, since) => Some((since + self.header_timeout, ResetReason::HeaderTimeout)),
+            (Phase::Idle, since) => Some((since + self.idle_timeout, ResetReason::IdleTimeout)),
             (Phase::Busy, _) => None,
         }
     }
 
     /// Resolves with the reason once a deadline passes in the phase it was set for.
-    async fn expired(&self) -> &'static str {
+    async fn expired(&self) -> ResetReason {
         // Any phase entered from now on has a deadline no earlier than this.
         let horizon = self.header_timeout.min(self.idle_timeout);
         let soonest = Instant::now() + horizon;
@@ -405,7 +454,7 @@ impl ClientIo {
         Ending::Closed
     }
 
-    fn reset(self, why: &'static str) -> Ending {
+    fn reset(self, why: ResetReason) -> Ending {
         // Drop does the reset.
         drop(self);
         Ending::Reset(why)
@@ -513,7 +562,7 @@ impl AsyncWrite for ClientIo {
 
 enum Served {
     Finished(hyper::Result<()>),
-    TimedOut(&'static str),
+    TimedOut(ResetReason),
     Forced,
 }
 
@@ -591,20 +640,17 @@ pub async fn serve(
                 linger_then_reset(io, listener.close_grace).await
             } else {
                 tracing::debug!(listener = %listener.name, ?client, error = %e, "client connection failed");
-                io.reset("connection-error")
+                io.reset(ResetReason::ConnectionError)
             }
         }
         Served::TimedOut(reason) => {
-            tracing::debug!(listener = %listener.name, ?client, reason, "client connection timed out");
+            tracing::debug!(listener = %listener.name, ?client, reason = reason.label(), "client connection timed out");
             io.reset(reason)
         }
-        Served::Forced => io.reset("drain-deadline"),
+        Served::Forced => io.reset(ResetReason::DrainDeadline),
     };
     tracing::debug!(listener = %listener.name, ?client, ?ending, "client connection ended");
-    let how = match ending {
-        Ending::Closed => "fin",
-        Ending::Reset(reason) => reason,
-    };
+    let how = ending.label();
     binding
         .metrics
         .client_closed
@@ -628,24 +674,24 @@ async fn close_by_policy(mut io: ClientIo, policy: ClientClose, grace: Duration)
     match policy {
         ClientClose::Graceful => {
             if !io.state.fin_sent.load(Ordering::Relaxed) && io.send_fin().is_err() {
-                return io.reset("fin-failed");
+                return io.reset(ResetReason::FinFailed);
             }
             if io.await_peer_fin(grace).await {
                 io.close_orderly()
             } else {
-                io.reset("close-grace")
+                io.reset(ResetReason::CloseGrace)
             }
         }
         ClientClose::ClientFirst => {
             if io.await_peer_fin(grace).await {
                 io.close_orderly()
             } else {
-                io.reset("close-grace")
+                io.reset(ResetReason::CloseGrace)
             }
         }
         ClientClose::Abort => {
             io.await_acknowledged(grace).await;
-            io.reset("close-policy-abort")
+            io.reset(ResetReason::CloseAbort)
         }
     }
 }
@@ -656,7 +702,7 @@ async fn linger_then_reset(mut io: ClientIo, grace: Duration) -> Ending {
     if io.await_peer_fin(grace).await {
         io.close_orderly()
     } else {
-        io.reset("misbehaved")
+        io.reset(ResetReason::Misbehaved)
     }
 }
 

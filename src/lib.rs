@@ -11,7 +11,7 @@
 //! [`tools`] (demo, doctor, load, health) → [`app`] (run, start, workers,
 //! signals, listeners, admin) → [`downstream`] (one client connection) →
 //! [`http`] (the proxy service) → [`pool`] (upstream pools) → leaves:
-//! [`config`], [`drain`], [`sock`], [`metrics`], [`census`], [`telemetry`],
+//! [`config`], [`connection_header`], [`drain`], [`sock`], [`metrics`], [`census`], [`telemetry`],
 //! [`notify`], [`rlimit`].
 //! Two arrows still point the wrong way: `http` and `downstream` import each
 //! other, and `metrics` reads the pool's state.
@@ -21,6 +21,7 @@
 pub mod app;
 pub mod census;
 pub mod config;
+pub mod connection_header;
 pub mod downstream;
 pub mod drain;
 pub mod http;

@@ -33,12 +33,7 @@ pub fn strip_hop_by_hop(headers: &mut HeaderMap) {
         }
     }
     if present[0] {
-        let named: Vec<HeaderName> = headers
-            .get_all(header::CONNECTION)
-            .iter()
-            .filter_map(|v| v.to_str().ok())
-            .flat_map(|v| v.split(','))
-            .map(str::trim)
+        let named: Vec<HeaderName> = crate::connection_header::tokens(headers)
             // `keep-alive` goes below anyway; `close` is an option, and a
             // field of that name is reserved (RFC 9110 §7.6.1).
             .filter(|token| {
@@ -61,15 +56,7 @@ pub fn strip_hop_by_hop(headers: &mut HeaderMap) {
 /// Whether the client asked for this to be the connection's last exchange:
 /// `Connection: close`, or HTTP/1.0 without `Connection: keep-alive`.
 pub fn client_ends_connection<B>(request: &Request<B>) -> bool {
-    let has_token = |token: &str| {
-        request
-            .headers()
-            .get_all(header::CONNECTION)
-            .iter()
-            .filter_map(|v| v.to_str().ok())
-            .flat_map(|v| v.split(','))
-            .any(|t| t.trim().eq_ignore_ascii_case(token))
-    };
+    let has_token = |token| crate::connection_header::has_token(request.headers(), token);
     match request.version() {
         Version::HTTP_10 | Version::HTTP_09 => !has_token("keep-alive"),
         _ => has_token("close"),

@@ -396,12 +396,7 @@ impl Conn {
                 self.announced.max = hint.max;
             }
         }
-        self.closing |= headers
-            .get_all(http::header::CONNECTION)
-            .iter()
-            .filter_map(|v| v.to_str().ok())
-            .flat_map(|v| v.split(','))
-            .any(|t| t.trim().eq_ignore_ascii_case("close"));
+        self.closing |= crate::connection_header::has_token(headers, "close");
     }
 
     /// Bytes received so far on this connection.
