@@ -407,10 +407,12 @@ pub async fn start_tether(config: Config) -> (tether::Running, SocketAddr) {
     let running = tether::start(config).await.unwrap();
     let addr = running.tcp_addr("app").unwrap();
     let pool = running.pool("backend").unwrap().clone();
+    // Established, not merely dialling: a request sent while the warm dial is
+    // still in progress would dial a connection of its own.
     wait_until(Duration::from_secs(5), || {
         pool.endpoints()
             .iter()
-            .all(|e| e.open_connections() >= min_idle)
+            .all(|e| e.established_connections() >= min_idle)
     })
     .await;
     (running, addr)
