@@ -185,6 +185,41 @@ fn field(line: &str, key: &str) -> SocketAddr {
         .unwrap_or_else(|e| panic!("{line}: {e}"))
 }
 
+/// A service manager's notify socket (what systemd passes as
+/// `NOTIFY_SOCKET`), removed on drop.
+struct NotifySocket {
+    dir: PathBuf,
+    path: PathBuf,
+    socket: tokio::net::UnixDatagram,
+}
+
+impl NotifySocket {
+    fn bind(name: &str) -> Self {
+        let dir = std::env::temp_dir().join(format!("tether-{name}-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let path = dir.join("notify.sock");
+        let _ = std::fs::remove_file(&path);
+        let socket = tokio::net::UnixDatagram::bind(&path).unwrap();
+        Self { dir, path, socket }
+    }
+
+    /// The next message, which must come within the patience.
+    async fn next(&self, awaited: &str) -> String {
+        let mut buf = vec![0u8; 4096];
+        let n = tokio::time::timeout(PATIENCE, self.socket.recv(&mut buf))
+            .await
+            .unwrap_or_else(|_| panic!("{awaited} within the patience"))
+            .unwrap();
+        String::from_utf8_lossy(&buf[..n]).into_owned()
+    }
+}
+
+impl Drop for NotifySocket {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_dir_all(&self.dir);
+    }
+}
+
 /// `tether health` with `args`: its exit code and stderr.
 async fn health(args: &[&str]) -> (i32, String) {
     let out = tokio::process::Command::new(env!("CARGO_BIN_EXE_tether"))
@@ -319,19 +354,14 @@ async fn readiness_waits_for_the_warm_floor_at_most_ready_timeout() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_notify_socket_hears_ready_once_the_floor_is_open_and_stopping_on_sigterm() {
     let backend = Backend::start().await;
-    let dir = std::env::temp_dir().join(format!("tether-notify-{}", std::process::id()));
-    std::fs::create_dir_all(&dir).unwrap();
-    let path = dir.join("notify.sock");
-    let _ = std::fs::remove_file(&path);
-    let socket = tokio::net::UnixDatagram::bind(&path).unwrap();
-    let tether = Tether::start(&backend.addr.to_string(), "", &[("NOTIFY_SOCKET", &path)]);
+    let notify = NotifySocket::bind("notify");
+    let tether = Tether::start(
+        &backend.addr.to_string(),
+        "",
+        &[("NOTIFY_SOCKET", &notify.path)],
+    );
 
-    let mut buf = vec![0u8; 4096];
-    let n = tokio::time::timeout(PATIENCE, socket.recv(&mut buf))
-        .await
-        .expect("READY=1 within the patience")
-        .unwrap();
-    let message = String::from_utf8_lossy(&buf[..n]).into_owned();
+    let message = notify.next("READY=1").await;
     assert!(message.lines().any(|l| l == "READY=1"), "{message}");
     assert!(message.contains("STATUS="), "{message}");
     // Two workers share min_idle = 2: one warm connection each, established
@@ -354,42 +384,26 @@ async fn the_notify_socket_hears_ready_once_the_floor_is_open_and_stopping_on_si
     );
 
     tether.signal("TERM");
-    let n = tokio::time::timeout(PATIENCE, socket.recv(&mut buf))
-        .await
-        .expect("STOPPING=1 within the patience")
-        .unwrap();
-    let message = String::from_utf8_lossy(&buf[..n]).into_owned();
+    let message = notify.next("STOPPING=1").await;
     assert!(message.lines().any(|l| l == "STOPPING=1"), "{message}");
-    drop(tether);
-    let _ = std::fs::remove_dir_all(&dir);
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn ready_is_not_announced_before_the_floor_opens_or_ready_timeout_passes() {
-    let dir = std::env::temp_dir().join(format!("tether-notify-cold-{}", std::process::id()));
-    std::fs::create_dir_all(&dir).unwrap();
-    let path = dir.join("notify.sock");
-    let _ = std::fs::remove_file(&path);
-    let socket = tokio::net::UnixDatagram::bind(&path).unwrap();
+    let notify = NotifySocket::bind("notify-cold");
     let dead = closed_port().to_string();
     let started = Instant::now();
     let _tether = Tether::start(
         &dead,
         "ready_timeout = \"1500ms\"",
-        &[("NOTIFY_SOCKET", &path)],
+        &[("NOTIFY_SOCKET", &notify.path)],
     );
-    let mut buf = vec![0u8; 4096];
-    let n = tokio::time::timeout(PATIENCE, socket.recv(&mut buf))
-        .await
-        .expect("READY=1 once ready_timeout passed")
-        .unwrap();
-    assert!(String::from_utf8_lossy(&buf[..n]).contains("READY=1"));
+    assert!(notify.next("READY=1").await.contains("READY=1"));
     assert!(
         started.elapsed() >= Duration::from_millis(1400),
         "READY=1 after {:?}",
         started.elapsed()
     );
-    let _ = std::fs::remove_dir_all(&dir);
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -551,17 +565,13 @@ impl Drop for SilentNetwork {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_dial_in_progress_is_not_a_warm_connection() {
     let network = SilentNetwork::new();
-    let dir = std::env::temp_dir().join(format!("tether-notify-silent-{}", std::process::id()));
-    std::fs::create_dir_all(&dir).unwrap();
-    let path = dir.join("notify.sock");
-    let _ = std::fs::remove_file(&path);
-    let socket = tokio::net::UnixDatagram::bind(&path).unwrap();
+    let notify = NotifySocket::bind("notify-silent");
     let started = Instant::now();
     let tether = Tether::start_in(
         &network.0,
         "10.9.9.2:80",
         "ready_timeout = \"2s\"",
-        &[("NOTIFY_SOCKET", &path)],
+        &[("NOTIFY_SOCKET", &notify.path)],
     );
     // Dials to the silent address are in progress (each for connect_timeout,
     // then again after a backoff): not warm, so not ready.
@@ -569,17 +579,11 @@ async fn a_dial_in_progress_is_not_a_warm_connection() {
     let (code, stderr) = network.health(&["--admin", &admin, "--ready"]).await;
     assert_eq!(code, 1, "ready while every dial is in progress: {stderr}");
     assert!(stderr.contains("warming"), "{stderr}");
-    let mut buf = vec![0u8; 4096];
-    let n = tokio::time::timeout(PATIENCE, socket.recv(&mut buf))
-        .await
-        .expect("READY=1 once ready_timeout passed")
-        .unwrap();
-    assert!(String::from_utf8_lossy(&buf[..n]).contains("READY=1"));
+    assert!(notify.next("READY=1").await.contains("READY=1"));
     assert!(
         started.elapsed() >= Duration::from_millis(1900),
         "READY=1 after {:?}, before ready_timeout",
         started.elapsed()
     );
     drop(tether);
-    let _ = std::fs::remove_dir_all(&dir);
 }
