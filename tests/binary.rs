@@ -94,11 +94,7 @@ impl Proxy {
     }
 
     fn signal(&self, name: &str) {
-        let status = Command::new("kill")
-            .args([&format!("-{name}"), &self.pid().to_string()])
-            .status()
-            .unwrap();
-        assert!(status.success());
+        send_signal(self.pid(), name);
     }
 }
 

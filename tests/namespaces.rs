@@ -12,21 +12,8 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use common::spawn_tether;
+use common::{ip, spawn_tether};
 use tether::census::{self, TcpState};
-
-fn ip(args: &[&str]) {
-    let out = Command::new("ip")
-        .args(args)
-        .output()
-        .unwrap_or_else(|e| panic!("cannot run `ip` (install iproute2): {e}"));
-    assert!(
-        out.status.success(),
-        "ip {}: {} (network namespaces need root)",
-        args.join(" "),
-        String::from_utf8_lossy(&out.stderr)
-    );
-}
 
 /// A network namespace, deleted on drop.
 struct Netns(String);

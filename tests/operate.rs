@@ -158,11 +158,7 @@ impl Tether {
     }
 
     fn signal(&self, name: &str) {
-        let status = Command::new("kill")
-            .args([&format!("-{name}"), &self.child.id().to_string()])
-            .status()
-            .unwrap();
-        assert!(status.success());
+        send_signal(self.child.id(), name);
     }
 }
 
@@ -222,16 +218,12 @@ impl Drop for NotifySocket {
 
 /// `tether health` with `args`: its exit code and stderr.
 async fn health(args: &[&str]) -> (i32, String) {
-    let out = tokio::process::Command::new(env!("CARGO_BIN_EXE_tether"))
-        .arg("health")
-        .args(args)
-        .output()
-        .await
-        .unwrap();
-    (
-        out.status.code().unwrap_or(-1),
-        String::from_utf8_lossy(&out.stderr).into_owned(),
+    code_and_stderr(
+        tokio::process::Command::new(env!("CARGO_BIN_EXE_tether"))
+            .arg("health")
+            .args(args),
     )
+    .await
 }
 
 /// Polls `tether health` with `args` until it exits with `code`.
@@ -495,18 +487,6 @@ struct SilentNetwork(String);
 impl SilentNetwork {
     fn new() -> Self {
         let name = format!("tether-silent-{}", std::process::id());
-        let ip = |args: &[&str]| {
-            let out = Command::new("ip")
-                .args(args)
-                .output()
-                .unwrap_or_else(|e| panic!("cannot run `ip` (install iproute2): {e}"));
-            assert!(
-                out.status.success(),
-                "ip {}: {} (network namespaces need root)",
-                args.join(" "),
-                String::from_utf8_lossy(&out.stderr)
-            );
-        };
         let _ = Command::new("ip").args(["netns", "del", &name]).output();
         ip(&["netns", "add", &name]);
         let network = Self(name.clone());
@@ -537,22 +517,18 @@ impl SilentNetwork {
 
     /// `tether health` with `args`, run inside the namespace.
     async fn health(&self, args: &[&str]) -> (i32, String) {
-        let out = tokio::process::Command::new("ip")
-            .args([
-                "netns",
-                "exec",
-                &self.0,
-                env!("CARGO_BIN_EXE_tether"),
-                "health",
-            ])
-            .args(args)
-            .output()
-            .await
-            .unwrap();
-        (
-            out.status.code().unwrap_or(-1),
-            String::from_utf8_lossy(&out.stderr).into_owned(),
+        code_and_stderr(
+            tokio::process::Command::new("ip")
+                .args([
+                    "netns",
+                    "exec",
+                    &self.0,
+                    env!("CARGO_BIN_EXE_tether"),
+                    "health",
+                ])
+                .args(args),
         )
+        .await
     }
 }
 

@@ -726,3 +726,35 @@ pub async fn backend_and_tether(
     let (running, addr) = start_tether(config).await;
     (backend, running, addr)
 }
+
+/// Runs `ip` (iproute2) with `args`; panics with its stderr when it fails.
+pub fn ip(args: &[&str]) {
+    let out = std::process::Command::new("ip")
+        .args(args)
+        .output()
+        .unwrap_or_else(|e| panic!("cannot run `ip` (install iproute2): {e}"));
+    assert!(
+        out.status.success(),
+        "ip {}: {} (network namespaces need root)",
+        args.join(" "),
+        String::from_utf8_lossy(&out.stderr)
+    );
+}
+
+/// Sends signal `name` ("TERM", "HUP") to process `pid`.
+pub fn send_signal(pid: u32, name: &str) {
+    let status = std::process::Command::new("kill")
+        .args([&format!("-{name}"), &pid.to_string()])
+        .status()
+        .unwrap();
+    assert!(status.success(), "kill -{name} {pid}");
+}
+
+/// Runs `command` to its end: its exit code and stderr.
+pub async fn code_and_stderr(command: &mut tokio::process::Command) -> (i32, String) {
+    let out = command.output().await.unwrap();
+    (
+        out.status.code().unwrap_or(-1),
+        String::from_utf8_lossy(&out.stderr).into_owned(),
+    )
+}
