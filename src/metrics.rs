@@ -6,24 +6,17 @@
 //! kernel's own count of TIME_WAIT toward each endpoint and on each listener.
 
 use std::fmt;
-use std::net::SocketAddr;
-use std::sync::atomic::Ordering;
 use std::sync::{Arc, Mutex};
 
 use prometheus_client::collector::Collector;
 use std::fmt::Write as _;
 
-use prometheus_client::encoding::{
-    DescriptorEncoder, EncodeLabelSet, EncodeLabelValue, EncodeMetric, LabelValueEncoder,
-};
-use prometheus_client::metrics::counter::{ConstCounter, Counter};
+use prometheus_client::encoding::{EncodeLabelSet, EncodeLabelValue, LabelValueEncoder};
+use prometheus_client::metrics::counter::Counter;
 use prometheus_client::metrics::family::Family;
-use prometheus_client::metrics::gauge::{ConstGauge, Gauge};
+use prometheus_client::metrics::gauge::Gauge;
 use prometheus_client::metrics::histogram::Histogram;
 use prometheus_client::registry::Registry;
-
-use crate::census;
-use crate::pool::Pool;
 
 /// A cheaply cloned label value (listener names, reasons).
 #[derive(Clone, Debug, Hash, PartialEq, Eq)]
@@ -160,10 +153,10 @@ impl Metrics {
         }
     }
 
-    /// Adds the scrape-time view of the pools and the TIME_WAIT census.
-    pub fn watch(&self, pools: Vec<Pool>, listeners: Vec<(String, Option<SocketAddr>)>) {
-        self.lock()
-            .register_collector(Box::new(PoolCollector { pools, listeners }));
+    /// Adds a family whose values are read at scrape time (the pools' state,
+    /// the kernel's TIME_WAIT table).
+    pub fn register_collector(&self, collector: impl Collector + 'static) {
+        self.lock().register_collector(Box::new(collector));
     }
 
     /// The Prometheus text exposition of every metric.
@@ -177,215 +170,6 @@ impl Metrics {
 
     fn lock(&self) -> std::sync::MutexGuard<'_, Registry> {
         self.registry.lock().unwrap_or_else(|e| e.into_inner())
-    }
-}
-
-/// Folds rows with the same upstream and endpoint into the first of them.
-fn merge_rows(rows: &mut Vec<(String, String, u64)>, combine: impl Fn(u64, u64) -> u64) {
-    let mut merged: Vec<(String, String, u64)> = Vec::with_capacity(rows.len());
-    for (upstream, endpoint, value) in rows.drain(..) {
-        match merged
-            .iter_mut()
-            .find(|(u, e, _)| *u == upstream && *e == endpoint)
-        {
-            Some(row) => row.2 = combine(row.2, value),
-            None => merged.push((upstream, endpoint, value)),
-        }
-    }
-    *rows = merged;
-}
-
-struct PoolCollector {
-    pools: Vec<Pool>,
-    listeners: Vec<(String, Option<SocketAddr>)>,
-}
-
-impl fmt::Debug for PoolCollector {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.debug_struct("PoolCollector")
-            .field("pools", &self.pools.len())
-            .finish()
-    }
-}
-
-impl Collector for PoolCollector {
-    fn encode(&self, mut encoder: DescriptorEncoder) -> Result<(), fmt::Error> {
-        type Row = (String, String, u64);
-        let mut counters: [(&str, &str, Vec<Row>); 8] = [
-            (
-                "upstream_connections_opened",
-                "Upstream connections dialled",
-                Vec::new(),
-            ),
-            (
-                "upstream_connections_retired",
-                "Idle upstream connections retired by policy",
-                Vec::new(),
-            ),
-            (
-                "upstream_connections_discarded",
-                "Upstream connections closed as stale, broken or abandoned",
-                Vec::new(),
-            ),
-            (
-                "upstream_connections_reused",
-                "Idle upstream connections handed out again",
-                Vec::new(),
-            ),
-            (
-                "upstream_probes",
-                "Probe requests sent on idle upstream connections",
-                Vec::new(),
-            ),
-            (
-                "upstream_probe_failures",
-                "Probes that failed (the connection was reset)",
-                Vec::new(),
-            ),
-            (
-                "upstream_closed_by_backend",
-                "Idle upstream connections the backend closed before tether retired them",
-                Vec::new(),
-            ),
-            (
-                "upstream_ejections",
-                "Times the endpoint was ejected after repeated failures",
-                Vec::new(),
-            ),
-        ];
-        let mut gauges: [(&str, &str, Vec<Row>); 6] = [
-            (
-                "upstream_connections_open",
-                "Upstream connections open now",
-                Vec::new(),
-            ),
-            (
-                "upstream_connections_idle",
-                "Idle upstream connections now",
-                Vec::new(),
-            ),
-            (
-                "upstream_requests_outstanding",
-                "Requests in flight per endpoint",
-                Vec::new(),
-            ),
-            (
-                "time_wait_toward_upstream",
-                "TIME_WAIT sockets on this host toward the endpoint (kernel table)",
-                Vec::new(),
-            ),
-            (
-                "upstream_ejected",
-                "1 while the endpoint is ejected",
-                Vec::new(),
-            ),
-            (
-                "upstream_observed_idle_close_ms",
-                "Shortest idle age at which the backend closed a pooled connection (0: never seen)",
-                Vec::new(),
-            ),
-        ];
-        let census = census::time_wait().unwrap_or_default();
-        for pool in &self.pools {
-            for endpoint in pool.endpoints().iter() {
-                let (name, addr) = (pool.name().to_owned(), endpoint.addr().to_string());
-                let stats = endpoint.stats();
-                let row = |v: u64| (name.clone(), addr.clone(), v);
-                counters[0]
-                    .2
-                    .push(row(stats.opened.load(Ordering::Relaxed)));
-                counters[1]
-                    .2
-                    .push(row(stats.retired.load(Ordering::Relaxed)));
-                counters[2]
-                    .2
-                    .push(row(stats.discarded.load(Ordering::Relaxed)));
-                counters[3]
-                    .2
-                    .push(row(stats.reused.load(Ordering::Relaxed)));
-                counters[4]
-                    .2
-                    .push(row(stats.probes.load(Ordering::Relaxed)));
-                counters[5]
-                    .2
-                    .push(row(stats.probe_failures.load(Ordering::Relaxed)));
-                counters[6]
-                    .2
-                    .push(row(stats.closed_by_backend.load(Ordering::Relaxed)));
-                counters[7]
-                    .2
-                    .push(row(stats.ejections.load(Ordering::Relaxed)));
-                gauges[0].2.push(row(endpoint.open_connections() as u64));
-                gauges[1].2.push(row(endpoint.idle_connections() as u64));
-                gauges[2].2.push(row(endpoint.outstanding() as u64));
-                let toward = census
-                    .iter()
-                    .filter(|s| s.remote == endpoint.addr())
-                    .count();
-                gauges[3].2.push(row(toward as u64));
-                gauges[4].2.push(row(u64::from(endpoint.is_ejected())));
-                let observed = endpoint
-                    .observed_idle_close()
-                    .map_or(0, |d| u64::try_from(d.as_millis()).unwrap_or(u64::MAX));
-                gauges[5].2.push(row(observed));
-            }
-        }
-        // With several workers an upstream has one pool per worker: one series
-        // per endpoint all the same, summed (a TIME_WAIT count, a flag or an
-        // observation shared by the shares is taken once).
-        for (_, _, rows) in &mut counters {
-            merge_rows(rows, |a, b| a + b);
-        }
-        for (i, (_, _, rows)) in gauges.iter_mut().enumerate() {
-            if i < 3 {
-                merge_rows(rows, |a, b| a + b);
-            } else {
-                merge_rows(rows, u64::max);
-            }
-        }
-        for (name, help, rows) in counters {
-            let mut family = encoder.encode_descriptor(
-                name,
-                help,
-                None,
-                ConstCounter::new(0u64).metric_type(),
-            )?;
-            for (upstream, endpoint, value) in rows {
-                let labels = [
-                    ("upstream", upstream.as_str()),
-                    ("endpoint", endpoint.as_str()),
-                ];
-                ConstCounter::new(value).encode(family.encode_family(&labels)?)?;
-            }
-        }
-        for (name, help, rows) in gauges {
-            let mut family =
-                encoder.encode_descriptor(name, help, None, ConstGauge::new(0i64).metric_type())?;
-            for (upstream, endpoint, value) in rows {
-                let labels = [
-                    ("upstream", upstream.as_str()),
-                    ("endpoint", endpoint.as_str()),
-                ];
-                ConstGauge::new(i64::try_from(value).unwrap_or(i64::MAX))
-                    .encode(family.encode_family(&labels)?)?;
-            }
-        }
-        let mut family = encoder.encode_descriptor(
-            "time_wait_on_listener",
-            "TIME_WAIT sockets whose local port is the listener's (kernel table)",
-            None,
-            ConstGauge::new(0i64).metric_type(),
-        )?;
-        for (listener, addr) in &self.listeners {
-            let Some(addr) = addr else { continue };
-            let count = census
-                .iter()
-                .filter(|s| s.local.port() == addr.port())
-                .count();
-            let labels = [("listener", listener.as_str())];
-            ConstGauge::new(count as i64).encode(family.encode_family(&labels)?)?;
-        }
-        Ok(())
     }
 }
 

@@ -20,6 +20,11 @@ use hyper_util::rt::TokioIo;
 use tokio::net::TcpListener;
 use tokio_util::sync::CancellationToken;
 
+use prometheus_client::collector::Collector;
+use prometheus_client::encoding::{DescriptorEncoder, EncodeMetric};
+use prometheus_client::metrics::gauge::ConstGauge;
+
+use crate::config::ListenAddr;
 use crate::metrics::Metrics;
 
 /// Failures to start the admin server.
@@ -51,6 +56,18 @@ pub async fn bind(addr: SocketAddr) -> Result<TcpListener, AdminError> {
     TcpListener::bind(addr)
         .await
         .map_err(|source| AdminError::Bind { addr, source })
+}
+
+/// Starts serving on `socket`; the address it serves on.
+pub fn start(
+    socket: TcpListener,
+    state: Arc<AdminState>,
+    stop: CancellationToken,
+) -> Option<SocketAddr> {
+    let addr = socket.local_addr().ok();
+    tracing::info!(admin = ?addr, "admin server listening");
+    tokio::spawn(serve(socket, state, stop));
+    addr
 }
 
 /// Serves admin requests until `stop` is cancelled.
@@ -116,4 +133,48 @@ fn respond(state: &AdminState, request: &Request<Incoming>) -> Response<Full<Byt
         header::HeaderValue::from_static(content_type),
     );
     response
+}
+
+/// `tether_time_wait_on_listener`: TIME_WAIT sockets whose local port is a
+/// TCP listener's, read from the kernel's table at scrape time.
+#[derive(Debug)]
+pub struct ListenerTimeWait {
+    /// Listener name and bound TCP address.
+    listeners: Vec<(String, SocketAddr)>,
+}
+
+impl ListenerTimeWait {
+    /// A collector over the TCP listeners among `listeners`.
+    pub fn new<'a>(listeners: impl IntoIterator<Item = &'a (String, ListenAddr)>) -> Self {
+        let listeners = listeners
+            .into_iter()
+            .filter_map(|(name, addr)| match addr {
+                ListenAddr::Tcp(addr) => Some((name.clone(), *addr)),
+                ListenAddr::Unix(_) => None,
+            })
+            .collect();
+        Self { listeners }
+    }
+}
+
+impl Collector for ListenerTimeWait {
+    fn encode(&self, mut encoder: DescriptorEncoder) -> Result<(), std::fmt::Error> {
+        let census = crate::census::time_wait().unwrap_or_default();
+        let mut family = encoder.encode_descriptor(
+            "time_wait_on_listener",
+            "TIME_WAIT sockets whose local port is the listener's (kernel table)",
+            None,
+            ConstGauge::new(0i64).metric_type(),
+        )?;
+        for (listener, addr) in &self.listeners {
+            let count = census
+                .iter()
+                .filter(|s| s.local.port() == addr.port())
+                .count();
+            let labels = [("listener", listener.as_str())];
+            ConstGauge::new(i64::try_from(count).unwrap_or(i64::MAX))
+                .encode(family.encode_family(&labels)?)?;
+        }
+        Ok(())
+    }
 }

@@ -24,6 +24,7 @@ use crate::config::{Config, ListenAddr, UpstreamConfig};
 use crate::drain::Shutdown;
 use crate::http::{Binding, BindingMetrics};
 use crate::metrics::{Metrics, Name};
+use crate::pool::metrics::PoolCollector;
 use crate::pool::Pool;
 use admin::{AdminError, AdminState};
 use listeners::ListenerError;
@@ -152,8 +153,57 @@ pub async fn start_on(
     config: Config,
     workers: &[tokio::runtime::Handle],
 ) -> Result<Running, AppError> {
+    let pools = start_pools(&config, workers).await;
+    let all_pools: Vec<Pool> = pools.iter().flatten().cloned().collect();
+    let metrics = Arc::new(Metrics::new());
+    // Bind everything first so a bad address leaves nothing half-started.
+    let bound = async {
+        let admin = match config.admin.enabled {
+            true => Some(admin::bind(config.admin.listen).await?),
+            false => None,
+        };
+        Ok::<_, AppError>((admin, bind_listeners(&config, &pools, &metrics, workers)?))
+    };
+    let (admin_socket, bound) = match bound.await {
+        Ok(bound) => bound,
+        Err(e) => {
+            all_pools.iter().for_each(Pool::close);
+            return Err(e);
+        }
+    };
+    let shutdown = Shutdown::default();
+    let tracker = TaskTracker::new();
+    let listeners = start_accepting(bound, &shutdown, &tracker, workers.len() + 1);
+    metrics.register_collector(PoolCollector::new(all_pools.clone()));
+    metrics.register_collector(admin::ListenerTimeWait::new(&listeners));
+    let ready = watch_readiness(&all_pools, &config, &shutdown);
+    let admin_stop = CancellationToken::new();
+    let admin_addr = admin_socket.and_then(|socket| {
+        let state = Arc::new(AdminState {
+            metrics: metrics.clone(),
+            ready: ready.clone(),
+            draining: shutdown.drain.clone(),
+            config: config.to_toml(),
+        });
+        admin::start(socket, state, admin_stop.clone())
+    });
+    Ok(Running {
+        listeners,
+        admin_addr,
+        admin_stop,
+        metrics,
+        pools: all_pools,
+        shutdown,
+        tracker,
+        drain_timeout: config.runtime.drain_timeout,
+        ready,
+    })
+}
+
+/// Starts every worker's share of every upstream pool: `pools[w]` holds
+/// worker `w`'s (worker 0 is the current runtime).
+async fn start_pools(config: &Config, workers: &[tokio::runtime::Handle]) -> Vec<Vec<Pool>> {
     let shares = workers.len() + 1;
-    // pools[w] holds worker w's pool of each upstream (worker 0 is this runtime).
     let mut pools: Vec<Vec<Pool>> = Vec::with_capacity(shares);
     for w in 0..shares {
         let mut mine = Vec::new();
@@ -174,21 +224,27 @@ pub async fn start_on(
         }
         pools.push(mine);
     }
-    let all_pools: Vec<Pool> = pools.iter().flatten().cloned().collect();
-    let shutdown = Shutdown::default();
-    let metrics = Arc::new(Metrics::new());
-    let admin_socket = if config.admin.enabled {
-        match admin::bind(config.admin.listen).await {
-            Ok(socket) => Some(socket),
-            Err(e) => {
-                all_pools.iter().for_each(Pool::close);
-                return Err(e.into());
-            }
-        }
-    } else {
-        None
-    };
-    // Bind everything first so a bad address leaves nothing half-started.
+    pools
+}
+
+/// A listener socket bound for one worker, with what its accept loop serves.
+struct BoundListener {
+    socket: listeners::Bound,
+    binding: Arc<Binding>,
+    /// The listener's `max_connections`, shared by its workers.
+    limit: Arc<Semaphore>,
+    /// The worker's runtime; `None` for the current one.
+    runtime: Option<tokio::runtime::Handle>,
+}
+
+/// Binds every listener: one SO_REUSEPORT socket per worker for TCP, one
+/// socket served by the current runtime for unix.
+fn bind_listeners(
+    config: &Config,
+    pools: &[Vec<Pool>],
+    metrics: &Arc<Metrics>,
+    workers: &[tokio::runtime::Handle],
+) -> Result<Vec<BoundListener>, AppError> {
     let mut bound = Vec::new();
     for l in &config.listeners {
         let fallback_host = config
@@ -197,7 +253,7 @@ pub async fn start_on(
             .unwrap_or_default();
         let label = Name::from(l.name.as_str());
         let limit = Arc::new(Semaphore::new(l.max_connections));
-        let shared = shares > 1 && matches!(l.listen, ListenAddr::Tcp(_));
+        let shared = !workers.is_empty() && matches!(l.listen, ListenAddr::Tcp(_));
         let mut addr = l.listen.clone();
         for (w, worker_pools) in pools.iter().enumerate() {
             if w > 0 && !shared {
@@ -211,17 +267,11 @@ pub async fn start_on(
                     listener: l.name.clone(),
                     upstream: l.upstream.clone(),
                 })?;
-            let socket = match listeners::bind(&addr, shared) {
-                Ok(socket) => socket,
-                Err(e) => {
-                    all_pools.iter().for_each(Pool::close);
-                    return Err(e.into());
-                }
-            };
+            let socket = listeners::bind(&addr, shared)?;
             // Port 0: the other workers bind the port the first one got.
             addr = socket.local_addr();
             let binding = Arc::new(Binding {
-                counters: BindingMetrics::new(&metrics, &label),
+                counters: BindingMetrics::new(metrics, &label),
                 label: label.clone(),
                 listener: l.clone(),
                 pool,
@@ -229,12 +279,33 @@ pub async fn start_on(
                 metrics: metrics.clone(),
             });
             let runtime = w.checked_sub(1).map(|i| workers[i].clone());
-            bound.push((socket, binding, limit.clone(), runtime));
+            bound.push(BoundListener {
+                socket,
+                binding,
+                limit: limit.clone(),
+                runtime,
+            });
         }
     }
-    let tracker = TaskTracker::new();
+    Ok(bound)
+}
+
+/// Starts every bound socket's accept loop on its worker; the listeners'
+/// names and addresses.
+fn start_accepting(
+    bound: Vec<BoundListener>,
+    shutdown: &Shutdown,
+    tracker: &TaskTracker,
+    shares: usize,
+) -> Vec<(String, ListenAddr)> {
     let mut listeners = Vec::new();
-    for (socket, binding, limit, runtime) in bound {
+    for BoundListener {
+        socket,
+        binding,
+        limit,
+        runtime,
+    } in bound
+    {
         let addr = socket.local_addr();
         let accepting = listeners::accept_loop(
             socket,
@@ -254,60 +325,23 @@ pub async fn start_on(
             }
         }
     }
-    metrics.watch(
-        all_pools.clone(),
-        listeners
-            .iter()
-            .map(|(name, addr)| {
-                let tcp = match addr {
-                    ListenAddr::Tcp(a) => Some(*a),
-                    ListenAddr::Unix(_) => None,
-                };
-                (name.clone(), tcp)
-            })
-            .collect(),
-    );
+    listeners
+}
+
+/// The token `/readyz` and systemd's READY=1 wait on: cancelled once the warm
+/// floors are open or `runtime.ready_timeout` passed. A drain that starts
+/// while warming ends the wait: the pools close.
+fn watch_readiness(pools: &[Pool], config: &Config, shutdown: &Shutdown) -> CancellationToken {
     let ready = CancellationToken::new();
-    let declaring = declare_ready(
-        all_pools.clone(),
-        config.runtime.ready_timeout,
-        ready.clone(),
-    );
+    let declaring = declare_ready(pools.to_vec(), config.runtime.ready_timeout, ready.clone());
     let drain = shutdown.drain.clone();
     tokio::spawn(async move {
-        // A drain that starts while warming ends the wait: the pools close.
         tokio::select! {
             () = declaring => {}
             () = drain.cancelled() => {}
         }
     });
-    let admin_stop = CancellationToken::new();
-    let admin_addr = match admin_socket {
-        Some(socket) => {
-            let addr = socket.local_addr().ok();
-            let state = Arc::new(AdminState {
-                metrics: metrics.clone(),
-                ready: ready.clone(),
-                draining: shutdown.drain.clone(),
-                config: config.to_toml(),
-            });
-            tracing::info!(admin = ?addr, "admin server listening");
-            tokio::spawn(admin::serve(socket, state, admin_stop.clone()));
-            addr
-        }
-        None => None,
-    };
-    Ok(Running {
-        listeners,
-        admin_addr,
-        admin_stop,
-        metrics,
-        pools: all_pools,
-        shutdown,
-        tracker,
-        drain_timeout: config.runtime.drain_timeout,
-        ready,
-    })
+    ready
 }
 
 /// Cancels `ready` once every pool share has its warm floor open, or once

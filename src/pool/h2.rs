@@ -8,6 +8,7 @@
 //! unanswered for `keepalive.ping_timeout`.
 
 use std::future::Future;
+use std::net::SocketAddr;
 use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 
@@ -17,8 +18,11 @@ use tokio::net::TcpStream;
 use tokio::time::Instant;
 
 use super::body::{ResponseBody, UpstreamBody};
-use super::conn::{dial, jittered_lifetime, sent, SendError, Slot, UpstreamIo};
-use super::{Endpoint, PoolError};
+use super::endpoint::Endpoint;
+use super::io::UpstreamIo;
+use super::lease::{sent, SendError, Slot};
+use super::PoolError;
+use crate::config::UpstreamConfig;
 use crate::sock;
 
 /// One HTTP/2 connection to an endpoint.
@@ -36,65 +40,65 @@ pub(crate) struct H2Conn {
     _slot: Slot,
 }
 
+/// Runs the HTTP/2 handshake (prior knowledge) over `io` with PINGs every
+/// `keepalive.ping_interval`: the sender, the connection future hyper needs
+/// driven, and the peer's SETTINGS_MAX_CONCURRENT_STREAMS as that future sees it.
+pub(crate) async fn handshake(
+    settings: &UpstreamConfig,
+    addr: SocketAddr,
+    io: UpstreamIo,
+) -> Result<
+    (
+        SendRequest<UpstreamBody>,
+        impl Future<Output = Result<(), hyper::Error>> + Send + 'static,
+        Arc<AtomicUsize>,
+    ),
+    PoolError,
+> {
+    let (sender, mut connection) = hyper::client::conn::http2::Builder::new(TokioExecutor::new())
+        .timer(TokioTimer::new())
+        .keep_alive_interval(settings.keepalive.ping_interval)
+        .keep_alive_timeout(settings.keepalive.ping_timeout)
+        .keep_alive_while_idle(true)
+        // Until the peer's SETTINGS arrive, assume it takes what we send;
+        // h2 queues streams beyond the limit once it is known.
+        .initial_max_send_streams(usize::MAX)
+        .handshake(TokioIo::new(io))
+        .await
+        .map_err(|source| PoolError::Handshake { addr, source })?;
+    // hyper exposes the peer's SETTINGS_MAX_CONCURRENT_STREAMS on the
+    // connection future only; read it after each poll (SETTINGS frames are
+    // processed there) and share it with the pool.
+    let max_streams = Arc::new(AtomicUsize::new(usize::MAX));
+    let seen_max = max_streams.clone();
+    let driven = std::future::poll_fn(move |cx| {
+        let polled = std::pin::Pin::new(&mut connection).poll(cx);
+        seen_max.store(connection.current_max_send_streams(), Ordering::Relaxed);
+        polled
+    });
+    Ok((sender, driven, max_streams))
+}
+
 impl H2Conn {
-    /// Dials `endpoint` and runs the HTTP/2 handshake (prior knowledge).
-    pub(crate) async fn connect(
-        endpoint: &Arc<Endpoint>,
-        mut slot: Slot,
-    ) -> Result<Arc<Self>, PoolError> {
-        let settings = &endpoint.settings;
-        let addr = endpoint.addr;
-        let socket = dial(endpoint).await?;
-        let io = UpstreamIo::new(socket.clone());
-        let (sender, connection) = hyper::client::conn::http2::Builder::new(TokioExecutor::new())
-            .timer(TokioTimer::new())
-            .keep_alive_interval(settings.keepalive.ping_interval)
-            .keep_alive_timeout(settings.keepalive.ping_timeout)
-            .keep_alive_while_idle(true)
-            // Until the peer's SETTINGS arrive, assume it takes what we send;
-            // h2 queues streams beyond the limit once it is known.
-            .initial_max_send_streams(usize::MAX)
-            .handshake(TokioIo::new(io))
-            .await
-            .map_err(|source| PoolError::Handshake { addr, source })?;
-        let notify = Arc::downgrade(endpoint);
-        // hyper exposes the peer's SETTINGS_MAX_CONCURRENT_STREAMS on the
-        // connection future only; read it after each poll (SETTINGS frames are
-        // processed there) and share it with the pool.
-        let max_streams = Arc::new(AtomicUsize::new(usize::MAX));
-        let seen_max = max_streams.clone();
-        let mut connection = connection;
-        tokio::spawn(async move {
-            let result = std::future::poll_fn(|cx| {
-                let polled = std::pin::Pin::new(&mut connection).poll(cx);
-                seen_max.store(connection.current_max_send_streams(), Ordering::Relaxed);
-                polled
-            })
-            .await;
-            if let Err(e) = result {
-                tracing::debug!(upstream = %addr, error = %e, "HTTP/2 upstream connection ended with an error");
-            }
-            if let Some(endpoint) = notify.upgrade() {
-                endpoint.maintenance.notify_one();
-                endpoint.available.notify_waiters();
-            }
-        });
-        let now = Instant::now();
-        let lifetime = jittered_lifetime(settings);
-        endpoint.stats.opened.fetch_add(1, Ordering::Relaxed);
-        tracing::debug!(upstream = %addr, "HTTP/2 upstream connection opened");
-        slot.established();
-        Ok(Arc::new(Self {
+    /// A connection over `socket` whose handshake gave `sender`.
+    pub(crate) fn new(
+        sender: SendRequest<UpstreamBody>,
+        socket: Arc<TcpStream>,
+        max_streams: Arc<AtomicUsize>,
+        expires: Instant,
+        slot: Slot,
+    ) -> Arc<Self> {
+        Arc::new(Self {
             sender,
             max_streams,
             socket,
             in_flight: AtomicUsize::new(0),
             streams: AtomicU64::new(0),
-            expires: now + lifetime,
+            expires,
             draining: AtomicBool::new(false),
-            last_active: Mutex::new(now),
+            last_active: Mutex::new(Instant::now()),
             _slot: slot,
-        }))
+        })
     }
 
     /// Whether hyper has closed it (peer gone, PING unanswered, GOAWAY done).
@@ -126,9 +130,9 @@ impl H2Conn {
         (self.in_flight() == 0).then(|| *self.last_active.lock().unwrap_or_else(|e| e.into_inner()))
     }
 
-    /// Whether it outlived `max_lifetime`.
-    pub(crate) fn expired(&self, now: Instant) -> bool {
-        now >= self.expires
+    /// When it outlives its (jittered) `max_lifetime`.
+    pub(crate) fn expires(&self) -> Instant {
+        self.expires
     }
 
     /// Makes the eventual close a reset (called when it is dropped from the pool).

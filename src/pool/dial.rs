@@ -1,0 +1,108 @@
+//! The one dial path: TCP connect with the upstream socket options, the
+//! protocol's handshake, the task that drives the connection (inside the
+//! connection's tracing span), and the bookkeeping every new connection gets.
+
+use std::future::Future;
+use std::sync::atomic::Ordering;
+use std::sync::Arc;
+
+use tokio::net::TcpStream;
+use tokio::time::Instant;
+use tracing::Instrument;
+
+use super::endpoint::Endpoint;
+use super::h1::{self, Conn};
+use super::h2::{self, H2Conn};
+use super::io::UpstreamIo;
+use super::lease::Slot;
+use super::PoolError;
+use crate::config::{Protocol, UpstreamConfig};
+use crate::sock;
+
+/// A connection just opened, of the endpoint's protocol.
+pub(crate) enum Dialled {
+    Http1(Conn),
+    Http2(Arc<H2Conn>),
+}
+
+/// Dials `endpoint` holding `slot`, runs the handshake of the upstream's
+/// protocol and starts the task that drives the connection.
+pub(crate) async fn open(endpoint: &Arc<Endpoint>, mut slot: Slot) -> Result<Dialled, PoolError> {
+    let settings = &endpoint.settings;
+    let addr = endpoint.addr;
+    let socket = connect(endpoint).await?;
+    // Events about this connection, here and in its driving task, carry
+    // where it goes and from which local port; created only at debug level.
+    let span = tracing::debug_span!(
+        "upstream",
+        upstream = %settings.name,
+        endpoint = %addr,
+        local = ?socket.local_addr().ok(),
+    );
+    let io = UpstreamIo::new(socket.clone());
+    let received = io.received();
+    let expires = Instant::now() + jittered_lifetime(settings);
+    let dialled = match settings.protocol {
+        Protocol::Http1 => {
+            let (sender, connection) = h1::handshake(addr, io).await?;
+            drive(endpoint, &span, connection);
+            slot.established();
+            Dialled::Http1(Conn::new(sender, socket, received, expires, slot))
+        }
+        Protocol::Http2 => {
+            let (sender, connection, max_streams) = h2::handshake(settings, addr, io).await?;
+            drive(endpoint, &span, connection);
+            slot.established();
+            Dialled::Http2(H2Conn::new(sender, socket, max_streams, expires, slot))
+        }
+    };
+    endpoint.stats.opened.fetch_add(1, Ordering::Relaxed);
+    tracing::debug!(parent: &span, "upstream connection opened");
+    Ok(dialled)
+}
+
+/// Drives hyper's connection future for the connection's life; when it ends,
+/// the pool hears of it at once rather than at its next tick.
+fn drive(
+    endpoint: &Arc<Endpoint>,
+    span: &tracing::Span,
+    connection: impl Future<Output = Result<(), hyper::Error>> + Send + 'static,
+) {
+    let endpoint = Arc::downgrade(endpoint);
+    tokio::spawn(
+        async move {
+            if let Err(e) = connection.await {
+                tracing::debug!(error = %e, "upstream connection ended with an error");
+            }
+            if let Some(endpoint) = endpoint.upgrade() {
+                endpoint.maintenance.notify_one();
+                endpoint.available.notify_waiters();
+            }
+        }
+        .instrument(span.clone()),
+    );
+}
+
+/// Opens the TCP connection to an endpoint within `connect_timeout`, with the
+/// upstream socket options set.
+async fn connect(endpoint: &Endpoint) -> Result<Arc<TcpStream>, PoolError> {
+    let settings = &endpoint.settings;
+    let addr = endpoint.addr;
+    let stream = tokio::time::timeout(settings.connect_timeout, TcpStream::connect(addr))
+        .await
+        .map_err(|_| PoolError::ConnectTimeout {
+            addr,
+            after: settings.connect_timeout,
+        })?
+        .map_err(|source| PoolError::Connect { addr, source })?;
+    sock::configure_upstream(&stream, &settings.keepalive);
+    Ok(Arc::new(stream))
+}
+
+/// `max_lifetime` ±10 %, so a pool's connections do not all retire at once.
+fn jittered_lifetime(settings: &UpstreamConfig) -> std::time::Duration {
+    settings
+        .pool
+        .max_lifetime
+        .mul_f64(0.9 + fastrand::f64() * 0.2)
+}

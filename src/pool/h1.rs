@@ -1,0 +1,253 @@
+//! One pooled HTTP/1.1 upstream connection: hyper's sender, the shared socket,
+//! what the backend announced about it (`Keep-Alive`, `Connection: close`), and
+//! how it ends (RST, FIN, or waiting for the backend's FIN).
+
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Arc;
+
+use hyper::client::conn::http1::SendRequest;
+use tokio::net::TcpStream;
+use tokio::time::Instant;
+
+use super::body::{ResponseBody, UpstreamBody};
+use super::io::UpstreamIo;
+use super::lease::Slot;
+use super::retire::{close_manner, Close};
+use super::PoolError;
+use crate::config::{Retire, RetirePolicy, RetireReason};
+use crate::sock::{self, PeerState};
+
+/// Runs the HTTP/1.1 client handshake over `io`: the sender, and the
+/// connection future hyper needs driven for the connection's life.
+pub(crate) async fn handshake(
+    addr: std::net::SocketAddr,
+    io: UpstreamIo,
+) -> Result<
+    (
+        SendRequest<UpstreamBody>,
+        hyper::client::conn::http1::Connection<hyper_util::rt::TokioIo<UpstreamIo>, UpstreamBody>,
+    ),
+    PoolError,
+> {
+    hyper::client::conn::http1::Builder::new()
+        .handshake(hyper_util::rt::TokioIo::new(io))
+        .await
+        .map_err(|source| PoolError::Handshake { addr, source })
+}
+
+/// A live upstream connection owned by the pool (idle) or by a [`Lease`] (busy).
+pub(crate) struct Conn {
+    pub(super) sender: SendRequest<UpstreamBody>,
+    socket: Arc<TcpStream>,
+    received: Arc<AtomicU64>,
+    expires: Instant,
+    /// Requests sent on it.
+    requests: u64,
+    /// What the backend announced in `Keep-Alive: timeout=N, max=M`.
+    announced: KeepAliveHint,
+    /// An exchange said `Connection: close`: never pool it again.
+    closing: bool,
+    /// Retiring peer-first: its next request says `Connection: close`.
+    goodbye: bool,
+    /// Held for the connection's whole life: counts it against
+    /// `pool.max_connections` and wakes waiters when it is gone.
+    _slot: Slot,
+}
+
+/// The backend's `Keep-Alive` response header: how long it keeps an idle
+/// connection and how many requests it serves on one.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct KeepAliveHint {
+    /// `timeout=N`.
+    pub timeout: Option<std::time::Duration>,
+    /// `max=M`.
+    pub max: Option<u64>,
+}
+
+impl KeepAliveHint {
+    /// Parses `timeout=5, max=100` (unknown parameters are ignored).
+    pub fn parse(value: &str) -> Self {
+        let mut hint = Self::default();
+        for part in value.split(',') {
+            let Some((name, number)) = part.split_once('=') else {
+                continue;
+            };
+            let Ok(number) = number.trim().trim_matches('"').parse::<u64>() else {
+                continue;
+            };
+            match name.trim().to_ascii_lowercase().as_str() {
+                "timeout" => hint.timeout = Some(std::time::Duration::from_secs(number)),
+                "max" => hint.max = Some(number),
+                _ => {}
+            }
+        }
+        hint
+    }
+}
+
+/// How long a connection whose last exchange said `Connection: close` waits
+/// for the backend's FIN (so that tether's close is the passive one) before
+/// it is reset.
+const PEER_CLOSE_WAIT: std::time::Duration = std::time::Duration::from_secs(1);
+
+impl Conn {
+    /// A connection over `socket` whose HTTP/1 handshake gave `sender`.
+    pub(crate) fn new(
+        sender: SendRequest<UpstreamBody>,
+        socket: Arc<TcpStream>,
+        received: Arc<AtomicU64>,
+        expires: Instant,
+        slot: Slot,
+    ) -> Self {
+        Self {
+            sender,
+            socket,
+            received,
+            expires,
+            requests: 0,
+            announced: KeepAliveHint::default(),
+            closing: false,
+            goodbye: false,
+            _slot: slot,
+        }
+    }
+
+    /// Whether hyper still has the connection open. Costs no syscall; a FIN
+    /// or RST that hyper has not read yet goes unnoticed (see [`Self::is_usable`]).
+    pub(crate) fn is_open(&self) -> bool {
+        !self.sender.is_closed()
+    }
+
+    /// Whether an idle connection can carry another request: hyper still has it
+    /// open and nothing arrived on it unasked (no FIN, no stray bytes, no RST).
+    pub(crate) fn is_usable(&self) -> bool {
+        self.is_open() && sock::peer_state(&*self.socket) == PeerState::Quiet
+    }
+
+    /// When it outlives its (jittered) `max_lifetime`.
+    pub(crate) fn expires(&self) -> Instant {
+        self.expires
+    }
+
+    /// The idle timeout the backend announced on this connection
+    /// (`Keep-Alive: timeout=N`), if it did.
+    pub(crate) fn announced_idle(&self) -> Option<std::time::Duration> {
+        self.announced.timeout
+    }
+
+    /// Whether it has carried as many requests as the backend serves on one
+    /// connection (`Keep-Alive: max=M`).
+    pub(crate) fn at_request_limit(&self) -> bool {
+        self.announced.max.is_some_and(|max| self.requests >= max)
+    }
+
+    /// Whether an exchange on it said `Connection: close`: the backend closes
+    /// it, so it must never be pooled again.
+    pub(crate) fn is_closing(&self) -> bool {
+        self.closing
+    }
+
+    /// Makes its next request its last (retiring peer-first): that request
+    /// says `Connection: close`, and the backend closes after answering it.
+    pub(crate) fn end_after_next_request(&mut self) {
+        self.goodbye = true;
+    }
+
+    /// Sends a request of the pool's own (a probe) once hyper is ready for
+    /// it. Such a request is never sent anywhere else, so a failure does not
+    /// give it back (a client's request goes through [`Lease::send`], which
+    /// does). On a connection ending after this request
+    /// ([`Self::end_after_next_request`]) the request says `Connection: close`.
+    pub(crate) async fn send(
+        &mut self,
+        request: http::Request<UpstreamBody>,
+    ) -> Result<http::Response<ResponseBody>, hyper::Error> {
+        let mut request = request;
+        self.sender.ready().await?;
+        self.prepare(&mut request);
+        let response = self.sender.send_request(request).await?;
+        Ok(response.map(ResponseBody::new))
+    }
+
+    /// Counts a request about to be sent, and makes it say `Connection: close`
+    /// when it is the connection's last: what every send does first.
+    #[inline]
+    pub(super) fn prepare(&mut self, request: &mut http::Request<UpstreamBody>) {
+        self.requests += 1;
+        if self.goodbye {
+            request.headers_mut().insert(
+                http::header::CONNECTION,
+                http::HeaderValue::from_static("close"),
+            );
+            self.closing = true;
+        }
+    }
+
+    /// The socket, for tests that check its options.
+    #[cfg(test)]
+    pub(crate) fn socket(&self) -> &TcpStream {
+        &self.socket
+    }
+
+    /// Records `Keep-Alive: timeout=N, max=M` and `Connection: close`.
+    pub(crate) fn note_response(&mut self, headers: &http::HeaderMap) {
+        const KEEP_ALIVE: http::HeaderName = http::HeaderName::from_static("keep-alive");
+        if let Some(value) = headers.get(KEEP_ALIVE).and_then(|v| v.to_str().ok()) {
+            let hint = KeepAliveHint::parse(value);
+            if hint.timeout.is_some() {
+                self.announced.timeout = hint.timeout;
+            }
+            if hint.max.is_some() {
+                self.announced.max = hint.max;
+            }
+        }
+        self.closing |= crate::connection_header::has_token(headers, "close");
+    }
+
+    /// Bytes received so far on this connection.
+    pub(crate) fn received(&self) -> u64 {
+        self.received.load(Ordering::Relaxed)
+    }
+
+    /// Closes the connection the way the retire policy for `reason` calls for.
+    pub(crate) fn close(self, reason: RetireReason, policy: &RetirePolicy) {
+        let policy = policy.for_reason(reason);
+        // Only peer_first asks whether the backend closed already (a peek).
+        let peer_closed =
+            policy == Retire::PeerFirst && sock::peer_state(&*self.socket) == PeerState::Closed;
+        match close_manner(policy, peer_closed) {
+            Close::Fin => {
+                if let Err(e) = sock::send_fin(&*self.socket) {
+                    tracing::debug!(error = %e, "cannot half-close retired upstream connection");
+                }
+            }
+            Close::Passive => {}
+            Close::Reset => sock::reset_on_close(&*self.socket),
+        }
+        // Dropping the sender ends hyper's connection task, which drops its half
+        // of the socket; the last drop closes it.
+    }
+
+    /// Closes a connection whose last exchange said `Connection: close`: the
+    /// backend closes it, so wait briefly for its FIN and close passively;
+    /// reset if it does not come.
+    pub(crate) fn close_after_peer(self) {
+        tokio::spawn(async move {
+            let waited = tokio::time::timeout(PEER_CLOSE_WAIT, async {
+                loop {
+                    if self.socket.readable().await.is_err() {
+                        return;
+                    }
+                    match sock::peer_state(&*self.socket) {
+                        PeerState::Quiet => tokio::task::yield_now().await,
+                        _ => return,
+                    }
+                }
+            })
+            .await;
+            if waited.is_err() || sock::peer_state(&*self.socket) != PeerState::Closed {
+                sock::reset_on_close(&*self.socket);
+            }
+        });
+    }
+}

@@ -1,0 +1,255 @@
+//! What a request holds while it uses the pool: the [`Lease`] of a connection
+//! (or of an HTTP/2 stream), the [`Outstanding`] count `least_outstanding`
+//! balances on, and the connection [`Slot`] every open connection holds.
+
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
+
+use hyper::body::Incoming;
+use tokio::sync::OwnedSemaphorePermit;
+
+use super::body::{ResponseBody, UpstreamBody};
+use super::endpoint::Endpoint;
+use super::h1::Conn;
+use super::h2::H2Stream;
+
+/// A connection slot of an endpoint; dropping it frees the slot.
+pub(crate) struct Slot {
+    _permit: OwnedSemaphorePermit,
+    endpoint: Arc<Endpoint>,
+    /// The connection holding it finished its handshake (counted in the
+    /// endpoint's `established`, which readiness reads: a dial in progress
+    /// holds a slot but is not yet a warm connection).
+    established: bool,
+}
+
+impl Slot {
+    pub(crate) fn new(permit: OwnedSemaphorePermit, endpoint: Arc<Endpoint>) -> Self {
+        endpoint.open.fetch_add(1, Ordering::Relaxed);
+        Self {
+            _permit: permit,
+            endpoint,
+            established: false,
+        }
+    }
+
+    /// Records that the connection holding this slot is open for requests.
+    pub(crate) fn established(&mut self) {
+        if !self.established {
+            self.established = true;
+            self.endpoint.established.fetch_add(1, Ordering::Relaxed);
+        }
+    }
+}
+
+impl Drop for Slot {
+    fn drop(&mut self) {
+        self.endpoint.open.fetch_sub(1, Ordering::Relaxed);
+        if self.established {
+            self.endpoint.established.fetch_sub(1, Ordering::Relaxed);
+        }
+        // The permit is released after this body runs; waiters re-check then.
+        self.endpoint.available.notify_one();
+        self.endpoint.maintenance.notify_one();
+    }
+}
+
+/// A connection checked out for one exchange.
+///
+/// [`Lease::release`] returns it to the pool once the exchange is provably
+/// complete; dropping the lease instead discards the connection, so a
+/// connection abandoned mid-exchange (client gone, timeout, error) is never
+/// reused. A discarded connection ends as `pool.retire.error` says: with RST
+/// unless that is `graceful` (FIN).
+pub struct Lease {
+    conn: Option<Conn>,
+    /// An HTTP/2 lease borrows a stream instead of a connection.
+    stream: Option<H2Stream>,
+    endpoint: Arc<Endpoint>,
+    reused: bool,
+    request_sent: Arc<AtomicBool>,
+    _outstanding: Outstanding,
+}
+
+/// A request counted against its endpoint from the moment the endpoint was
+/// chosen (dialling and waiting included) until the lease ends; the count is
+/// what `least_outstanding` balances on.
+pub(crate) struct Outstanding(Arc<Endpoint>);
+
+impl Outstanding {
+    pub(crate) fn new(endpoint: Arc<Endpoint>) -> Self {
+        endpoint.outstanding.fetch_add(1, Ordering::Relaxed);
+        Self(endpoint)
+    }
+
+    /// The endpoint counted against.
+    pub(crate) fn endpoint(&self) -> &Arc<Endpoint> {
+        &self.0
+    }
+}
+
+impl Drop for Outstanding {
+    fn drop(&mut self) {
+        self.0.outstanding.fetch_sub(1, Ordering::Relaxed);
+    }
+}
+
+/// A connection or stream ready for a request, before it is leased.
+pub(crate) enum Ready {
+    /// An HTTP/1.1 connection from the idle list.
+    Idle(Conn),
+    /// An HTTP/1.1 connection dialled for this request.
+    Fresh(Conn),
+    /// A stream on an HTTP/2 connection.
+    Stream(H2Stream),
+}
+
+impl Lease {
+    /// Leases what is ready to the request counted by `outstanding`.
+    pub(crate) fn new(ready: Ready, outstanding: Outstanding) -> Self {
+        let endpoint = outstanding.0.clone();
+        let (conn, stream, reused) = match ready {
+            // Any connection that sat in the idle list may have been closed
+            // by the backend meanwhile, warm ones that never carried a
+            // request included: all count as reused for the retry rule.
+            Ready::Idle(conn) => (Some(conn), None, true),
+            Ready::Fresh(conn) => (Some(conn), None, false),
+            Ready::Stream(stream) => {
+                let reused = stream.reused;
+                (None, Some(stream), reused)
+            }
+        };
+        Self {
+            conn,
+            // A stream's request body end is the stream's business, not the
+            // connection's: nothing to guard on release.
+            request_sent: Arc::new(AtomicBool::new(stream.is_some())),
+            stream,
+            endpoint,
+            reused,
+            _outstanding: outstanding,
+        }
+    }
+
+    /// After the peer refused the stream or sent GOAWAY: no new streams on
+    /// that HTTP/2 connection.
+    pub(crate) fn drain_connection(&self) {
+        if let Some(stream) = &self.stream {
+            stream.drain_connection();
+        }
+    }
+
+    /// Whether the connection came from the idle list (or, for HTTP/2, had
+    /// carried streams before): a failure on it may be the backend having
+    /// closed it while idle, which makes the one retry worthwhile.
+    pub fn reused(&self) -> bool {
+        self.reused
+    }
+
+    /// The upstream address.
+    pub fn addr(&self) -> std::net::SocketAddr {
+        self.endpoint.addr
+    }
+
+    /// Flag the request body sets once it has been sent whole.
+    pub(crate) fn request_sent_flag(&self) -> Arc<AtomicBool> {
+        self.request_sent.clone()
+    }
+
+    /// Bytes received so far on the connection.
+    pub(crate) fn received(&self) -> u64 {
+        self.conn.as_ref().map_or(0, Conn::received)
+    }
+
+    /// Sends a request; `Err` carries the request back if it was never written.
+    pub(crate) async fn send(
+        &mut self,
+        request: http::Request<UpstreamBody>,
+    ) -> Result<http::Response<ResponseBody>, SendError> {
+        if let Some(stream) = &self.stream {
+            return Box::pin(stream.send(request)).await;
+        }
+        let Some(conn) = self.conn.as_mut() else {
+            return Err(SendError::Unsent(Box::new(request), None));
+        };
+        // Written here rather than as a connection method: awaited as a
+        // future of its own, it would cost every request a move of the
+        // request into that future's state.
+        let mut request = request;
+        if let Err(e) = conn.sender.ready().await {
+            return Err(SendError::Unsent(Box::new(request), Some(e)));
+        }
+        conn.prepare(&mut request);
+        sent(conn.sender.try_send_request(request).await)
+    }
+
+    /// Takes note of what the response's headers say about the connection's
+    /// future: `Keep-Alive: timeout=N, max=M`, or `Connection: close`.
+    pub fn note_response(&mut self, headers: &http::HeaderMap) {
+        if let Some(conn) = self.conn.as_mut() {
+            conn.note_response(headers);
+            if let Some(timeout) = conn.announced_idle() {
+                self.endpoint.note_announced_idle(timeout);
+            }
+        }
+    }
+
+    /// Counts the exchange's outcome toward the endpoint's passive health.
+    pub fn record_outcome(&self, success: bool) {
+        self.endpoint.record(success);
+    }
+
+    /// Returns the connection to the pool: call once the response body ended.
+    /// Only a connection whose request body was also sent whole is reused.
+    pub fn release(mut self) {
+        let Some(conn) = self.conn.take() else {
+            return;
+        };
+        if self.request_sent.load(Ordering::Acquire) {
+            self.endpoint.put_idle(conn);
+        } else {
+            self.endpoint.discard(conn);
+        }
+    }
+}
+
+impl Drop for Lease {
+    fn drop(&mut self) {
+        if let Some(conn) = self.conn.take() {
+            self.endpoint.discard(conn);
+        }
+    }
+}
+
+/// hyper's failure to send a request on a connection, with the request when it
+/// was never written.
+type TrySendError = hyper::client::conn::TrySendError<http::Request<UpstreamBody>>;
+
+/// The outcome of a send as the pool reports it: the response with the pool's
+/// body, or the failure with the request when it can be sent elsewhere.
+#[inline]
+pub(crate) fn sent(
+    result: Result<http::Response<Incoming>, TrySendError>,
+) -> Result<http::Response<ResponseBody>, SendError> {
+    match result {
+        Ok(response) => Ok(response.map(ResponseBody::new)),
+        Err(e) => Err(send_error(e)),
+    }
+}
+
+/// hyper's failure as a [`SendError`], the request recovered when unsent.
+#[cold]
+fn send_error(mut e: TrySendError) -> SendError {
+    match e.take_message() {
+        Some(request) => SendError::Unsent(Box::new(request), Some(e.into_error())),
+        None => SendError::Failed(e.into_error()),
+    }
+}
+
+/// A failed send.
+pub(crate) enum SendError {
+    /// The request was never written; it can be sent elsewhere whatever its method.
+    Unsent(Box<http::Request<UpstreamBody>>, Option<hyper::Error>),
+    /// The request may have reached the backend.
+    Failed(hyper::Error),
+}

@@ -1,0 +1,237 @@
+//! The pool's metrics, read at scrape time: one row per endpoint for each
+//! family in [`FAMILIES`], the shares of an upstream on several workers
+//! folded into one series.
+
+use std::fmt;
+use std::sync::atomic::{AtomicU64, Ordering};
+
+use prometheus_client::collector::Collector;
+use prometheus_client::encoding::{DescriptorEncoder, EncodeMetric};
+use prometheus_client::metrics::counter::ConstCounter;
+use prometheus_client::metrics::gauge::ConstGauge;
+
+use super::endpoint::{Endpoint, EndpointStats};
+use super::Pool;
+use crate::census::{self, TcpSocket};
+
+/// Whether a family counts up or goes up and down.
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum Kind {
+    Counter,
+    Gauge,
+}
+
+/// How the shares of one endpoint (one per worker) fold into one series.
+#[derive(Clone, Copy)]
+enum Fold {
+    /// Each share counts its own connections.
+    Sum,
+    /// The value is the endpoint's, seen alike by every share (a TIME_WAIT
+    /// count, a flag, an observation shared by the shares): taken once.
+    Max,
+}
+
+/// What a family reads of an endpoint.
+enum Read {
+    /// A counter of the endpoint's [`EndpointStats`].
+    Stat(fn(&EndpointStats) -> &AtomicU64),
+    /// A value computed from the endpoint and the kernel's TIME_WAIT table.
+    Live(fn(&Endpoint, &[TcpSocket]) -> u64),
+}
+
+/// One metric family of the pool.
+struct Family {
+    name: &'static str,
+    help: &'static str,
+    kind: Kind,
+    fold: Fold,
+    read: Read,
+}
+
+/// Every family, in the order they are rendered.
+const FAMILIES: &[Family] = &[
+    counter(
+        "upstream_connections_opened",
+        "Upstream connections dialled",
+        |s| &s.opened,
+    ),
+    counter(
+        "upstream_connections_retired",
+        "Idle upstream connections retired by policy",
+        |s| &s.retired,
+    ),
+    counter(
+        "upstream_connections_discarded",
+        "Upstream connections closed as stale, broken or abandoned",
+        |s| &s.discarded,
+    ),
+    counter(
+        "upstream_connections_reused",
+        "Idle upstream connections handed out again",
+        |s| &s.reused,
+    ),
+    counter(
+        "upstream_probes",
+        "Probe requests sent on idle upstream connections",
+        |s| &s.probes,
+    ),
+    counter(
+        "upstream_probe_failures",
+        "Probes that failed (the connection was reset)",
+        |s| &s.probe_failures,
+    ),
+    counter(
+        "upstream_closed_by_backend",
+        "Idle upstream connections the backend closed before tether retired them",
+        |s| &s.closed_by_backend,
+    ),
+    counter(
+        "upstream_ejections",
+        "Times the endpoint was ejected after repeated failures",
+        |s| &s.ejections,
+    ),
+    gauge(
+        "upstream_connections_open",
+        "Upstream connections open now",
+        Fold::Sum,
+        |e, _| e.open_connections() as u64,
+    ),
+    gauge(
+        "upstream_connections_idle",
+        "Idle upstream connections now",
+        Fold::Sum,
+        |e, _| e.idle_connections() as u64,
+    ),
+    gauge(
+        "upstream_requests_outstanding",
+        "Requests in flight per endpoint",
+        Fold::Sum,
+        |e, _| e.outstanding() as u64,
+    ),
+    gauge(
+        "time_wait_toward_upstream",
+        "TIME_WAIT sockets on this host toward the endpoint (kernel table)",
+        Fold::Max,
+        |e, census| census.iter().filter(|s| s.remote == e.addr()).count() as u64,
+    ),
+    gauge(
+        "upstream_ejected",
+        "1 while the endpoint is ejected",
+        Fold::Max,
+        |e, _| u64::from(e.is_ejected()),
+    ),
+    gauge(
+        "upstream_observed_idle_close_ms",
+        "Shortest idle age at which the backend closed a pooled connection (0: never seen)",
+        Fold::Max,
+        |e, _| {
+            e.observed_idle_close()
+                .map_or(0, |d| u64::try_from(d.as_millis()).unwrap_or(u64::MAX))
+        },
+    ),
+];
+
+const fn counter(
+    name: &'static str,
+    help: &'static str,
+    stat: fn(&EndpointStats) -> &AtomicU64,
+) -> Family {
+    Family {
+        name,
+        help,
+        kind: Kind::Counter,
+        fold: Fold::Sum,
+        read: Read::Stat(stat),
+    }
+}
+
+const fn gauge(
+    name: &'static str,
+    help: &'static str,
+    fold: Fold,
+    live: fn(&Endpoint, &[TcpSocket]) -> u64,
+) -> Family {
+    Family {
+        name,
+        help,
+        kind: Kind::Gauge,
+        fold,
+        read: Read::Live(live),
+    }
+}
+
+/// The scrape-time view of a set of pools (every worker's share of every
+/// upstream), for the metrics registry.
+pub struct PoolCollector {
+    pools: Vec<Pool>,
+}
+
+impl PoolCollector {
+    /// A collector over `pools`.
+    pub fn new(pools: Vec<Pool>) -> Self {
+        Self { pools }
+    }
+
+    /// One family's rows: (upstream, endpoint, value), shares folded.
+    fn rows(&self, family: &Family, census: &[TcpSocket]) -> Vec<(String, String, u64)> {
+        let mut rows: Vec<(String, String, u64)> = Vec::new();
+        for pool in &self.pools {
+            for endpoint in pool.endpoints().iter() {
+                let value = match family.read {
+                    Read::Stat(stat) => stat(endpoint.stats()).load(Ordering::Relaxed),
+                    Read::Live(live) => live(endpoint, census),
+                };
+                let (upstream, addr) = (pool.name(), endpoint.addr().to_string());
+                match rows
+                    .iter_mut()
+                    .find(|(u, e, _)| u == upstream && *e == addr)
+                {
+                    Some(row) => {
+                        row.2 = match family.fold {
+                            Fold::Sum => row.2.saturating_add(value),
+                            Fold::Max => row.2.max(value),
+                        }
+                    }
+                    None => rows.push((upstream.to_owned(), addr, value)),
+                }
+            }
+        }
+        rows
+    }
+}
+
+impl fmt::Debug for PoolCollector {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("PoolCollector")
+            .field("pools", &self.pools.len())
+            .finish()
+    }
+}
+
+impl Collector for PoolCollector {
+    fn encode(&self, mut encoder: DescriptorEncoder) -> Result<(), fmt::Error> {
+        let census = census::time_wait().unwrap_or_default();
+        for family in FAMILIES {
+            let metric_type = match family.kind {
+                Kind::Counter => ConstCounter::new(0u64).metric_type(),
+                Kind::Gauge => ConstGauge::new(0i64).metric_type(),
+            };
+            let mut encoder =
+                encoder.encode_descriptor(family.name, family.help, None, metric_type)?;
+            for (upstream, endpoint, value) in self.rows(family, &census) {
+                let labels = [
+                    ("upstream", upstream.as_str()),
+                    ("endpoint", endpoint.as_str()),
+                ];
+                let series = encoder.encode_family(&labels)?;
+                match family.kind {
+                    Kind::Counter => ConstCounter::new(value).encode(series)?,
+                    Kind::Gauge => {
+                        ConstGauge::new(i64::try_from(value).unwrap_or(i64::MAX)).encode(series)?
+                    }
+                }
+            }
+        }
+        Ok(())
+    }
+}
