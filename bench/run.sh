@@ -19,6 +19,9 @@ BODIES=${BODIES:-"small large"}
 # tether-mr1-graceful / tether-mr1-abort: max_requests_per_connection = 1 with
 # that client_close policy; they run in the close-first and port-exhaustion modes.
 PROXIES=${PROXIES:-"direct haproxy nginx tether tether-mr1-graceful tether-mr1-abort"}
+# tether-baseline: another build of tether (BASELINE_BIN, e.g. one built from an
+# earlier commit) with the `tether` config, for before/after comparisons.
+BASELINE_BIN=${BASELINE_BIN:-}
 PORTS=${PORTS:-1000}              # ephemeral ports left to `app` in port-exhaustion
 CONCURRENCY=${CONCURRENCY:-32}
 POOL=${POOL:-64}                  # upstream connections each proxy may keep
@@ -32,7 +35,7 @@ BIN=$PWD/target/release/tether
 WORK=$(mktemp -d /tmp/tether-bench.XXXXXX)
 APP=tb-app BACKEND=tb-backend
 BACKEND_ADDR=10.88.0.2:8000
-OUT=bench/results.jsonl
+OUT=${OUT:-bench/results.jsonl}
 : > "$OUT"
 
 cleanup() {
@@ -153,6 +156,9 @@ start_proxy() { # name -> prints pid
   case $1 in
     haproxy) ip netns exec "$APP" haproxy -D -p "$WORK/haproxy.pid" -f "$WORK/haproxy.cfg"; cat "$WORK/haproxy.pid" ;;
     nginx) ip netns exec "$APP" nginx -c "$WORK/nginx.conf"; sleep 0.2; cat "$WORK/nginx.pid" ;;
+    tether-baseline) [ -x "$BASELINE_BIN" ] || { echo "tether-baseline needs BASELINE_BIN" >&2; exit 1; }
+             ip netns exec "$APP" "$BASELINE_BIN" run --config "$WORK/tether.toml" >/dev/null 2>"$WORK/tether.err" &
+             echo $! ;;
     tether*) ip netns exec "$APP" "$BIN" run --config "$WORK/$1.toml" >/dev/null 2>"$WORK/tether.err" &
              echo $! ;;
   esac
@@ -218,5 +224,9 @@ PY
  done
 done
 cleanup
-DURATION=$DURATION REPEAT=$REPEAT python3 bench/report.py "$OUT" bench/RESULTS.svg > bench/RESULTS.md
-echo "wrote bench/RESULTS.md and bench/RESULTS.svg"
+if [ "$OUT" = bench/results.jsonl ]; then
+  DURATION=$DURATION REPEAT=$REPEAT python3 bench/report.py "$OUT" bench/RESULTS.svg > bench/RESULTS.md
+  echo "wrote bench/RESULTS.md and bench/RESULTS.svg"
+else
+  echo "wrote $OUT"
+fi

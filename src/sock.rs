@@ -40,12 +40,23 @@ pub fn poll_send_more(
     cx: &mut Context<'_>,
     bufs: &[io::IoSlice<'_>],
 ) -> Poll<io::Result<usize>> {
+    poll_write_when_ready(socket, cx, |socket| {
+        socket.try_io(Interest::WRITABLE, || {
+            SockRef::from(socket).send_vectored_with_flags(bufs, libc::MSG_MORE)
+        })
+    })
+}
+
+/// Runs `write` (a non-blocking write on `socket` that clears readiness when
+/// it would block) each time the socket is writable, until it does not block.
+pub fn poll_write_when_ready(
+    socket: &TcpStream,
+    cx: &mut Context<'_>,
+    mut write: impl FnMut(&TcpStream) -> io::Result<usize>,
+) -> Poll<io::Result<usize>> {
     loop {
         ready!(socket.poll_write_ready(cx))?;
-        let sent = socket.try_io(Interest::WRITABLE, || {
-            SockRef::from(socket).send_vectored_with_flags(bufs, libc::MSG_MORE)
-        });
-        match sent {
+        match write(socket) {
             Err(e) if e.kind() == io::ErrorKind::WouldBlock => continue,
             other => return Poll::Ready(other),
         }

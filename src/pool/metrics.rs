@@ -14,13 +14,6 @@ use super::endpoint::{Endpoint, EndpointStats};
 use super::Pool;
 use crate::census::{self, TcpSocket};
 
-/// Whether a family counts up or goes up and down.
-#[derive(Clone, Copy, PartialEq, Eq)]
-enum Kind {
-    Counter,
-    Gauge,
-}
-
 /// How the shares of one endpoint (one per worker) fold into one series.
 #[derive(Clone, Copy)]
 enum Fold {
@@ -31,134 +24,40 @@ enum Fold {
     Max,
 }
 
-/// What a family reads of an endpoint.
+/// What a family reads of an endpoint, and so its kind.
 enum Read {
-    /// A counter of the endpoint's [`EndpointStats`].
+    /// A counter: one of the endpoint's [`EndpointStats`], summed over shares.
     Stat(fn(&EndpointStats) -> &AtomicU64),
-    /// A value computed from the endpoint and the kernel's TIME_WAIT table.
-    Live(fn(&Endpoint, &[TcpSocket]) -> u64),
+    /// A gauge computed from the endpoint and the kernel's TIME_WAIT table.
+    Live(Fold, fn(&Endpoint, &[TcpSocket]) -> u64),
 }
 
-/// One metric family of the pool.
-struct Family {
-    name: &'static str,
-    help: &'static str,
-    kind: Kind,
-    fold: Fold,
-    read: Read,
-}
+/// One metric family of the pool: name, help, what it reads.
+struct Family(&'static str, &'static str, Read);
 
-/// Every family, in the order they are rendered.
+/// Every family, in the order they are rendered (a table: one row a family).
+#[rustfmt::skip]
 const FAMILIES: &[Family] = &[
-    counter(
-        "upstream_connections_opened",
-        "Upstream connections dialled",
-        |s| &s.opened,
-    ),
-    counter(
-        "upstream_connections_retired",
-        "Idle upstream connections retired by policy",
-        |s| &s.retired,
-    ),
-    counter(
-        "upstream_connections_discarded",
-        "Upstream connections closed as stale, broken or abandoned",
-        |s| &s.discarded,
-    ),
-    counter(
-        "upstream_connections_reused",
-        "Idle upstream connections handed out again",
-        |s| &s.reused,
-    ),
-    counter(
-        "upstream_probes",
-        "Probe requests sent on idle upstream connections",
-        |s| &s.probes,
-    ),
-    counter(
-        "upstream_probe_failures",
-        "Probes that failed (the connection was reset)",
-        |s| &s.probe_failures,
-    ),
-    counter(
-        "upstream_closed_by_backend",
-        "Idle upstream connections the backend closed before tether retired them",
-        |s| &s.closed_by_backend,
-    ),
-    counter(
-        "upstream_ejections",
-        "Times the endpoint was ejected after repeated failures",
-        |s| &s.ejections,
-    ),
-    gauge(
-        "upstream_connections_open",
-        "Upstream connections open now",
-        Fold::Sum,
-        |e, _| e.open_connections() as u64,
-    ),
-    gauge(
-        "upstream_connections_idle",
-        "Idle upstream connections now",
-        Fold::Sum,
-        |e, _| e.idle_connections() as u64,
-    ),
-    gauge(
-        "upstream_requests_outstanding",
-        "Requests in flight per endpoint",
-        Fold::Sum,
-        |e, _| e.outstanding() as u64,
-    ),
-    gauge(
-        "time_wait_toward_upstream",
-        "TIME_WAIT sockets on this host toward the endpoint (kernel table)",
-        Fold::Max,
-        |e, census| census.iter().filter(|s| s.remote == e.addr()).count() as u64,
-    ),
-    gauge(
-        "upstream_ejected",
-        "1 while the endpoint is ejected",
-        Fold::Max,
-        |e, _| u64::from(e.is_ejected()),
-    ),
-    gauge(
-        "upstream_observed_idle_close_ms",
-        "Shortest idle age at which the backend closed a pooled connection (0: never seen)",
-        Fold::Max,
-        |e, _| {
-            e.observed_idle_close()
-                .map_or(0, |d| u64::try_from(d.as_millis()).unwrap_or(u64::MAX))
-        },
-    ),
+    Family("upstream_connections_opened", "Upstream connections dialled", Read::Stat(|s| &s.opened)),
+    Family("upstream_connections_retired", "Idle upstream connections retired by policy", Read::Stat(|s| &s.retired)),
+    Family("upstream_connections_discarded", "Upstream connections closed as stale, broken or abandoned", Read::Stat(|s| &s.discarded)),
+    Family("upstream_connections_reused", "Idle upstream connections handed out again", Read::Stat(|s| &s.reused)),
+    Family("upstream_probes", "Probe requests sent on idle upstream connections", Read::Stat(|s| &s.probes)),
+    Family("upstream_probe_failures", "Probes that failed (the connection was reset)", Read::Stat(|s| &s.probe_failures)),
+    Family("upstream_closed_by_backend", "Idle upstream connections the backend closed before tether retired them", Read::Stat(|s| &s.closed_by_backend)),
+    Family("upstream_ejections", "Times the endpoint was ejected after repeated failures", Read::Stat(|s| &s.ejections)),
+    Family("upstream_connections_open", "Upstream connections open now", Read::Live(Fold::Sum, |e, _| e.open_connections() as u64)),
+    Family("upstream_connections_idle", "Idle upstream connections now", Read::Live(Fold::Sum, |e, _| e.idle_connections() as u64)),
+    Family("upstream_requests_outstanding", "Requests in flight per endpoint", Read::Live(Fold::Sum, |e, _| e.outstanding() as u64)),
+    Family("time_wait_toward_upstream", "TIME_WAIT sockets on this host toward the endpoint (kernel table)", Read::Live(Fold::Max, |e, census| {
+        census.iter().filter(|s| s.remote == e.addr()).count() as u64
+    })),
+    Family("upstream_ejected", "1 while the endpoint is ejected", Read::Live(Fold::Max, |e, _| u64::from(e.is_ejected()))),
+    Family("upstream_observed_idle_close_ms", "Shortest idle age at which the backend closed a pooled connection (0: never seen)", Read::Live(Fold::Max, |e, _| {
+        e.observed_idle_close()
+            .map_or(0, |d| u64::try_from(d.as_millis()).unwrap_or(u64::MAX))
+    })),
 ];
-
-const fn counter(
-    name: &'static str,
-    help: &'static str,
-    stat: fn(&EndpointStats) -> &AtomicU64,
-) -> Family {
-    Family {
-        name,
-        help,
-        kind: Kind::Counter,
-        fold: Fold::Sum,
-        read: Read::Stat(stat),
-    }
-}
-
-const fn gauge(
-    name: &'static str,
-    help: &'static str,
-    fold: Fold,
-    live: fn(&Endpoint, &[TcpSocket]) -> u64,
-) -> Family {
-    Family {
-        name,
-        help,
-        kind: Kind::Gauge,
-        fold,
-        read: Read::Live(live),
-    }
-}
 
 /// The scrape-time view of a set of pools (every worker's share of every
 /// upstream), for the metrics registry.
@@ -177,9 +76,9 @@ impl PoolCollector {
         let mut rows: Vec<(String, String, u64)> = Vec::new();
         for pool in &self.pools {
             for endpoint in pool.endpoints().iter() {
-                let value = match family.read {
-                    Read::Stat(stat) => stat(endpoint.stats()).load(Ordering::Relaxed),
-                    Read::Live(live) => live(endpoint, census),
+                let (value, fold) = match family.2 {
+                    Read::Stat(stat) => (stat(endpoint.stats()).load(Ordering::Relaxed), Fold::Sum),
+                    Read::Live(fold, live) => (live(endpoint, census), fold),
                 };
                 let (upstream, addr) = (pool.name(), endpoint.addr().to_string());
                 match rows
@@ -187,7 +86,7 @@ impl PoolCollector {
                     .find(|(u, e, _)| u == upstream && *e == addr)
                 {
                     Some(row) => {
-                        row.2 = match family.fold {
+                        row.2 = match fold {
                             Fold::Sum => row.2.saturating_add(value),
                             Fold::Max => row.2.max(value),
                         }
@@ -212,21 +111,21 @@ impl Collector for PoolCollector {
     fn encode(&self, mut encoder: DescriptorEncoder) -> Result<(), fmt::Error> {
         let census = census::time_wait().unwrap_or_default();
         for family in FAMILIES {
-            let metric_type = match family.kind {
-                Kind::Counter => ConstCounter::new(0u64).metric_type(),
-                Kind::Gauge => ConstGauge::new(0i64).metric_type(),
+            let Family(name, help, read) = family;
+            let metric_type = match read {
+                Read::Stat(_) => ConstCounter::new(0u64).metric_type(),
+                Read::Live(..) => ConstGauge::new(0i64).metric_type(),
             };
-            let mut encoder =
-                encoder.encode_descriptor(family.name, family.help, None, metric_type)?;
+            let mut encoder = encoder.encode_descriptor(name, help, None, metric_type)?;
             for (upstream, endpoint, value) in self.rows(family, &census) {
                 let labels = [
                     ("upstream", upstream.as_str()),
                     ("endpoint", endpoint.as_str()),
                 ];
                 let series = encoder.encode_family(&labels)?;
-                match family.kind {
-                    Kind::Counter => ConstCounter::new(value).encode(series)?,
-                    Kind::Gauge => {
+                match read {
+                    Read::Stat(_) => ConstCounter::new(value).encode(series)?,
+                    Read::Live(..) => {
                         ConstGauge::new(i64::try_from(value).unwrap_or(i64::MAX)).encode(series)?
                     }
                 }
