@@ -1,0 +1,100 @@
+#!/usr/bin/env bash
+# User-space instructions per request, counted by callgrind: tether (this
+# checkout's release build) and, with BASELINE_BIN, another build side by side.
+#
+# A keep-alive nginx on loopback serves /small (100 B). Each build runs under
+# valgrind with one worker; after a warm-up the counters are zeroed
+# (callgrind_control -z), `tether load` drives DURATION seconds of MODE, the
+# counters are dumped, and the instructions are divided by the requests the
+# load client completed. Counts do not depend on how busy the machine is,
+# so changes too small for wall-clock figures show here.
+#
+# Knobs: MODES ("keep-alive http10"), DURATION (5), CONCURRENCY (8),
+# BASELINE_BIN. Needs valgrind and nginx (installed if missing, as root).
+set -euo pipefail
+cd "$(dirname "$0")/.."
+
+MODES=${MODES:-"keep-alive http10"}
+DURATION=${DURATION:-5}
+CONCURRENCY=${CONCURRENCY:-8}
+BASELINE_BIN=${BASELINE_BIN:-}
+BACKEND=127.0.0.1:18080
+PROXY=127.0.0.1:19000
+
+command -v valgrind >/dev/null && command -v nginx >/dev/null || {
+  apt-get update -qq && apt-get install -y -qq valgrind nginx >/dev/null
+}
+cargo build --release -q
+BIN=$PWD/target/release/tether
+WORK=$(mktemp -d /tmp/tether-callgrind.XXXXXX)
+chmod 755 "$WORK"  # nginx workers read the files as their own user
+cleanup() {
+  [ -f "$WORK/nginx.pid" ] && kill "$(cat "$WORK/nginx.pid")" 2>/dev/null || true
+  pkill -f "callgrind.*$WORK" 2>/dev/null || true
+}
+trap cleanup EXIT
+
+mkdir -p "$WORK/www"
+head -c 100 /dev/zero | tr '\0' x > "$WORK/www/small"
+cat > "$WORK/nginx.conf" <<CONF
+daemon on; worker_processes 1; pid $WORK/nginx.pid; error_log $WORK/nginx.err;
+events { worker_connections 4096; }
+http {
+  access_log off; keepalive_requests 100000000; keepalive_timeout 300s;
+  server { listen $BACKEND backlog=4096; root $WORK/www; }
+}
+CONF
+nginx -c "$WORK/nginx.conf"
+cat > "$WORK/tether.toml" <<CONF
+[log]
+level = "warn"
+[[listener]]
+name = "app"
+listen = "$PROXY"
+upstream = "backend"
+[[upstream]]
+name = "backend"
+endpoints = ["$BACKEND"]
+[admin]
+enabled = false
+[runtime]
+worker_threads = 1
+CONF
+
+wait_for_port() {
+  for _ in $(seq 100); do
+    bash -c "exec 3<>/dev/tcp/${1%:*}/${1#*:}" 2>/dev/null && return 0
+    sleep 0.2
+  done
+  echo "nothing listens on $1" >&2; return 1
+}
+
+measure() { # label binary mode -> one line
+  local label=$1 bin=$2 mode=$3 out="$WORK/cg.$1.$3"
+  valgrind --tool=callgrind --callgrind-out-file="$out" "$bin" run --config "$WORK/tether.toml" \
+    >/dev/null 2>"$WORK/valgrind.err" &
+  local pid=$!
+  wait_for_port "$PROXY"
+  "$BIN" load --target "$PROXY" --mode "$mode" --concurrency "$CONCURRENCY" --duration 1s --path /small --json >/dev/null
+  callgrind_control -z "$pid" >/dev/null 2>&1
+  local result
+  result=$("$BIN" load --target "$PROXY" --mode "$mode" --concurrency "$CONCURRENCY" \
+    --duration "${DURATION}s" --path /small --json)
+  callgrind_control -d "$pid" >/dev/null 2>&1
+  kill -INT "$pid"; wait "$pid" 2>/dev/null || true
+  # The dump after zeroing is the highest-numbered part file.
+  local dump
+  dump=$(ls -v "$out".* 2>/dev/null | tail -1)
+  python3 - "$label" "$mode" "$dump" <<PY
+import json, sys
+label, mode, dump = sys.argv[1:]
+d = json.loads('''$result''')
+ir = next(int(l.split()[1]) for l in open(dump) if l.startswith(("summary:", "totals:")))
+print(f"{label:10} {mode:11} {d['requests']:7d} requests {d['errors']:3d} errors {ir / max(d['requests'], 1):9.0f} instructions/request", d["errors_by_kind"] or "")
+PY
+}
+
+for mode in $MODES; do
+  measure tether "$BIN" "$mode"
+  [ -n "$BASELINE_BIN" ] && measure baseline "$BASELINE_BIN" "$mode"
+done
