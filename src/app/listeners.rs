@@ -35,7 +35,7 @@ pub enum ListenerError {
 }
 
 /// A bound listening socket.
-pub enum Bound {
+pub enum ListenSocket {
     /// TCP.
     Tcp(TcpListener),
     /// Unix stream socket, removed from the filesystem when dropped.
@@ -51,7 +51,7 @@ impl Drop for UnixPath {
     }
 }
 
-impl Bound {
+impl ListenSocket {
     /// The bound address (`unix:/path` for unix sockets).
     pub fn local_addr(&self) -> ListenAddr {
         match self {
@@ -81,7 +81,7 @@ impl Bound {
 /// With `reuse_port`, TCP sockets set SO_REUSEPORT so that each worker can bind
 /// its own socket on the same address and the kernel spreads new connections
 /// among them.
-pub fn bind(addr: &ListenAddr, reuse_port: bool) -> Result<Bound, ListenerError> {
+pub fn bind(addr: &ListenAddr, reuse_port: bool) -> Result<ListenSocket, ListenerError> {
     let error = |source| ListenerError::Bind {
         addr: addr.to_string(),
         source,
@@ -99,7 +99,7 @@ pub fn bind(addr: &ListenAddr, reuse_port: bool) -> Result<Bound, ListenerError>
             }
             sock::configure_listener(&socket);
             socket.bind(*sa).map_err(error)?;
-            Ok(Bound::Tcp(socket.listen(BACKLOG).map_err(error)?))
+            Ok(ListenSocket::Tcp(socket.listen(BACKLOG).map_err(error)?))
         }
         ListenAddr::Unix(path) => {
             if let Ok(meta) = std::fs::symlink_metadata(path) {
@@ -109,7 +109,7 @@ pub fn bind(addr: &ListenAddr, reuse_port: bool) -> Result<Bound, ListenerError>
                 }
             }
             let listener = UnixListener::bind(path).map_err(error)?;
-            Ok(Bound::Unix(listener, UnixPath(path.clone())))
+            Ok(ListenSocket::Unix(listener, UnixPath(path.clone())))
         }
     }
 }
@@ -118,7 +118,7 @@ pub fn bind(addr: &ListenAddr, reuse_port: bool) -> Result<Bound, ListenerError>
 /// drain can wait for them) on the runtime the loop runs on. `limit` holds the
 /// listener's connection permits, shared by every worker's accept loop.
 pub async fn accept_loop(
-    bound: Bound,
+    socket: ListenSocket,
     binding: Arc<Binding>,
     limit: Arc<Semaphore>,
     shutdown: Shutdown,
@@ -153,7 +153,7 @@ pub async fn accept_loop(
             _ = shutdown.drain.cancelled() => break,
         };
         let accepted = tokio::select! {
-            accepted = bound.accept() => accepted,
+            accepted = socket.accept() => accepted,
             _ = shutdown.drain.cancelled() => break,
         };
         match accepted {
@@ -188,7 +188,7 @@ pub async fn accept_loop(
         }
     }
     tracing::info!(listener = %binding.listener.name, "stopped accepting");
-    drop(bound);
+    drop(socket);
 }
 
 #[cfg(test)]
@@ -198,7 +198,7 @@ mod tests {
     #[tokio::test]
     async fn accepted_client_sockets_have_nodelay() {
         let addr: SocketAddr = ([127, 0, 0, 1], 0).into();
-        let Bound::Tcp(listener) = bind(&ListenAddr::Tcp(addr), false).unwrap() else {
+        let ListenSocket::Tcp(listener) = bind(&ListenAddr::Tcp(addr), false).unwrap() else {
             panic!("expected a TCP listener");
         };
         let target = listener.local_addr().unwrap();

@@ -229,7 +229,7 @@ async fn start_pools(config: &Config, workers: &[tokio::runtime::Handle]) -> Vec
 
 /// A listener socket bound for one worker, with what its accept loop serves.
 struct BoundListener {
-    socket: listeners::Bound,
+    socket: listeners::ListenSocket,
     binding: Arc<Binding>,
     /// The listener's `max_connections`, shared by its workers.
     limit: Arc<Semaphore>,

@@ -1,5 +1,5 @@
 //! The pool's metrics, read at scrape time: one row per endpoint for each
-//! family in [`FAMILIES`], the shares of an upstream on several workers
+//! family in `FAMILIES`, the shares of an upstream on several workers
 //! folded into one series.
 
 use std::fmt;
