@@ -180,7 +180,7 @@ impl Census {
     /// Local ports in the ephemeral range still free toward `remote`.
     pub fn headroom(&self, remote: SocketAddr, range: (u16, u16)) -> Headroom {
         let (low, high) = range;
-        let size = u32::from(high.saturating_sub(low)) + 1;
+        let size = ports_in(range);
         let in_use: std::collections::HashSet<u16> = self
             .sockets
             .iter()
@@ -207,23 +207,41 @@ fn group(items: impl Iterator<Item = SocketAddr>) -> Vec<(SocketAddr, usize)> {
     sorted
 }
 
+/// The file of `net.ipv4.ip_local_port_range`, the ephemeral port range of the
+/// network namespace of the thread that opens it.
+pub(crate) const LOCAL_PORT_RANGE: &str = "/proc/sys/net/ipv4/ip_local_port_range";
+
 /// `net.ipv4.ip_local_port_range` of the current namespace.
 pub fn local_port_range() -> Result<(u16, u16), CensusError> {
-    let path = "/proc/sys/net/ipv4/ip_local_port_range";
-    let text = std::fs::read_to_string(path).map_err(|source| CensusError::Read {
-        path: path.to_owned(),
+    let read_error = |source| CensusError::Read {
+        path: LOCAL_PORT_RANGE.to_owned(),
         source,
-    })?;
+    };
+    let text = std::fs::read_to_string(LOCAL_PORT_RANGE).map_err(read_error)?;
+    parse_port_range(&text).ok_or_else(|| {
+        read_error(io::Error::new(
+            io::ErrorKind::InvalidData,
+            "expected two port numbers",
+        ))
+    })
+}
+
+/// The range as the kernel prints it (`"32768\t60999\n"`): two ports, the
+/// lower first.
+pub(crate) fn parse_port_range(text: &str) -> Option<(u16, u16)> {
     let mut parts = text
         .split_whitespace()
         .filter_map(|p| p.parse::<u16>().ok());
     match (parts.next(), parts.next()) {
-        (Some(low), Some(high)) if low <= high => Ok((low, high)),
-        _ => Err(CensusError::Read {
-            path: path.to_owned(),
-            source: io::Error::new(io::ErrorKind::InvalidData, "expected two port numbers"),
-        }),
+        (Some(low), Some(high)) if low <= high => Some((low, high)),
+        _ => None,
     }
+}
+
+/// How many ports `range` holds, both ends included.
+pub(crate) fn ports_in(range: (u16, u16)) -> u32 {
+    let (low, high) = range;
+    u32::from(high.saturating_sub(low)) + 1
 }
 
 fn by_states(states: StateFlags) -> Result<Vec<TcpSocket>, CensusError> {

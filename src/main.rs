@@ -4,7 +4,7 @@ use std::path::PathBuf;
 use std::process::ExitCode;
 
 use anyhow::Context as _;
-use clap::{Parser, Subcommand};
+use clap::{Args, Parser, Subcommand};
 use tether::config::{Config, ConfigError};
 
 /// EX_USAGE from sysexits.h: the configuration is wrong.
@@ -75,21 +75,8 @@ enum Command {
     /// with keep-alive clients, and prints throughput, latency percentiles,
     /// errors by cause and the kernel's count of connections opened.
     Load {
-        /// Address to send requests to.
-        #[arg(long, value_name = "IP:PORT")]
-        target: std::net::SocketAddr,
-        /// How clients connect.
-        #[arg(long, value_enum, default_value_t = tether::tools::load::Mode::CloseFirst)]
-        mode: tether::tools::load::Mode,
-        /// Concurrent clients.
-        #[arg(long, default_value_t = 16)]
-        concurrency: usize,
-        /// How long to run ("10s").
-        #[arg(long, default_value = "10s", value_parser = humantime::parse_duration)]
-        duration: std::time::Duration,
-        /// Request target.
-        #[arg(long, default_value = "/")]
-        path: String,
+        #[command(flatten)]
+        run: LoadArgs,
         /// Print one JSON object instead of a summary.
         #[arg(long)]
         json: bool,
@@ -122,6 +109,38 @@ enum Command {
         #[arg(long)]
         json: bool,
     },
+}
+
+// The run `tether load` makes, as its options.
+#[derive(Args)]
+struct LoadArgs {
+    /// Address to send requests to.
+    #[arg(long, value_name = "IP:PORT")]
+    target: std::net::SocketAddr,
+    /// How clients connect.
+    #[arg(long, value_enum, default_value_t = tether::tools::load::Mode::CloseFirst)]
+    mode: tether::tools::load::Mode,
+    /// Concurrent clients.
+    #[arg(long, default_value_t = 16)]
+    concurrency: usize,
+    /// How long to run ("10s").
+    #[arg(long, default_value = "10s", value_parser = humantime::parse_duration)]
+    duration: std::time::Duration,
+    /// Request target.
+    #[arg(long, default_value = "/")]
+    path: String,
+}
+
+impl LoadArgs {
+    fn spec(self) -> tether::tools::load::LoadSpec {
+        tether::tools::load::LoadSpec {
+            target: self.target,
+            mode: self.mode,
+            concurrency: self.concurrency,
+            duration: self.duration,
+            path: self.path,
+        }
+    }
 }
 
 fn main() -> ExitCode {
@@ -161,23 +180,7 @@ fn main() -> ExitCode {
             }
         }
         Command::Doctor { to, port, json } => exit_code(doctor(to.as_deref(), port, json)),
-        Command::Load {
-            target,
-            mode,
-            concurrency,
-            duration,
-            path,
-            json,
-        } => {
-            let spec = tether::tools::load::LoadSpec {
-                target,
-                mode,
-                concurrency,
-                duration,
-                path,
-            };
-            exit_code(run_load(&spec, json))
-        }
+        Command::Load { run, json } => exit_code(run_load(&run.spec(), json)),
         Command::Demo {
             duration,
             concurrency,

@@ -5,6 +5,9 @@
 //! `worker_rlimit_nofile` and Go's runtime do, and says when even that is less
 //! than the configuration can use: beyond it accepts fail with EMFILE (and are
 //! retried after a pause) and dials fail.
+//!
+//! `os_result` reads the return code of this and tether's other direct
+//! libc calls.
 
 use crate::config::Config;
 
@@ -61,18 +64,19 @@ fn get() -> std::io::Result<libc::rlimit> {
         rlim_max: 0,
     };
     // SAFETY: getrlimit writes one rlimit into the struct it is given.
-    let rc = unsafe { libc::getrlimit(libc::RLIMIT_NOFILE, &mut limit) };
-    if rc == 0 {
-        Ok(limit)
-    } else {
-        Err(std::io::Error::last_os_error())
-    }
+    os_result(unsafe { libc::getrlimit(libc::RLIMIT_NOFILE, &mut limit) })?;
+    Ok(limit)
 }
 
 #[allow(unsafe_code)]
 fn set(limit: &libc::rlimit) -> std::io::Result<()> {
     // SAFETY: setrlimit only reads the struct it is given.
-    let rc = unsafe { libc::setrlimit(libc::RLIMIT_NOFILE, limit) };
+    os_result(unsafe { libc::setrlimit(libc::RLIMIT_NOFILE, limit) })
+}
+
+/// The result of a libc call that returns 0 on success and -1 with `errno`
+/// set on failure (`getrlimit`, `unshare`, `setns`, …).
+pub(crate) fn os_result(rc: libc::c_int) -> std::io::Result<()> {
     if rc == 0 {
         Ok(())
     } else {

@@ -122,18 +122,15 @@ impl ProbeConfig {
     }
 }
 
+/// The shortest `tcp_idle` and `tcp_interval`: the kernel takes them in
+/// whole seconds.
+const MIN_TCP_CLOCK: Duration = Duration::from_secs(1);
+
 /// Checks the TCP keepalive of one `[upstream.keepalive]`.
 pub(super) fn validate_tcp(k: &KeepaliveConfig, mut problems: Problems<'_>) {
-    // The kernel takes these in whole seconds.
-    if k.tcp_idle < Duration::from_secs(1) {
-        problems.add("tcp_idle", "must be at least 1s");
-    }
-    if k.tcp_interval < Duration::from_secs(1) {
-        problems.add("tcp_interval", "must be at least 1s");
-    }
-    if k.tcp_count == 0 {
-        problems.add("tcp_count", "must be at least 1");
-    }
+    problems.at_least("tcp_idle", k.tcp_idle, MIN_TCP_CLOCK);
+    problems.at_least("tcp_interval", k.tcp_interval, MIN_TCP_CLOCK);
+    problems.at_least("tcp_count", k.tcp_count, 1);
 }
 
 /// Checks the HTTP keepalive of one `[upstream.keepalive]`: HTTP/2 PINGs and
@@ -151,12 +148,8 @@ pub(super) fn validate_http(k: &KeepaliveConfig, mut problems: Problems<'_>) {
 /// Checks one `[upstream.keepalive.probe]`: clocks that run, an origin-form
 /// path, and status classes that exist.
 fn validate_probe(probe: &ProbeConfig, mut problems: Problems<'_>) {
-    if probe.interval.is_zero() {
-        problems.add("interval", "must be greater than 0");
-    }
-    if probe.timeout.is_zero() {
-        problems.add("timeout", "must be greater than 0");
-    }
+    problems.positive("interval", probe.interval);
+    problems.positive("timeout", probe.timeout);
     if !probe.path.starts_with('/') || probe.path.parse::<http::uri::PathAndQuery>().is_err() {
         problems.add(
             "path",

@@ -14,7 +14,7 @@ use serde::{Deserialize, Deserializer, Serialize, Serializer};
 use super::{defaults, AdminConfig, Problem, Problems, Size, UpstreamConfig};
 
 /// hyper refuses read buffers below 8 KiB, so a smaller head limit cannot be honoured.
-const MIN_HEADER_BYTES: u64 = 8 * 1024;
+const MIN_HEADER_BYTES: Size = Size::kib(8);
 
 /// Where a listener accepts connections.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -176,11 +176,7 @@ pub(super) fn validate(
     let mut seen_addrs = HashSet::new();
     for (i, l) in listeners.iter().enumerate() {
         let mut problems = Problems::new(format!("listener[{i}]"), found);
-        if l.name.is_empty() {
-            problems.add("name", "must not be empty");
-        } else if !seen_names.insert(l.name.as_str()) {
-            problems.add("name", format!("duplicate listener name {:?}", l.name));
-        }
+        problems.unique_name(&l.name, "listener", &mut seen_names);
         if admin.enabled && l.listen == ListenAddr::Tcp(admin.listen) && admin.listen.port() != 0 {
             problems.add(
                 "listen",
@@ -199,21 +195,11 @@ pub(super) fn validate(
                 format!("no [[upstream]] is named {:?}", l.upstream),
             );
         }
-        if l.max_connections == 0 {
-            problems.add("max_connections", "must be at least 1");
-        }
-        for (field, value) in [
-            ("header_timeout", l.header_timeout),
-            ("idle_timeout", l.idle_timeout),
-            ("request_timeout", l.request_timeout),
-        ] {
-            if value.is_zero() {
-                problems.add(field, "must be greater than 0");
-            }
-        }
-        if l.max_header_bytes.as_u64() < MIN_HEADER_BYTES {
-            problems.add("max_header_bytes", "must be at least 8KiB");
-        }
+        problems.at_least("max_connections", l.max_connections, 1);
+        problems.positive("header_timeout", l.header_timeout);
+        problems.positive("idle_timeout", l.idle_timeout);
+        problems.positive("request_timeout", l.request_timeout);
+        problems.at_least("max_header_bytes", l.max_header_bytes, MIN_HEADER_BYTES);
     }
 }
 

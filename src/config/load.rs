@@ -5,30 +5,70 @@
 
 use std::path::Path;
 
+use serde::de::DeserializeOwned;
+
 use super::{Config, ConfigError, Problem, ENV_PREFIX};
 
-/// Reads `path`, applies the overrides in `env`, and validates; a load error
-/// names the file.
-pub(super) fn from_file(
-    path: &Path,
-    env: impl IntoIterator<Item = (String, String)>,
-) -> Result<Config, ConfigError> {
-    let load_error = |message: String| ConfigError::Load {
-        path: path.display().to_string(),
-        message,
-    };
-    let text = std::fs::read_to_string(path).map_err(|e| load_error(e.to_string()))?;
-    from_text(&text, env).map_err(|e| match e {
-        ConfigError::Load { message, .. } => load_error(message),
-        other => other,
-    })
+impl Config {
+    /// Loads `path`, applies `TETHER__…` overrides from `env`, and validates;
+    /// a load error names the file.
+    ///
+    /// `env` is passed in (usually `std::env::vars()`) so tests never touch the
+    /// process environment.
+    pub fn load(
+        path: &Path,
+        env: impl IntoIterator<Item = (String, String)>,
+    ) -> Result<Self, ConfigError> {
+        let named = |message: String| ConfigError::Load {
+            path: path.display().to_string(),
+            message,
+        };
+        let text = std::fs::read_to_string(path).map_err(|e| named(e.to_string()))?;
+        Self::from_toml_with_env(&text, env).map_err(|e| match e {
+            ConfigError::Load { message, .. } => named(message),
+            other => other,
+        })
+    }
+
+    /// Parses TOML text without environment overrides, and validates.
+    pub fn from_toml(text: &str) -> Result<Self, ConfigError> {
+        Self::from_toml_with_env(text, std::iter::empty())
+    }
+
+    /// Parses TOML text, applies `TETHER__…` overrides from `env`, and validates.
+    pub fn from_toml_with_env(
+        text: &str,
+        env: impl IntoIterator<Item = (String, String)>,
+    ) -> Result<Self, ConfigError> {
+        let (config, mut problems, complete) = from_tree(merge(text, env)?);
+        // Cross-key checks need every section; with one missing they would
+        // report problems that are only echoes of the parse failure.
+        if complete {
+            if let Err(ConfigError::Invalid(more)) = config.validate() {
+                problems.extend(more);
+            }
+        }
+        if problems.is_empty() {
+            Ok(config)
+        } else {
+            Err(ConfigError::Invalid(problems))
+        }
+    }
 }
 
-/// Parses TOML `text`, applies the overrides in `env`, and validates.
-pub(super) fn from_text(
+/// A load error of text that did not come from a file.
+fn load_error(message: impl ToString) -> ConfigError {
+    ConfigError::Load {
+        path: String::new(),
+        message: message.to_string(),
+    }
+}
+
+/// The TOML `text` with the overrides in `env` merged over it.
+fn merge(
     text: &str,
     env: impl IntoIterator<Item = (String, String)>,
-) -> Result<Config, ConfigError> {
+) -> Result<toml::Value, ConfigError> {
     let mut builder = config::Config::builder()
         .add_source(config::File::from_str(text, config::FileFormat::Toml));
     for (name, value) in env {
@@ -38,100 +78,88 @@ pub(super) fn from_text(
         let key = env_key_to_path(rest);
         builder = builder
             .set_override(key.as_str(), env_value(&value))
-            .map_err(|e| ConfigError::Load {
-                path: String::new(),
-                message: format!("environment variable {name}: {e}"),
-            })?;
+            .map_err(|e| load_error(format!("environment variable {name}: {e}")))?;
     }
-    let merged = builder.build().map_err(|e| ConfigError::Load {
-        path: String::new(),
-        message: e.to_string(),
-    })?;
-    let tree: toml::Value = merged.try_deserialize().map_err(|e| ConfigError::Load {
-        path: String::new(),
-        message: e.to_string(),
-    })?;
-    let (config, mut problems, complete) = from_tree(tree);
-    // Cross-key checks need every section; with one missing they would
-    // report problems that are only echoes of the parse failure.
-    if complete {
-        if let Err(ConfigError::Invalid(more)) = config.validate() {
-            problems.extend(more);
-        }
-    }
-    if problems.is_empty() {
-        Ok(config)
-    } else {
-        Err(ConfigError::Invalid(problems))
-    }
+    let merged = builder.build().map_err(load_error)?;
+    merged.try_deserialize().map_err(load_error)
 }
 
 /// Deserializes section by section so that one bad section does not hide
-/// the problems in the others.
+/// the problems in the others; `false` when a section could not be read at
+/// all (it is left at its default).
 fn from_tree(tree: toml::Value) -> (Config, Vec<Problem>, bool) {
-    let mut problems = Vec::new();
     let mut config = Config::default();
-    let mut complete = true;
-    let toml::Value::Table(mut table) = tree else {
-        let problem = Problem {
-            key: "(root)".into(),
-            message: "expected a table".into(),
-        };
+    let toml::Value::Table(table) = tree else {
+        let problem = Problem::new("(root)", "expected a table");
         return (config, vec![problem], false);
     };
-    if let Some(v) = table.remove("log") {
-        match section(v, "log", &mut problems) {
-            Some(log) => config.log = log,
-            None => complete = false,
-        }
-    }
-    if let Some(v) = table.remove("admin") {
-        match section(v, "admin", &mut problems) {
-            Some(admin) => config.admin = admin,
-            None => complete = false,
-        }
-    }
-    if let Some(v) = table.remove("runtime") {
-        match section(v, "runtime", &mut problems) {
-            Some(runtime) => config.runtime = runtime,
-            None => complete = false,
-        }
-    }
-    for (name, target) in [("listener", true), ("upstream", false)] {
-        let Some(value) = table.remove(name) else {
-            continue;
-        };
-        let toml::Value::Array(items) = value else {
-            problems.push(Problem {
-                key: name.into(),
-                message: format!("expected an array of tables: [[{name}]]"),
-            });
-            complete = false;
-            continue;
-        };
-        for (i, item) in items.into_iter().enumerate() {
-            let key = format!("{name}[{i}]");
-            let parsed = if target {
-                section(item, &key, &mut problems).map(|l| config.listeners.push(l))
-            } else {
-                section(item, &key, &mut problems).map(|u| config.upstreams.push(u))
-            };
-            complete &= parsed.is_some();
-        }
-    }
+    let mut sections = Sections {
+        table,
+        problems: Vec::new(),
+        complete: true,
+    };
+    sections.table("log", &mut config.log);
+    sections.table("admin", &mut config.admin);
+    sections.table("runtime", &mut config.runtime);
+    sections.array("listener", &mut config.listeners);
+    sections.array("upstream", &mut config.upstreams);
+    let Sections {
+        table,
+        mut problems,
+        complete,
+    } = sections;
     for unknown in table.keys() {
-        problems.push(Problem {
-            key: unknown.clone(),
-            message: "unknown key (expected log, listener, upstream, admin or runtime)".into(),
-        });
+        problems.push(Problem::new(
+            unknown.clone(),
+            "unknown key (expected log, listener, upstream, admin or runtime)",
+        ));
     }
     (config, problems, complete)
+}
+
+/// The file's top-level table, its sections taken out as they are read.
+struct Sections {
+    table: toml::Table,
+    problems: Vec<Problem>,
+    /// No section so far was beyond reading.
+    complete: bool,
+}
+
+impl Sections {
+    /// Reads the table `[name]`, when the file has one, into `target`.
+    fn table<T: DeserializeOwned>(&mut self, name: &str, target: &mut T) {
+        if let Some(value) = self.table.remove(name) {
+            match section(value, name, &mut self.problems) {
+                Some(parsed) => *target = parsed,
+                None => self.complete = false,
+            }
+        }
+    }
+
+    /// Appends each `[[name]]` entry the file has to `target`.
+    fn array<T: DeserializeOwned>(&mut self, name: &str, target: &mut Vec<T>) {
+        match self.table.remove(name) {
+            None => {}
+            Some(toml::Value::Array(items)) => {
+                for (i, item) in items.into_iter().enumerate() {
+                    let parsed = section(item, &format!("{name}[{i}]"), &mut self.problems);
+                    self.complete &= parsed.is_some();
+                    target.extend(parsed);
+                }
+            }
+            Some(_) => {
+                let message = format!("expected an array of tables: [[{name}]]");
+                self.problems.push(Problem::new(name, message));
+                self.complete = false;
+            }
+        }
+    }
 }
 
 /// Deserializes one section, reporting every bad key in it: each failing key is
 /// recorded and removed (so it takes its default) and the rest is tried again.
 /// `None` when the section cannot stand even then (a required key is bad).
-fn section<T: serde::de::DeserializeOwned>(
+fn section<T: DeserializeOwned>(
     mut value: toml::Value,
     key: &str,
     problems: &mut Vec<Problem>,
@@ -168,10 +196,7 @@ fn section<T: serde::de::DeserializeOwned>(
             .to_owned();
         let already_reported = problems.iter().any(|p| p.key == full_key);
         if !already_reported {
-            problems.push(Problem {
-                key: full_key,
-                message,
-            });
+            problems.push(Problem::new(full_key, message));
         }
         if already_reported || segments.is_empty() || !remove_path(&mut value, &segments) {
             return None;

@@ -9,10 +9,10 @@
 //!
 //! Each section's file holds its types, their `Default` impls and its checks,
 //! which [`Config::validate`] calls in turn; [`defaults`] holds every default
-//! value once, with its reason; `load` reads the file and the environment.
+//! value once, with its reason; `validate` holds the checks the sections share;
+//! `load` reads the file and the environment.
 
 use std::fmt;
-use std::path::Path;
 
 use serde::{Deserialize, Serialize};
 
@@ -27,6 +27,7 @@ mod pool;
 mod runtime;
 mod size;
 mod upstream;
+mod validate;
 
 pub use admin::AdminConfig;
 pub use health::HealthConfig;
@@ -37,6 +38,7 @@ pub use pool::{PoolConfig, Retire, RetireByReason, RetirePolicy, RetireReason};
 pub use runtime::RuntimeConfig;
 pub use size::Size;
 pub use upstream::{split_host_port, Balance, Protocol, UpstreamConfig};
+use validate::Problems;
 
 /// Prefix of environment variables that override file keys:
 /// `TETHER__RUNTIME__DRAIN_TIMEOUT=10s`, `TETHER__LISTENER__0__LISTEN=127.0.0.1:9000`.
@@ -67,6 +69,15 @@ pub struct Problem {
     pub message: String,
 }
 
+impl Problem {
+    fn new(key: impl Into<String>, message: impl Into<String>) -> Self {
+        Self {
+            key: key.into(),
+            message: message.into(),
+        }
+    }
+}
+
 impl fmt::Display for Problem {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         write!(f, "{}: {}", self.key, self.message)
@@ -79,36 +90,6 @@ fn format_problems(problems: &[Problem]) -> String {
         .map(|p| format!("  - {p}"))
         .collect::<Vec<_>>()
         .join("\n")
-}
-
-/// The problems of one part of the configuration: each is recorded under the
-/// part's key path (`upstream[0].pool`) followed by the field's name.
-struct Problems<'a> {
-    path: String,
-    found: &'a mut Vec<Problem>,
-}
-
-impl<'a> Problems<'a> {
-    /// Records problems under `path` into `found`.
-    fn new(path: impl Into<String>, found: &'a mut Vec<Problem>) -> Self {
-        Self {
-            path: path.into(),
-            found,
-        }
-    }
-
-    /// The problems of a part nested in this one: `pool` of `upstream[0]`.
-    fn within(&mut self, part: &str) -> Problems<'_> {
-        Problems::new(format!("{}.{part}", self.path), self.found)
-    }
-
-    /// Records that `field` of this part is wrong.
-    fn add(&mut self, field: &str, message: impl Into<String>) {
-        self.found.push(Problem {
-            key: format!("{}.{field}", self.path),
-            message: message.into(),
-        });
-    }
 }
 
 /// The whole configuration of one tether process.
@@ -133,30 +114,6 @@ pub struct Config {
 }
 
 impl Config {
-    /// Loads `path`, applies `TETHER__…` overrides from `env`, and validates.
-    ///
-    /// `env` is passed in (usually `std::env::vars()`) so tests never touch the
-    /// process environment.
-    pub fn load(
-        path: &Path,
-        env: impl IntoIterator<Item = (String, String)>,
-    ) -> Result<Self, ConfigError> {
-        load::from_file(path, env)
-    }
-
-    /// Parses TOML text without environment overrides, and validates.
-    pub fn from_toml(text: &str) -> Result<Self, ConfigError> {
-        Self::from_toml_with_env(text, std::iter::empty())
-    }
-
-    /// Parses TOML text, applies `TETHER__…` overrides from `env`, and validates.
-    pub fn from_toml_with_env(
-        text: &str,
-        env: impl IntoIterator<Item = (String, String)>,
-    ) -> Result<Self, ConfigError> {
-        load::from_text(text, env)
-    }
-
     /// Checks the combinations of keys; reports every problem at once.
     pub fn validate(&self) -> Result<(), ConfigError> {
         let mut found = Vec::new();
@@ -166,10 +123,10 @@ impl Config {
             ("upstream", self.upstreams.is_empty()),
         ] {
             if missing {
-                found.push(Problem {
-                    key: name.into(),
-                    message: format!("at least one [[{name}]] is required"),
-                });
+                found.push(Problem::new(
+                    name,
+                    format!("at least one [[{name}]] is required"),
+                ));
             }
         }
         listener::validate(&self.listeners, &self.upstreams, &self.admin, &mut found);

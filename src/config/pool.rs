@@ -145,33 +145,19 @@ pub struct RetireByReason {
 /// Checks one `[upstream.pool]`: room for at least one connection, a floor
 /// within both ceilings, and clocks that run.
 pub(super) fn validate(p: &PoolConfig, mut problems: Problems<'_>) {
-    if p.max_connections == 0 {
-        problems.add("max_connections", "must be at least 1");
-    }
-    if p.min_idle > p.max_connections {
-        problems.add(
-            "min_idle",
-            format!(
-                "{} exceeds pool.max_connections ({})",
-                p.min_idle, p.max_connections
-            ),
-        );
-    }
-    if p.min_idle > p.max_idle {
-        problems.add(
-            "min_idle",
-            format!("{} exceeds pool.max_idle ({})", p.min_idle, p.max_idle),
-        );
-    }
-    for (field, value) in [
-        ("acquire_timeout", p.acquire_timeout),
-        ("idle_timeout", p.idle_timeout),
-        ("max_lifetime", p.max_lifetime),
+    problems.at_least("max_connections", p.max_connections, 1);
+    for (ceiling, value) in [
+        ("max_connections", p.max_connections),
+        ("max_idle", p.max_idle),
     ] {
-        if value.is_zero() {
-            problems.add(field, "must be greater than 0");
+        if p.min_idle > value {
+            let message = format!("{} exceeds pool.{ceiling} ({value})", p.min_idle);
+            problems.add("min_idle", message);
         }
     }
+    problems.positive("acquire_timeout", p.acquire_timeout);
+    problems.positive("idle_timeout", p.idle_timeout);
+    problems.positive("max_lifetime", p.max_lifetime);
 }
 
 #[cfg(test)]

@@ -46,15 +46,7 @@ pub const MAX_WAIT: Duration = Duration::from_secs(60 * 60);
 
 /// Checks `[runtime]`: the drain needs some time, and neither wait is absurd.
 pub(super) fn validate(runtime: &RuntimeConfig, mut problems: Problems<'_>) {
-    if runtime.drain_timeout.is_zero() {
-        problems.add("drain_timeout", "must be greater than 0");
-    }
-    for (key, wait) in [
-        ("drain_timeout", runtime.drain_timeout),
-        ("ready_timeout", runtime.ready_timeout),
-    ] {
-        if wait > MAX_WAIT {
-            problems.add(key, "must be at most 1h");
-        }
-    }
+    problems.positive("drain_timeout", runtime.drain_timeout);
+    problems.at_most("drain_timeout", runtime.drain_timeout, MAX_WAIT);
+    problems.at_most("ready_timeout", runtime.ready_timeout, MAX_WAIT);
 }

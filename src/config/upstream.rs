@@ -108,11 +108,7 @@ pub(super) fn validate(upstreams: &[UpstreamConfig], found: &mut Vec<Problem>) {
     let mut seen_names = HashSet::new();
     for (i, u) in upstreams.iter().enumerate() {
         let mut problems = Problems::new(format!("upstream[{i}]"), found);
-        if u.name.is_empty() {
-            problems.add("name", "must not be empty");
-        } else if !seen_names.insert(u.name.as_str()) {
-            problems.add("name", format!("duplicate upstream name {:?}", u.name));
-        }
+        problems.unique_name(&u.name, "upstream", &mut seen_names);
         if u.endpoints.is_empty() {
             problems.add("endpoints", "at least one \"host:port\" is required");
         }
@@ -121,12 +117,8 @@ pub(super) fn validate(upstreams: &[UpstreamConfig], found: &mut Vec<Problem>) {
                 problems.add(&format!("endpoints[{j}]"), message);
             }
         }
-        if u.connect_timeout.is_zero() {
-            problems.add("connect_timeout", "must be greater than 0");
-        }
-        if u.dns_refresh.is_zero() {
-            problems.add("dns_refresh", "must be greater than 0");
-        }
+        problems.positive("connect_timeout", u.connect_timeout);
+        problems.positive("dns_refresh", u.dns_refresh);
         pool::validate(&u.pool, problems.within("pool"));
         keepalive::validate_tcp(&u.keepalive, problems.within("keepalive"));
         health::validate(&u.health, problems.within("health"));

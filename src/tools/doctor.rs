@@ -123,93 +123,24 @@ pub fn diagnose_census(
             headroom: census.headroom(endpoint, range),
         })
         .collect();
-    // A local endpoint whose port is outside the ephemeral range is a server
-    // port: a server here closed first. Single entries on client ports are the
-    // other side of the remote grouping and only add noise.
-    let is_server_port = |port: u16| port < range.0 || port > range.1;
+    // Single entries on client ports are the other side of the remote
+    // grouping and only add noise.
     let by_local: Vec<LocalRow> = filtered
         .time_wait_by_local()
         .into_iter()
-        .filter(|(endpoint, count)| is_server_port(endpoint.port()) || *count > 1)
+        .filter(|(endpoint, count)| is_server_port(endpoint.port(), range) || *count > 1)
         .take(TOP)
         .map(|(endpoint, time_wait)| LocalRow {
             endpoint,
             time_wait,
         })
         .collect();
-    let worst_remote = by_remote.first();
-    let worst_local = by_local
+    let servers: Vec<&LocalRow> = by_local
         .iter()
-        .find(|row| is_server_port(row.endpoint.port()));
-    let worst_offender = match (worst_remote, worst_local) {
-        (Some(r), Some(l)) if l.time_wait > r.time_wait => Some(Offender {
-            kind: "local",
-            endpoint: l.endpoint,
-            time_wait: l.time_wait,
-        }),
-        (Some(r), _) => Some(Offender {
-            kind: "remote",
-            endpoint: r.endpoint,
-            time_wait: r.time_wait,
-        }),
-        (None, Some(l)) => Some(Offender {
-            kind: "local",
-            endpoint: l.endpoint,
-            time_wait: l.time_wait,
-        }),
-        (None, None) => None,
-    };
-
-    let mut advice = Vec::new();
-    for row in &by_remote {
-        if row.time_wait >= PRESSURE {
-            advice.push(format!(
-                "{} TIME_WAIT toward {} from local ports — a client on this host opens a connection \
-                 per request; put tether in front of it (`tether demo` shows the difference)",
-                thousands(row.time_wait),
-                row.endpoint
-            ));
-        }
-        if u64::from(row.headroom.free) * 10 < u64::from(row.headroom.range) {
-            advice.push(format!(
-                "only {} of {} ephemeral ports are free toward {}: new connections to it will soon fail \
-                 with EADDRNOTAVAIL",
-                thousands(row.headroom.free as usize),
-                thousands(row.headroom.range as usize),
-                row.endpoint
-            ));
-        }
-    }
-    for row in by_local
-        .iter()
-        .filter(|r| is_server_port(r.endpoint.port()))
-    {
-        if row.time_wait >= PRESSURE {
-            advice.push(format!(
-                "{} TIME_WAIT on local port {} — a server on this host closes its clients' connections \
-                 first; let clients close (keep-alive, `Connection: close` answered by the client) or \
-                 reset idle ones",
-                thousands(row.time_wait),
-                row.endpoint.port()
-            ));
-        }
-    }
-    if let Some((_, value)) = sysctl.iter().find(|(name, _)| name == "tcp_tw_reuse") {
-        if value == "0" {
-            advice.push(
-                "net.ipv4.tcp_tw_reuse = 0: outgoing connections never reuse a TIME_WAIT port; \
-                 1 lets them once it is safe (TCP timestamps)"
-                    .to_owned(),
-            );
-        }
-    }
-    if advice.is_empty() {
-        advice.push(format!(
-            "no TIME_WAIT pressure: {} sockets in TIME_WAIT, none above {} on one endpoint",
-            thousands(time_wait_total),
-            thousands(PRESSURE)
-        ));
-    }
+        .filter(|row| is_server_port(row.endpoint.port(), range))
+        .collect();
+    let worst_offender = worst_offender(by_remote.first(), servers.first().copied());
+    let advice = advice(&by_remote, &servers, &sysctl, time_wait_total);
     Diagnosis {
         sysctl,
         time_wait_total,
@@ -218,6 +149,95 @@ pub fn diagnose_census(
         worst_offender,
         advice,
     }
+}
+
+/// A local endpoint whose port is outside the ephemeral range is a server
+/// port: a server here closed first.
+fn is_server_port(port: u16, range: (u16, u16)) -> bool {
+    port < range.0 || port > range.1
+}
+
+/// The worst remote endpoint, or the worst server port here when it has more.
+fn worst_offender(remote: Option<&RemoteRow>, server: Option<&LocalRow>) -> Option<Offender> {
+    let remote = remote.map(|r| Offender::new("remote", r.endpoint, r.time_wait));
+    let local = server.map(|l| Offender::new("local", l.endpoint, l.time_wait));
+    match (remote, local) {
+        (Some(r), Some(l)) => Some(if l.time_wait > r.time_wait { l } else { r }),
+        (r, l) => r.or(l),
+    }
+}
+
+impl Offender {
+    fn new(kind: &'static str, endpoint: SocketAddr, time_wait: usize) -> Self {
+        Self {
+            kind,
+            endpoint,
+            time_wait,
+        }
+    }
+}
+
+/// What to do: for each pressed remote endpoint and server port, for
+/// `tcp_tw_reuse` off, or that all is well.
+fn advice(
+    by_remote: &[RemoteRow],
+    servers: &[&LocalRow],
+    sysctl: &[(String, String)],
+    time_wait_total: usize,
+) -> Vec<String> {
+    let mut advice: Vec<String> = by_remote.iter().flat_map(remote_advice).collect();
+    advice.extend(servers.iter().filter_map(|row| server_advice(row)));
+    let tw_reuse = sysctl.iter().find(|(name, _)| name == "tcp_tw_reuse");
+    if tw_reuse.is_some_and(|(_, value)| value == "0") {
+        advice.push(
+            "net.ipv4.tcp_tw_reuse = 0: outgoing connections never reuse a TIME_WAIT port; \
+             1 lets them once it is safe (TCP timestamps)"
+                .to_owned(),
+        );
+    }
+    if advice.is_empty() {
+        advice.push(format!(
+            "no TIME_WAIT pressure: {} sockets in TIME_WAIT, none above {} on one endpoint",
+            thousands(time_wait_total),
+            thousands(PRESSURE)
+        ));
+    }
+    advice
+}
+
+/// A client here that churns connections toward `row`, and ports running out.
+fn remote_advice(row: &RemoteRow) -> impl Iterator<Item = String> {
+    let churn = (row.time_wait >= PRESSURE).then(|| {
+        format!(
+            "{} TIME_WAIT toward {} from local ports — a client on this host opens a connection \
+             per request; put tether in front of it (`tether demo` shows the difference)",
+            thousands(row.time_wait),
+            row.endpoint
+        )
+    });
+    let exhausted = (u64::from(row.headroom.free) * 10 < u64::from(row.headroom.range)).then(|| {
+        format!(
+            "only {} of {} ephemeral ports are free toward {}: new connections to it will soon fail \
+             with EADDRNOTAVAIL",
+            thousands(row.headroom.free as usize),
+            thousands(row.headroom.range as usize),
+            row.endpoint
+        )
+    });
+    churn.into_iter().chain(exhausted)
+}
+
+/// A server here that closes its clients' connections first.
+fn server_advice(row: &LocalRow) -> Option<String> {
+    (row.time_wait >= PRESSURE).then(|| {
+        format!(
+            "{} TIME_WAIT on local port {} — a server on this host closes its clients' connections \
+             first; let clients close (keep-alive, `Connection: close` answered by the client) or \
+             reset idle ones",
+            thousands(row.time_wait),
+            row.endpoint.port()
+        )
+    })
 }
 
 fn thousands(n: usize) -> String {

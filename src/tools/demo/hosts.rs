@@ -18,6 +18,9 @@ use std::os::fd::AsRawFd;
 use std::process::Command;
 use std::sync::Arc;
 
+use crate::census::{self, LOCAL_PORT_RANGE};
+use crate::rlimit::os_result;
+
 /// Why the two hosts could not be made.
 #[derive(Debug, thiserror::Error)]
 pub enum HostsError {
@@ -121,24 +124,14 @@ impl Netns {
 fn unshare_network() -> std::io::Result<()> {
     // SAFETY: unshare(CLONE_NEWNET) only moves the calling thread into a new
     // network namespace; it touches no memory.
-    let rc = unsafe { libc::unshare(libc::CLONE_NEWNET) };
-    if rc == 0 {
-        Ok(())
-    } else {
-        Err(std::io::Error::last_os_error())
-    }
+    os_result(unsafe { libc::unshare(libc::CLONE_NEWNET) })
 }
 
 #[allow(unsafe_code)]
 fn enter_network(file: &File) -> std::io::Result<()> {
     // SAFETY: setns with an open namespace file only changes the calling
     // thread's network namespace.
-    let rc = unsafe { libc::setns(file.as_raw_fd(), libc::CLONE_NEWNET) };
-    if rc == 0 {
-        Ok(())
-    } else {
-        Err(std::io::Error::last_os_error())
-    }
+    os_result(unsafe { libc::setns(file.as_raw_fd(), libc::CLONE_NEWNET) })
 }
 
 fn ip(args: &[&str]) -> Result<(), HostsError> {
@@ -153,6 +146,27 @@ fn ip(args: &[&str]) -> Result<(), HostsError> {
             args: args.join(" "),
             stderr: String::from_utf8_lossy(&out.stderr).trim().to_owned(),
         })
+    }
+}
+
+/// Narrows the ephemeral port range of the calling thread's namespace to
+/// `ports` ports when given, and says how many it has.
+fn ephemeral_ports(ports: Option<u16>) -> Result<u32, HostsError> {
+    let sysctl = |source| HostsError::Sysctl {
+        key: "net.ipv4.ip_local_port_range",
+        source,
+    };
+    if let Some(ports) = ports {
+        let first: u32 = 20_000;
+        let last = first + u32::from(ports.max(1)) - 1;
+        std::fs::write(LOCAL_PORT_RANGE, format!("{first} {last}")).map_err(sysctl)?;
+    }
+    let range = std::fs::read_to_string(LOCAL_PORT_RANGE).map_err(sysctl)?;
+    match census::parse_port_range(&range) {
+        Some(bounds) => Ok(census::ports_in(bounds)),
+        None => Err(sysctl(std::io::Error::other(format!(
+            "unreadable range {range:?}"
+        )))),
     }
 }
 
@@ -199,31 +213,7 @@ impl Hosts {
             ])?;
             ip(&["addr", "add", &app_cidr, "dev", APP_LINK])?;
             ip(&["link", "set", APP_LINK, "up"])?;
-            const RANGE: &str = "/proc/sys/net/ipv4/ip_local_port_range";
-            if let Some(ports) = ports {
-                let first: u32 = 20_000;
-                let last = first + u32::from(ports.max(1)) - 1;
-                std::fs::write(RANGE, format!("{first} {last}")).map_err(|source| {
-                    HostsError::Sysctl {
-                        key: "net.ipv4.ip_local_port_range",
-                        source,
-                    }
-                })?;
-            }
-            let range = std::fs::read_to_string(RANGE).map_err(|source| HostsError::Sysctl {
-                key: "net.ipv4.ip_local_port_range",
-                source,
-            })?;
-            let mut bounds = range
-                .split_whitespace()
-                .filter_map(|n| n.parse::<u32>().ok());
-            match (bounds.next(), bounds.next()) {
-                (Some(low), Some(high)) if low <= high => Ok(high - low + 1),
-                _ => Err(HostsError::Sysctl {
-                    key: "net.ipv4.ip_local_port_range",
-                    source: std::io::Error::other(format!("unreadable range {range:?}")),
-                }),
-            }
+            ephemeral_ports(ports)
         })?;
         backend_ns.run(move || {
             ip(&["link", "set", "lo", "up"])?;

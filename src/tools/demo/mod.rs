@@ -350,123 +350,111 @@ async fn start_backend(bind: SocketAddr) -> Result<(SocketAddr, Arc<AtomicU64>),
     Ok((addr, accepted))
 }
 
+/// Connects that failed because the app's host had no ephemeral port left.
+fn out_of_ports(phase: &Phase) -> u64 {
+    let errors = &phase.load.errors_by_kind;
+    errors.get("EADDRNOTAVAIL").copied().unwrap_or(0)
+}
+
+/// How one row's figure is written for a phase.
+type Figure = fn(&Phase) -> String;
+
+/// The table's rows: a label, and how each phase's figure is written.
+const ROWS: [(&str, Figure); 10] = [
+    ("requests", |p| p.load.requests.to_string()),
+    ("errors", |p| p.load.errors.to_string()),
+    ("  out of ports (EADDRNOTAVAIL)", |p| {
+        out_of_ports(p).to_string()
+    }),
+    ("requests/s", |p| format!("{:.0}", p.load.rps)),
+    ("p50 latency (ms)", |p| format!("{:.2}", p.load.p50_ms)),
+    ("p99 latency (ms)", |p| format!("{:.2}", p.load.p99_ms)),
+    ("connections the backend accepted", |p| {
+        p.backend_connections.to_string()
+    }),
+    ("TIME_WAIT toward the backend", |p| {
+        p.time_wait_to_backend.to_string()
+    }),
+    ("TIME_WAIT in the backend", |p| {
+        p.time_wait_in_backend.to_string()
+    }),
+    // Only the phase through tether has a listener.
+    ("TIME_WAIT on tether's listener", |p| {
+        p.time_wait_on_listener
+            .map_or_else(|| "-".to_owned(), |n| n.to_string())
+    }),
+];
+
 impl DemoReport {
     /// The side-by-side table and what it shows.
     pub fn table(&self) -> String {
-        let d = &self.direct;
-        let t = &self.tether;
-        let row = |label: &str, a: String, b: String| format!("{label:<34} {a:>14} {b:>14}\n");
-        let exhausted = |p: &Phase| {
-            p.load
-                .errors_by_kind
-                .get("EADDRNOTAVAIL")
-                .copied()
-                .unwrap_or(0)
-        };
-        let mut out = String::new();
-        out.push_str(&row("", "direct".into(), "through tether".into()));
-        out.push_str(&row(
-            "requests",
-            d.load.requests.to_string(),
-            t.load.requests.to_string(),
-        ));
-        out.push_str(&row(
-            "errors",
-            d.load.errors.to_string(),
-            t.load.errors.to_string(),
-        ));
-        out.push_str(&row(
-            "  out of ports (EADDRNOTAVAIL)",
-            exhausted(d).to_string(),
-            exhausted(t).to_string(),
-        ));
-        out.push_str(&row(
-            "requests/s",
-            format!("{:.0}", d.load.rps),
-            format!("{:.0}", t.load.rps),
-        ));
-        out.push_str(&row(
-            "p50 latency (ms)",
-            format!("{:.2}", d.load.p50_ms),
-            format!("{:.2}", t.load.p50_ms),
-        ));
-        out.push_str(&row(
-            "p99 latency (ms)",
-            format!("{:.2}", d.load.p99_ms),
-            format!("{:.2}", t.load.p99_ms),
-        ));
-        out.push_str(&row(
-            "connections the backend accepted",
-            d.backend_connections.to_string(),
-            t.backend_connections.to_string(),
-        ));
-        out.push_str(&row(
-            "TIME_WAIT toward the backend",
-            d.time_wait_to_backend.to_string(),
-            t.time_wait_to_backend.to_string(),
-        ));
-        out.push_str(&row(
-            "TIME_WAIT in the backend",
-            d.time_wait_in_backend.to_string(),
-            t.time_wait_in_backend.to_string(),
-        ));
-        out.push_str(&row(
-            "TIME_WAIT on tether's listener",
-            "-".into(),
-            t.time_wait_on_listener.unwrap_or(0).to_string(),
-        ));
+        let row = |label: &str, a: &str, b: &str| format!("{label:<34} {a:>14} {b:>14}\n");
+        let mut out = row("", "direct", "through tether");
+        for (label, figure) in ROWS {
+            out.push_str(&row(label, &figure(&self.direct), &figure(&self.tether)));
+        }
         out.push('\n');
         match self.mode {
-            DemoMode::Namespaces => {
-                let ports = self.ephemeral_ports.unwrap_or(0);
-                match (exhausted(d), d.load.first_error_after_s) {
-                    (0, _) => out.push_str(&format!(
-                        "Going direct, the app left {} sockets in TIME_WAIT toward the backend \
-                         ({}), each holding one of its {ports} ephemeral ports for 60 s; a longer \
-                         run (--duration) uses them all up.\n",
-                        d.time_wait_to_backend, self.backend
-                    )),
-                    (failed, after) => out.push_str(&format!(
-                        "Going direct, the app ran out of its {ports} ephemeral ports after {:.1} s: \
-                         each connection it closed holds its port in TIME_WAIT toward the backend \
-                         ({}) for 60 s, and {failed} connects then failed with EADDRNOTAVAIL.\n",
-                        after.unwrap_or(0.0),
-                        self.backend
-                    )),
-                }
-                out.push_str(&format!(
-                    "Through tether, on the same host and after those ports were gone, {} of {} \
-                     requests succeeded over {} pooled connections (pool size {}) and no TIME_WAIT \
-                     piled up toward the backend. The app's connections to tether end on tether's \
-                     listening port, where a TIME_WAIT costs no ephemeral port.\n",
-                    t.load.requests,
-                    t.load.requests + t.load.errors,
-                    self.pooled_connections,
-                    self.pool_size
-                ));
-            }
-            DemoMode::Loopback => {
-                out.push_str(&format!(
-                    "Through tether the backend saw {} pooled connections (pool size {}), and no\n\
-                     TIME_WAIT piled up toward it. The app's own ports stay free too: tether ends each\n\
-                     exchange, so the TIME_WAIT of each short connection lands on tether's listening\n\
-                     port, where it takes no ephemeral port (client_close = \"abort\" avoids even that).\n",
-                    self.pooled_connections, self.pool_size
-                ));
-                out.push_str(&format!(
-                    "Loopback mode ({}): {LOOPBACK_LIMITS}. Run as root on Linux to put the backend \
-                     on a host of its own.\n",
-                    self.loopback_reason.as_deref().unwrap_or("no remote host")
-                ));
-            }
+            DemoMode::Namespaces => self.explain_two_hosts(&mut out),
+            DemoMode::Loopback => self.explain_loopback(&mut out),
         }
-        if let Some(error) = &d.load.first_error {
-            out.push_str(&format!("First error going direct: {error}\n"));
-        }
-        if let Some(error) = &t.load.first_error {
-            out.push_str(&format!("First error through tether: {error}\n"));
+        for (phase, going) in [
+            (&self.direct, "going direct"),
+            (&self.tether, "through tether"),
+        ] {
+            if let Some(error) = &phase.load.first_error {
+                out.push_str(&format!("First error {going}: {error}\n"));
+            }
         }
         out
+    }
+
+    /// What the figures mean with the backend on a host of its own: going
+    /// direct ran out of ephemeral ports (or would have), tether did not.
+    fn explain_two_hosts(&self, out: &mut String) {
+        let (d, t) = (&self.direct, &self.tether);
+        let ports = self.ephemeral_ports.unwrap_or(0);
+        match (out_of_ports(d), d.load.first_error_after_s) {
+            (0, _) => out.push_str(&format!(
+                "Going direct, the app left {} sockets in TIME_WAIT toward the backend \
+                 ({}), each holding one of its {ports} ephemeral ports for 60 s; a longer \
+                 run (--duration) uses them all up.\n",
+                d.time_wait_to_backend, self.backend
+            )),
+            (failed, after) => out.push_str(&format!(
+                "Going direct, the app ran out of its {ports} ephemeral ports after {:.1} s: \
+                 each connection it closed holds its port in TIME_WAIT toward the backend \
+                 ({}) for 60 s, and {failed} connects then failed with EADDRNOTAVAIL.\n",
+                after.unwrap_or(0.0),
+                self.backend
+            )),
+        }
+        out.push_str(&format!(
+            "Through tether, on the same host and after those ports were gone, {} of {} \
+             requests succeeded over {} pooled connections (pool size {}) and no TIME_WAIT \
+             piled up toward the backend. The app's connections to tether end on tether's \
+             listening port, where a TIME_WAIT costs no ephemeral port.\n",
+            t.load.requests,
+            t.load.requests + t.load.errors,
+            self.pooled_connections,
+            self.pool_size
+        ));
+    }
+
+    /// What the figures mean on loopback, and what loopback cannot show.
+    fn explain_loopback(&self, out: &mut String) {
+        out.push_str(&format!(
+            "Through tether the backend saw {} pooled connections (pool size {}), and no\n\
+             TIME_WAIT piled up toward it. The app's own ports stay free too: tether ends each\n\
+             exchange, so the TIME_WAIT of each short connection lands on tether's listening\n\
+             port, where it takes no ephemeral port (client_close = \"abort\" avoids even that).\n",
+            self.pooled_connections, self.pool_size
+        ));
+        out.push_str(&format!(
+            "Loopback mode ({}): {LOOPBACK_LIMITS}. Run as root on Linux to put the backend \
+             on a host of its own.\n",
+            self.loopback_reason.as_deref().unwrap_or("no remote host")
+        ));
     }
 
     /// `{"mode": …, "direct": {…}, "tether": {…}, "pool_size": n, …}` for scripts.
