@@ -16,6 +16,9 @@ use bytes::{Bytes, BytesMut};
 use http_body::{Body, Frame, SizeHint};
 use hyper::body::Incoming;
 
+/// What a body's `poll_frame` returns, for every body on the request path.
+pub type FramePoll = Poll<Option<Result<Frame<Bytes>, BodyError>>>;
+
 /// Errors a body on a pooled connection can yield.
 #[derive(Debug, thiserror::Error)]
 pub enum BodyError {
@@ -97,10 +100,7 @@ impl Body for UpstreamBody {
     type Data = Bytes;
     type Error = BodyError;
 
-    fn poll_frame(
-        mut self: Pin<&mut Self>,
-        cx: &mut Context<'_>,
-    ) -> Poll<Option<Result<Frame<Bytes>, BodyError>>> {
+    fn poll_frame(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> FramePoll {
         if let Some(frame) = self.buffered.pop_front() {
             if self.buffered.is_empty() && self.rest.is_none() {
                 self.mark_sent();
@@ -187,10 +187,7 @@ impl Body for ResponseBody {
     type Error = BodyError;
 
     #[inline]
-    fn poll_frame(
-        mut self: Pin<&mut Self>,
-        cx: &mut Context<'_>,
-    ) -> Poll<Option<Result<Frame<Bytes>, BodyError>>> {
+    fn poll_frame(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> FramePoll {
         Pin::new(&mut self.inner)
             .poll_frame(cx)
             .map_err(BodyError::Upstream)
