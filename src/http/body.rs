@@ -125,26 +125,21 @@ impl Body for ProxyBody {
                 }
                 match Pin::new(&mut *body).poll_frame(cx) {
                     Poll::Pending => Poll::Pending,
-                    Poll::Ready(None) => {
-                        this.finished = true;
-                        if let Some(lease) = lease.take() {
-                            lease.release();
-                        }
-                        Poll::Ready(None)
+                    Poll::Ready(Some(Err(e))) => {
+                        // Dropping the lease discards the upstream connection.
+                        lease.take();
+                        Poll::Ready(Some(Err(e)))
                     }
-                    Poll::Ready(Some(Ok(frame))) => {
-                        if body.is_end_stream() {
+                    Poll::Ready(frame) => {
+                        // Ended, with its last frame or after it: the
+                        // connection can serve another request.
+                        if frame.is_none() || body.is_end_stream() {
                             this.finished = true;
                             if let Some(lease) = lease.take() {
                                 lease.release();
                             }
                         }
-                        Poll::Ready(Some(Ok(frame)))
-                    }
-                    Poll::Ready(Some(Err(e))) => {
-                        // Dropping the lease discards the upstream connection.
-                        lease.take();
-                        Poll::Ready(Some(Err(e)))
+                        Poll::Ready(frame)
                     }
                 }
             }

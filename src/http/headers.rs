@@ -4,7 +4,7 @@
 use std::net::IpAddr;
 
 use http::header::{self, HeaderMap, HeaderName, HeaderValue};
-use http::{Method, Request, Version};
+use http::{Method, Request, StatusCode, Uri, Version};
 
 const HOP_BY_HOP_COUNT: usize = 7;
 
@@ -63,12 +63,41 @@ pub fn client_ends_connection<B>(request: &Request<B>) -> bool {
     }
 }
 
+/// Why a request hyper has parsed is not forwarded.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Rejection {
+    /// More than one Host header: which one the upstream would use is unknown.
+    DuplicateHost,
+    /// A Host that is not a valid authority.
+    InvalidHost,
+    /// HTTP/1.1 without Host.
+    MissingHost,
+    /// CONNECT: tether does not tunnel.
+    Connect,
+    /// An absolute-form target without a path.
+    InvalidTarget,
+}
+
+impl Rejection {
+    /// The status tether answers with, and the reason for the
+    /// `x-tether-error` header.
+    pub fn answer(self) -> (StatusCode, &'static str) {
+        match self {
+            Self::DuplicateHost => (StatusCode::BAD_REQUEST, "duplicate-host"),
+            Self::InvalidHost => (StatusCode::BAD_REQUEST, "invalid-host"),
+            Self::MissingHost => (StatusCode::BAD_REQUEST, "missing-host"),
+            Self::Connect => (StatusCode::METHOD_NOT_ALLOWED, "connect-not-supported"),
+            Self::InvalidTarget => (StatusCode::BAD_REQUEST, "invalid-target"),
+        }
+    }
+}
+
 /// Checks a request hyper has parsed for what hyper lets through but a proxy
-/// must not forward. Returns a short reason for the `x-tether-error` header.
-pub fn reject_reason<B>(request: &Request<B>) -> Option<&'static str> {
+/// must not forward.
+pub fn rejection<B>(request: &Request<B>) -> Option<Rejection> {
     let hosts = request.headers().get_all(header::HOST).iter().count();
     if hosts > 1 {
-        return Some("duplicate-host");
+        return Some(Rejection::DuplicateHost);
     }
     if let Some(host) = request.headers().get(header::HOST) {
         if host
@@ -77,17 +106,17 @@ pub fn reject_reason<B>(request: &Request<B>) -> Option<&'static str> {
             .and_then(|h| h.parse::<http::uri::Authority>().ok())
             .is_none()
         {
-            return Some("invalid-host");
+            return Some(Rejection::InvalidHost);
         }
     } else if request.version() == Version::HTTP_11 {
         // RFC 9112 §3.2: a server MUST answer 400 to an HTTP/1.1 request without Host.
-        return Some("missing-host");
+        return Some(Rejection::MissingHost);
     }
     if request.method() == Method::CONNECT {
-        return Some("connect-not-supported");
+        return Some(Rejection::Connect);
     }
     if request.uri().scheme().is_some() && request.uri().path_and_query().is_none() {
-        return Some("invalid-target");
+        return Some(Rejection::InvalidTarget);
     }
     None
 }
@@ -104,11 +133,7 @@ pub fn prepare_upstream(
 ) {
     strip_hop_by_hop(&mut parts.headers);
     if parts.uri.scheme().is_some() || parts.uri.authority().is_some() {
-        let origin = parts
-            .uri
-            .path_and_query()
-            .map_or("/", |pq| pq.as_str())
-            .to_owned();
+        let origin = path_and_query(&parts.uri).to_owned();
         if let Some(authority) = parts.uri.authority() {
             if let Ok(value) = HeaderValue::from_str(authority.as_str()) {
                 // RFC 9112 §3.2.2: the target's authority replaces Host.
@@ -140,11 +165,7 @@ pub fn to_http2_form(parts: &mut http::request::Parts) {
         .get(header::HOST)
         .and_then(|h| h.to_str().ok())
         .map(str::to_owned);
-    let path = parts
-        .uri
-        .path_and_query()
-        .map_or("/", |pq| pq.as_str())
-        .to_owned();
+    let path = path_and_query(&parts.uri).to_owned();
     if let Some(authority) = authority {
         if let Ok(uri) = format!("http://{authority}{path}").parse() {
             parts.uri = uri;
@@ -152,6 +173,11 @@ pub fn to_http2_form(parts: &mut http::request::Parts) {
         }
     }
     parts.version = Version::HTTP_2;
+}
+
+/// The target as origin-form: its path and query, `/` when it has none.
+fn path_and_query(uri: &Uri) -> &str {
+    uri.path_and_query().map_or("/", |pq| pq.as_str())
 }
 
 /// The value a client address adds to X-Forwarded-For; made once per

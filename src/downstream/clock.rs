@@ -1,0 +1,127 @@
+//! The header and idle timeouts of one client connection, kept without a
+//! timer operation per request: the phase and the instant it began live in
+//! one atomic word, and a single lazy timer reads it when it fires.
+
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::time::Duration;
+
+use tokio::time::Instant;
+
+use super::close::ResetReason;
+
+/// What a client connection is doing, for its timeouts.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Phase {
+    /// Reading a request head (or just accepted).
+    Head,
+    /// A request is being served; no client timeout runs.
+    Busy,
+    /// Waiting for the next request.
+    Idle,
+}
+
+/// The header and idle timers of one connection.
+///
+/// The IO and the service update the phase without waking anyone; the
+/// connection's single timer is lazy: when it fires it reads the phase and
+/// either expires or re-arms. A timer that fires early costs one wake-up; one
+/// that fires late would let a slow client overstay, so it is never armed past
+/// the earliest deadline any phase could have from now.
+pub(super) struct Clock {
+    /// Phase in the top two bits, milliseconds since `origin` in the rest.
+    word: AtomicU64,
+    origin: Instant,
+    header_timeout: Duration,
+    idle_timeout: Duration,
+}
+
+const PHASE_SHIFT: u32 = 62;
+const SINCE_MASK: u64 = (1 << PHASE_SHIFT) - 1;
+
+impl Clock {
+    /// A clock in the head phase from now: the header timeout runs from accept.
+    pub(super) fn new(header_timeout: Duration, idle_timeout: Duration) -> Self {
+        Self {
+            word: AtomicU64::new(0),
+            origin: Instant::now(),
+            header_timeout,
+            idle_timeout,
+        }
+    }
+
+    fn encode(&self, phase: Phase, at: Instant) -> u64 {
+        let tag = match phase {
+            Phase::Head => 0,
+            Phase::Busy => 1,
+            Phase::Idle => 2,
+        };
+        let millis =
+            u64::try_from(at.duration_since(self.origin).as_millis()).unwrap_or(SINCE_MASK);
+        (tag << PHASE_SHIFT) | (millis & SINCE_MASK)
+    }
+
+    fn decode(&self, word: u64) -> (Phase, Instant) {
+        let phase = match word >> PHASE_SHIFT {
+            0 => Phase::Head,
+            1 => Phase::Busy,
+            _ => Phase::Idle,
+        };
+        (
+            phase,
+            self.origin + Duration::from_millis(word & SINCE_MASK),
+        )
+    }
+
+    /// A request is being served. Busy has no deadline, so no clock read.
+    pub(super) fn set_busy(&self) {
+        self.word.store(1 << PHASE_SHIFT, Ordering::Release);
+    }
+
+    /// An exchange ended: the idle timeout runs from now.
+    pub(super) fn set_idle(&self) {
+        self.word
+            .store(self.encode(Phase::Idle, Instant::now()), Ordering::Release);
+    }
+
+    /// Bytes arrived from the client: an idle connection starts a request head.
+    pub(super) fn bytes_arrived(&self) {
+        let word = self.word.load(Ordering::Acquire);
+        if self.decode(word).0 == Phase::Idle {
+            // Lost races are harmless: whoever wins set a newer phase.
+            let _ = self.word.compare_exchange(
+                word,
+                self.encode(Phase::Head, Instant::now()),
+                Ordering::AcqRel,
+                Ordering::Relaxed,
+            );
+        }
+    }
+
+    fn deadline(&self) -> Option<(Instant, ResetReason)> {
+        match self.decode(self.word.load(Ordering::Acquire)) {
+            (Phase::Head, since) => Some((since + self.header_timeout, ResetReason::HeaderTimeout)),
+            (Phase::Idle, since) => Some((since + self.idle_timeout, ResetReason::IdleTimeout)),
+            (Phase::Busy, _) => None,
+        }
+    }
+
+    /// Resolves with the reason once a deadline passes in the phase it was set for.
+    pub(super) async fn expired(&self) -> ResetReason {
+        // Any phase entered from now on has a deadline no earlier than this.
+        let horizon = self.header_timeout.min(self.idle_timeout);
+        let soonest = Instant::now() + horizon;
+        let first = self.deadline().map_or(soonest, |(at, _)| at.min(soonest));
+        let timer = tokio::time::sleep_until(first);
+        tokio::pin!(timer);
+        loop {
+            timer.as_mut().await;
+            let now = Instant::now();
+            let next = match self.deadline() {
+                Some((at, reason)) if at <= now => return reason,
+                Some((at, _)) => at.min(now + horizon),
+                None => now + horizon,
+            };
+            timer.as_mut().reset(next);
+        }
+    }
+}

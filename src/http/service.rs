@@ -1,0 +1,210 @@
+//! The hyper service of one client connection: for each request it decides
+//! whether the exchange is the connection's last, refuses what must not be
+//! forwarded, reads the request body ahead, forwards it, and turns any failure
+//! into the client's answer.
+
+use std::convert::Infallible;
+use std::future::Future;
+use std::net::{IpAddr, SocketAddr};
+use std::pin::Pin;
+use std::sync::Arc;
+
+use http::header::HeaderValue;
+use http::{Method, Request, Response, StatusCode};
+use http_body::Body as _;
+use hyper::body::Incoming;
+use tokio::time::Instant;
+
+use super::body::{prefetch, ProxyBody};
+use super::error::{Failure, ProxyError, Side, ERROR_HEADER};
+use super::response::{respond, Exchange};
+use super::{forward, headers, Binding, ClientConnection};
+use crate::config::{ClientClose, Protocol};
+use crate::pool::UpstreamBody;
+
+/// The hyper service of one client connection.
+pub struct ProxyService<C> {
+    binding: Arc<Binding>,
+    client: Arc<C>,
+    /// The client's address, for the events that name it.
+    client_ip: Option<IpAddr>,
+    /// The client's address as X-Forwarded-For appends it.
+    forwarded_for: Option<HeaderValue>,
+}
+
+// Written out: a derive would require `C: Clone`, and only the `Arc` is cloned.
+impl<C> Clone for ProxyService<C> {
+    fn clone(&self) -> Self {
+        Self {
+            binding: self.binding.clone(),
+            client: self.client.clone(),
+            client_ip: self.client_ip,
+            forwarded_for: self.forwarded_for.clone(),
+        }
+    }
+}
+
+type ServiceFuture = Pin<Box<dyn Future<Output = Result<Response<ProxyBody>, Infallible>> + Send>>;
+
+impl<C: ClientConnection> hyper::service::Service<Request<Incoming>> for ProxyService<C> {
+    type Response = Response<ProxyBody>;
+    type Error = Infallible;
+    type Future = ServiceFuture;
+
+    fn call(&self, request: Request<Incoming>) -> Self::Future {
+        self.client.exchange_started();
+        let this = self.clone();
+        Box::pin(async move {
+            let started = Instant::now();
+            let done = this.client.clone();
+            let binding = this.binding.clone();
+            let response = this.handle(request, started).await;
+            let reason = response
+                .headers()
+                .get(ERROR_HEADER)
+                .and_then(|v| v.to_str().ok());
+            binding.record(response.status(), reason, Some(started));
+            Ok(response.map(|body| body.on_done(done)))
+        })
+    }
+}
+
+impl<C: ClientConnection> ProxyService<C> {
+    /// A service for one accepted connection, from `addr` (none on a unix
+    /// socket).
+    pub fn new(binding: Arc<Binding>, client: Arc<C>, addr: Option<SocketAddr>) -> Self {
+        let client_ip = addr.map(|a| a.ip());
+        Self {
+            binding,
+            client,
+            client_ip,
+            forwarded_for: client_ip.and_then(headers::forwarded_for_value),
+        }
+    }
+
+    async fn handle(self, request: Request<Incoming>, started: Instant) -> Response<ProxyBody> {
+        let last = self.is_last_exchange(&request);
+        match self.proxy(request, started, last).await {
+            Ok(response) => response,
+            Err(error) => self.answer(error, last),
+        }
+    }
+
+    /// Counts the request and says whether its exchange ends the connection:
+    /// the client asked, the connection has carried
+    /// `max_requests_per_connection`, or the process is draining.
+    fn is_last_exchange(&self, request: &Request<Incoming>) -> bool {
+        let served = self.client.count_request();
+        let limit = self.binding.listener.max_requests_per_connection;
+        headers::client_ends_connection(request)
+            || (limit > 0 && served >= limit)
+            || self.client.draining()
+    }
+
+    async fn proxy(
+        &self,
+        request: Request<Incoming>,
+        started: Instant,
+        last: bool,
+    ) -> Result<Response<ProxyBody>, ProxyError> {
+        let listener = &self.binding.listener;
+        if self.client.take_ambiguous_framing() {
+            return Err(ProxyError::refused(
+                StatusCode::BAD_REQUEST,
+                "ambiguous-framing",
+                "Content-Length together with Transfer-Encoding",
+            ));
+        }
+        if last && listener.client_close == ClientClose::Graceful {
+            self.client.fin_after_response();
+        }
+        if let Some(rejection) = headers::rejection(&request) {
+            return Err(rejection.into());
+        }
+        let exchange = Exchange {
+            client_version: request.version(),
+            head_request: request.method() == Method::HEAD,
+            last,
+            deadline: started + listener.request_timeout,
+        };
+        let (mut parts, body) = request.into_parts();
+        headers::prepare_upstream(
+            &mut parts,
+            self.forwarded_for.as_ref(),
+            listener.forwarded_for,
+            &self.binding.fallback_host,
+        );
+        if self.binding.pool.settings().protocol == Protocol::Http2 {
+            headers::to_http2_form(&mut parts);
+        }
+        let limit = listener.request_buffer.as_usize();
+        let body = read_request_body(body, limit, exchange.deadline).await?;
+        let forwarding = forward::forward(&self.binding.pool, parts, body);
+        let (response, lease) = match tokio::time::timeout_at(exchange.deadline, forwarding).await {
+            Ok(forwarded) => forwarded?,
+            Err(_) => return Err(ProxyError::response_timeout(listener.request_timeout)),
+        };
+        respond(&self.binding, response, lease, &exchange).await
+    }
+
+    /// The client's answer to a request tether could not forward or complete.
+    /// A client that misbehaved is marked, so its connection ends without a
+    /// graceful close.
+    fn answer(&self, error: ProxyError, last: bool) -> Response<ProxyBody> {
+        self.report(&error);
+        if error.side() == Side::Client {
+            self.client.mark_misbehaved();
+        }
+        error.into_response(last)
+    }
+
+    fn report(&self, error: &ProxyError) {
+        let upstream = self.binding.pool.name();
+        match error.failure() {
+            // `info`, so seen at the default level, where the connection's span
+            // is off: the event names the listener and the client itself.
+            Failure::Refused(detail) => tracing::info!(
+                listener = %self.binding.listener.name,
+                client = ?self.client_ip,
+                status = %error.status(),
+                reason = error.reason(),
+                detail = detail.as_ref(),
+                "request refused"
+            ),
+            Failure::Pool(e) => tracing::warn!(%upstream, error = %e, "no upstream connection"),
+            failure @ Failure::Send { .. } => {
+                tracing::warn!(%upstream, error = %failure, "upstream request failed");
+            }
+            Failure::ResponseTimeout(timeout) => {
+                tracing::warn!(%upstream, ?timeout, "upstream response timed out");
+            }
+            // Counted by reason in the metrics, with no event: as for an
+            // upstream body that fails while it streams to the client.
+            Failure::Body(_) | Failure::BodyTimeout => {}
+        }
+    }
+}
+
+/// The request body as it goes upstream, its first `limit` bytes read ahead
+/// by `deadline` (see [`prefetch`]).
+async fn read_request_body(
+    body: Incoming,
+    limit: usize,
+    deadline: Instant,
+) -> Result<UpstreamBody, ProxyError> {
+    // Most requests have no body: no timer and no read for them. The read of a
+    // body is boxed so its state does not enlarge every request's future
+    // (which is copied whole when hyper boxes it).
+    if body.is_end_stream() {
+        return Ok(UpstreamBody::from_bytes(None));
+    }
+    match Box::pin(tokio::time::timeout_at(deadline, prefetch(body, limit))).await {
+        Ok(Ok(body)) => Ok(body),
+        Ok(Err(e)) => Err(ProxyError::bad_request_body(e.to_string())),
+        Err(_) => Err(ProxyError::refused(
+            StatusCode::REQUEST_TIMEOUT,
+            "client-body-timeout",
+            "the request body did not arrive within request_timeout",
+        )),
+    }
+}
