@@ -10,7 +10,7 @@
 # so changes too small for wall-clock figures show here.
 #
 # Knobs: MODES ("keep-alive http10"), DURATION (5), CONCURRENCY (8),
-# BASELINE_BIN. Needs valgrind and nginx (installed if missing, as root).
+# BASELINE_BIN, TETHER_BIN. The dumps stay in the printed directory. Needs valgrind and nginx (installed if missing, as root).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
@@ -24,8 +24,9 @@ PROXY=127.0.0.1:19000
 command -v valgrind >/dev/null && command -v nginx >/dev/null || {
   apt-get update -qq && apt-get install -y -qq valgrind nginx >/dev/null
 }
-cargo build --release -q
-BIN=$PWD/target/release/tether
+# TETHER_BIN: measure that build instead of this checkout's release build
+# (a `--profile profiling` one keeps symbols for callgrind_annotate).
+if [ -n "${TETHER_BIN:-}" ]; then BIN=$TETHER_BIN; else cargo build --release -q; BIN=$PWD/target/release/tether; fi
 WORK=$(mktemp -d /tmp/tether-callgrind.XXXXXX)
 chmod 755 "$WORK"  # nginx workers read the files as their own user
 cleanup() {
@@ -94,6 +95,7 @@ print(f"{label:10} {mode:11} {d['requests']:7d} requests {d['errors']:3d} errors
 PY
 }
 
+echo "callgrind dumps in $WORK"
 for mode in $MODES; do
   measure tether "$BIN" "$mode"
   [ -n "$BASELINE_BIN" ] && measure baseline "$BASELINE_BIN" "$mode"
