@@ -5,118 +5,38 @@
 mod common;
 
 use std::net::SocketAddr;
-use std::process::{Child, Command};
-use std::sync::atomic::Ordering;
 use std::time::Duration;
 
 use common::*;
-use tokio::io::{AsyncReadExt, AsyncWriteExt, BufReader};
+use tether::Config;
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
 
-struct Proxy {
-    child: Child,
-    addr: SocketAddr,
+/// The binary's config: two workers, ten seconds to drain.
+fn binary_config(backend: SocketAddr) -> Config {
+    let mut config = default_config(backend);
+    config.runtime.worker_threads = 2;
+    config.runtime.drain_timeout = Duration::from_secs(10);
+    config
 }
 
-impl Proxy {
-    /// Starts the binary on an ephemeral port and reads the bound address from
-    /// its log.
-    fn start(backend: SocketAddr, extra: &str) -> Self {
-        Self::start_limited(backend, extra, None)
-    }
-
-    /// As `start`, with the process's open-file limit set to `nofile`.
-    fn start_limited(backend: SocketAddr, extra: &str, nofile: Option<u32>) -> Self {
-        Self::start_configured(backend, extra, "", nofile)
-    }
-
-    /// As `start_limited`, with `upstream_extra` appended to the upstream's
-    /// section (sub-tables such as `[upstream.pool]` included).
-    fn start_configured(
-        backend: SocketAddr,
-        extra: &str,
-        upstream_extra: &str,
-        nofile: Option<u32>,
-    ) -> Self {
-        let dir = std::env::temp_dir().join(format!(
-            "tether-bin-{}-{}",
-            std::process::id(),
-            backend.port()
-        ));
-        std::fs::create_dir_all(&dir).unwrap();
-        let file = dir.join("tether.toml");
-        std::fs::write(
-            &file,
-            format!(
-                r#"
-                [log]
-                level = "info"
-                [[listener]]
-                name = "app"
-                listen = "127.0.0.1:0"
-                upstream = "backend"
-                {extra}
-                [[upstream]]
-                name = "backend"
-                endpoints = ["{backend}"]
-                {upstream_extra}
-                [admin]
-                listen = "127.0.0.1:0"
-                [runtime]
-                worker_threads = 2
-                drain_timeout = "10s"
-                "#
-            ),
-        )
-        .unwrap();
-        let command = match nofile {
-            None => {
-                let mut c = Command::new(env!("CARGO_BIN_EXE_tether"));
-                c.args(["run", "--config"]).arg(&file);
-                c
-            }
-            Some(limit) => {
-                let mut c = Command::new("sh");
-                c.arg("-c").arg(format!(
-                    "ulimit -n {limit} && exec \"{}\" run --config \"{}\"",
-                    env!("CARGO_BIN_EXE_tether"),
-                    file.display()
-                ));
-                c
-            }
-        };
-        let (child, addr) = spawn_tether(command);
-        Self { child, addr }
-    }
-
-    fn pid(&self) -> u32 {
-        self.child.id()
-    }
-
-    fn signal(&self, name: &str) {
-        send_signal(self.pid(), name);
-    }
-}
-
-impl Drop for Proxy {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
+/// `tether run` with the process's open-file limit set to `nofile`.
+fn start_limited(config: &Config, nofile: u64) -> TetherProcess {
+    let ulimit = format!("ulimit -n {nofile}");
+    TetherProcess::launch(
+        config,
+        Launch {
+            shell: Some(&ulimit),
+            ..Launch::default()
+        },
+    )
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn version_and_help_explain_the_commands() {
-    let out = Command::new(env!("CARGO_BIN_EXE_tether"))
-        .arg("--version")
-        .output()
-        .unwrap();
-    assert!(out.status.success());
+    let out = tether_ok(&["--version"]);
     assert!(String::from_utf8_lossy(&out.stdout).contains(env!("CARGO_PKG_VERSION")));
-    let out = Command::new(env!("CARGO_BIN_EXE_tether"))
-        .arg("--help")
-        .output()
-        .unwrap();
+    let out = tether_command().arg("--help").output().unwrap();
     let help = String::from_utf8_lossy(&out.stdout);
     assert!(help.contains("run") && help.contains("check"), "{help}");
 }
@@ -124,22 +44,16 @@ async fn version_and_help_explain_the_commands() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn sigterm_lets_the_request_in_flight_finish_and_exits_zero() {
     let backend = Backend::start().await;
-    let mut proxy = Proxy::start(backend.addr, "");
-    let addr = proxy.addr;
+    let mut proxy = TetherProcess::start(&binary_config(backend.addr));
+    let addr = proxy.listen;
 
-    let stream = TcpStream::connect(addr).await.unwrap();
-    let mut reader = BufReader::new(stream);
-    reader
-        .get_mut()
-        .write_all(b"GET /slow?1000 HTTP/1.1\r\nHost: t\r\n\r\n")
-        .await
-        .unwrap();
-    wait_until(Duration::from_secs(5), || {
-        backend.stats.in_flight.load(Ordering::SeqCst) == 1
-    })
-    .await;
+    let mut client = Client::connect(addr).await;
+    client
+        .send(b"GET /slow?1000 HTTP/1.1\r\nHost: t\r\n\r\n")
+        .await;
+    eventually(|| backend.in_flight() == 1).await;
     proxy.signal("TERM");
-    let resp = read_response(&mut reader, false).await.unwrap();
+    let resp = client.response().await;
     assert_eq!(resp.status, 200);
     assert_eq!(resp.body, b"slow");
     assert_eq!(
@@ -148,9 +62,8 @@ async fn sigterm_lets_the_request_in_flight_finish_and_exits_zero() {
         "keep-alive client told to go"
     );
 
-    let status = tokio::task::spawn_blocking(move || proxy.child.wait())
+    let status = tokio::task::spawn_blocking(move || proxy.exited())
         .await
-        .unwrap()
         .unwrap();
     assert_eq!(status.code(), Some(0));
     assert!(
@@ -182,48 +95,43 @@ async fn peak_rss_during<F: std::future::Future<Output = ()>>(pid: u32, work: F)
 async fn gigabyte_upload_and_download_stream_in_bounded_memory() {
     const GIB: u64 = 1 << 30;
     let backend = Backend::start().await;
-    let proxy = Proxy::start(backend.addr, "");
-    let addr = proxy.addr;
+    let proxy = TetherProcess::start(&binary_config(backend.addr));
+    let addr = proxy.listen;
     for _ in 0..20 {
         assert_eq!(get_once(addr, "/").await.status, 200);
     }
     let idle = rss_kib(proxy.pid());
 
     let upload = peak_rss_during(proxy.pid(), async {
-        let stream = TcpStream::connect(addr).await.unwrap();
-        let mut reader = BufReader::new(stream);
-        reader
-            .get_mut()
-            .write_all(
+        let mut client = Client::connect(addr).await;
+        client
+            .send(
                 format!("POST /count HTTP/1.1\r\nHost: t\r\nContent-Length: {GIB}\r\n\r\n")
                     .as_bytes(),
             )
-            .await
-            .unwrap();
+            .await;
         let chunk = vec![b'u'; 256 * 1024];
         let mut sent = 0;
         while sent < GIB {
-            reader.get_mut().write_all(&chunk).await.unwrap();
+            client.send(&chunk).await;
             sent += chunk.len() as u64;
         }
-        let resp = read_response(&mut reader, false).await.unwrap();
-        assert_eq!(resp.text(), GIB.to_string());
+        assert_eq!(client.response().await.text(), GIB.to_string());
     })
     .await;
 
     let download = peak_rss_during(proxy.pid(), async {
-        let mut stream = TcpStream::connect(addr).await.unwrap();
-        stream
-            .write_all(
+        let mut client = Client::connect(addr).await;
+        client
+            .send(
                 format!("GET /big?{GIB} HTTP/1.1\r\nHost: t\r\nConnection: close\r\n\r\n")
                     .as_bytes(),
             )
-            .await
-            .unwrap();
+            .await;
         let mut buf = vec![0u8; 256 * 1024];
         let mut total = 0u64;
         loop {
-            let n = stream.read(&mut buf).await.unwrap();
+            let n = client.stream().read(&mut buf).await.unwrap();
             if n == 0 {
                 break;
             }
@@ -249,8 +157,10 @@ async fn gigabyte_upload_and_download_stream_in_bounded_memory() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn running_out_of_file_descriptors_pauses_accepting_and_never_kills_the_process() {
     let backend = Backend::start().await;
-    let mut proxy = Proxy::start_limited(backend.addr, "header_timeout = \"1s\"", Some(40));
-    let addr = proxy.addr;
+    let mut config = binary_config(backend.addr);
+    config.listeners[0].header_timeout = Duration::from_secs(1);
+    let mut proxy = start_limited(&config, 40);
+    let addr = proxy.listen;
     assert_eq!(get_once(addr, "/").await.status, 200);
 
     // Far more connections than descriptors: accept fails with EMFILE.
@@ -259,23 +169,18 @@ async fn running_out_of_file_descriptors_pauses_accepting_and_never_kills_the_pr
         hogs.push(TcpStream::connect(addr).await.unwrap());
     }
     tokio::time::sleep(Duration::from_millis(500)).await;
-    assert!(
-        proxy.child.try_wait().unwrap().is_none(),
-        "tether exited under EMFILE"
-    );
+    assert!(proxy.is_running(), "tether exited under EMFILE");
     drop(hogs);
 
     // Once descriptors free up, it serves again.
     let mut served = false;
     for _ in 0..50 {
         if let Ok(Ok(resp)) = tokio::time::timeout(Duration::from_secs(2), async {
-            let stream = TcpStream::connect(addr).await?;
-            let mut reader = BufReader::new(stream);
-            reader
-                .get_mut()
+            let mut stream = TcpStream::connect(addr).await?;
+            stream
                 .write_all(b"GET / HTTP/1.1\r\nHost: t\r\nConnection: close\r\n\r\n")
                 .await?;
-            read_response(&mut reader, false).await
+            Client::over(stream).try_response(false).await
         })
         .await
         {
@@ -287,7 +192,7 @@ async fn running_out_of_file_descriptors_pauses_accepting_and_never_kills_the_pr
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
     assert!(served, "tether did not recover after EMFILE");
-    assert!(proxy.child.try_wait().unwrap().is_none());
+    assert!(proxy.is_running());
 }
 
 /// Raises this process's open-file limit as far as it may go (the test holds
@@ -313,27 +218,25 @@ async fn open_clients(
     count: usize,
     request: &'static [u8],
     read_reply: bool,
-) -> Vec<TcpStream> {
-    let mut streams = Vec::with_capacity(count);
+) -> Vec<Client> {
+    let mut clients = Vec::with_capacity(count);
     let batch = 250;
-    while streams.len() < count {
-        let n = batch.min(count - streams.len());
+    while clients.len() < count {
+        let n = batch.min(count - clients.len());
         let mut opening = tokio::task::JoinSet::new();
         for _ in 0..n {
             opening.spawn(async move {
-                let mut stream = TcpStream::connect(addr).await.unwrap();
-                stream.write_all(request).await.unwrap();
+                let mut client = Client::connect(addr).await;
+                client.send(request).await;
                 if read_reply {
-                    let mut reader = BufReader::new(&mut stream);
-                    let resp = read_response(&mut reader, false).await.unwrap();
-                    assert_eq!(resp.status, 200);
+                    assert_eq!(client.response().await.status, 200);
                 }
-                stream
+                client
             });
         }
-        streams.extend(opening.join_all().await);
+        clients.extend(opening.join_all().await);
     }
-    streams
+    clients
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -345,21 +248,22 @@ async fn ten_thousand_idle_and_in_flight_connections_fit_in_bounded_memory() {
         "open-file limit {limit} is too low for this test"
     );
     let backend = Backend::start().await;
-    let start = || {
-        Proxy::start_configured(
-            backend.addr,
-            "max_connections = 12000\nidle_timeout = \"10m\"\nrequest_timeout = \"10m\"",
-            "[upstream.pool]\nmax_connections = 64\nacquire_timeout = \"10m\"",
-            Some(u32::try_from(limit).unwrap_or(u32::MAX)),
-        )
-    };
+    let mut config = binary_config(backend.addr);
+    let listener = &mut config.listeners[0];
+    listener.max_connections = 12000;
+    listener.idle_timeout = Duration::from_secs(600);
+    listener.request_timeout = Duration::from_secs(600);
+    let pool = &mut config.upstreams[0].pool;
+    pool.max_connections = 64;
+    pool.acquire_timeout = Duration::from_secs(600);
+    let start = || start_limited(&config, limit.min(u64::from(u32::MAX)));
     // Each phase gets its own process, so one phase's freed memory cannot hide
     // the other's.
     let idle_rss = {
         let proxy = start();
         let base = settled_rss(&proxy).await;
         let clients = open_clients(
-            proxy.addr,
+            proxy.listen,
             CLIENTS,
             b"GET / HTTP/1.1\r\nHost: t\r\n\r\n",
             true,
@@ -373,19 +277,16 @@ async fn ten_thousand_idle_and_in_flight_connections_fit_in_bounded_memory() {
     let in_flight_rss = {
         let proxy = start();
         let base = settled_rss(&proxy).await;
-        let held_before = backend.stats.in_flight.load(Ordering::SeqCst);
+        let held_before = backend.in_flight();
         let clients = open_clients(
-            proxy.addr,
+            proxy.listen,
             CLIENTS,
             b"GET /stall HTTP/1.1\r\nHost: t\r\n\r\n",
             false,
         )
         .await;
         // 64 requests wait at the backend, the rest for a pooled connection.
-        wait_until(Duration::from_secs(30), || {
-            backend.stats.in_flight.load(Ordering::SeqCst) >= held_before + 64
-        })
-        .await;
+        eventually_within(3 * PATIENCE, || backend.in_flight() >= held_before + 64).await;
         tokio::time::sleep(Duration::from_millis(1000)).await;
         let with = rss_kib(proxy.pid());
         drop(clients);
@@ -415,8 +316,8 @@ async fn ten_thousand_idle_and_in_flight_connections_fit_in_bounded_memory() {
 }
 
 /// RSS after one request has warmed the process up.
-async fn settled_rss(proxy: &Proxy) -> u64 {
-    let warm = get_once(proxy.addr, "/").await;
+async fn settled_rss(proxy: &TetherProcess) -> u64 {
+    let warm = get_once(proxy.listen, "/").await;
     assert_eq!(warm.status, 200);
     tokio::time::sleep(Duration::from_millis(300)).await;
     rss_kib(proxy.pid())

@@ -6,71 +6,66 @@ mod common;
 use std::time::{Duration, Instant};
 
 use common::*;
-use tether::census;
 use tether::config::ClientClose;
-use tokio::io::{AsyncWriteExt, BufReader};
+use tokio::io::AsyncWriteExt;
 use tokio::net::TcpStream;
+
+const GET: &[u8] = b"GET / HTTP/1.1\r\nHost: t\r\n\r\n";
+const GET_CLOSE: &[u8] = b"GET / HTTP/1.1\r\nHost: t\r\nConnection: close\r\n\r\n";
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn idle_keep_alive_client_is_reset_not_closed() {
-    let (_backend, running, addr) = backend_and_tether(|config| {
-        config.listeners[0].idle_timeout = Duration::from_millis(300);
-    })
+    with_tether_and_backend(
+        |c| c.listeners[0].idle_timeout = Duration::from_millis(300),
+        |_, t| async move {
+            let mut client = Client::connect(t.addr()).await;
+            let resp = client.request(GET).await;
+            assert_eq!(resp.status, 200);
+            assert!(resp.header("connection").is_none_or(|v| v != "close"));
+            let (rest, end) = client.read_to_end().await;
+            assert!(rest.is_empty());
+            assert_eq!(end, End::Reset);
+        },
+    )
     .await;
-
-    let stream = TcpStream::connect(addr).await.unwrap();
-    let mut reader = BufReader::new(stream);
-    reader
-        .get_mut()
-        .write_all(b"GET / HTTP/1.1\r\nHost: t\r\n\r\n")
-        .await
-        .unwrap();
-    let resp = read_response(&mut reader, false).await.unwrap();
-    assert_eq!(resp.status, 200);
-    assert!(resp.header("connection").is_none_or(|v| v != "close"));
-    let mut stream = reader.into_inner();
-    let (rest, end) = read_to_end(&mut stream, Duration::from_secs(5)).await;
-    assert!(rest.is_empty());
-    assert_eq!(end, End::Reset);
-    running.drain().await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn slowloris_and_silent_clients_are_reset_after_header_timeout() {
-    let (backend, running, addr) = backend_and_tether(|config| {
-        config.listeners[0].header_timeout = Duration::from_millis(400);
-    })
+    with_tether_and_backend(
+        |c| c.listeners[0].header_timeout = Duration::from_millis(400),
+        |backend, t| async move {
+            // Silent: connects and sends nothing.
+            let mut silent = TcpStream::connect(t.addr()).await.unwrap();
+            // Slowloris: a header line every 100ms, never finishing the head.
+            let mut slow = TcpStream::connect(t.addr()).await.unwrap();
+            slow.write_all(b"GET / HTTP/1.1\r\nHost: t\r\n")
+                .await
+                .unwrap();
+            let trickle = tokio::spawn(async move {
+                let started = Instant::now();
+                for i in 0..40 {
+                    // A reset shows up on whichever call comes first, write or read.
+                    if let Err(e) = slow.write_all(format!("X-{i}: y\r\n").as_bytes()).await {
+                        assert_eq!(e.kind(), std::io::ErrorKind::ConnectionReset);
+                        return (Vec::new(), End::Reset, started.elapsed());
+                    }
+                    tokio::time::sleep(Duration::from_millis(100)).await;
+                }
+                let (data, end) = read_to_end(&mut slow).await;
+                (data, end, started.elapsed())
+            });
+            let (data, end) = read_to_end(&mut silent).await;
+            assert!(data.is_empty());
+            assert_eq!(end, End::Reset);
+            let (data, end, elapsed) = trickle.await.unwrap();
+            assert!(data.is_empty(), "no response to an unfinished head");
+            assert_eq!(end, End::Reset);
+            assert!(elapsed < Duration::from_secs(4), "reset took {elapsed:?}");
+            assert_eq!(backend.requests(), 0);
+        },
+    )
     .await;
-
-    // Silent: connects and sends nothing.
-    let mut silent = TcpStream::connect(addr).await.unwrap();
-    // Slowloris: a header line every 100ms, never finishing the head.
-    let mut slow = TcpStream::connect(addr).await.unwrap();
-    slow.write_all(b"GET / HTTP/1.1\r\nHost: t\r\n")
-        .await
-        .unwrap();
-    let trickle = tokio::spawn(async move {
-        let started = Instant::now();
-        for i in 0..40 {
-            // A reset shows up on whichever call comes first, write or read.
-            if let Err(e) = slow.write_all(format!("X-{i}: y\r\n").as_bytes()).await {
-                assert_eq!(e.kind(), std::io::ErrorKind::ConnectionReset);
-                return (Vec::new(), End::Reset, started.elapsed());
-            }
-            tokio::time::sleep(Duration::from_millis(100)).await;
-        }
-        let (data, end) = read_to_end(&mut slow, Duration::from_secs(5)).await;
-        (data, end, started.elapsed())
-    });
-    let (data, end) = read_to_end(&mut silent, Duration::from_secs(5)).await;
-    assert!(data.is_empty());
-    assert_eq!(end, End::Reset);
-    let (data, end, elapsed) = trickle.await.unwrap();
-    assert!(data.is_empty(), "no response to an unfinished head");
-    assert_eq!(end, End::Reset);
-    assert!(elapsed < Duration::from_secs(4), "reset took {elapsed:?}");
-    assert_eq!(backend.requests(), 0);
-    running.drain().await;
 }
 
 /// Requests that must never reach the backend, with the status each gets.
@@ -180,303 +175,259 @@ fn too_many_headers() -> Vec<u8> {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn malformed_requests_get_a_4xx_and_never_reach_the_backend() {
-    let (backend, running, addr) = backend_and_tether(|config| {
-        config.listeners[0].close_grace = Duration::from_millis(200);
-    })
+    with_tether_and_backend(
+        |c| c.listeners[0].close_grace = Duration::from_millis(200),
+        |backend, t| async move {
+            for (name, raw, status) in MALFORMED {
+                let before = backend.requests();
+                let raw = match *name {
+                    "oversized head" => oversized_head(),
+                    "too many headers" => too_many_headers(),
+                    _ => raw.to_vec(),
+                };
+                // The client stays open: tether must not close gracefully, so it resets
+                // after close_grace.
+                let (bytes, end) = exchange_raw(t.addr(), &raw).await;
+                let resp = parse(&bytes).await;
+                assert_eq!(
+                    resp.status,
+                    *status,
+                    "{name}: {}",
+                    String::from_utf8_lossy(&bytes)
+                );
+                assert_eq!(resp.header("connection"), Some("close"), "{name}");
+                assert_eq!(end, End::Reset, "{name}: a misbehaving client gets no FIN");
+                assert_eq!(backend.requests(), before, "{name} was forwarded");
+            }
+            assert_eq!(backend.requests(), 0, "nothing malformed was forwarded");
+        },
+    )
     .await;
-
-    for (name, raw, status) in MALFORMED {
-        let before = backend.requests();
-        let raw = match *name {
-            "oversized head" => oversized_head(),
-            "too many headers" => too_many_headers(),
-            _ => raw.to_vec(),
-        };
-        // The client stays open: tether must not close gracefully, so it resets
-        // after close_grace.
-        let (bytes, end) = exchange_raw(addr, &raw, Duration::from_secs(5)).await;
-        let resp = parse(&bytes).await;
-        assert_eq!(
-            resp.status,
-            *status,
-            "{name}: {}",
-            String::from_utf8_lossy(&bytes)
-        );
-        assert_eq!(resp.header("connection"), Some("close"), "{name}");
-        assert_eq!(end, End::Reset, "{name}: a misbehaving client gets no FIN");
-        assert_eq!(backend.requests(), before, "{name} was forwarded");
-    }
-    assert_eq!(backend.requests(), 0, "nothing malformed was forwarded");
-    running.drain().await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn content_length_with_transfer_encoding_is_never_forwarded_as_ambiguous() {
-    let (backend, running, addr) = backend_and_tether(|_| {}).await;
-    let raw = b"POST /count HTTP/1.1\r\nHost: t\r\nContent-Length: 4\r\nTransfer-Encoding: chunked\r\n\r\n3\r\nabc\r\n0\r\n\r\n";
-    let (bytes, _end) = exchange_raw(addr, raw, Duration::from_secs(5)).await;
-    let resp = parse(&bytes).await;
-    assert_eq!(resp.status, 400, "{}", String::from_utf8_lossy(&bytes));
-    assert_eq!(backend.requests(), 0);
-    running.drain().await;
+    let backend = Backend::start().await;
+    with_tether(config_for(backend.addr), |t| async move {
+        let raw = b"POST /count HTTP/1.1\r\nHost: t\r\nContent-Length: 4\r\nTransfer-Encoding: chunked\r\n\r\n3\r\nabc\r\n0\r\n\r\n";
+        let (bytes, _end) = exchange_raw(t.addr(), raw).await;
+        let resp = parse(&bytes).await;
+        assert_eq!(resp.status, 400, "{}", String::from_utf8_lossy(&bytes));
+        assert_eq!(backend.requests(), 0);
+    })
+    .await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn graceful_policy_closes_first_so_clients_that_wait_for_the_server_get_no_delay() {
-    let (_backend, running, addr) = backend_and_tether(|config| {
-        config.listeners[0].close_grace = Duration::from_secs(5);
-    })
+    with_tether_and_backend(
+        |c| c.listeners[0].close_grace = Duration::from_secs(5),
+        |_, t| async move {
+            let addr = t.addr();
+            for request in [&b"GET / HTTP/1.0\r\n\r\n"[..], GET_CLOSE] {
+                let started = Instant::now();
+                let mut client = Client::connect(addr).await;
+                client.send(request).await;
+                // Like ab or PHP: read until the server closes.
+                let (bytes, end) = client.read_to_end().await;
+                let elapsed = started.elapsed();
+                assert_eq!(end, End::Eof, "tether sent the first FIN");
+                let resp = parse(&bytes).await;
+                assert_eq!(resp.status, 200);
+                assert_eq!(resp.body, b"hello");
+                assert_eq!(resp.header("connection"), Some("close"));
+                assert!(
+                    elapsed < Duration::from_secs(2),
+                    "no wait on close_grace: {elapsed:?}"
+                );
+                let client_port = client.port();
+                drop(client);
+                tokio::time::sleep(Duration::from_millis(100)).await;
+                // TIME_WAIT is on tether's listening port, none on the app's port.
+                assert!(time_wait_between(addr.port(), client_port));
+                assert!(!time_wait_between(client_port, addr.port()));
+            }
+        },
+    )
     .await;
-
-    for request in [
-        &b"GET / HTTP/1.0\r\n\r\n"[..],
-        &b"GET / HTTP/1.1\r\nHost: t\r\nConnection: close\r\n\r\n"[..],
-    ] {
-        let started = Instant::now();
-        let mut stream = TcpStream::connect(addr).await.unwrap();
-        let client_port = stream.local_addr().unwrap().port();
-        stream.write_all(request).await.unwrap();
-        // Like ab or PHP: read until the server closes.
-        let (bytes, end) = read_to_end(&mut stream, Duration::from_secs(10)).await;
-        let elapsed = started.elapsed();
-        assert_eq!(end, End::Eof, "tether sent the first FIN");
-        let resp = parse(&bytes).await;
-        assert_eq!(resp.status, 200);
-        assert_eq!(resp.body, b"hello");
-        assert_eq!(resp.header("connection"), Some("close"));
-        assert!(
-            elapsed < Duration::from_secs(2),
-            "no wait on close_grace: {elapsed:?}"
-        );
-        drop(stream);
-        tokio::time::sleep(Duration::from_millis(100)).await;
-        // TIME_WAIT is on tether's listening port, none on the app's port.
-        let tw = census::time_wait().unwrap();
-        assert!(tw
-            .iter()
-            .any(|s| s.local.port() == addr.port() && s.remote.port() == client_port));
-        assert!(!tw
-            .iter()
-            .any(|s| s.local.port() == client_port && s.remote.port() == addr.port()));
-    }
-    running.drain().await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn client_first_policy_never_sends_the_first_fin() {
-    let (_backend, running, addr) = backend_and_tether(|config| {
-        config.listeners[0].client_close = ClientClose::ClientFirst;
-        config.listeners[0].close_grace = Duration::from_millis(500);
+    let tune = |c: &mut tether::Config| {
+        c.listeners[0].client_close = ClientClose::ClientFirst;
+        c.listeners[0].close_grace = Duration::from_millis(500);
+    };
+    with_tether_and_backend(tune, |_, t| async move {
+        let addr = t.addr();
+        // A client that waits for the server: nothing until close_grace, then RST.
+        let started = Instant::now();
+        let (bytes, end) = exchange_raw(addr, GET_CLOSE).await;
+        assert_eq!(parse(&bytes).await.status, 200);
+        assert_eq!(end, End::Reset);
+        assert!(started.elapsed() >= Duration::from_millis(450));
+
+        // A client that closes first: TIME_WAIT lands on the client, none on tether.
+        let mut client = Client::connect(addr).await;
+        let client_port = client.port();
+        assert_eq!(client.request(GET_CLOSE).await.status, 200);
+        drop(client);
+        tokio::time::sleep(Duration::from_millis(200)).await;
+        assert!(time_wait_between(client_port, addr.port()));
+        assert!(!time_wait_between(addr.port(), client_port));
     })
     .await;
-
-    // A client that waits for the server: nothing until close_grace, then RST.
-    let started = Instant::now();
-    let (bytes, end) = exchange_raw(
-        addr,
-        b"GET / HTTP/1.1\r\nHost: t\r\nConnection: close\r\n\r\n",
-        Duration::from_secs(5),
-    )
-    .await;
-    assert_eq!(parse(&bytes).await.status, 200);
-    assert_eq!(end, End::Reset);
-    assert!(started.elapsed() >= Duration::from_millis(450));
-
-    // A client that closes first: TIME_WAIT lands on the client, none on tether.
-    let stream = TcpStream::connect(addr).await.unwrap();
-    let client_port = stream.local_addr().unwrap().port();
-    let mut reader = BufReader::new(stream);
-    reader
-        .get_mut()
-        .write_all(b"GET / HTTP/1.1\r\nHost: t\r\nConnection: close\r\n\r\n")
-        .await
-        .unwrap();
-    let resp = read_response(&mut reader, false).await.unwrap();
-    assert_eq!(resp.status, 200);
-    drop(reader);
-    tokio::time::sleep(Duration::from_millis(200)).await;
-    let tw = census::time_wait().unwrap();
-    assert!(tw
-        .iter()
-        .any(|s| s.local.port() == client_port && s.remote.port() == addr.port()));
-    assert!(!tw
-        .iter()
-        .any(|s| s.local.port() == addr.port() && s.remote.port() == client_port));
-    running.drain().await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn abort_policy_resets_after_the_response_is_acknowledged_leaving_no_time_wait() {
-    let (_backend, running, addr) = backend_and_tether(|config| {
-        config.listeners[0].client_close = ClientClose::Abort;
-    })
+    with_tether_and_backend(
+        |c| c.listeners[0].client_close = ClientClose::Abort,
+        |_, t| async move {
+            let addr = t.addr();
+            let mut ports = Vec::new();
+            for _ in 0..20 {
+                let mut client = Client::connect(addr).await;
+                ports.push(client.port());
+                client.send(GET_CLOSE).await;
+                let (bytes, end) = client.read_to_end().await;
+                // The whole response is readable even though the connection ends in RST.
+                assert_eq!(parse(&bytes).await.body, b"hello");
+                assert_eq!(end, End::Reset);
+            }
+            tokio::time::sleep(Duration::from_millis(100)).await;
+            assert_eq!(time_wait_count(|s| s.local.port() == addr.port()), 0);
+            assert_eq!(
+                time_wait_count(
+                    |s| ports.contains(&s.local.port()) && s.remote.port() == addr.port()
+                ),
+                0
+            );
+        },
+    )
     .await;
-
-    let mut ports = Vec::new();
-    for _ in 0..20 {
-        let mut stream = TcpStream::connect(addr).await.unwrap();
-        ports.push(stream.local_addr().unwrap().port());
-        stream
-            .write_all(b"GET / HTTP/1.1\r\nHost: t\r\nConnection: close\r\n\r\n")
-            .await
-            .unwrap();
-        let (bytes, end) = read_to_end(&mut stream, Duration::from_secs(5)).await;
-        // The whole response is readable even though the connection ends in RST.
-        assert_eq!(parse(&bytes).await.body, b"hello");
-        assert_eq!(end, End::Reset);
-    }
-    tokio::time::sleep(Duration::from_millis(100)).await;
-    let tw = census::time_wait().unwrap();
-    assert!(!tw.iter().any(|s| s.local.port() == addr.port()));
-    assert!(!tw
-        .iter()
-        .any(|s| ports.contains(&s.local.port()) && s.remote.port() == addr.port()));
-    running.drain().await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn one_request_per_connection_spares_a_close_first_app_its_time_wait() {
-    let (_backend, running, addr) = backend_and_tether(|config| {
-        config.listeners[0].max_requests_per_connection = 1;
-    })
+    with_tether_and_backend(
+        |c| c.listeners[0].max_requests_per_connection = 1,
+        |_, t| async move {
+            let addr = t.addr();
+            let mut ports = Vec::new();
+            for _ in 0..100 {
+                // Like curl or python requests: keep-alive request, read by length, close.
+                let mut client = Client::connect(addr).await;
+                ports.push(client.port());
+                let resp = client.request(GET).await;
+                assert_eq!(resp.status, 200);
+                assert_eq!(resp.header("connection"), Some("close"));
+            }
+            tokio::time::sleep(Duration::from_millis(200)).await;
+            let on_app = time_wait_count(|s| {
+                ports.contains(&s.local.port()) && s.remote.port() == addr.port()
+            });
+            assert_eq!(on_app, 0, "TIME_WAIT on the app's own ports");
+        },
+    )
     .await;
-
-    let mut ports = Vec::new();
-    for _ in 0..100 {
-        // Like curl or python requests: keep-alive request, read by length, close.
-        let stream = TcpStream::connect(addr).await.unwrap();
-        ports.push(stream.local_addr().unwrap().port());
-        let mut reader = BufReader::new(stream);
-        reader
-            .get_mut()
-            .write_all(b"GET / HTTP/1.1\r\nHost: t\r\n\r\n")
-            .await
-            .unwrap();
-        let resp = read_response(&mut reader, false).await.unwrap();
-        assert_eq!(resp.status, 200);
-        assert_eq!(resp.header("connection"), Some("close"));
-        drop(reader);
-    }
-    tokio::time::sleep(Duration::from_millis(200)).await;
-    let tw = census::time_wait().unwrap();
-    let on_app = tw
-        .iter()
-        .filter(|s| ports.contains(&s.local.port()) && s.remote.port() == addr.port())
-        .count();
-    assert_eq!(on_app, 0, "TIME_WAIT on the app's own ports");
-    running.drain().await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn last_response_bytes_and_fin_arrive_together() {
     // A client that reads by length and closes at once must find tether's FIN
     // already there, or its close comes first and TIME_WAIT lands on the app.
-    let (_backend, running, addr) = backend_and_tether(|config| {
-        config.listeners[0].max_requests_per_connection = 1;
-    })
+    with_tether_and_backend(
+        |c| c.listeners[0].max_requests_per_connection = 1,
+        |_, t| async move {
+            let addr = t.addr();
+            let late_fins = tokio::task::spawn_blocking(move || {
+                use std::io::{Read, Write};
+                let mut late = 0;
+                for _ in 0..1000 {
+                    let mut stream = std::net::TcpStream::connect(addr).unwrap();
+                    stream.write_all(GET).unwrap();
+                    let mut response = Vec::new();
+                    let mut chunk = [0u8; 1024];
+                    while !response.ends_with(b"hello") {
+                        let n = stream.read(&mut chunk).unwrap();
+                        assert!(n > 0, "EOF before the whole response");
+                        response.extend_from_slice(&chunk[..n]);
+                    }
+                    // The moment the last byte is readable, is the FIN there too?
+                    stream.set_nonblocking(true).unwrap();
+                    let peeked = stream.peek(&mut [0u8; 1]);
+                    if !matches!(peeked, Ok(0)) {
+                        late += 1;
+                    }
+                }
+                late
+            })
+            .await
+            .unwrap();
+            assert_eq!(late_fins, 0, "responses whose FIN came in a later segment");
+        },
+    )
     .await;
-
-    let late_fins = tokio::task::spawn_blocking(move || {
-        use std::io::{Read, Write};
-        let mut late = 0;
-        for _ in 0..1000 {
-            let mut stream = std::net::TcpStream::connect(addr).unwrap();
-            stream
-                .write_all(b"GET / HTTP/1.1\r\nHost: t\r\n\r\n")
-                .unwrap();
-            let mut response = Vec::new();
-            let mut chunk = [0u8; 1024];
-            while !response.ends_with(b"hello") {
-                let n = stream.read(&mut chunk).unwrap();
-                assert!(n > 0, "EOF before the whole response");
-                response.extend_from_slice(&chunk[..n]);
-            }
-            // The moment the last byte is readable, is the FIN there too?
-            stream.set_nonblocking(true).unwrap();
-            let peeked = stream.peek(&mut [0u8; 1]);
-            if !matches!(peeked, Ok(0)) {
-                late += 1;
-            }
-        }
-        late
-    })
-    .await
-    .unwrap();
-    assert_eq!(late_fins, 0, "responses whose FIN came in a later segment");
-    running.drain().await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn half_close_after_a_complete_request_still_gets_the_whole_response() {
-    let (backend, running, addr) = backend_and_tether(|_| {}).await;
+    let backend = Backend::start().await;
+    with_tether(config_for(backend.addr), |t| async move {
+        let mut client = Client::connect(t.addr()).await;
+        client
+            .send(b"GET /big?300000 HTTP/1.1\r\nHost: t\r\n\r\n")
+            .await;
+        client.stream().shutdown().await.unwrap();
+        let (bytes, end) = client.read_to_end().await;
+        let resp = parse(&bytes).await;
+        assert_eq!(resp.status, 200);
+        assert_eq!(resp.body.len(), 300_000);
+        assert_eq!(end, End::Eof);
 
-    let mut stream = TcpStream::connect(addr).await.unwrap();
-    stream
-        .write_all(b"GET /big?300000 HTTP/1.1\r\nHost: t\r\n\r\n")
-        .await
-        .unwrap();
-    stream.shutdown().await.unwrap();
-    let (bytes, end) = read_to_end(&mut stream, Duration::from_secs(5)).await;
-    let resp = parse(&bytes).await;
-    assert_eq!(resp.status, 200);
-    assert_eq!(resp.body.len(), 300_000);
-    assert_eq!(end, End::Eof);
-
-    // Half-closing before the head is complete is an abort: no response.
-    let mut stream = TcpStream::connect(addr).await.unwrap();
-    stream.write_all(b"GET / HTTP/1.1\r\nHo").await.unwrap();
-    stream.shutdown().await.unwrap();
-    let (bytes, end) = read_to_end(&mut stream, Duration::from_secs(5)).await;
-    assert!(bytes.is_empty(), "{}", String::from_utf8_lossy(&bytes));
-    assert_eq!(end, End::Reset);
-    assert_eq!(backend.requests(), 1);
-    running.drain().await;
+        // Half-closing before the head is complete is an abort: no response.
+        let mut client = Client::connect(t.addr()).await;
+        client.send(b"GET / HTTP/1.1\r\nHo").await;
+        client.stream().shutdown().await.unwrap();
+        let (bytes, end) = client.read_to_end().await;
+        assert!(bytes.is_empty(), "{}", String::from_utf8_lossy(&bytes));
+        assert_eq!(end, End::Reset);
+        assert_eq!(backend.requests(), 1);
+    })
+    .await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn http10_clients_get_content_length_when_the_body_fits_the_buffer() {
-    let (_backend, running, addr) = backend_and_tether(|config| {
-        config.listeners[0].http10_buffer = tether::config::Size::kib(64);
-    })
-    .await;
+    with_tether_and_backend(
+        |c| c.listeners[0].http10_buffer = tether::config::Size::kib(64),
+        |_, t| async move {
+            let (bytes, end) = exchange_raw(t.addr(), b"GET /big?5000 HTTP/1.0\r\n\r\n").await;
+            let resp = parse(&bytes).await;
+            assert_eq!(resp.version, "HTTP/1.0");
+            assert_eq!(resp.header("content-length"), Some("5000"));
+            assert_eq!(resp.body.len(), 5000);
+            assert_eq!(end, End::Eof);
 
-    let (bytes, end) = exchange_raw(
-        addr,
-        b"GET /big?5000 HTTP/1.0\r\n\r\n",
-        Duration::from_secs(5),
+            // Larger than the buffer: close-delimited, still complete.
+            let (bytes, end) = exchange_raw(t.addr(), b"GET /big?300000 HTTP/1.0\r\n\r\n").await;
+            let resp = parse(&bytes).await;
+            assert_eq!(resp.header("content-length"), None);
+            assert_eq!(resp.body.len(), 300_000);
+            assert_eq!(end, End::Eof);
+
+            // Keep-alive HTTP/1.0 clients keep their connection.
+            let mut client = Client::connect(t.addr()).await;
+            for _ in 0..3 {
+                let resp = client
+                    .request(b"GET /big?100 HTTP/1.0\r\nConnection: keep-alive\r\n\r\n")
+                    .await;
+                assert_eq!(resp.header("content-length"), Some("100"));
+            }
+        },
     )
     .await;
-    let resp = parse(&bytes).await;
-    assert_eq!(resp.version, "HTTP/1.0");
-    assert_eq!(resp.header("content-length"), Some("5000"));
-    assert_eq!(resp.body.len(), 5000);
-    assert_eq!(end, End::Eof);
-
-    // Larger than the buffer: close-delimited, still complete.
-    let (bytes, end) = exchange_raw(
-        addr,
-        b"GET /big?300000 HTTP/1.0\r\n\r\n",
-        Duration::from_secs(5),
-    )
-    .await;
-    let resp = parse(&bytes).await;
-    assert_eq!(resp.header("content-length"), None);
-    assert_eq!(resp.body.len(), 300_000);
-    assert_eq!(end, End::Eof);
-
-    // Keep-alive HTTP/1.0 clients keep their connection.
-    let stream = TcpStream::connect(addr).await.unwrap();
-    let mut reader = BufReader::new(stream);
-    for _ in 0..3 {
-        reader
-            .get_mut()
-            .write_all(b"GET /big?100 HTTP/1.0\r\nConnection: keep-alive\r\n\r\n")
-            .await
-            .unwrap();
-        let resp = read_response(&mut reader, false).await.unwrap();
-        assert_eq!(resp.header("content-length"), Some("100"));
-    }
-    running.drain().await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -485,20 +436,16 @@ async fn unix_socket_listener_serves_requests() {
     let mut config = config_for(backend.addr);
     let path = std::env::temp_dir().join(format!("tether-test-{}.sock", std::process::id()));
     config.listeners[0].listen = tether::config::ListenAddr::Unix(path.clone());
-    let running = tether::start(config).await.unwrap();
-
-    let mut stream = tokio::net::UnixStream::connect(&path).await.unwrap();
-    stream
-        .write_all(b"GET / HTTP/1.1\r\nHost: t\r\nConnection: close\r\n\r\n")
-        .await
-        .unwrap();
-    let mut bytes = Vec::new();
-    tokio::io::AsyncReadExt::read_to_end(&mut stream, &mut bytes)
-        .await
-        .unwrap();
-    let resp = parse(&bytes).await;
-    assert_eq!(resp.status, 200);
-    assert_eq!(resp.body, b"hello");
-    running.drain().await;
+    let socket = path.clone();
+    with_tether(config, |_| async move {
+        let mut stream = tokio::net::UnixStream::connect(&socket).await.unwrap();
+        stream.write_all(GET_CLOSE).await.unwrap();
+        let (bytes, end) = read_to_end(&mut stream).await;
+        assert_eq!(end, End::Eof);
+        let resp = parse(&bytes).await;
+        assert_eq!(resp.status, 200);
+        assert_eq!(resp.body, b"hello");
+    })
+    .await;
     assert!(!path.exists(), "socket file removed on shutdown");
 }

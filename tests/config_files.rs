@@ -2,14 +2,24 @@
 //! config structs: every file loads, `tether check` accepts it, the reference
 //! file states every key at its default, and the README documents every key.
 
+mod common;
+
 use std::collections::BTreeSet;
 use std::path::{Path, PathBuf};
 use std::process::Command;
 
+use common::{repo, run_ok, tether_command, TempDir};
 use tether::config::{Config, ListenerConfig, UpstreamConfig};
 
+/// `tether check --config FILE`, to be run.
+fn tether_check(file: &Path) -> Command {
+    let mut command = tether_command();
+    command.args(["check", "--config"]).arg(file);
+    command
+}
+
 fn config_files() -> Vec<PathBuf> {
-    let dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("config");
+    let dir = repo().join("config");
     let mut files: Vec<PathBuf> = std::fs::read_dir(dir)
         .unwrap()
         .map(|e| e.unwrap().path())
@@ -57,17 +67,7 @@ fn every_shipped_config_file_loads() {
 #[test]
 fn tether_check_accepts_every_shipped_file_and_prints_a_loadable_config() {
     for file in config_files() {
-        let out = Command::new(env!("CARGO_BIN_EXE_tether"))
-            .args(["check", "--config"])
-            .arg(&file)
-            .output()
-            .unwrap();
-        assert!(
-            out.status.success(),
-            "{}: {}",
-            file.display(),
-            String::from_utf8_lossy(&out.stderr)
-        );
+        let out = run_ok(&mut tether_check(&file), "");
         let printed = String::from_utf8(out.stdout).unwrap();
         let reparsed = Config::from_toml(&printed).unwrap();
         assert_eq!(reparsed, Config::load(&file, std::iter::empty()).unwrap());
@@ -76,9 +76,8 @@ fn tether_check_accepts_every_shipped_file_and_prints_a_loadable_config() {
 
 #[test]
 fn tether_check_rejects_a_broken_file_with_key_paths_and_exit_64() {
-    let dir = std::env::temp_dir().join(format!("tether-check-{}", std::process::id()));
-    std::fs::create_dir_all(&dir).unwrap();
-    let file = dir.join("broken.toml");
+    let dir = TempDir::new("tether-check");
+    let file = dir.path().join("broken.toml");
     std::fs::write(
         &file,
         r#"
@@ -95,11 +94,7 @@ fn tether_check_rejects_a_broken_file_with_key_paths_and_exit_64() {
         "#,
     )
     .unwrap();
-    let out = Command::new(env!("CARGO_BIN_EXE_tether"))
-        .args(["check", "--config"])
-        .arg(&file)
-        .output()
-        .unwrap();
+    let out = tether_check(&file).output().unwrap();
     assert_eq!(out.status.code(), Some(64));
     let stderr = String::from_utf8_lossy(&out.stderr);
     assert!(stderr.contains("listener[0]"), "{stderr}");
@@ -109,9 +104,7 @@ fn tether_check_rejects_a_broken_file_with_key_paths_and_exit_64() {
     );
     assert!(stderr.contains("upstream[0].endpoints[0]"), "{stderr}");
 
-    let out = Command::new(env!("CARGO_BIN_EXE_tether"))
-        .args(["check", "--config"])
-        .arg(&file)
+    let out = tether_check(&file)
         .env("TETHER__LISTENER__0__UPSTREAM", "backend")
         .env("TETHER__LISTENER__0__IDLE_TIMEOUT", "5s")
         .output()
@@ -130,7 +123,7 @@ fn tether_check_rejects_a_broken_file_with_key_paths_and_exit_64() {
 
 #[test]
 fn reference_file_states_every_key_at_its_default() {
-    let path = Path::new(env!("CARGO_MANIFEST_DIR")).join("config/tether.toml");
+    let path = repo().join("config/tether.toml");
     let config = Config::load(&path, std::iter::empty()).unwrap();
     let l = &config.listeners[0];
     assert_eq!(
@@ -157,7 +150,7 @@ fn reference_file_states_every_key_at_its_default() {
 
 #[test]
 fn readme_reference_documents_every_key() {
-    let path = Path::new(env!("CARGO_MANIFEST_DIR")).join("config/tether.toml");
+    let path = repo().join("config/tether.toml");
     let config = Config::load(&path, std::iter::empty()).unwrap();
     let mut keys = BTreeSet::new();
     key_paths(
@@ -165,8 +158,7 @@ fn readme_reference_documents_every_key() {
         "",
         &mut keys,
     );
-    let readme =
-        std::fs::read_to_string(Path::new(env!("CARGO_MANIFEST_DIR")).join("README.md")).unwrap();
+    let readme = std::fs::read_to_string(repo().join("README.md")).unwrap();
     for key in keys {
         let leaf = key.rsplit('.').next().unwrap();
         let section = key.rsplit_once('.').map_or("", |(s, _)| s);

@@ -4,34 +4,22 @@
 //! loopback, and without the privileges, the JSON says which mode ran. The
 //! demo's namespaces leave nothing behind, even when it is interrupted.
 
+mod common;
+
 use std::collections::HashSet;
 use std::process::{Command, Stdio};
 use std::sync::Mutex;
-use std::time::{Duration, Instant};
+use std::time::Duration;
+
+use common::{eventually_blocking, printed, run_ok, send_signal, tether_command};
 
 /// One demo at a time: each loads both cores, and a namespace number freed by
 /// one may be reused by another's.
 static ONE_AT_A_TIME: Mutex<()> = Mutex::new(());
 
 fn demo(args: &[&str]) -> serde_json::Value {
-    let out = Command::new(env!("CARGO_BIN_EXE_tether"))
-        .arg("demo")
-        .args(args)
-        .arg("--json")
-        .output()
-        .unwrap();
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    serde_json::from_slice(&out.stdout).unwrap_or_else(|e| {
-        panic!(
-            "{e}: {}{}",
-            String::from_utf8_lossy(&out.stdout),
-            String::from_utf8_lossy(&out.stderr)
-        )
-    })
+    let out = run_ok(tether_command().arg("demo").args(args).arg("--json"), "");
+    serde_json::from_slice(&out.stdout).unwrap_or_else(|e| panic!("{e}: {}", printed(&out)))
 }
 
 fn n(v: &serde_json::Value, k: &str) -> f64 {
@@ -109,27 +97,27 @@ fn on_loopback_the_json_says_so_and_what_it_cannot_show() {
 fn without_privileges_it_falls_back_to_loopback_and_says_why() {
     let _one = ONE_AT_A_TIME.lock().unwrap_or_else(|e| e.into_inner());
     // setpriv (util-linux) drops to nobody with no capabilities at all.
-    let out = Command::new("setpriv")
-        .args([
-            "--reuid=65534",
-            "--regid=65534",
-            "--clear-groups",
-            "--inh-caps=-all",
-            "--bounding-set=-all",
-        ])
-        .arg(env!("CARGO_BIN_EXE_tether"))
-        .args([
-            "demo",
-            "--duration",
-            "500ms",
-            "--concurrency",
-            "2",
-            "--json",
-        ])
-        .output()
-        .unwrap_or_else(|e| panic!("cannot run setpriv (install util-linux): {e}"));
+    let out = run_ok(
+        Command::new("setpriv")
+            .args([
+                "--reuid=65534",
+                "--regid=65534",
+                "--clear-groups",
+                "--inh-caps=-all",
+                "--bounding-set=-all",
+            ])
+            .arg(env!("CARGO_BIN_EXE_tether"))
+            .args([
+                "demo",
+                "--duration",
+                "500ms",
+                "--concurrency",
+                "2",
+                "--json",
+            ]),
+        " (setpriv is in util-linux)",
+    );
     let stderr = String::from_utf8_lossy(&out.stderr);
-    assert!(out.status.success(), "{stderr}");
     let report: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
     assert_eq!(report["mode"], "loopback", "{report}");
     let reason = report["loopback_reason"].as_str().unwrap_or_default();
@@ -198,25 +186,21 @@ fn an_interrupted_demo_leaves_no_namespace_interface_or_sysctl_behind() {
     let own = namespaces_of(std::process::id());
     let range_before = std::fs::read_to_string("/proc/sys/net/ipv4/ip_local_port_range").unwrap();
     let links_before = links();
-    let mut child = Command::new(env!("CARGO_BIN_EXE_tether"))
+    let mut child = tether_command()
         .args(["demo", "--duration", "20s", "--ports", "1000"])
         .stdout(Stdio::null())
         .stderr(Stdio::null())
         .spawn()
         .unwrap();
     // Wait until its threads are in both namespaces of their own.
-    let deadline = Instant::now() + Duration::from_secs(10);
-    let demo_namespaces = loop {
-        let mine: HashSet<String> = namespaces_of(child.id())
+    let mut demo_namespaces = HashSet::new();
+    eventually_blocking(|| {
+        demo_namespaces = namespaces_of(child.id())
             .difference(&own)
             .cloned()
             .collect();
-        if mine.len() >= 2 {
-            break mine;
-        }
-        assert!(Instant::now() < deadline, "the demo made no namespaces");
-        std::thread::sleep(Duration::from_millis(20));
-    };
+        demo_namespaces.len() >= 2
+    });
     // The search below sees them while they are alive.
     assert!(
         demo_namespaces.is_subset(&namespaces_in_use()),
@@ -225,19 +209,9 @@ fn an_interrupted_demo_leaves_no_namespace_interface_or_sysctl_behind() {
     // The host's own namespace is untouched while it runs.
     assert!(!links().contains("tether-app"), "{}", links());
     std::thread::sleep(Duration::from_millis(500));
-    let status = Command::new("kill")
-        .args(["-INT", &child.id().to_string()])
-        .status()
-        .unwrap();
-    assert!(status.success());
-    let deadline = Instant::now() + Duration::from_secs(10);
-    loop {
-        if child.try_wait().unwrap().is_some() {
-            break;
-        }
-        assert!(Instant::now() < deadline, "demo still running after SIGINT");
-        std::thread::sleep(Duration::from_millis(20));
-    }
+    send_signal(child.id(), "INT");
+    // The demo exits once SIGINT has it undo its namespaces.
+    eventually_blocking(|| child.try_wait().unwrap().is_some());
     let left: Vec<String> = namespaces_in_use()
         .intersection(&demo_namespaces)
         .cloned()

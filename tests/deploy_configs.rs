@@ -3,47 +3,19 @@
 //! in any YAML file, or a `*.toml` config written inline in a compose file.
 //! And the compose example wires the app to tether the way the guide says.
 
-use std::path::{Path, PathBuf};
-use std::process::Command;
+mod common;
+
+use std::path::Path;
 use std::time::Duration;
 
-use serde::Deserialize;
+use common::{files_under, repo, tether_command, yaml_documents};
 use serde_norway::Value;
 use tether::config::Config;
-
-fn repo() -> &'static Path {
-    Path::new(env!("CARGO_MANIFEST_DIR"))
-}
-
-fn files_under(dir: &Path) -> Vec<PathBuf> {
-    let mut out = Vec::new();
-    let mut entries: Vec<PathBuf> = std::fs::read_dir(dir)
-        .unwrap_or_else(|e| panic!("{}: {e}", dir.display()))
-        .map(|e| e.unwrap().path())
-        .collect();
-    entries.sort();
-    for path in entries {
-        if path.is_dir() {
-            out.extend(files_under(&path));
-        } else {
-            out.push(path);
-        }
-    }
-    out
-}
 
 fn has_ext(path: &Path, exts: &[&str]) -> bool {
     path.extension()
         .and_then(|e| e.to_str())
         .is_some_and(|e| exts.contains(&e))
-}
-
-fn documents(path: &Path) -> Vec<Value> {
-    let text = std::fs::read_to_string(path).unwrap_or_else(|e| panic!("{}: {e}", path.display()));
-    serde_norway::Deserializer::from_str(&text)
-        .map(|doc| Value::deserialize(doc).unwrap_or_else(|e| panic!("{}: {e}", path.display())))
-        .filter(|doc| !doc.is_null())
-        .collect()
 }
 
 /// Where a config was found.
@@ -104,7 +76,7 @@ fn embedded_configs() -> Vec<Found> {
                 text: std::fs::read_to_string(&path).unwrap(),
             });
         } else if has_ext(&path, &["yaml", "yml"]) {
-            for doc in documents(&path) {
+            for doc in yaml_documents(&path) {
                 if doc["kind"].as_str() == Some("ConfigMap") {
                     let name = doc["metadata"]["name"].as_str().unwrap_or("?");
                     for (key, value) in doc["data"].as_mapping().into_iter().flatten() {
@@ -133,7 +105,7 @@ fn embedded_configs() -> Vec<Found> {
 }
 
 fn tether_check(file: &Path) -> std::process::Output {
-    let mut command = Command::new(env!("CARGO_BIN_EXE_tether"));
+    let mut command = tether_command();
     command.arg("check").arg("--config").arg(file);
     // The shipped text alone, whatever this shell exports.
     for (name, _) in std::env::vars_os() {
@@ -222,7 +194,7 @@ fn compose_duration(value: &Value) -> Duration {
 #[test]
 fn compose_app_shares_tethers_network_and_starts_once_tether_is_healthy() {
     let dir = repo().join("deploy/compose");
-    let docs = documents(&dir.join("docker-compose.yml"));
+    let docs = yaml_documents(&dir.join("docker-compose.yml"));
     assert_eq!(docs.len(), 1);
     let services = &docs[0]["services"];
     let (tether, app, backend) = (&services["tether"], &services["app"], &services["backend"]);

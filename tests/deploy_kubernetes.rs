@@ -8,11 +8,13 @@
 //! The validators are Python tools; CI installs them with pip. A missing tool
 //! fails the test with the package to install, it never skips it.
 
+mod common;
+
 use std::path::{Path, PathBuf};
 use std::process::{Command, Output};
 use std::time::Duration;
 
-use serde::Deserialize;
+use common::{files_under, printed, repo, yaml_documents};
 use serde_norway::Value;
 use tether::config::Config;
 
@@ -32,30 +34,24 @@ const TETHER_BIN: &str = "/usr/local/bin/tether";
 const UID: i64 = 10001;
 
 fn kube_dir() -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR")).join("deploy/kubernetes")
+    repo().join("deploy/kubernetes")
 }
 
-/// Every YAML file under `dir`, recursively, sorted. Dotfiles are tool
-/// settings (.checkov.yaml), not manifests.
+/// Every YAML file under `dir`, recursively, sorted. Dotfiles (and what is
+/// under dot-folders) are tool settings (.checkov.yaml), not manifests.
 fn yaml_files(dir: &Path) -> Vec<PathBuf> {
-    let mut out = Vec::new();
-    let mut entries: Vec<PathBuf> = std::fs::read_dir(dir)
-        .unwrap_or_else(|e| panic!("{}: {e}", dir.display()))
-        .map(|e| e.unwrap().path())
-        .collect();
-    entries.sort();
-    for path in entries {
-        let name = path.file_name().unwrap().to_string_lossy().into_owned();
-        if name.starts_with('.') {
-            continue;
-        }
-        if path.is_dir() {
-            out.extend(yaml_files(&path));
-        } else if name.ends_with(".yaml") || name.ends_with(".yml") {
-            out.push(path);
-        }
-    }
-    out
+    files_under(dir)
+        .into_iter()
+        .filter(|path| {
+            let hidden = path
+                .strip_prefix(dir)
+                .unwrap()
+                .components()
+                .any(|c| c.as_os_str().to_string_lossy().starts_with('.'));
+            let name = path.to_string_lossy();
+            !hidden && (name.ends_with(".yaml") || name.ends_with(".yml"))
+        })
+        .collect()
 }
 
 fn is_kustomization(path: &Path) -> bool {
@@ -75,15 +71,6 @@ fn manifests() -> Vec<PathBuf> {
     files
 }
 
-/// The non-empty documents of a YAML file.
-fn documents(path: &Path) -> Vec<Value> {
-    let text = std::fs::read_to_string(path).unwrap_or_else(|e| panic!("{}: {e}", path.display()));
-    serde_norway::Deserializer::from_str(&text)
-        .map(|doc| Value::deserialize(doc).unwrap_or_else(|e| panic!("{}: {e}", path.display())))
-        .filter(|doc| !doc.is_null())
-        .collect()
-}
-
 fn str_list(value: &Value) -> Vec<String> {
     value
         .as_sequence()
@@ -100,7 +87,7 @@ fn str_list(value: &Value) -> Vec<String> {
 /// file or a directory with a kustomization of its own.
 fn kustomization_resources(dir: &Path) -> Vec<PathBuf> {
     let path = dir.join("kustomization.yaml");
-    let docs = documents(&path);
+    let docs = yaml_documents(&path);
     assert_eq!(docs.len(), 1, "{}: one document", path.display());
     let kustomization = &docs[0];
     assert_eq!(
@@ -133,7 +120,7 @@ fn render(dir: &Path) -> Vec<Value> {
         if resource.is_dir() {
             out.extend(render(&resource));
         } else {
-            out.extend(documents(&resource));
+            out.extend(yaml_documents(&resource));
         }
     }
     out
@@ -234,11 +221,7 @@ fn kubernetes_validate(version: &str, files: &[PathBuf]) {
     let mut command = Command::new("kubernetes-validate");
     command.args(["--strict", "-k", version]).args(files);
     let out = run(command, KUBERNETES_VALIDATE);
-    let text = format!(
-        "{}{}",
-        String::from_utf8_lossy(&out.stdout),
-        String::from_utf8_lossy(&out.stderr)
-    );
+    let text = printed(&out);
     assert!(
         out.status.success(),
         "kubernetes-validate {version}:\n{text}"
@@ -246,7 +229,7 @@ fn kubernetes_validate(version: &str, files: &[PathBuf]) {
     // An unknown kind is only a warning with exit 0: demand a pass for every
     // document instead.
     for file in files {
-        let expected = documents(file).len();
+        let expected = yaml_documents(file).len();
         let passed = text
             .lines()
             .filter(|l| l.starts_with("INFO") && l.contains(&format!("{} passed", file.display())))
@@ -329,7 +312,7 @@ fn checkov_reports_no_failure_beyond_the_documented_skips() {
     // Every skip carries its reason in the comment above it.
     let text = std::fs::read_to_string(&settings).unwrap();
     let lines: Vec<&str> = text.lines().map(str::trim).collect();
-    let skips = str_list(&documents(&settings)[0]["skip-check"]);
+    let skips = str_list(&yaml_documents(&settings)[0]["skip-check"]);
     assert!(!skips.is_empty(), "{}: no skip-check", settings.display());
     for skip in &skips {
         let at = lines

@@ -10,11 +10,15 @@
 //! `systemd-analyze` comes with Debian's `systemd` package; without it these
 //! tests fail rather than skip.
 
+mod common;
+
 use std::io::ErrorKind;
 use std::os::unix::net::UnixDatagram;
 use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
+
+use common::{printed, repo, run_ok, send_signal, tether_command, TempDir};
 
 const UNIT_NAME: &str = "tether.service";
 const BINARY: &str = "/usr/local/bin/tether";
@@ -31,10 +35,6 @@ const STOP_MARGIN: Duration = Duration::from_secs(5);
 /// the host's network (no PrivateNetwork=, no IP allow list), AF_INET, AF_INET6,
 /// AF_UNIX and AF_NETLINK sockets, /proc/sys readable, and the host's root.
 const MAX_EXPOSURE: f64 = 1.5;
-
-fn repo() -> PathBuf {
-    PathBuf::from(env!("CARGO_MANIFEST_DIR"))
-}
 
 fn unit_path() -> PathBuf {
     repo().join("deploy/systemd/tether.service")
@@ -78,27 +78,6 @@ fn systemd_version() -> u32 {
         .unwrap_or_else(|| panic!("cannot read the systemd version from {text:?}"))
 }
 
-/// A directory removed when dropped.
-struct TempDir(PathBuf);
-
-impl TempDir {
-    fn new(label: &str) -> Self {
-        let dir = std::env::temp_dir().join(format!(
-            "deploy-systemd-{label}-{}-{:x}",
-            std::process::id(),
-            fastrand::u64(..)
-        ));
-        std::fs::create_dir_all(&dir).unwrap();
-        TempDir(dir)
-    }
-}
-
-impl Drop for TempDir {
-    fn drop(&mut self) {
-        let _ = std::fs::remove_dir_all(&self.0);
-    }
-}
-
 /// Copies a directory tree, keeping symlinks as they are.
 fn copy_tree(from: &Path, to: &Path) {
     std::fs::create_dir_all(to).unwrap();
@@ -122,7 +101,7 @@ fn copy_tree(from: &Path, to: &Path) {
 /// (sysinit.target, network-online.target, multi-user.target, ...) that the
 /// unit depends on, copied from this machine.
 fn installed_root(label: &str, unit: &str) -> TempDir {
-    let root = TempDir::new(label);
+    let root = TempDir::new(&format!("deploy-systemd-{label}"));
     let system_units = ["/usr/lib/systemd/system", "/lib/systemd/system"]
         .iter()
         .map(Path::new)
@@ -132,18 +111,18 @@ fn installed_root(label: &str, unit: &str) -> TempDir {
                 "no systemd unit directory with sysinit.target: install Debian's `systemd` package"
             )
         });
-    copy_tree(system_units, &root.0.join("usr/lib/systemd/system"));
+    copy_tree(system_units, &root.path().join("usr/lib/systemd/system"));
 
-    let bin = root.0.join(BINARY.trim_start_matches('/'));
+    let bin = root.path().join(BINARY.trim_start_matches('/'));
     std::fs::create_dir_all(bin.parent().unwrap()).unwrap();
     if std::fs::hard_link(env!("CARGO_BIN_EXE_tether"), &bin).is_err() {
         std::fs::copy(env!("CARGO_BIN_EXE_tether"), &bin).unwrap();
     }
-    let config = root.0.join(CONFIG.trim_start_matches('/'));
+    let config = root.path().join(CONFIG.trim_start_matches('/'));
     std::fs::create_dir_all(config.parent().unwrap()).unwrap();
     std::fs::copy(example_config_path(), &config).unwrap();
 
-    let units = root.0.join("etc/systemd/system");
+    let units = root.path().join("etc/systemd/system");
     std::fs::create_dir_all(&units).unwrap();
     std::fs::write(units.join(UNIT_NAME), unit).unwrap();
     root
@@ -160,18 +139,14 @@ fn verify(label: &str, unit: &str) -> Verdict {
     let root = installed_root(label, unit);
     let out = Command::new(systemd_analyze())
         .arg("verify")
-        .arg(format!("--root={}", root.0.display()))
+        .arg(format!("--root={}", root.path().display()))
         // Only this unit's own problems decide the exit status; its
         // dependencies are the distribution's.
         .arg("--recursive-errors=no")
         .arg(UNIT_NAME)
         .output()
         .unwrap();
-    let all = format!(
-        "{}{}",
-        String::from_utf8_lossy(&out.stdout),
-        String::from_utf8_lossy(&out.stderr)
-    );
+    let all = printed(&out);
     let about_unit = all
         .lines()
         .filter(|l| l.contains("tether"))
@@ -229,7 +204,7 @@ fn systemd_analyze_security_rates_the_sandbox_ok() {
     let root = installed_root("security", &unit_text());
     let out = Command::new(systemd_analyze())
         .args(["security", "--offline=yes", "--no-pager"])
-        .arg(format!("--root={}", root.0.display()))
+        .arg(format!("--root={}", root.path().display()))
         .arg(UNIT_NAME)
         .output()
         .unwrap();
@@ -341,16 +316,11 @@ fn time_span(value: &str) -> Duration {
 /// The example config as tether sees it, every default filled in: the TOML
 /// that `tether check` prints for it.
 fn effective_example_config() -> toml::Table {
-    let out = Command::new(env!("CARGO_BIN_EXE_tether"))
-        .args(["check", "--config"])
-        .arg(example_config_path())
-        .env_remove("RUST_LOG")
-        .output()
-        .unwrap();
-    assert!(
-        out.status.success(),
-        "tether check rejects deploy/systemd/tether.toml:\n{}",
-        String::from_utf8_lossy(&out.stderr)
+    let out = run_ok(
+        tether_command()
+            .args(["check", "--config"])
+            .arg(example_config_path()),
+        "",
     );
     String::from_utf8(out.stdout).unwrap().parse().unwrap()
 }
@@ -442,10 +412,10 @@ fn the_unit_timeouts_leave_room_for_readiness_and_the_drain() {
 #[test]
 fn a_bad_config_is_not_restarted_in_a_loop() {
     let unit = Unit::parse(&unit_text());
-    let dir = TempDir::new("bad-config");
-    let bad = dir.0.join("bad.toml");
+    let dir = TempDir::new("deploy-systemd-bad-config");
+    let bad = dir.path().join("bad.toml");
     std::fs::write(&bad, "[[listener]]\nname = \"app\"\nlisten = \"nowhere\"\n").unwrap();
-    let out = Command::new(env!("CARGO_BIN_EXE_tether"))
+    let out = tether_command()
         .args(["run", "--config"])
         .arg(&bad)
         .stdin(Stdio::null())
@@ -603,14 +573,14 @@ fn tether_reports_ready_and_stopping_within_the_unit_timeouts() {
             }
         }
     });
-    let dir = TempDir::new("notify");
-    let socket_path = dir.0.join("notify.sock");
+    let dir = TempDir::new("deploy-systemd-notify");
+    let socket_path = dir.path().join("notify.sock");
     let socket = UnixDatagram::bind(&socket_path).unwrap();
-    let log_path = dir.0.join("stderr.log");
+    let log_path = dir.path().join("stderr.log");
     let log = || std::fs::read_to_string(&log_path).unwrap_or_default();
 
     let began = Instant::now();
-    let child = Command::new(env!("CARGO_BIN_EXE_tether"))
+    let child = tether_command()
         .args(["run", "--config"])
         .arg(example_config_path())
         .env("NOTIFY_SOCKET", &socket_path)
@@ -626,14 +596,12 @@ fn tether_reports_ready_and_stopping_within_the_unit_timeouts() {
             "TETHER__UPSTREAM__0__ENDPOINTS",
             format!("[\"{backend_addr}\"]"),
         )
-        .env_remove("RUST_LOG")
         .stdin(Stdio::null())
         .stdout(Stdio::null())
         .stderr(std::fs::File::create(&log_path).unwrap())
         .spawn()
         .unwrap();
     let mut child = Reap(child);
-    let pid = libc::pid_t::try_from(child.0.id()).unwrap();
 
     let ready = wait_for(&socket, "READY=1", began + start_timeout);
     assert!(
@@ -642,8 +610,7 @@ fn tether_reports_ready_and_stopping_within_the_unit_timeouts() {
         log()
     );
 
-    // SAFETY: kill(2) on our own child, which has not been reaped yet.
-    assert_eq!(unsafe { libc::kill(pid, libc::SIGTERM) }, 0);
+    send_signal(child.0.id(), "TERM");
     let stopped_at = Instant::now();
     let stopping = wait_for(&socket, "STOPPING=1", stopped_at + stop_timeout);
     assert!(

@@ -4,9 +4,13 @@
 //! `rust-version`, `config/tether.toml`'s ports, the binary's own subcommands —
 //! and against what `deploy/` and the README say about the image.
 
+mod common;
+
 use std::collections::BTreeSet;
 use std::path::{Path, PathBuf};
 use std::process::{Command, Output};
+
+use common::{printed, repo, run_ok, tether_command};
 
 /// Where the image puts the binary and the config, and the user it runs as;
 /// `deploy/` relies on the same three.
@@ -14,10 +18,6 @@ const BINARY: &str = "/usr/local/bin/tether";
 const CONFIG: &str = "/etc/tether/tether.toml";
 const UID: u32 = 10001;
 const RUNTIME_BASE: &str = "debian:bookworm-slim";
-
-fn repo() -> &'static Path {
-    Path::new(env!("CARGO_MANIFEST_DIR"))
-}
 
 fn read(rel: &str) -> String {
     std::fs::read_to_string(repo().join(rel)).unwrap_or_else(|e| panic!("reading {rel}: {e}"))
@@ -475,11 +475,7 @@ fn hadolint(file: &Path) -> Output {
 #[test]
 fn hadolint_finds_nothing_in_the_dockerfile() {
     let out = hadolint(&repo().join("Dockerfile"));
-    let report = format!(
-        "{}{}",
-        String::from_utf8_lossy(&out.stdout),
-        String::from_utf8_lossy(&out.stderr)
-    );
+    let report = printed(&out);
     assert!(
         out.status.success() && report.trim().is_empty(),
         "hadolint on Dockerfile ({}):\n{report}",
@@ -945,14 +941,9 @@ fn the_runtime_stage_runs_the_binary_with_the_reference_config_as_uid_10001() {
 
 #[test]
 fn the_healthcheck_subcommand_exists() {
-    let out = Command::new(env!("CARGO_BIN_EXE_tether"))
-        .args(["health", "--help"])
-        .output()
-        .unwrap();
-    assert!(
-        out.status.success(),
-        "`tether health --help` failed, so the image's HEALTHCHECK could never pass:\n{}",
-        String::from_utf8_lossy(&out.stderr)
+    run_ok(
+        tether_command().args(["health", "--help"]),
+        "\nso the image's HEALTHCHECK could never pass",
     );
 }
 

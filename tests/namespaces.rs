@@ -6,69 +6,10 @@
 mod common;
 
 use std::net::SocketAddr;
-use std::os::fd::AsRawFd;
-use std::process::{Child, Command};
-use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use common::{ip, spawn_tether};
+use common::*;
 use tether::census::{self, TcpState};
-
-/// A network namespace, deleted on drop.
-struct Netns(String);
-
-impl Netns {
-    fn new(name: &str) -> Self {
-        let _ = Command::new("ip").args(["netns", "del", name]).output();
-        ip(&["netns", "add", name]);
-        ip(&["-n", name, "link", "set", "lo", "up"]);
-        Self(name.to_owned())
-    }
-
-    fn sysctl(&self, key: &str, value: &str) {
-        let out = Command::new("ip")
-            .args([
-                "netns",
-                "exec",
-                &self.0,
-                "sysctl",
-                "-w",
-                &format!("{key}={value}"),
-            ])
-            .output()
-            .unwrap();
-        assert!(
-            out.status.success(),
-            "sysctl {key}: {}",
-            String::from_utf8_lossy(&out.stderr)
-        );
-    }
-
-    /// Runs `f` on a thread that has entered this namespace: every socket it
-    /// opens (and every process it spawns) lives there.
-    fn run<T: Send + 'static>(
-        &self,
-        f: impl FnOnce() -> T + Send + 'static,
-    ) -> std::thread::JoinHandle<T> {
-        let path = format!("/var/run/netns/{}", self.0);
-        std::thread::spawn(move || {
-            let file = std::fs::File::open(&path).unwrap();
-            // SAFETY: setns with a valid namespace fd only changes this thread's
-            // network namespace.
-            #[allow(unsafe_code)]
-            let rc = unsafe { libc::setns(file.as_raw_fd(), libc::CLONE_NEWNET) };
-            assert_eq!(rc, 0, "setns: {}", std::io::Error::last_os_error());
-            f()
-        })
-    }
-}
-
-impl Drop for Netns {
-    fn drop(&mut self) {
-        let _ = Command::new("ip").args(["netns", "del", &self.0]).output();
-    }
-}
 
 /// A current-thread runtime for a namespace thread.
 fn runtime() -> tokio::runtime::Runtime {
@@ -89,40 +30,37 @@ struct Churn {
 /// Close-first clients, a new connection per request, for `window`.
 async fn churn(target: SocketAddr, concurrency: usize, window: Duration) -> Churn {
     let deadline = tokio::time::Instant::now() + window;
-    let mut tasks = Vec::new();
-    for _ in 0..concurrency {
-        tasks.push(tokio::spawn(async move {
-            let mut c = Churn::default();
-            while tokio::time::Instant::now() < deadline {
-                match tokio::time::timeout(
-                    Duration::from_secs(2),
-                    tether::tools::load::one_request(target),
-                )
-                .await
-                {
-                    Ok(Ok(())) => c.ok += 1,
-                    Ok(Err(e)) => {
-                        c.errors += 1;
-                        if let tether::tools::load::LoadError::Io(io) = &e {
-                            if io.raw_os_error() == Some(libc::EADDRNOTAVAIL) {
-                                c.addr_not_available += 1;
-                            }
+    let clients = concurrently(concurrency, || async move {
+        let mut c = Churn::default();
+        while tokio::time::Instant::now() < deadline {
+            match tokio::time::timeout(
+                Duration::from_secs(2),
+                tether::tools::load::one_request(target),
+            )
+            .await
+            {
+                Ok(Ok(())) => c.ok += 1,
+                Ok(Err(e)) => {
+                    c.errors += 1;
+                    if let tether::tools::load::LoadError::Io(io) = &e {
+                        if io.raw_os_error() == Some(libc::EADDRNOTAVAIL) {
+                            c.addr_not_available += 1;
                         }
-                        c.first_error.get_or_insert_with(|| e.to_string());
-                        tokio::time::sleep(Duration::from_millis(1)).await;
                     }
-                    Err(_) => {
-                        c.errors += 1;
-                        c.first_error.get_or_insert_with(|| "timed out".to_owned());
-                    }
+                    c.first_error.get_or_insert_with(|| e.to_string());
+                    tokio::time::sleep(Duration::from_millis(1)).await;
+                }
+                Err(_) => {
+                    c.errors += 1;
+                    c.first_error.get_or_insert_with(|| "timed out".to_owned());
                 }
             }
-            c
-        }));
-    }
+        }
+        c
+    })
+    .await;
     let mut total = Churn::default();
-    for t in tasks {
-        let c = t.await.unwrap();
+    for c in clients {
         total.ok += c.ok;
         total.errors += c.errors;
         total.addr_not_available += c.addr_not_available;
@@ -133,72 +71,30 @@ async fn churn(target: SocketAddr, concurrency: usize, window: Duration) -> Chur
     total
 }
 
-fn time_wait_where(pred: impl Fn(&census::TcpSocket) -> bool) -> usize {
-    census::time_wait()
-        .unwrap()
-        .iter()
-        .filter(|s| pred(s))
-        .count()
-}
-
-/// tether started inside a namespace, its listen address read from its log.
-struct Tether {
-    child: Child,
-    addr: SocketAddr,
-}
-
-impl Tether {
-    fn start(netns: &str, backend: SocketAddr, listener_extra: &str) -> Self {
-        let dir = std::env::temp_dir().join(format!("tether-ns-{}-{netns}", std::process::id()));
-        std::fs::create_dir_all(&dir).unwrap();
-        let file = dir.join(format!("tether-{}.toml", listener_extra.len()));
-        std::fs::write(
-            &file,
-            format!(
-                r#"
-                [[listener]]
-                name = "app"
-                listen = "127.0.0.1:0"
-                upstream = "backend"
-                {listener_extra}
-                [[upstream]]
-                name = "backend"
-                endpoints = ["{backend}"]
-                [upstream.pool]
-                min_idle = 2
-                max_connections = 8
-                [admin]
-                enabled = false
-                [runtime]
-                worker_threads = 1
-                drain_timeout = "2s"
-                "#
-            ),
-        )
-        .unwrap();
-        let mut command = Command::new("ip");
-        command
-            .args([
-                "netns",
-                "exec",
-                netns,
-                env!("CARGO_BIN_EXE_tether"),
-                "run",
-                "--config",
-            ])
-            .arg(&file);
-        let (child, addr) = spawn_tether(command);
-        Self { child, addr }
+/// tether started inside namespace `netns`, in front of `backend`, with at
+/// most `requests_per_connection` requests per client connection (the
+/// default without).
+fn tether_in(
+    netns: &Netns,
+    backend: SocketAddr,
+    requests_per_connection: Option<u64>,
+) -> TetherProcess {
+    let mut config = default_config(backend);
+    if let Some(n) = requests_per_connection {
+        config.listeners[0].max_requests_per_connection = n;
     }
-}
-
-impl Drop for Tether {
-    fn drop(&mut self) {
-        let _ = Command::new("kill")
-            .args(["-TERM", &self.child.id().to_string()])
-            .status();
-        let _ = self.child.wait();
-    }
+    config.upstreams[0].pool.min_idle = 2;
+    config.upstreams[0].pool.max_connections = 8;
+    config.admin.enabled = false;
+    config.runtime.worker_threads = 1;
+    config.runtime.drain_timeout = Duration::from_secs(2);
+    TetherProcess::launch(
+        &config,
+        Launch {
+            netns: Some(netns.name()),
+            ..Launch::default()
+        },
+    )
 }
 
 #[test]
@@ -217,91 +113,52 @@ fn two_hosts_with_a_narrow_port_range_exhaust_directly_and_not_through_tether() 
         "name",
         &veth_backend,
     ]);
-    ip(&["link", "set", &veth_app, "netns", &app.0]);
-    ip(&["link", "set", &veth_backend, "netns", &backend_ns.0]);
-    ip(&[
-        "-n",
-        &app.0,
-        "addr",
-        "add",
-        "10.77.0.1/24",
-        "dev",
-        &veth_app,
-    ]);
-    ip(&[
-        "-n",
-        &backend_ns.0,
-        "addr",
-        "add",
-        "10.77.0.2/24",
-        "dev",
-        &veth_backend,
-    ]);
-    ip(&["-n", &app.0, "link", "set", &veth_app, "up"]);
-    ip(&["-n", &backend_ns.0, "link", "set", &veth_backend, "up"]);
+    for (ns, veth, address) in [
+        (&app, &veth_app, "10.77.0.1/24"),
+        (&backend_ns, &veth_backend, "10.77.0.2/24"),
+    ] {
+        ip(&["link", "set", veth, "netns", ns.name()]);
+        ns.ip(&["addr", "add", address, "dev", veth]);
+        ns.ip(&["link", "set", veth, "up"]);
+    }
     app.sysctl("net.ipv4.ip_local_port_range", "40000 40999");
 
     // The backend: a keep-alive HTTP/1.1 server counting the connections it accepts.
     let backend: SocketAddr = "10.77.0.2:8000".parse().unwrap();
-    let accepted = Arc::new(AtomicU64::new(0));
     let (stop_tx, stop_rx) = std::sync::mpsc::channel::<()>();
-    let (ready_tx, ready_rx) = std::sync::mpsc::channel::<()>();
+    let (ready_tx, ready_rx) = std::sync::mpsc::channel();
     let (report_tx, report_rx) = std::sync::mpsc::channel::<usize>();
-    let counter = accepted.clone();
     let backend_thread = backend_ns.run(move || {
         runtime().block_on(async move {
-            let listener = tokio::net::TcpListener::bind(backend).await.unwrap();
-            ready_tx.send(()).unwrap();
-            let serve = async move {
-                loop {
-                    let Ok((stream, _)) = listener.accept().await else {
-                        continue;
-                    };
-                    counter.fetch_add(1, Ordering::SeqCst);
-                    tokio::spawn(async move {
-                        let service = hyper::service::service_fn(|_req| async {
-                            Ok::<_, std::convert::Infallible>(hyper::Response::new(
-                                http_body_util::Full::new(bytes::Bytes::from_static(b"hello")),
-                            ))
-                        });
-                        let _ = hyper::server::conn::http1::Builder::new()
-                            .serve_connection(hyper_util::rt::TokioIo::new(stream), service)
-                            .await;
-                    });
-                }
-            };
-            let wait = tokio::task::spawn_blocking(move || loop {
-                if stop_rx.recv_timeout(Duration::from_millis(50)).is_ok() {
-                    return;
-                }
-            });
-            tokio::select! {
-                _ = serve => {}
-                _ = wait => {}
-            }
+            let server = Backend::builder().bind(backend).start().await;
+            ready_tx.send(server.stats.clone()).unwrap();
+            // Until the test is done with it (or gone).
+            let _ = tokio::task::spawn_blocking(move || stop_rx.recv()).await;
+            drop(server);
             // TIME_WAIT in the backend's own table.
             report_tx
-                .send(time_wait_where(|s| s.local == backend))
+                .send(time_wait_count(|s| s.local == backend))
                 .unwrap();
         })
     });
-    ready_rx.recv_timeout(Duration::from_secs(5)).unwrap();
+    let stats = ready_rx.recv_timeout(PATIENCE).unwrap();
+    let accepted = || stats.accepted.load(std::sync::atomic::Ordering::SeqCst);
 
-    let before = accepted.load(Ordering::SeqCst);
-    let tether = Tether::start(&app.0, backend, "max_requests_per_connection = 1");
-    let target = tether.addr;
+    let before = accepted();
+    let tether = tether_in(&app, backend, Some(1));
+    let target = tether.listen;
     let started = Instant::now();
     let through = app
         .run(move || {
             let churn = runtime().block_on(churn(target, 16, Duration::from_secs(5)));
-            let toward_backend = time_wait_where(|s| s.remote == backend);
+            let toward_backend = time_wait_count(|s| s.remote == backend);
             let client_side =
-                time_wait_where(|s| s.remote == target && s.state == TcpState::TimeWait);
+                time_wait_count(|s| s.remote == target && s.state == TcpState::TimeWait);
             (churn, toward_backend, client_side)
         })
         .join()
         .unwrap();
-    let pooled = accepted.load(Ordering::SeqCst) - before;
+    let pooled = accepted() - before;
     eprintln!(
         "through tether (max_requests_per_connection = 1): {} ok in {:.1}s, {} errors (first: {:?}), \
          {} TIME_WAIT toward the backend, {} on the app's ports, {} backend connections",
@@ -313,12 +170,12 @@ fn two_hosts_with_a_narrow_port_range_exhaust_directly_and_not_through_tether() 
         through.2,
         pooled
     );
-    drop(tether);
+    tether.stop();
 
     // Default settings: the app closes first on loopback and meets the kernel's
     // reuse cap. Reported, not asserted.
-    let tether_default = Tether::start(&app.0, backend, "");
-    let target = tether_default.addr;
+    let tether_default = tether_in(&app, backend, None);
+    let target = tether_default.listen;
     let default_run = app
         .run(move || runtime().block_on(churn(target, 16, Duration::from_secs(3))))
         .join()
@@ -327,20 +184,20 @@ fn two_hosts_with_a_narrow_port_range_exhaust_directly_and_not_through_tether() 
         "through tether (defaults): {} ok, {} errors ({} EADDRNOTAVAIL, first: {:?})",
         default_run.ok, default_run.errors, default_run.addr_not_available, default_run.first_error
     );
-    drop(tether_default);
+    tether_default.stop();
 
     // Control, run last because it uses up the app's ports toward the backend
     // for a minute: straight at the backend, the app runs out of ports.
-    let before_direct = accepted.load(Ordering::SeqCst);
+    let before_direct = accepted();
     let direct = app
         .run(move || {
             let churn = runtime().block_on(churn(backend, 16, Duration::from_secs(4)));
-            let tw = time_wait_where(|s| s.remote == backend);
+            let tw = time_wait_count(|s| s.remote == backend);
             (churn, tw)
         })
         .join()
         .unwrap();
-    let direct_connections = accepted.load(Ordering::SeqCst) - before_direct;
+    let direct_connections = accepted() - before_direct;
     eprintln!(
         "direct: {} ok, {} errors ({} EADDRNOTAVAIL, first: {:?}), {} TIME_WAIT toward the backend, {} backend connections",
         direct.0.ok, direct.0.errors, direct.0.addr_not_available, direct.0.first_error, direct.1, direct_connections
@@ -351,7 +208,7 @@ fn two_hosts_with_a_narrow_port_range_exhaust_directly_and_not_through_tether() 
     );
 
     stop_tx.send(()).unwrap();
-    let in_backend_total = report_rx.recv_timeout(Duration::from_secs(5)).unwrap();
+    let in_backend_total = report_rx.recv_timeout(PATIENCE).unwrap();
     backend_thread.join().unwrap();
     eprintln!("TIME_WAIT in the backend: {in_backend_total}");
 
@@ -404,15 +261,7 @@ fn doctor_names_the_endpoint_a_churning_client_hits() {
                     .iter()
                     .filter(|s| s.state == TcpState::TimeWait && s.remote == addr)
                     .count();
-            let out = Command::new(env!("CARGO_BIN_EXE_tether"))
-                .args(["doctor", "--json"])
-                .output()
-                .unwrap();
-            assert!(
-                out.status.success(),
-                "{}",
-                String::from_utf8_lossy(&out.stderr)
-            );
+            let out = tether_ok(&["doctor", "--json"]);
             let json: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
             (addr, from_proc, json)
         })

@@ -6,197 +6,53 @@ mod common;
 
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Stdio};
-use std::sync::mpsc;
 use std::time::{Duration, Instant};
 
 use common::*;
+use tether::Config;
 use tokio::io::AsyncWriteExt;
 use tokio::net::TcpStream;
 
-/// How long anything here may take to happen.
-const PATIENCE: Duration = Duration::from_secs(10);
-
-/// A tether binary with the addresses it logged and its log lines.
-struct Tether {
-    child: Child,
-    listen: SocketAddr,
-    admin: SocketAddr,
-    log: mpsc::Receiver<String>,
-    /// Every line read from `log` so far.
-    seen: std::cell::RefCell<Vec<String>>,
-    dir: PathBuf,
+/// The config these tests run: two workers sharing a warm floor of two, a
+/// dial given up after 200 ms.
+fn operate_config(backend: SocketAddr) -> Config {
+    let mut config = default_config(backend);
+    config.upstreams[0].connect_timeout = Duration::from_millis(200);
+    config.upstreams[0].pool.min_idle = 2;
+    config.runtime.worker_threads = 2;
+    config
 }
 
-impl Tether {
-    /// Starts `tether run` forwarding to `backend`, with `runtime` appended to
-    /// its `[runtime]` section and `env` in its environment.
-    fn start(backend: &str, runtime: &str, env: &[(&str, &Path)]) -> Self {
-        Self::start_under(backend, runtime, env, None)
-    }
-
-    /// As `start`, in network namespace `netns`.
-    fn start_in(netns: &str, backend: &str, runtime: &str, env: &[(&str, &Path)]) -> Self {
-        Self::start_under(
-            backend,
-            runtime,
-            env,
-            Some(&format!("true && exec ip netns exec {netns}")),
-        )
-    }
-
-    /// As `start`, with `shell` (`ulimit …`, or `true && exec ip netns exec
-    /// NS`) run first in the shell that then becomes tether.
-    fn start_under(
-        backend: &str,
-        runtime: &str,
-        env: &[(&str, &Path)],
-        shell: Option<&str>,
-    ) -> Self {
-        use std::io::BufRead;
-        let dir = std::env::temp_dir().join(format!(
-            "tether-operate-{}-{}",
-            std::process::id(),
-            fastrand::u64(..)
-        ));
-        std::fs::create_dir_all(&dir).unwrap();
-        let file = dir.join("tether.toml");
-        std::fs::write(
-            &file,
-            format!(
-                r#"
-                [[listener]]
-                name = "app"
-                listen = "127.0.0.1:0"
-                upstream = "backend"
-                [[upstream]]
-                name = "backend"
-                endpoints = ["{backend}"]
-                connect_timeout = "200ms"
-                [upstream.pool]
-                min_idle = 2
-                [admin]
-                listen = "127.0.0.1:0"
-                [runtime]
-                worker_threads = 2
-                {runtime}
-                "#
-            ),
-        )
-        .unwrap();
-        let mut command = match shell {
-            None => {
-                let mut c = Command::new(env!("CARGO_BIN_EXE_tether"));
-                c.args(["run", "--config"]).arg(&file);
-                c
-            }
-            Some(first) => {
-                let mut c = Command::new("sh");
-                c.arg("-c").arg(format!(
-                    "{first} {}\"{}\" run --config \"{}\"",
-                    if first.contains("exec") {
-                        ""
-                    } else {
-                        "&& exec "
-                    },
-                    env!("CARGO_BIN_EXE_tether"),
-                    file.display()
-                ));
-                c
-            }
-        };
-        command
-            .env_remove("RUST_LOG")
-            .env_remove("NOTIFY_SOCKET")
-            .stderr(Stdio::piped());
-        for (key, value) in env {
-            command.env(key, value);
-        }
-        let mut child = command.spawn().unwrap();
-        let stderr = child.stderr.take().unwrap();
-        let (send, log) = mpsc::channel();
-        std::thread::spawn(move || {
-            for line in std::io::BufReader::new(stderr)
-                .lines()
-                .map_while(Result::ok)
-            {
-                if send.send(line).is_err() {
-                    return;
-                }
-            }
-        });
-        let mut tether = Self {
-            child,
-            listen: SocketAddr::from(([0, 0, 0, 0], 0)),
-            admin: SocketAddr::from(([0, 0, 0, 0], 0)),
-            log,
-            seen: std::cell::RefCell::new(Vec::new()),
-            dir,
-        };
-        let listen = tether.wait_for_log("listen=");
-        tether.listen = field(&listen, "listen=");
-        let admin = tether.wait_for_log("admin=Some(");
-        tether.admin = field(&admin, "admin=Some(");
-        tether
-    }
-
-    /// Waits for a log line containing `needle` and returns it.
-    fn wait_for_log(&self, needle: &str) -> String {
-        let deadline = Instant::now() + PATIENCE;
-        loop {
-            let left = deadline.saturating_duration_since(Instant::now());
-            match self.log.recv_timeout(left) {
-                Ok(line) => {
-                    self.seen.borrow_mut().push(line.clone());
-                    if line.contains(needle) {
-                        return line;
-                    }
-                }
-                Err(e) => panic!("no log line with {needle:?}: {e}"),
-            }
-        }
-    }
-
-    fn signal(&self, name: &str) {
-        send_signal(self.child.id(), name);
-    }
-}
-
-impl Drop for Tether {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-        let _ = std::fs::remove_dir_all(&self.dir);
-    }
-}
-
-/// The address after `key` in a log line (`listen=127.0.0.1:5 …`, `admin=Some(127.0.0.1:6)`).
-fn field(line: &str, key: &str) -> SocketAddr {
-    let rest = line.split(key).nth(1).unwrap();
-    let end = rest
-        .find(|c: char| c.is_whitespace() || c == ')')
-        .unwrap_or(rest.len());
-    rest[..end]
-        .parse()
-        .unwrap_or_else(|e| panic!("{line}: {e}"))
+/// `tether run` on `config` with `NOTIFY_SOCKET` set to `notify`.
+fn start_notifying(config: &Config, notify: &Path, netns: Option<&str>) -> TetherProcess {
+    TetherProcess::launch(
+        config,
+        Launch {
+            netns,
+            env: &[("NOTIFY_SOCKET", notify)],
+            ..Launch::default()
+        },
+    )
 }
 
 /// A service manager's notify socket (what systemd passes as
 /// `NOTIFY_SOCKET`), removed on drop.
 struct NotifySocket {
-    dir: PathBuf,
     path: PathBuf,
     socket: tokio::net::UnixDatagram,
+    _dir: TempDir,
 }
 
 impl NotifySocket {
     fn bind(name: &str) -> Self {
-        let dir = std::env::temp_dir().join(format!("tether-{name}-{}", std::process::id()));
-        std::fs::create_dir_all(&dir).unwrap();
-        let path = dir.join("notify.sock");
-        let _ = std::fs::remove_file(&path);
+        let dir = TempDir::new(&format!("tether-{name}"));
+        let path = dir.path().join("notify.sock");
         let socket = tokio::net::UnixDatagram::bind(&path).unwrap();
-        Self { dir, path, socket }
+        Self {
+            path,
+            socket,
+            _dir: dir,
+        }
     }
 
     /// The next message, which must come within the patience.
@@ -207,12 +63,6 @@ impl NotifySocket {
             .unwrap_or_else(|_| panic!("{awaited} within the patience"))
             .unwrap();
         String::from_utf8_lossy(&buf[..n]).into_owned()
-    }
-}
-
-impl Drop for NotifySocket {
-    fn drop(&mut self) {
-        let _ = std::fs::remove_dir_all(&self.dir);
     }
 }
 
@@ -251,14 +101,14 @@ fn closed_port() -> SocketAddr {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn health_exits_zero_against_a_running_tether_and_one_with_a_reason_otherwise() {
     let backend = Backend::start().await;
-    let tether = Tether::start(&backend.addr.to_string(), "", &[]);
-    let admin = tether.admin.to_string();
+    let tether = TetherProcess::start(&operate_config(backend.addr));
+    let admin = tether.admin().to_string();
 
     assert_eq!(health(&["--admin", &admin]).await, (0, String::new()));
     health_until(&["--admin", &admin, "--ready"], 0).await;
 
     // The admin address can come from the config file itself.
-    let from_config = tether.dir.join("health.toml");
+    let from_config = tether.dir().join("health.toml");
     std::fs::write(
         &from_config,
         format!(
@@ -291,8 +141,10 @@ async fn health_exits_zero_against_a_running_tether_and_one_with_a_reason_otherw
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_draining_tether_is_alive_but_not_ready() {
     let backend = Backend::start().await;
-    let tether = Tether::start(&backend.addr.to_string(), "drain_timeout = \"5s\"", &[]);
-    let admin = tether.admin.to_string();
+    let mut config = operate_config(backend.addr);
+    config.runtime.drain_timeout = Duration::from_secs(5);
+    let tether = TetherProcess::start(&config);
+    let admin = tether.admin().to_string();
     health_until(&["--admin", &admin, "--ready"], 0).await;
 
     // A request in flight keeps the drain going.
@@ -301,14 +153,7 @@ async fn a_draining_tether_is_alive_but_not_ready() {
         .write_all(b"GET /slow?3000 HTTP/1.1\r\nHost: t\r\n\r\n")
         .await
         .unwrap();
-    wait_until(PATIENCE, || {
-        backend
-            .stats
-            .in_flight
-            .load(std::sync::atomic::Ordering::SeqCst)
-            == 1
-    })
-    .await;
+    eventually(|| backend.in_flight() == 1).await;
     tether.signal("TERM");
     tether.wait_for_log("draining");
 
@@ -325,9 +170,10 @@ async fn a_draining_tether_is_alive_but_not_ready() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn readiness_waits_for_the_warm_floor_at_most_ready_timeout() {
     // A backend that refuses: the warm floor cannot open.
-    let dead = closed_port().to_string();
-    let tether = Tether::start(&dead, "ready_timeout = \"2s\"", &[]);
-    let admin = tether.admin.to_string();
+    let mut config = operate_config(closed_port());
+    config.runtime.ready_timeout = Duration::from_secs(2);
+    let tether = TetherProcess::start(&config);
+    let admin = tether.admin().to_string();
     let started = Instant::now();
     let (code, stderr) = health(&["--admin", &admin, "--ready"]).await;
     assert_eq!(code, 1, "{stderr}");
@@ -347,11 +193,7 @@ async fn readiness_waits_for_the_warm_floor_at_most_ready_timeout() {
 async fn the_notify_socket_hears_ready_once_the_floor_is_open_and_stopping_on_sigterm() {
     let backend = Backend::start().await;
     let notify = NotifySocket::bind("notify");
-    let tether = Tether::start(
-        &backend.addr.to_string(),
-        "",
-        &[("NOTIFY_SOCKET", &notify.path)],
-    );
+    let tether = start_notifying(&operate_config(backend.addr), &notify.path, None);
 
     let message = notify.next("READY=1").await;
     assert!(message.lines().any(|l| l == "READY=1"), "{message}");
@@ -369,7 +211,7 @@ async fn the_notify_socket_hears_ready_once_the_floor_is_open_and_stopping_on_si
         "READY=1 with {established} warm connections"
     );
     assert_eq!(
-        health(&["--admin", &tether.admin.to_string(), "--ready"])
+        health(&["--admin", &tether.admin().to_string(), "--ready"])
             .await
             .0,
         0
@@ -383,13 +225,10 @@ async fn the_notify_socket_hears_ready_once_the_floor_is_open_and_stopping_on_si
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn ready_is_not_announced_before_the_floor_opens_or_ready_timeout_passes() {
     let notify = NotifySocket::bind("notify-cold");
-    let dead = closed_port().to_string();
+    let mut config = operate_config(closed_port());
+    config.runtime.ready_timeout = Duration::from_millis(1500);
     let started = Instant::now();
-    let _tether = Tether::start(
-        &dead,
-        "ready_timeout = \"1500ms\"",
-        &[("NOTIFY_SOCKET", &notify.path)],
-    );
+    let _tether = start_notifying(&config, &notify.path, None);
     assert!(notify.next("READY=1").await.contains("READY=1"));
     assert!(
         started.elapsed() >= Duration::from_millis(1400),
@@ -401,107 +240,77 @@ async fn ready_is_not_announced_before_the_floor_opens_or_ready_timeout_passes()
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn sighup_is_logged_and_ignored() {
     let backend = Backend::start().await;
-    let mut tether = Tether::start(&backend.addr.to_string(), "", &[]);
+    let mut tether = TetherProcess::start(&operate_config(backend.addr));
     assert_eq!(get_once(tether.listen, "/").await.status, 200);
     tether.signal("HUP");
     let line = tether.wait_for_log("SIGHUP");
     assert!(line.contains("ignored"), "{line}");
     tokio::time::sleep(Duration::from_millis(200)).await;
-    assert!(
-        tether.child.try_wait().unwrap().is_none(),
-        "tether exited on SIGHUP"
-    );
+    assert!(tether.is_running(), "tether exited on SIGHUP");
     assert_eq!(get_once(tether.listen, "/").await.status, 200);
     // A second one too: the handler stays installed.
     tether.signal("HUP");
     tether.wait_for_log("SIGHUP");
     assert_eq!(get_once(tether.listen, "/").await.status, 200);
-    tether.signal("TERM");
-    let deadline = Instant::now() + PATIENCE;
-    let status = loop {
-        if let Some(status) = tether.child.try_wait().unwrap() {
-            break status;
-        }
-        assert!(Instant::now() < deadline, "no exit after SIGTERM");
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    };
-    assert!(status.success());
-}
-
-/// The soft and hard open-file limits of process `pid`.
-fn open_file_limits(pid: u32) -> (u64, u64) {
-    let limits = std::fs::read_to_string(format!("/proc/{pid}/limits")).unwrap();
-    let line = limits
-        .lines()
-        .find(|l| l.starts_with("Max open files"))
-        .unwrap();
-    let mut numbers = line.split_whitespace().filter_map(|w| w.parse().ok());
-    (numbers.next().unwrap(), numbers.next().unwrap())
+    assert!(tether.stop().success());
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_soft_open_file_limit_is_raised_and_a_short_one_is_reported() {
     let backend = Backend::start().await;
+    let config = operate_config(backend.addr);
+    let start_under = |limits: &str| {
+        TetherProcess::launch(
+            &config,
+            Launch {
+                shell: Some(limits),
+                ..Launch::default()
+            },
+        )
+    };
     // Lowering a hard limit needs no privilege; raising it may.
     let hard = open_file_limits(std::process::id()).1.min(16384);
     // A soft limit of 1024 under a higher hard one, as container runtimes give.
-    let tether = Tether::start_under(
-        &backend.addr.to_string(),
-        "",
-        &[],
-        Some(&format!("ulimit -S -n 1024 && ulimit -H -n {hard}")),
-    );
-    assert_eq!(open_file_limits(tether.child.id()), (hard, hard));
+    let tether = start_under(&format!("ulimit -S -n 1024 && ulimit -H -n {hard}"));
+    assert_eq!(open_file_limits(tether.pid()), (hard, hard));
     assert_eq!(get_once(tether.listen, "/").await.status, 200);
     // The default max_connections (10000), one pool of 256 and the slack.
     let needed = 10_000 + 256 + tether::rlimit::SLACK;
-    let warned = |t: &Tether| {
-        t.seen
-            .borrow()
+    let warned = |t: &TetherProcess| {
+        t.seen()
             .iter()
             .any(|l| l.contains("WARN") && l.contains("open-file limit is below"))
     };
-    assert_eq!(warned(&tether), hard < needed, "{:?}", tether.seen.borrow());
+    assert_eq!(warned(&tether), hard < needed, "{:?}", tether.seen());
 
     // A hard limit below what the config can use: said at start, with figures.
-    let short = Tether::start_under(
-        &backend.addr.to_string(),
-        "",
-        &[],
-        Some("ulimit -S -n 1024 && ulimit -H -n 2048"),
-    );
-    assert_eq!(open_file_limits(short.child.id()), (2048, 2048));
-    assert!(warned(&short), "{:?}", short.seen.borrow());
+    let short = start_under("ulimit -S -n 1024 && ulimit -H -n 2048");
+    assert_eq!(open_file_limits(short.pid()), (2048, 2048));
+    assert!(warned(&short), "{:?}", short.seen());
     let needed = format!("needed={needed}");
     assert!(
-        short.seen.borrow().iter().any(|l| l.contains(&needed)),
+        short.seen().iter().any(|l| l.contains(&needed)),
         "{:?}",
-        short.seen.borrow()
+        short.seen()
     );
 }
 
 /// A network namespace where a SYN to 10.9.9.2 goes nowhere, so a dial
 /// stays in progress until its timeout.
-struct SilentNetwork(String);
+struct SilentNetwork(Netns);
 
 impl SilentNetwork {
     fn new() -> Self {
-        let name = format!("tether-silent-{}", std::process::id());
-        let _ = Command::new("ip").args(["netns", "del", &name]).output();
-        ip(&["netns", "add", &name]);
-        let network = Self(name.clone());
-        ip(&["-n", &name, "link", "set", "lo", "up"]);
+        let netns = Netns::new(&format!("tether-silent-{}", std::process::id()));
         // The far end has no address, and frames go to a MAC nobody has:
         // every SYN is dropped without an answer.
-        ip(&[
-            "-n", &name, "link", "add", "silent", "type", "veth", "peer", "name", "sink",
+        netns.ip(&[
+            "link", "add", "silent", "type", "veth", "peer", "name", "sink",
         ]);
-        ip(&["-n", &name, "addr", "add", "10.9.9.1/24", "dev", "silent"]);
-        ip(&["-n", &name, "link", "set", "silent", "up"]);
-        ip(&["-n", &name, "link", "set", "sink", "up"]);
-        ip(&[
-            "-n",
-            &name,
+        netns.ip(&["addr", "add", "10.9.9.1/24", "dev", "silent"]);
+        netns.ip(&["link", "set", "silent", "up"]);
+        netns.ip(&["link", "set", "sink", "up"]);
+        netns.ip(&[
             "neigh",
             "add",
             "10.9.9.2",
@@ -512,29 +321,14 @@ impl SilentNetwork {
             "nud",
             "permanent",
         ]);
-        network
+        Self(netns)
     }
 
     /// `tether health` with `args`, run inside the namespace.
     async fn health(&self, args: &[&str]) -> (i32, String) {
-        code_and_stderr(
-            tokio::process::Command::new("ip")
-                .args([
-                    "netns",
-                    "exec",
-                    &self.0,
-                    env!("CARGO_BIN_EXE_tether"),
-                    "health",
-                ])
-                .args(args),
-        )
-        .await
-    }
-}
-
-impl Drop for SilentNetwork {
-    fn drop(&mut self) {
-        let _ = Command::new("ip").args(["netns", "del", &self.0]).output();
+        let mut command =
+            tokio::process::Command::from(self.0.command(env!("CARGO_BIN_EXE_tether")));
+        code_and_stderr(command.arg("health").args(args)).await
     }
 }
 
@@ -542,16 +336,13 @@ impl Drop for SilentNetwork {
 async fn a_dial_in_progress_is_not_a_warm_connection() {
     let network = SilentNetwork::new();
     let notify = NotifySocket::bind("notify-silent");
+    let mut config = operate_config("10.9.9.2:80".parse().unwrap());
+    config.runtime.ready_timeout = Duration::from_secs(2);
     let started = Instant::now();
-    let tether = Tether::start_in(
-        &network.0,
-        "10.9.9.2:80",
-        "ready_timeout = \"2s\"",
-        &[("NOTIFY_SOCKET", &notify.path)],
-    );
+    let tether = start_notifying(&config, &notify.path, Some(network.0.name()));
     // Dials to the silent address are in progress (each for connect_timeout,
     // then again after a backoff): not warm, so not ready.
-    let admin = tether.admin.to_string();
+    let admin = tether.admin().to_string();
     let (code, stderr) = network.health(&["--admin", &admin, "--ready"]).await;
     assert_eq!(code, 1, "ready while every dial is in progress: {stderr}");
     assert!(stderr.contains("warming"), "{stderr}");
