@@ -90,3 +90,50 @@ async fn metrics_count_outcomes_endings_and_time_wait() {
     )
     .await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn pools_shows_every_connection_and_what_opened_them() {
+    with_tether_and_backend(
+        |config| config.upstreams[0].pool.min_idle = 2,
+        |backend, t| async move {
+            let (addr, admin) = (t.addr(), t.admin());
+            for _ in 0..3 {
+                assert_eq!(get_once(addr, "/").await.status, 200);
+            }
+            let response = get_once(admin, "/pools").await;
+            assert_eq!(response.status, 200);
+            assert_eq!(response.header("content-type"), Some("application/json"));
+            let pools: serde_json::Value = serde_json::from_str(&response.text()).unwrap();
+            let endpoint = &pools[0]["endpoints"][0];
+            assert_eq!(pools[0]["upstream"], "backend");
+            assert_eq!(endpoint["address"], backend.addr.to_string());
+            // The warm floor carried every request: nothing dialled on demand.
+            assert_eq!(endpoint["opened"]["warm"], 2, "{endpoint:#}");
+            assert_eq!(endpoint["opened"]["demand"], 0, "{endpoint:#}");
+            assert_eq!(endpoint["reused"], 3, "{endpoint:#}");
+            assert_eq!(endpoint["idle"], 2, "{endpoint:#}");
+            assert_eq!(endpoint["busy"], 0, "{endpoint:#}");
+            assert_eq!(endpoint["ejected"], false);
+            for reason in ["idle", "lifetime", "max_requests", "error", "drain"] {
+                assert_eq!(endpoint["retired"][reason], 0, "{endpoint:#}");
+            }
+            let connections = endpoint["connections"].as_array().unwrap();
+            assert_eq!(connections.len(), backend.accepted(), "{endpoint:#}");
+            let served: u64 = connections
+                .iter()
+                .map(|c| c["requests"].as_u64().unwrap())
+                .sum();
+            assert_eq!(served, 3, "{endpoint:#}");
+            for c in connections {
+                assert_eq!(c["state"], "idle");
+                assert!(c["idle_ms"].as_u64().unwrap() <= c["age_ms"].as_u64().unwrap());
+            }
+            let ids: std::collections::BTreeSet<u64> = connections
+                .iter()
+                .map(|c| c["id"].as_u64().unwrap())
+                .collect();
+            assert_eq!(ids.len(), 2, "ids are unique: {endpoint:#}");
+        },
+    )
+    .await;
+}

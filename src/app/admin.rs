@@ -2,8 +2,9 @@
 //! up), `/readyz` (503 until every pool's warm floor is open or
 //! `runtime.ready_timeout` has passed, so an app started after tether finds
 //! warm connections; 503 again once draining, so a load balancer or
-//! Kubernetes stops sending new connections first) and `/config` (the
-//! effective configuration).
+//! Kubernetes stops sending new connections first), `/config` (the
+//! effective configuration) and `/pools` (every upstream connection and what
+//! the pools did, as JSON).
 //!
 //! It binds loopback by default and keeps serving through the drain, so
 //! readiness can report it.
@@ -26,6 +27,7 @@ use prometheus_client::metrics::gauge::ConstGauge;
 
 use crate::config::ListenAddr;
 use crate::metrics::Metrics;
+use crate::pool::Pool;
 
 /// Failures to start the admin server.
 #[derive(Debug, thiserror::Error)]
@@ -49,6 +51,8 @@ pub struct AdminState {
     pub draining: CancellationToken,
     /// The effective configuration as TOML.
     pub config: String,
+    /// Every worker's share of every upstream pool, for `/pools`.
+    pub pools: Vec<Pool>,
 }
 
 /// Binds the admin address.
@@ -120,10 +124,11 @@ fn respond(state: &AdminState, request: &Request<Incoming>) -> Response<Full<Byt
         ),
         "/readyz" => (StatusCode::OK, "text/plain", "ready\n".to_owned()),
         "/config" => (StatusCode::OK, "application/toml", state.config.clone()),
+        "/pools" => pools_json(&state.pools),
         _ => (
             StatusCode::NOT_FOUND,
             "text/plain",
-            "not found: try /metrics, /healthz, /readyz or /config\n".to_owned(),
+            "not found: try /metrics, /healthz, /readyz, /config or /pools\n".to_owned(),
         ),
     };
     let mut response = Response::new(Full::new(Bytes::from(body)));
@@ -133,6 +138,21 @@ fn respond(state: &AdminState, request: &Request<Incoming>) -> Response<Full<Byt
         header::HeaderValue::from_static(content_type),
     );
     response
+}
+
+/// `/pools`: the pools' state as JSON.
+fn pools_json(pools: &[Pool]) -> (StatusCode, &'static str, String) {
+    match serde_json::to_string_pretty(&crate::pool::view(pools)) {
+        Ok(mut json) => {
+            json.push('\n');
+            (StatusCode::OK, "application/json", json)
+        }
+        Err(e) => (
+            StatusCode::INTERNAL_SERVER_ERROR,
+            "text/plain",
+            format!("cannot render the pools: {e}\n"),
+        ),
+    }
 }
 
 /// `tether_time_wait_on_listener`: TIME_WAIT sockets whose local port is a

@@ -184,6 +184,7 @@ pub async fn start_on(
             ready: ready.clone(),
             draining: shutdown.drain.clone(),
             config: config.to_toml(),
+            pools: all_pools.clone(),
         });
         admin::start(socket, state, admin_stop.clone())
     });

@@ -88,6 +88,28 @@ pub enum RetireReason {
     Drain,
 }
 
+impl RetireReason {
+    /// Every reason, in the order the config lists them.
+    pub const ALL: [RetireReason; 5] = [
+        Self::Idle,
+        Self::Lifetime,
+        Self::MaxRequests,
+        Self::Error,
+        Self::Drain,
+    ];
+
+    /// The reason's name, as the `[upstream.pool.retire]` key spells it.
+    pub fn label(self) -> &'static str {
+        match self {
+            Self::Idle => "idle",
+            Self::Lifetime => "lifetime",
+            Self::MaxRequests => "max_requests",
+            Self::Error => "error",
+            Self::Drain => "drain",
+        }
+    }
+}
+
 /// `retire`: one policy for every reason, or a table with one per reason.
 #[derive(Debug, Clone, Copy, Serialize, Deserialize, PartialEq, Eq)]
 #[serde(untagged)]

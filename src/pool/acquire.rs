@@ -11,6 +11,7 @@ use super::dial::{self, Dialled};
 use super::endpoint::Endpoint;
 use super::lease::{Lease, Outstanding, Ready};
 use super::retire::Verdict;
+use super::view::OpenedBy;
 use super::PoolError;
 use crate::config::RetireReason;
 
@@ -101,7 +102,7 @@ async fn dial_for_request(endpoint: &Arc<Endpoint>) -> Dial {
         }
     }
     let dialled = match endpoint.try_slot() {
-        Some(slot) => Some(dial::open(endpoint, slot).await),
+        Some(slot) => Some(dial::open(endpoint, slot, OpenedBy::Demand).await),
         None => None,
     };
     if http2 {

@@ -3,7 +3,6 @@
 //! connection's tracing span), and the bookkeeping every new connection gets.
 
 use std::future::Future;
-use std::sync::atomic::Ordering;
 use std::sync::Arc;
 
 use tokio::net::TcpStream;
@@ -15,6 +14,7 @@ use super::h1::{self, Conn};
 use super::h2::{self, H2Conn};
 use super::io::UpstreamIo;
 use super::lease::Slot;
+use super::view::{ConnRecord, OpenedBy};
 use super::PoolError;
 use crate::config::{Protocol, UpstreamConfig};
 use crate::sock;
@@ -27,17 +27,24 @@ pub(crate) enum Dialled {
 
 /// Dials `endpoint` holding `slot`, runs the handshake of the upstream's
 /// protocol and starts the task that drives the connection.
-pub(crate) async fn open(endpoint: &Arc<Endpoint>, mut slot: Slot) -> Result<Dialled, PoolError> {
+pub(crate) async fn open(
+    endpoint: &Arc<Endpoint>,
+    mut slot: Slot,
+    cause: OpenedBy,
+) -> Result<Dialled, PoolError> {
     let settings = &endpoint.settings;
     let addr = endpoint.addr;
     let socket = connect(endpoint).await?;
+    let record = ConnRecord::new(cause);
     // Events about this connection, here and in its driving task, carry
-    // where it goes and from which local port; created only at debug level.
+    // where it goes, from which local port and its id; made at debug level.
     let span = tracing::debug_span!(
         "upstream",
         upstream = %settings.name,
         endpoint = %addr,
         local = ?socket.local_addr().ok(),
+        id = record.id(),
+        opened_by = cause.label(),
     );
     let io = UpstreamIo::new(socket.clone());
     let received = io.received();
@@ -47,16 +54,19 @@ pub(crate) async fn open(endpoint: &Arc<Endpoint>, mut slot: Slot) -> Result<Dia
             let (sender, connection) = h1::handshake(addr, io).await?;
             drive(endpoint, &span, connection);
             slot.established();
-            Dialled::Http1(Conn::new(sender, socket, received, expires, slot))
+            let conn = Conn::new(sender, socket, received, expires, slot, record.clone());
+            Dialled::Http1(conn)
         }
         Protocol::Http2 => {
             let (sender, connection, max_streams) = h2::handshake(settings, addr, io).await?;
             drive(endpoint, &span, connection);
             slot.established();
-            Dialled::Http2(H2Conn::new(sender, socket, max_streams, expires, slot))
+            let conn = H2Conn::new(sender, socket, max_streams, expires, slot, record.clone());
+            Dialled::Http2(conn)
         }
     };
-    endpoint.stats.opened.fetch_add(1, Ordering::Relaxed);
+    endpoint.track(&record);
+    endpoint.stats.count_opened(cause);
     tracing::debug!(parent: &span, "upstream connection opened");
     Ok(dialled)
 }

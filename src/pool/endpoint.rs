@@ -8,7 +8,7 @@
 
 use std::net::SocketAddr;
 use std::sync::atomic::{AtomicBool, AtomicU32, AtomicU64, AtomicUsize, Ordering};
-use std::sync::{Arc, Mutex, MutexGuard};
+use std::sync::{Arc, Mutex, MutexGuard, Weak};
 use std::time::Duration;
 
 use tokio::sync::{Notify, Semaphore};
@@ -21,6 +21,7 @@ use super::probe::probe;
 use super::retire::{
     self, close_manner, idle_limit, Close, EndpointFacts, IdleFacts, Moment, Verdict,
 };
+use super::view::{self, ConnRecord, OpenedBy};
 use crate::config::{Protocol, RetireReason, UpstreamConfig};
 
 /// A backend closing an idle connection sooner than this is not taken for an
@@ -46,6 +47,42 @@ pub struct EndpointStats {
     pub ejections: AtomicU64,
     /// Idle connections the backend closed before tether retired them.
     pub closed_by_backend: AtomicU64,
+    /// Connections opened, by [`OpenedBy`] in its declaration order.
+    opened_by: [AtomicU64; 3],
+    /// Connections closed by tether, by [`RetireReason`] in `ALL` order.
+    retired_by: [AtomicU64; 5],
+}
+
+impl EndpointStats {
+    /// Connections opened for `cause`.
+    pub fn opened_by(&self, cause: OpenedBy) -> u64 {
+        self.opened_by[cause as usize].load(Ordering::Relaxed)
+    }
+
+    /// Connections tether closed for `reason` (`error`: discarded).
+    pub fn retired_for(&self, reason: RetireReason) -> u64 {
+        let index = RetireReason::ALL.iter().position(|r| *r == reason);
+        index.map_or(0, |i| self.retired_by[i].load(Ordering::Relaxed))
+    }
+
+    /// Counts a connection opened for `cause`.
+    pub(super) fn count_opened(&self, cause: OpenedBy) {
+        self.opened.fetch_add(1, Ordering::Relaxed);
+        self.opened_by[cause as usize].fetch_add(1, Ordering::Relaxed);
+    }
+
+    /// Counts a connection tether closes for `reason`: an `error` is a
+    /// discard, anything else a retirement.
+    pub(super) fn count_closed(&self, reason: RetireReason) {
+        let total = match reason {
+            RetireReason::Error => &self.discarded,
+            _ => &self.retired,
+        };
+        total.fetch_add(1, Ordering::Relaxed);
+        if let Some(i) = RetireReason::ALL.iter().position(|r| *r == reason) {
+            self.retired_by[i].fetch_add(1, Ordering::Relaxed);
+        }
+    }
 }
 
 /// One resolved address of an upstream and its connections.
@@ -78,6 +115,11 @@ pub struct Endpoint {
     h2: Mutex<Vec<Arc<H2Conn>>>,
     /// An HTTP/2 dial is in progress: others wait for it instead of dialling.
     pub(super) h2_dialing: AtomicBool,
+    /// The endpoint had its warm floor whole at least once: later floor
+    /// dials are refills.
+    pub(super) was_warm: AtomicBool,
+    /// Every open connection's record, for `/pools`.
+    records: Mutex<Vec<Weak<ConnRecord>>>,
     pub(super) stats: EndpointStats,
 }
 
@@ -128,6 +170,8 @@ impl Endpoint {
             health: Mutex::new(Health::default()),
             h2: Mutex::new(Vec::new()),
             h2_dialing: AtomicBool::new(false),
+            was_warm: AtomicBool::new(false),
+            records: Mutex::new(Vec::new()),
             stats: EndpointStats::default(),
         }
     }
@@ -172,6 +216,18 @@ impl Endpoint {
     /// The observed idle limit, for the admin view.
     pub fn observed_idle_close(&self) -> Option<Duration> {
         millis(self.observed_idle_close_ms.load(Ordering::Relaxed))
+    }
+
+    /// The records of every open connection.
+    pub(super) fn records(&self) -> Vec<Arc<ConnRecord>> {
+        view::live(&mut lock(&self.records))
+    }
+
+    /// Adds a new connection's record.
+    pub(super) fn track(&self, record: &Arc<ConnRecord>) {
+        let mut records = lock(&self.records);
+        records.retain(|r| r.strong_count() > 0);
+        records.push(Arc::downgrade(record));
     }
 
     pub(super) fn lock_idle(&self) -> MutexGuard<'_, Vec<IdleConn>> {
@@ -255,9 +311,13 @@ impl Endpoint {
                 now,
             );
             match verdict {
-                Verdict::Keep { .. } => return Some(entry.conn),
+                Verdict::Keep { .. } => {
+                    entry.conn.record().busy();
+                    return Some(entry.conn);
+                }
                 Verdict::LastRequest => {
                     entry.conn.end_after_next_request();
+                    entry.conn.record().busy();
                     return Some(entry.conn);
                 }
                 verdict => self.dispose(entry, verdict, now),
@@ -285,6 +345,7 @@ impl Endpoint {
             now,
         );
         if let Verdict::Keep { .. } = verdict {
+            entry.conn.record().idle(now);
             self.lock_idle().push(entry);
             self.available.notify_one();
         } else {
@@ -294,7 +355,7 @@ impl Endpoint {
 
     /// Discards a connection abandoned mid-exchange or not sent whole.
     pub(super) fn discard(&self, conn: Conn) {
-        self.stats.discarded.fetch_add(1, Ordering::Relaxed);
+        self.stats.count_closed(RetireReason::Error);
         conn.close(RetireReason::Error, &self.settings.pool.retire);
     }
 
@@ -306,6 +367,7 @@ impl Endpoint {
             Verdict::Keep { .. } | Verdict::LastRequest => self.lock_idle().push(entry),
             Verdict::Probe { last } => {
                 let mut conn = entry.conn;
+                conn.record().busy();
                 if last {
                     // A probe is the last request: it says goodbye.
                     conn.end_after_next_request();
@@ -313,14 +375,14 @@ impl Endpoint {
                 tokio::spawn(probe(self.clone(), conn));
             }
             Verdict::Retire(reason) => {
-                self.stats.retired.fetch_add(1, Ordering::Relaxed);
+                self.stats.count_closed(reason);
                 tracing::debug!(upstream = %self.addr, ?reason, "retiring idle upstream connection");
                 entry.conn.close(reason, policy);
             }
             Verdict::Discard => {
                 tracing::debug!(upstream = %self.addr, "discarding stale idle connection");
                 self.learn_idle_close(now.duration_since(entry.since));
-                self.stats.discarded.fetch_add(1, Ordering::Relaxed);
+                self.stats.count_closed(RetireReason::Error);
                 entry.conn.close(RetireReason::Error, policy);
             }
             Verdict::AwaitPeerClose => {
@@ -411,12 +473,7 @@ impl Endpoint {
     /// Stops new streams on an HTTP/2 connection leaving the pool and sets how
     /// its socket ends once hyper lets go of it.
     fn retire_h2(&self, conn: &H2Conn, reason: RetireReason) {
-        let counter = if reason == RetireReason::Error {
-            &self.stats.discarded
-        } else {
-            &self.stats.retired
-        };
-        counter.fetch_add(1, Ordering::Relaxed);
+        self.stats.count_closed(reason);
         conn.drain();
         let policy = self.settings.pool.retire.for_reason(reason);
         // hyper has closed it or sends GOAWAY when the last handle goes: the

@@ -13,6 +13,7 @@ use super::body::{ResponseBody, UpstreamBody};
 use super::io::UpstreamIo;
 use super::lease::Slot;
 use super::retire::{close_manner, Close};
+use super::view::ConnRecord;
 use super::PoolError;
 use crate::config::{Retire, RetirePolicy, RetireReason};
 use crate::sock::{self, PeerState};
@@ -49,6 +50,8 @@ pub(crate) struct Conn {
     closing: bool,
     /// Retiring peer-first: its next request says `Connection: close`.
     goodbye: bool,
+    /// What `/pools` shows of it.
+    record: Arc<ConnRecord>,
     /// Held for the connection's whole life: counts it against
     /// `pool.max_connections` and wakes waiters when it is gone.
     _slot: Slot,
@@ -98,8 +101,10 @@ impl Conn {
         received: Arc<AtomicU64>,
         expires: Instant,
         slot: Slot,
+        record: Arc<ConnRecord>,
     ) -> Self {
         Self {
+            record,
             sender,
             socket,
             received,
@@ -110,6 +115,11 @@ impl Conn {
             goodbye: false,
             _slot: slot,
         }
+    }
+
+    /// What `/pools` shows of it.
+    pub(crate) fn record(&self) -> &ConnRecord {
+        &self.record
     }
 
     /// Whether hyper still has the connection open. Costs no syscall; a FIN
@@ -174,6 +184,7 @@ impl Conn {
     #[inline]
     pub(super) fn prepare(&mut self, request: &mut http::Request<UpstreamBody>) {
         self.requests += 1;
+        self.record.served(self.requests);
         if self.goodbye {
             request.headers_mut().insert(
                 http::header::CONNECTION,

@@ -21,6 +21,7 @@ use super::body::{ResponseBody, UpstreamBody};
 use super::endpoint::Endpoint;
 use super::io::UpstreamIo;
 use super::lease::{sent, SendError, Slot};
+use super::view::ConnRecord;
 use super::PoolError;
 use crate::config::UpstreamConfig;
 use crate::sock;
@@ -37,6 +38,8 @@ pub(crate) struct H2Conn {
     /// No new streams: the peer sent GOAWAY, or the connection is retiring.
     draining: AtomicBool,
     last_active: Mutex<Instant>,
+    /// What `/pools` shows of it.
+    record: Arc<ConnRecord>,
     _slot: Slot,
 }
 
@@ -87,8 +90,10 @@ impl H2Conn {
         max_streams: Arc<AtomicUsize>,
         expires: Instant,
         slot: Slot,
+        record: Arc<ConnRecord>,
     ) -> Arc<Self> {
         Arc::new(Self {
+            record,
             sender,
             max_streams,
             socket,
@@ -142,8 +147,12 @@ impl H2Conn {
 
     /// Opens a stream on it.
     pub(crate) fn open_stream(self: &Arc<Self>, endpoint: Arc<Endpoint>) -> H2Stream {
-        self.in_flight.fetch_add(1, Ordering::Relaxed);
-        let reused = self.streams.fetch_add(1, Ordering::Relaxed) > 0;
+        if self.in_flight.fetch_add(1, Ordering::Relaxed) == 0 {
+            self.record.busy();
+        }
+        let streams = self.streams.fetch_add(1, Ordering::Relaxed);
+        self.record.served(streams + 1);
+        let reused = streams > 0;
         H2Stream {
             conn: self.clone(),
             endpoint,
@@ -180,11 +189,13 @@ impl Drop for H2Stream {
         // Dropping the response body resets the stream (RST_STREAM) if it had
         // not ended; the connection itself stays up for other streams.
         if self.conn.in_flight.fetch_sub(1, Ordering::Relaxed) == 1 {
+            let now = Instant::now();
             *self
                 .conn
                 .last_active
                 .lock()
-                .unwrap_or_else(|e| e.into_inner()) = Instant::now();
+                .unwrap_or_else(|e| e.into_inner()) = now;
+            self.conn.record.idle(now);
         }
         self.endpoint.available.notify_one();
     }

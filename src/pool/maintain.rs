@@ -10,6 +10,7 @@ use tokio::time::Instant;
 
 use super::dial::{self, Dialled};
 use super::endpoint::Endpoint;
+use super::view::OpenedBy;
 use super::{Pool, PoolInner};
 use crate::config::UpstreamConfig;
 
@@ -23,7 +24,12 @@ impl Endpoint {
     /// Opens connections in the background until `min_idle` are open, one dial
     /// at a time, backing off (with jitter) after failures.
     fn refill(self: &Arc<Self>) {
-        if !self.below_floor() || self.refill_backing_off() {
+        if !self.below_floor() {
+            // However it got there: later floor dials are refills.
+            self.was_warm.store(true, Ordering::Relaxed);
+            return;
+        }
+        if self.refill_backing_off() {
             return;
         }
         if self.refilling.swap(true, Ordering::AcqRel) {
@@ -35,7 +41,12 @@ impl Endpoint {
                 let Some(slot) = endpoint.try_slot() else {
                     break;
                 };
-                match dial::open(&endpoint, slot).await {
+                let cause = if endpoint.was_warm.load(Ordering::Relaxed) {
+                    OpenedBy::Refill
+                } else {
+                    OpenedBy::Warm
+                };
+                match dial::open(&endpoint, slot, cause).await {
                     Ok(dialled) => {
                         endpoint.refill_failures.store(0, Ordering::Relaxed);
                         endpoint.record(true);

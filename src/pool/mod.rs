@@ -40,6 +40,7 @@ mod maintain;
 pub mod metrics;
 mod probe;
 mod retire;
+mod view;
 
 use std::net::SocketAddr;
 use std::sync::atomic::{AtomicUsize, Ordering};
@@ -59,6 +60,7 @@ pub(crate) use h2::refused_by_peer;
 pub use lease::Lease;
 use lease::Outstanding;
 pub(crate) use lease::SendError;
+pub use view::{view, ConnectionView, EndpointView, OpenedBy, PoolView};
 
 /// Failures to obtain an upstream connection.
 #[derive(Debug, thiserror::Error)]
