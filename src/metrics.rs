@@ -76,6 +76,9 @@ pub struct Metrics {
     pub client_closed: Family<ReasonLabels, Counter>,
     /// Accept errors, by kind (`resources` pauses accepting).
     pub accept_errors: Family<ReasonLabels, Counter>,
+    /// Request header fields removed before forwarding, by why
+    /// (`underscore`: a name with `_` under `underscores_in_headers = "drop"`).
+    pub request_headers_dropped: Family<ReasonLabels, Counter>,
 }
 
 impl fmt::Debug for Metrics {
@@ -141,6 +144,12 @@ impl Metrics {
             "Accept errors, by kind",
             accept_errors.clone(),
         );
+        let request_headers_dropped = Family::default();
+        registry.register(
+            "request_headers_dropped",
+            "Request header fields removed before forwarding, by reason",
+            request_headers_dropped.clone(),
+        );
         Self {
             registry: Mutex::new(registry),
             requests,
@@ -150,6 +159,7 @@ impl Metrics {
             client_active,
             client_closed,
             accept_errors,
+            request_headers_dropped,
         }
     }
 

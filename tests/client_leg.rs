@@ -219,6 +219,48 @@ async fn content_length_with_transfer_encoding_is_never_forwarded_as_ambiguous()
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn framing_headers_spelt_with_underscores_are_refused_under_every_setting() {
+    use tether::config::UnderscoresInHeaders;
+    // A CGI-style backend reads `Transfer_Encoding` as Transfer-Encoding, and
+    // `content_length` as Content-Length: either would frame the body anew.
+    let requests: [(&str, &[u8]); 2] = [
+        (
+            "Transfer_Encoding with Content-Length",
+            b"POST /count HTTP/1.1\r\nHost: t\r\nTransfer_Encoding: chunked\r\nContent-Length: 10\r\n\r\n3\r\nabc\r\n0\r\n\r\n",
+        ),
+        (
+            "content_length",
+            b"POST /count HTTP/1.1\r\nHost: t\r\ncontent_length: 5\r\n\r\n",
+        ),
+    ];
+    for setting in [
+        UnderscoresInHeaders::Drop,
+        UnderscoresInHeaders::Pass,
+        UnderscoresInHeaders::Reject,
+    ] {
+        let tune = |c: &mut tether::Config| {
+            c.listeners[0].underscores_in_headers = setting;
+            c.listeners[0].close_grace = Duration::from_millis(200);
+        };
+        with_tether_and_backend(tune, |backend, t| async move {
+            for (name, raw) in requests {
+                let (bytes, end) = exchange_raw(t.addr(), raw).await;
+                let resp = parse(&bytes).await;
+                assert_tether_error(&resp, 400, "underscore-framing-header");
+                assert_eq!(resp.header("connection"), Some("close"), "{name}");
+                assert_eq!(end, End::Reset, "{name}: a misbehaving client gets no FIN");
+            }
+            assert_eq!(backend.requests(), 0, "{setting:?}: something was forwarded");
+            assert!(backend.header_names().is_empty());
+            let text = get_once(t.admin(), "/metrics").await.text();
+            let refused = r#"tether_local_responses_total{listener="app",reason="underscore-framing-header"} 2"#;
+            assert!(text.contains(refused), "{text}");
+        })
+        .await;
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn graceful_policy_closes_first_so_clients_that_wait_for_the_server_get_no_delay() {
     with_tether_and_backend(
         |c| c.listeners[0].close_grace = Duration::from_secs(5),

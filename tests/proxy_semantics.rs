@@ -1,9 +1,11 @@
 //! What crosses tether and what does not: hop-by-hop headers stop at tether,
-//! Host is preserved, X-Forwarded-For is appended, and bodies stream both ways.
+//! names with `_` are dropped, passed or refused as the listener says, Host is
+//! preserved, X-Forwarded-For is appended, and bodies stream both ways.
 
 mod common;
 
 use common::*;
+use tether::config::UnderscoresInHeaders;
 
 /// The request headers the backend's `/headers` saw, as it listed them.
 fn headers_seen(resp: &Response) -> Vec<(String, String)> {
@@ -114,5 +116,79 @@ async fn keep_alive_client_is_served_many_requests_on_one_connection() {
         let resp = client.request(b"GET / HTTP/1.1\r\nHost: t\r\n\r\n").await;
         assert_eq!(resp.body, b"hello");
     })
+    .await;
+}
+
+/// A GET carrying `X_Custom`, written byte for byte.
+const UNDERSCORED: &[u8] =
+    b"GET / HTTP/1.1\r\nHost: t\r\nX_Custom: 1\r\nX-Plain: 2\r\nConnection: close\r\n\r\n";
+
+/// The value of the `{listener="app",reason}` sample of `family`, 0 when absent.
+fn sample(metrics: &str, family: &str, reason: &str) -> u64 {
+    let prefix = format!("{family}{{listener=\"app\",reason=\"{reason}\"}} ");
+    metrics
+        .lines()
+        .find_map(|l| l.strip_prefix(&prefix))
+        .map_or(0, |v| v.parse().unwrap())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn underscored_header_is_dropped_by_default_and_counted() {
+    let backend = Backend::start().await;
+    let config = config_for(backend.addr);
+    assert_eq!(
+        config.listeners[0].underscores_in_headers,
+        UnderscoresInHeaders::Drop
+    );
+    with_tether(config, |t| async move {
+        let (bytes, _) = exchange_raw(t.addr(), UNDERSCORED).await;
+        assert_eq!(parse(&bytes).await.status, 200);
+        let names = backend.header_names();
+        assert_eq!(names.len(), 1, "{names:?}");
+        assert!(names[0].contains(&"x-plain".to_owned()), "{names:?}");
+        assert!(!names[0].contains(&"x_custom".to_owned()), "{names:?}");
+        let metrics = get_once(t.admin(), "/metrics").await.text();
+        let family = "tether_request_headers_dropped_total";
+        assert_eq!(sample(&metrics, family, "underscore"), 1, "{metrics}");
+    })
+    .await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn underscored_header_is_forwarded_under_pass() {
+    with_tether_and_backend(
+        |c| c.listeners[0].underscores_in_headers = UnderscoresInHeaders::Pass,
+        |backend, t| async move {
+            let (bytes, _) = exchange_raw(t.addr(), UNDERSCORED).await;
+            assert_eq!(parse(&bytes).await.status, 200);
+            let names = backend.header_names();
+            assert_eq!(names.len(), 1, "{names:?}");
+            assert!(names[0].contains(&"x_custom".to_owned()), "{names:?}");
+            let metrics = get_once(t.admin(), "/metrics").await.text();
+            let family = "tether_request_headers_dropped_total";
+            assert_eq!(sample(&metrics, family, "underscore"), 0, "{metrics}");
+        },
+    )
+    .await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn underscored_header_is_refused_under_reject() {
+    with_tether_and_backend(
+        |c| c.listeners[0].underscores_in_headers = UnderscoresInHeaders::Reject,
+        |backend, t| async move {
+            let (bytes, end) = exchange_raw(t.addr(), UNDERSCORED).await;
+            let resp = parse(&bytes).await;
+            assert_tether_error(&resp, 400, "underscore-in-header");
+            assert_eq!(resp.header("connection"), Some("close"));
+            assert_eq!(end, End::Reset, "a refused client gets no FIN");
+            assert_eq!(backend.requests(), 0);
+            let metrics = get_once(t.admin(), "/metrics").await.text();
+            let family = "tether_local_responses_total";
+            assert_eq!(sample(&metrics, family, "underscore-in-header"), 1);
+            // A request without `_` in any name still goes through.
+            assert_eq!(get_once(t.addr(), "/").await.status, 200);
+        },
+    )
     .await;
 }

@@ -259,7 +259,10 @@ pub const fn ready_timeout() -> Duration {
 mod tests {
     use std::time::Duration;
 
-    use crate::config::{ClientClose, Config, ListenerConfig, Retire, RetirePolicy, Size, MINIMAL};
+    use crate::config::{
+        ClientClose, Config, ListenerConfig, Retire, RetirePolicy, Size, UnderscoresInHeaders,
+        MINIMAL,
+    };
 
     #[test]
     fn minimal_file_gets_documented_defaults() {
@@ -269,10 +272,12 @@ mod tests {
         assert_eq!(l.header_timeout, Duration::from_secs(10));
         assert_eq!(l.client_close, ClientClose::Graceful);
         assert_eq!(l.max_header_bytes, Size::kib(64));
+        assert_eq!(l.underscores_in_headers, UnderscoresInHeaders::Drop);
         let u = &c.upstreams[0];
         assert_eq!(u.pool.min_idle, 2);
         assert_eq!(u.pool.retire, RetirePolicy::Uniform(Retire::Abort));
         assert_eq!(u.keepalive.tcp_count, 3);
+        assert!(!u.keepalive.probe.enabled);
         assert_eq!(c.runtime.drain_timeout, Duration::from_secs(30));
         assert_eq!(c.admin.listen, "127.0.0.1:9901".parse().unwrap());
         assert_eq!(l, &ListenerConfig::new("app", l.listen.clone(), "backend"));

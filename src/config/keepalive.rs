@@ -74,30 +74,29 @@ impl ProbeMethod {
     }
 }
 
-/// `[upstream.keepalive.probe]`
+/// `[upstream.keepalive.probe]`. Writing any key of the table turns probes on
+/// unless it says `enabled = false`; a key left out takes its default.
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
-#[serde(deny_unknown_fields)]
+#[serde(from = "ProbeTable")]
 pub struct ProbeConfig {
-    /// Send probes. Default: [`defaults::probe_enabled`].
-    #[serde(default = "defaults::probe_enabled")]
+    /// Send probes. Without a probe table: [`defaults::probe_enabled`]; with
+    /// one, true unless it says `enabled = false`. Always written out
+    /// resolved, so `/config` and `tether check` show whether probes run.
     pub enabled: bool,
     /// `HEAD`, `GET` or `OPTIONS`. Default [`ProbeMethod::Head`]: nothing to
     /// read back.
-    #[serde(default)]
     pub method: ProbeMethod,
     /// Request target of the probe. Default: [`defaults::probe_path`].
-    #[serde(default = "defaults::probe_path")]
     pub path: String,
     /// Idle time after which a pooled connection is probed; set it below the
     /// backend's keep-alive timeout. Default: [`defaults::probe_interval`].
-    #[serde(default = "defaults::probe_interval", with = "humantime_serde")]
+    #[serde(with = "humantime_serde")]
     pub interval: Duration,
     /// Time allowed for the probe's response; then the connection is reset.
     /// Default: [`defaults::probe_timeout`].
-    #[serde(default = "defaults::probe_timeout", with = "humantime_serde")]
+    #[serde(with = "humantime_serde")]
     pub timeout: Duration,
     /// Status classes that count as alive. Default: [`defaults::probe_expect`].
-    #[serde(default = "defaults::probe_expect")]
     pub expect: Vec<String>,
 }
 
@@ -110,6 +109,42 @@ impl Default for ProbeConfig {
             interval: defaults::probe_interval(),
             timeout: defaults::probe_timeout(),
             expect: defaults::probe_expect(),
+        }
+    }
+}
+
+/// `[upstream.keepalive.probe]` as written: every key optional, so that what
+/// the operator set can be told from what was left to its default.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct ProbeTable {
+    enabled: Option<bool>,
+    method: Option<ProbeMethod>,
+    path: Option<String>,
+    #[serde(default, with = "humantime_serde")]
+    interval: Option<Duration>,
+    #[serde(default, with = "humantime_serde")]
+    timeout: Option<Duration>,
+    expect: Option<Vec<String>>,
+}
+
+impl From<ProbeTable> for ProbeConfig {
+    /// An operator who tunes a probe means to have probes: a table that sets
+    /// `interval`, `path` or any other key would otherwise leave them off
+    /// without a word. Only an explicit `enabled` overrides that.
+    fn from(table: ProbeTable) -> Self {
+        let tuned = table.method.is_some()
+            || table.path.is_some()
+            || table.interval.is_some()
+            || table.timeout.is_some()
+            || table.expect.is_some();
+        Self {
+            enabled: table.enabled.unwrap_or(tuned || defaults::probe_enabled()),
+            method: table.method.unwrap_or_default(),
+            path: table.path.unwrap_or_else(defaults::probe_path),
+            interval: table.interval.unwrap_or_else(defaults::probe_interval),
+            timeout: table.timeout.unwrap_or_else(defaults::probe_timeout),
+            expect: table.expect.unwrap_or_else(defaults::probe_expect),
         }
     }
 }
@@ -166,5 +201,74 @@ fn validate_probe(probe: &ProbeConfig, mut problems: Problems<'_>) {
                 format!("{class:?} is not a status class like \"2xx\""),
             );
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::time::Duration;
+
+    use crate::config::{Config, ConfigError, MINIMAL};
+
+    /// The probe settings of [`MINIMAL`] with `table` as its probe table.
+    fn probe_with(table: &str) -> super::ProbeConfig {
+        let text = format!("{MINIMAL}\n[upstream.keepalive.probe]\n{table}\n");
+        let config = Config::from_toml(&text).unwrap();
+        config.upstreams[0].keepalive.probe.clone()
+    }
+
+    #[test]
+    fn without_a_probe_table_probes_stay_off() {
+        let config = Config::from_toml(MINIMAL).unwrap();
+        assert!(!config.upstreams[0].keepalive.probe.enabled);
+    }
+
+    #[test]
+    fn any_key_in_the_probe_table_turns_probes_on() {
+        let probe = probe_with(r#"interval = "10s""#);
+        assert!(probe.enabled);
+        assert_eq!(probe.interval, Duration::from_secs(10));
+        assert_eq!(probe.path, "/", "keys left out keep their defaults");
+        for table in [
+            r#"path = "/health""#,
+            r#"method = "GET""#,
+            r#"timeout = "1s""#,
+            r#"expect = ["2xx"]"#,
+        ] {
+            assert!(probe_with(table).enabled, "{table}");
+        }
+    }
+
+    #[test]
+    fn enabled_false_keeps_a_tuned_probe_off() {
+        let probe = probe_with("enabled = false\ninterval = \"10s\"\npath = \"/health\"");
+        assert!(!probe.enabled);
+        assert_eq!(probe.interval, Duration::from_secs(10));
+        assert!(!probe_with("enabled = false").enabled);
+        assert!(probe_with("enabled = true").enabled);
+        assert!(!probe_with("").enabled, "an empty table sets no key");
+    }
+
+    #[test]
+    fn the_effective_config_shows_the_resolved_enabled() {
+        let text = format!("{MINIMAL}\n[upstream.keepalive.probe]\ninterval = \"10s\"\n");
+        let config = Config::from_toml(&text).unwrap();
+        let printed: toml::Value = config.to_toml().parse().unwrap();
+        let probe = &printed["upstream"][0]["keepalive"]["probe"];
+        assert_eq!(probe["enabled"].as_bool(), Some(true));
+        assert_eq!(probe["interval"].as_str(), Some("10s"));
+        assert_eq!(Config::from_toml(&config.to_toml()).unwrap(), config);
+    }
+
+    #[test]
+    fn an_unknown_probe_key_is_still_an_error_with_its_path() {
+        let text = format!("{MINIMAL}\n[upstream.keepalive.probe]\nintervall = \"10s\"\n");
+        let Err(ConfigError::Invalid(problems)) = Config::from_toml(&text) else {
+            panic!("a misspelt key loaded");
+        };
+        assert!(
+            problems.iter().any(|p| p.key.contains("probe")),
+            "{problems:?}"
+        );
     }
 }

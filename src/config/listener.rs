@@ -80,6 +80,26 @@ pub enum ClientClose {
     Abort,
 }
 
+/// What tether does with a request header whose name contains `_`. A header
+/// that, with `_` read as `-`, names `Content-Length` or `Transfer-Encoding`
+/// is refused whatever this says: CGI-style backends (PHP-FPM, WSGI) map `-`
+/// and `_` to the same variable, so it could frame the body differently
+/// there than it did at tether.
+#[derive(Debug, Clone, Copy, Default, Serialize, Deserialize, PartialEq, Eq)]
+#[serde(rename_all = "snake_case")]
+pub enum UnderscoresInHeaders {
+    /// Remove such headers before forwarding, counted in
+    /// `tether_request_headers_dropped_total`. The default, as nginx's
+    /// (`underscores_in_headers off`): a CGI-style backend cannot tell
+    /// `X_User` from `X-User`, so a client could pass one for the other.
+    #[default]
+    Drop,
+    /// Forward them unchanged, for backends that read them on purpose.
+    Pass,
+    /// Refuse the request with 400 `underscore-in-header`.
+    Reject,
+}
+
 /// `[[listener]]`
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
 #[serde(deny_unknown_fields)]
@@ -139,6 +159,10 @@ pub struct ListenerConfig {
     /// [`defaults::forwarded_for`].
     #[serde(default = "defaults::forwarded_for")]
     pub forwarded_for: bool,
+    /// Request headers whose name contains `_`: dropped, passed or refused.
+    /// Default: [`UnderscoresInHeaders::Drop`].
+    #[serde(default)]
+    pub underscores_in_headers: UnderscoresInHeaders,
 }
 
 impl ListenerConfig {
@@ -159,6 +183,7 @@ impl ListenerConfig {
             request_buffer: defaults::request_buffer(),
             http10_buffer: defaults::http10_buffer(),
             forwarded_for: defaults::forwarded_for(),
+            underscores_in_headers: UnderscoresInHeaders::default(),
         }
     }
 }

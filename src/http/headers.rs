@@ -1,10 +1,14 @@
 //! Header rules of a proxy: which headers are hop-by-hop and never cross tether,
-//! which requests are too ambiguous to forward, and X-Forwarded-For.
+//! which requests are too ambiguous to forward, what becomes of names with `_`,
+//! and X-Forwarded-For. Every per-name check rides on the one walk the
+//! hop-by-hop strip makes over the names.
 
 use std::net::IpAddr;
 
 use http::header::{self, HeaderMap, HeaderName, HeaderValue};
 use http::{Method, Request, StatusCode, Uri, Version};
+
+use crate::config::UnderscoresInHeaders;
 
 const HOP_BY_HOP_COUNT: usize = 7;
 
@@ -24,14 +28,34 @@ const HOP_BY_HOP: [HeaderName; HOP_BY_HOP_COUNT] = [
 /// `Host` and `Content-Length` are kept even if named: removing them would
 /// change what the message means, which a client cannot ask of a proxy.
 pub fn strip_hop_by_hop(headers: &mut HeaderMap) {
-    // One pass over the names finds which hop-by-hop headers are present; most
-    // messages carry only `Connection`, if that.
+    let present = walk_names(headers, None);
+    remove_hop_by_hop(headers, present);
+}
+
+/// The one pass over a message's names: which hop-by-hop headers are present
+/// and, when `underscored` is given, the names that contain `_`. Most
+/// messages carry only `Connection`, if that, and no `_` at all: for them the
+/// underscore check is a byte scan of each name and allocates nothing.
+fn walk_names(
+    headers: &HeaderMap,
+    mut underscored: Option<&mut Vec<HeaderName>>,
+) -> [bool; HOP_BY_HOP_COUNT] {
     let mut present = [false; HOP_BY_HOP_COUNT];
     for name in headers.keys() {
         if let Some(i) = HOP_BY_HOP.iter().position(|hop| hop == name) {
             present[i] = true;
+        } else if let Some(found) = underscored.as_deref_mut() {
+            // No hop-by-hop name has a `_`, so only the others are scanned.
+            if memchr::memchr(b'_', name.as_str().as_bytes()).is_some() {
+                found.push(name.clone());
+            }
         }
     }
+    present
+}
+
+/// Removes the hop-by-hop headers `present` marks, and those `Connection` names.
+fn remove_hop_by_hop(headers: &mut HeaderMap, present: [bool; HOP_BY_HOP_COUNT]) {
     if present[0] {
         let named: Vec<HeaderName> = crate::connection_header::tokens(headers)
             // `keep-alive` goes below anyway; `close` is an option, and a
@@ -49,6 +73,51 @@ pub fn strip_hop_by_hop(headers: &mut HeaderMap) {
     for (name, present) in HOP_BY_HOP.iter().zip(present) {
         if present {
             headers.remove(name);
+        }
+    }
+}
+
+/// Whether `name`, with `_` read as `-`, is `Content-Length` or
+/// `Transfer-Encoding`: a backend that maps both to one variable (CGI's
+/// `HTTP_CONTENT_LENGTH`) could frame the body by it, a smuggling vector.
+fn spells_framing_header(name: &HeaderName) -> bool {
+    let name = name.as_str().as_bytes();
+    [header::CONTENT_LENGTH, header::TRANSFER_ENCODING]
+        .iter()
+        .any(|framing| {
+            let framing = framing.as_str().as_bytes();
+            name.len() == framing.len()
+                && name
+                    .iter()
+                    .zip(framing)
+                    .all(|(&a, &b)| a.eq_ignore_ascii_case(&b) || (a == b'_' && b == b'-'))
+        })
+}
+
+/// Applies the listener's `underscores_in_headers` to the names `walk_names`
+/// found with a `_`: a spelling of a framing header is refused under every
+/// setting; the others are dropped, passed or refused. Returns how many
+/// fields were dropped.
+fn apply_underscore_rule(
+    headers: &mut HeaderMap,
+    underscored: Vec<HeaderName>,
+    rule: UnderscoresInHeaders,
+) -> Result<u64, Rejection> {
+    if underscored.iter().any(spells_framing_header) {
+        return Err(Rejection::UnderscoreFraming);
+    }
+    match rule {
+        UnderscoresInHeaders::Pass => Ok(0),
+        UnderscoresInHeaders::Reject => Err(Rejection::UnderscoreInHeader),
+        UnderscoresInHeaders::Drop => {
+            let mut dropped = 0;
+            for name in underscored {
+                // Counted after the hop-by-hop strip, which may have removed
+                // it already (named in `Connection`).
+                dropped += headers.get_all(&name).iter().count() as u64;
+                headers.remove(&name);
+            }
+            Ok(dropped)
         }
     }
 }
@@ -76,6 +145,11 @@ pub enum Rejection {
     Connect,
     /// An absolute-form target without a path.
     InvalidTarget,
+    /// A header that spells `Content-Length` or `Transfer-Encoding` with `_`
+    /// (`Transfer_Encoding`): refused whatever `underscores_in_headers` says.
+    UnderscoreFraming,
+    /// A header name with `_` under `underscores_in_headers = "reject"`.
+    UnderscoreInHeader,
 }
 
 impl Rejection {
@@ -88,6 +162,8 @@ impl Rejection {
             Self::MissingHost => (StatusCode::BAD_REQUEST, "missing-host"),
             Self::Connect => (StatusCode::METHOD_NOT_ALLOWED, "connect-not-supported"),
             Self::InvalidTarget => (StatusCode::BAD_REQUEST, "invalid-target"),
+            Self::UnderscoreFraming => (StatusCode::BAD_REQUEST, "underscore-framing-header"),
+            Self::UnderscoreInHeader => (StatusCode::BAD_REQUEST, "underscore-in-header"),
         }
     }
 }
@@ -123,15 +199,25 @@ pub fn rejection<B>(request: &Request<B>) -> Option<Rejection> {
 
 /// Rewrites a client request into the form sent upstream: origin-form target,
 /// HTTP/1.1 (so the upstream connection stays persistent), hop-by-hop headers
-/// removed, Host kept (or filled from the endpoint for HTTP/1.0 clients), and the
-/// client's address appended to X-Forwarded-For.
+/// removed, names with `_` handled as `underscores` says, Host kept (or
+/// filled from the endpoint for HTTP/1.0 clients), and the client's address
+/// appended to X-Forwarded-For. Returns how many header fields were dropped
+/// for their `_`, or why the request must be refused.
 pub fn prepare_upstream(
     parts: &mut http::request::Parts,
     client: Option<&HeaderValue>,
     forwarded_for: bool,
     fallback_host: &str,
-) {
-    strip_hop_by_hop(&mut parts.headers);
+    underscores: UnderscoresInHeaders,
+) -> Result<u64, Rejection> {
+    let mut underscored = Vec::new();
+    let present = walk_names(&parts.headers, Some(&mut underscored));
+    remove_hop_by_hop(&mut parts.headers, present);
+    let dropped = if underscored.is_empty() {
+        0
+    } else {
+        apply_underscore_rule(&mut parts.headers, underscored, underscores)?
+    };
     if parts.uri.scheme().is_some() || parts.uri.authority().is_some() {
         let origin = path_and_query(&parts.uri).to_owned();
         if let Some(authority) = parts.uri.authority() {
@@ -155,6 +241,7 @@ pub fn prepare_upstream(
             append_forwarded_for(&mut parts.headers, address);
         }
     }
+    Ok(dropped)
 }
 
 /// HTTP/2 carries the target as `:scheme`, `:authority` and `:path`: the
@@ -245,6 +332,69 @@ mod tests {
         assert!(h.get(header::CONNECTION).is_none());
         assert_eq!(h.get(header::HOST).unwrap(), "example");
         assert_eq!(h.get("x-end-to-end").unwrap(), "yes");
+    }
+
+    fn request_with(names: &[&str]) -> http::request::Parts {
+        let mut request = Request::builder().header(header::HOST, "t");
+        for name in names {
+            request = request.header(*name, "1");
+        }
+        request.body(()).unwrap().into_parts().0
+    }
+
+    fn prepare(
+        parts: &mut http::request::Parts,
+        rule: UnderscoresInHeaders,
+    ) -> Result<u64, Rejection> {
+        prepare_upstream(parts, None, false, "fallback", rule)
+    }
+
+    #[test]
+    fn framing_headers_spelt_with_underscores_are_refused_under_every_rule() {
+        for name in ["transfer_encoding", "Content_Length", "content_length"] {
+            let parts = request_with(&[name]);
+            assert!(parts.headers.keys().any(spells_framing_header), "{name}");
+        }
+        for rule in [
+            UnderscoresInHeaders::Drop,
+            UnderscoresInHeaders::Pass,
+            UnderscoresInHeaders::Reject,
+        ] {
+            let mut parts = request_with(&["x-ok", "Transfer_Encoding"]);
+            assert_eq!(
+                prepare(&mut parts, rule),
+                Err(Rejection::UnderscoreFraming),
+                "{rule:?}"
+            );
+        }
+        assert!(!spells_framing_header(&HeaderName::from_static(
+            "content_lengths"
+        )));
+        assert!(!spells_framing_header(&HeaderName::from_static(
+            "x_content_length"
+        )));
+    }
+
+    #[test]
+    fn other_underscored_names_are_dropped_passed_or_refused() {
+        let names = ["x_custom", "x-kept", "x_custom"];
+        let mut parts = request_with(&names);
+        assert_eq!(prepare(&mut parts, UnderscoresInHeaders::Drop), Ok(2));
+        assert!(parts.headers.get("x_custom").is_none());
+        assert_eq!(parts.headers["x-kept"], "1");
+
+        let mut parts = request_with(&names);
+        assert_eq!(prepare(&mut parts, UnderscoresInHeaders::Pass), Ok(0));
+        assert_eq!(parts.headers.get_all("x_custom").iter().count(), 2);
+
+        let mut parts = request_with(&names);
+        assert_eq!(
+            prepare(&mut parts, UnderscoresInHeaders::Reject),
+            Err(Rejection::UnderscoreInHeader)
+        );
+
+        let mut parts = request_with(&["x-kept"]);
+        assert_eq!(prepare(&mut parts, UnderscoresInHeaders::Reject), Ok(0));
     }
 
     #[test]

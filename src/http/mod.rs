@@ -48,6 +48,7 @@ pub struct Binding {
 pub struct BindingMetrics {
     by_class: [prometheus_client::metrics::counter::Counter; 5],
     latency: prometheus_client::metrics::histogram::Histogram,
+    dropped_underscore: prometheus_client::metrics::counter::Counter,
 }
 
 impl BindingMetrics {
@@ -70,11 +71,25 @@ impl BindingMetrics {
                     listener: label.clone(),
                 })
                 .clone(),
+            dropped_underscore: metrics
+                .request_headers_dropped
+                .get_or_create(&ReasonLabels {
+                    listener: label.clone(),
+                    reason: Name::from("underscore"),
+                })
+                .clone(),
         }
     }
 }
 
 impl Binding {
+    /// Counts request header fields dropped because their name has a `_`.
+    pub fn record_dropped_underscore(&self, fields: u64) {
+        if fields > 0 {
+            self.counters.dropped_underscore.inc_by(fields);
+        }
+    }
+
     /// Counts one answered request, and its reason when tether made the response.
     pub fn record(&self, status: StatusCode, reason: Option<&str>, started: Option<Instant>) {
         let class = usize::from(status.as_u16() / 100).clamp(1, 5) - 1;

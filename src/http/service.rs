@@ -128,12 +128,14 @@ impl<C: ClientConnection> ProxyService<C> {
             deadline: started + listener.request_timeout,
         };
         let (mut parts, body) = request.into_parts();
-        headers::prepare_upstream(
+        let dropped = headers::prepare_upstream(
             &mut parts,
             self.forwarded_for.as_ref(),
             listener.forwarded_for,
             &self.binding.fallback_host,
-        );
+            listener.underscores_in_headers,
+        )?;
+        self.binding.record_dropped_underscore(dropped);
         if self.binding.pool.settings().protocol == Protocol::Http2 {
             headers::to_http2_form(&mut parts);
         }

@@ -36,6 +36,8 @@ pub struct BackendStats {
     pub in_flight: AtomicUsize,
     /// The method of every request, in arrival order.
     pub methods: Mutex<Vec<String>>,
+    /// The header names of every request hyper served, in arrival order.
+    pub header_names: Mutex<Vec<Vec<String>>>,
     /// Bodies of every `/echo` request, in arrival order.
     pub echoed: Mutex<Vec<Bytes>>,
     /// Idle connections the backend closed itself (its keep-alive timeout).
@@ -258,6 +260,10 @@ impl Backend {
     pub fn methods(&self) -> Vec<String> {
         self.stats.methods.lock().unwrap().clone()
     }
+    /// The header names of every request hyper served, in arrival order.
+    pub fn header_names(&self) -> Vec<Vec<String>> {
+        self.stats.header_names.lock().unwrap().clone()
+    }
 }
 
 async fn accept_loop(
@@ -402,6 +408,8 @@ async fn answer(
     if header_is("connection", "close") {
         stats.goodbyes.fetch_add(1, Ordering::SeqCst);
     }
+    let names = req.headers().keys().map(|n| n.as_str().to_owned());
+    stats.header_names.lock().unwrap().push(names.collect());
     record(stats, req.method().as_str());
     stats.in_flight.fetch_add(1, Ordering::SeqCst);
     if !behaviour.delay.is_zero() {
