@@ -59,17 +59,6 @@ impl Registry {
         inner.ask_enough();
         Waiting(self.clone())
     }
-
-    /// Members at present (for tests and logs).
-    pub fn len(&self) -> usize {
-        let inner = self.lock();
-        inner.slots.len() - inner.free.len()
-    }
-
-    /// Whether no connection is a member.
-    pub fn is_empty(&self) -> bool {
-        self.len() == 0
-    }
 }
 
 impl Inner {
