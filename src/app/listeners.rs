@@ -1,9 +1,13 @@
 //! Binding listeners and accepting connections.
 //!
-//! Each listener has a connection limit (a semaphore of owned permits: at the
-//! limit tether stops accepting and new connections wait in the kernel's
-//! backlog, as HAProxy's `maxconn` does) and backs off on accept errors such as
-//! EMFILE instead of spinning or exiting.
+//! Each listener has a connection limit (a semaphore of owned permits, shared
+//! by its workers) and backs off on accept errors such as EMFILE instead of
+//! spinning or exiting. At the limit, with `evict_idle_at_cap`, a new
+//! connection is accepted and the longest-idle keep-alive connection is reset
+//! to make room for it (an idle client reconnects for free; a waiting one is a
+//! stalled request); with none idle the accepted connection waits for a
+//! permit. Without the key, at the limit tether stops accepting and new
+//! connections wait in the kernel's backlog, as HAProxy's `maxconn` does.
 
 use std::io;
 use std::net::SocketAddr;
@@ -12,11 +16,13 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use tokio::net::{TcpListener, UnixListener};
-use tokio::sync::Semaphore;
+use tokio::sync::{AcquireError, OwnedSemaphorePermit, Semaphore, TryAcquireError};
+use tokio::time::Instant;
+use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
-use crate::config::ListenAddr;
-use crate::downstream::{self, ClientStream};
+use crate::config::{ListenAddr, ListenerConfig};
+use crate::downstream::{self, Admitted, ClientStream, Registry};
 use crate::drain::Shutdown;
 use crate::http::Binding;
 use crate::metrics::{ListenerLabel, Name, ReasonLabels};
@@ -25,6 +31,15 @@ use crate::sock;
 /// Accept backlog: deep enough to absorb a burst of short-lived connections
 /// from a legacy app while tether is at its connection limit.
 const BACKLOG: u32 = 4096;
+
+/// How often an accept loop waiting at the cap looks again for an idle
+/// connection to reset, when none was idle (all busy) or the one asked
+/// declined with no other idle: connections that went idle meanwhile are found
+/// within this, at the cost of one scan of the listener's connections.
+const RESCAN: Duration = Duration::from_millis(50);
+
+/// How often, at most, an accept loop logs that its listener is at its cap.
+const AT_CAP_LOG_EVERY: Duration = Duration::from_secs(60);
 
 /// Failures to bind a listener.
 #[derive(Debug, thiserror::Error)]
@@ -77,6 +92,29 @@ impl ListenSocket {
     }
 }
 
+/// A listener's connection limit, shared by its workers' accept loops: the
+/// permits of `max_connections` and, with `evict_idle_at_cap`, the registry of
+/// its live connections.
+pub struct Limit {
+    permits: Arc<Semaphore>,
+    registry: Option<Arc<Registry>>,
+}
+
+impl Limit {
+    /// The limit `listener` sets.
+    pub fn new(listener: &ListenerConfig) -> Self {
+        Self {
+            permits: Arc::new(Semaphore::new(listener.max_connections)),
+            registry: listener
+                .evict_idle_at_cap
+                .then(|| Arc::new(Registry::new())),
+        }
+    }
+}
+
+/// An accepted connection with what admits it, or the accept error.
+type Next = io::Result<(ClientStream, Option<SocketAddr>, Admitted)>;
+
 /// Binds `addr`; a stale unix socket file left by an earlier run is replaced.
 /// With `reuse_port`, TCP sockets set SO_REUSEPORT so that each worker can bind
 /// its own socket on the same address and the kernel spreads new connections
@@ -115,12 +153,12 @@ pub fn bind(addr: &ListenAddr, reuse_port: bool) -> Result<ListenSocket, Listene
 }
 
 /// Accepts until draining starts, one task per connection (tracked, so the
-/// drain can wait for them) on the runtime the loop runs on. `limit` holds the
-/// listener's connection permits, shared by every worker's accept loop.
+/// drain can wait for them) on the runtime the loop runs on. `limit` is the
+/// listener's, shared by every worker's accept loop.
 pub async fn accept_loop(
     socket: ListenSocket,
     binding: Arc<Binding>,
-    limit: Arc<Semaphore>,
+    limit: Arc<Limit>,
     shutdown: Shutdown,
     tracker: TaskTracker,
 ) {
@@ -143,21 +181,11 @@ pub async fn accept_loop(
             })
             .inc();
     };
+    let mut at_cap = AtCap::new(&binding.listener.name);
     let mut pause = Duration::from_millis(5);
-    loop {
-        let permit = tokio::select! {
-            permit = limit.clone().acquire_owned() => match permit {
-                Ok(p) => p,
-                Err(_) => return,
-            },
-            _ = shutdown.drain.cancelled() => break,
-        };
-        let accepted = tokio::select! {
-            accepted = socket.accept() => accepted,
-            _ = shutdown.drain.cancelled() => break,
-        };
-        match accepted {
-            Ok((stream, client)) => {
+    while let Some(next) = next_connection(&socket, &limit, &shutdown.drain, &mut at_cap).await {
+        match next {
+            Ok((stream, client, admitted)) => {
                 pause = Duration::from_millis(5);
                 accepted_total.inc();
                 active.inc();
@@ -168,8 +196,7 @@ pub async fn accept_loop(
                 // spawned future by value several times (into the task cell,
                 // and at each stage change); a box is copied once.
                 tracker.spawn(Box::pin(async move {
-                    let _permit = permit;
-                    downstream::serve(stream, client, binding, shutdown).await;
+                    downstream::serve(stream, client, binding, shutdown, admitted).await;
                     active.dec();
                 }));
             }
@@ -189,6 +216,120 @@ pub async fn accept_loop(
     }
     tracing::info!(listener = %binding.listener.name, "stopped accepting");
     drop(socket);
+}
+
+/// The next connection with its permit, waiting for one at the cap (and
+/// making room with `evict_idle_at_cap`); `None` once draining.
+async fn next_connection(
+    socket: &ListenSocket,
+    limit: &Limit,
+    drain: &CancellationToken,
+    at_cap: &mut AtCap,
+) -> Option<Next> {
+    let admitted = |permit| Admitted::new(permit, limit.registry.clone());
+    let Some(registry) = &limit.registry else {
+        // A permit first: at the cap, new connections wait in the backlog.
+        let permit = match limit.permits.clone().try_acquire_owned() {
+            Ok(permit) => permit,
+            Err(TryAcquireError::Closed) => return None,
+            Err(TryAcquireError::NoPermits) => {
+                at_cap.note();
+                tokio::select! {
+                    permit = limit.permits.clone().acquire_owned() => permit.ok()?,
+                    _ = drain.cancelled() => return None,
+                }
+            }
+        };
+        return accept(socket, drain, admitted(permit)).await;
+    };
+    // The connection first: room is made only for one that is waiting, and a
+    // loop with nothing accepted holds no permit another loop's connection
+    // could use.
+    let (stream, client) = tokio::select! {
+        accepted = socket.accept() => match accepted {
+            Ok(accepted) => accepted,
+            Err(e) => return Some(Err(e)),
+        },
+        _ = drain.cancelled() => return None,
+    };
+    let permit = match limit.permits.clone().try_acquire_owned() {
+        Ok(permit) => permit,
+        Err(TryAcquireError::Closed) => return None,
+        Err(TryAcquireError::NoPermits) => {
+            at_cap.note();
+            let acquire = limit.permits.clone().acquire_owned();
+            tokio::pin!(acquire);
+            make_room(registry, acquire, drain).await?
+        }
+    };
+    Some(Ok((stream, client, admitted(permit))))
+}
+
+/// Asks the longest-idle connection to go and waits for a permit, looking
+/// again every [`RESCAN`] while fewer are going than accept loops wait.
+async fn make_room(
+    registry: &Arc<Registry>,
+    mut acquire: std::pin::Pin<
+        &mut impl std::future::Future<Output = Result<OwnedSemaphorePermit, AcquireError>>,
+    >,
+    drain: &CancellationToken,
+) -> Option<OwnedSemaphorePermit> {
+    let waiting = registry.wait();
+    loop {
+        // Biased, permit first: a permit freed by the connection that made
+        // room is taken before a rescan could ask another to go.
+        tokio::select! {
+            biased;
+            permit = &mut acquire => return permit.ok(),
+            _ = drain.cancelled() => return None,
+            _ = tokio::time::sleep(RESCAN) => waiting.rescan(),
+        }
+    }
+}
+
+/// Accepts one connection, admitted by `admitted`; `None` once draining.
+async fn accept(
+    socket: &ListenSocket,
+    drain: &CancellationToken,
+    admitted: Admitted,
+) -> Option<Next> {
+    tokio::select! {
+        accepted = socket.accept() => Some(accepted.map(|(stream, client)| (stream, client, admitted))),
+        _ = drain.cancelled() => None,
+    }
+}
+
+/// When an accept loop last said its listener is at its cap, and how often it
+/// has been since.
+struct AtCap {
+    listener: String,
+    logged: Option<Instant>,
+    since_logged: u64,
+}
+
+impl AtCap {
+    fn new(listener: &str) -> Self {
+        Self {
+            listener: listener.to_owned(),
+            logged: None,
+            since_logged: 0,
+        }
+    }
+
+    /// The listener is at its cap; logged at most once per
+    /// [`AT_CAP_LOG_EVERY`] by each accept loop.
+    fn note(&mut self) {
+        self.since_logged += 1;
+        if self
+            .logged
+            .is_some_and(|at| at.elapsed() < AT_CAP_LOG_EVERY)
+        {
+            return;
+        }
+        tracing::warn!(listener = %self.listener, times = self.since_logged, "listener at max_connections: new connections wait for a permit, or for an idle connection to be reset with evict_idle_at_cap");
+        self.logged = Some(Instant::now());
+        self.since_logged = 0;
+    }
 }
 
 #[cfg(test)]

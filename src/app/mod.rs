@@ -9,7 +9,6 @@
 use std::sync::Arc;
 use std::time::Duration;
 
-use tokio::sync::Semaphore;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
@@ -233,7 +232,7 @@ struct BoundListener {
     socket: listeners::ListenSocket,
     binding: Arc<Binding>,
     /// The listener's `max_connections`, shared by its workers.
-    limit: Arc<Semaphore>,
+    limit: Arc<listeners::Limit>,
     /// The worker's runtime; `None` for the current one.
     runtime: Option<tokio::runtime::Handle>,
 }
@@ -253,7 +252,7 @@ fn bind_listeners(
             .and_then(|u| u.endpoints.first().cloned())
             .unwrap_or_default();
         let label = Name::from(l.name.as_str());
-        let limit = Arc::new(Semaphore::new(l.max_connections));
+        let limit = Arc::new(listeners::Limit::new(l));
         let shared = !workers.is_empty() && matches!(l.listen, ListenAddr::Tcp(_));
         let mut addr = l.listen.clone();
         for (w, worker_pools) in pools.iter().enumerate() {

@@ -26,6 +26,14 @@ pub const fn listener_max_connections() -> usize {
     10_000
 }
 
+/// `listener.evict_idle_at_cap`. Default true: an idle keep-alive client
+/// reconnects for free (its next request opens a new connection, as after an
+/// idle timeout), while a new client left waiting at the cap is a stalled
+/// request.
+pub const fn evict_idle_at_cap() -> bool {
+    true
+}
+
 /// `listener.header_timeout`. Default 10s: generous for any real client, short
 /// enough to shed slowloris connections.
 pub const fn header_timeout() -> Duration {

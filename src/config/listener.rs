@@ -114,6 +114,12 @@ pub struct ListenerConfig {
     /// kernel's accept queue. Default: [`defaults::listener_max_connections`].
     #[serde(default = "defaults::listener_max_connections")]
     pub max_connections: usize,
+    /// At `max_connections`, with a new connection waiting: reset the
+    /// longest-idle keep-alive client connection (never one with a request in
+    /// flight) to admit it; with none idle, the new one waits for a permit.
+    /// Default: [`defaults::evict_idle_at_cap`].
+    #[serde(default = "defaults::evict_idle_at_cap")]
+    pub evict_idle_at_cap: bool,
     /// Time allowed for a complete request head, from accept or from the first
     /// byte of a later request; then RST. Default: [`defaults::header_timeout`].
     #[serde(default = "defaults::header_timeout", with = "humantime_serde")]
@@ -173,6 +179,7 @@ impl ListenerConfig {
             listen,
             upstream: upstream.to_owned(),
             max_connections: defaults::listener_max_connections(),
+            evict_idle_at_cap: defaults::evict_idle_at_cap(),
             header_timeout: defaults::header_timeout(),
             idle_timeout: defaults::idle_timeout(),
             request_timeout: defaults::request_timeout(),

@@ -97,6 +97,15 @@ impl Clock {
         }
     }
 
+    /// When the connection went idle, if it is idle: its last response was
+    /// handed over whole and no byte of a next request has arrived since.
+    pub(super) fn idle_since(&self) -> Option<Instant> {
+        match self.decode(self.word.load(Ordering::Acquire)) {
+            (Phase::Idle, since) => Some(since),
+            _ => None,
+        }
+    }
+
     fn deadline(&self) -> Option<(Instant, ResetReason)> {
         match self.decode(self.word.load(Ordering::Acquire)) {
             (Phase::Head, since) => Some((since + self.header_timeout, ResetReason::HeaderTimeout)),

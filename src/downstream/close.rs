@@ -38,6 +38,9 @@ pub enum ResetReason {
     CloseAbort,
     /// A client that sent a bad request did not close within `close_grace`.
     Misbehaved,
+    /// The longest-idle keep-alive connection, reset to admit a new one while
+    /// the listener was at `max_connections`.
+    Evicted,
 }
 
 impl Ending {
@@ -62,6 +65,7 @@ impl ResetReason {
             Self::CloseGrace => "close-grace",
             Self::CloseAbort => "close-policy-abort",
             Self::Misbehaved => "misbehaved",
+            Self::Evicted => "evicted-idle",
         }
     }
 }

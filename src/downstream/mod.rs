@@ -14,9 +14,11 @@ mod clock;
 mod close;
 mod head_scan;
 mod io;
+mod registry;
 mod state;
 
 use std::net::SocketAddr;
+use std::os::fd::{AsRawFd, RawFd};
 use std::pin::Pin;
 use std::sync::Arc;
 
@@ -27,11 +29,14 @@ use tracing::Instrument;
 use crate::drain::Shutdown;
 use crate::http::{Binding, ProxyService};
 use crate::metrics::{Name, ReasonLabels};
+use crate::sock;
 use clock::Clock;
 use close::close_by_policy;
 pub use close::{Ending, ResetReason};
 pub use io::ClientStream;
 use io::{ClientIo, Socket};
+use registry::Membership;
+pub use registry::{Admitted, Registry, Waiting};
 use state::ClientState;
 
 /// hyper's side of one client connection.
@@ -43,15 +48,19 @@ enum Served {
     Finished(hyper::Result<()>),
     TimedOut(ResetReason),
     Forced,
+    /// Asked to make room at the listener's cap while idle.
+    Evicted,
 }
 
 /// Serves one client connection to its end, then closes it by the listener's
-/// policy. Returns how it ended.
+/// policy. `admitted` holds its permit (and registry) until it has ended.
+/// Returns how it ended.
 pub async fn serve(
     stream: ClientStream,
     client: Option<SocketAddr>,
     binding: Arc<Binding>,
     shutdown: Shutdown,
+    admitted: Admitted,
 ) -> Ending {
     // `debug`, so the default level (`info`) pays one level check for it and
     // formats nothing: a disabled span is `Span::none()` with a pointer to its
@@ -65,8 +74,12 @@ pub async fn serve(
     );
     let served = async {
         let ending = match stream {
-            ClientStream::Tcp(socket) => serve_socket(socket, client, &binding, shutdown).await,
-            ClientStream::Unix(socket) => serve_socket(socket, client, &binding, shutdown).await,
+            ClientStream::Tcp(socket) => {
+                serve_socket(socket, client, &binding, shutdown, admitted).await
+            }
+            ClientStream::Unix(socket) => {
+                serve_socket(socket, client, &binding, shutdown, admitted).await
+            }
         };
         tracing::debug!(?ending, "client connection ended");
         ending
@@ -88,11 +101,14 @@ async fn serve_socket<S: Socket>(
     client: Option<SocketAddr>,
     binding: &Arc<Binding>,
     shutdown: Shutdown,
+    admitted: Admitted,
 ) -> Ending {
     let listener = &binding.listener;
     // The connection's own tokens: polling them (on every wake-up of this task,
     // and once per request) touches only this connection's lock, not the
-    // process-wide tokens every connection on every worker shares.
+    // process-wide tokens every connection on every worker shares. The force
+    // token doubles as the request to make room at the listener's cap: a
+    // token of its own would add a lock to every wake-up.
     let drain = shutdown.drain.child_token();
     let force = shutdown.force.child_token();
     let state = Arc::new(ClientState::new(
@@ -100,6 +116,8 @@ async fn serve_socket<S: Socket>(
         listener.idle_timeout,
         drain.clone(),
     ));
+    let member = admitted.join(&state, &force);
+    let fd = SocketFd(socket.as_fd().as_raw_fd());
     let max_head = listener.max_header_bytes.as_usize();
     let io = ClientIo::new(socket, state.clone(), max_head);
     let service = ProxyService::new(binding.clone(), state.clone(), client);
@@ -109,28 +127,90 @@ async fn serve_socket<S: Socket>(
         .max_header_size(max_head)
         .max_buf_size(max_head.max(8192 + 1) * 2)
         .serve_connection(TokioIo::new(io), service);
-    let (served, io) = drive(connection, &state.clock, &drain, &force).await;
+    let stop = Stop {
+        force,
+        shutdown: &shutdown.force,
+        member: &member,
+        fd,
+    };
+    let (served, io) = drive(connection, &state.clock, &drain, stop).await;
     close(served, io, client, binding).await
 }
 
-/// Lets hyper serve until it is done, a client timeout expires, or the drain
-/// deadline passes; then takes the socket back from it.
+/// The connection's socket by number, for the one `ioctl` of an eviction
+/// while hyper owns the socket (and keeps it open).
+struct SocketFd(RawFd);
+
+impl AsRawFd for SocketFd {
+    fn as_raw_fd(&self) -> RawFd {
+        self.0
+    }
+}
+
+/// What ends a connection at once: the drain deadline, or a request to make
+/// room at the listener's cap, both through `force`.
+struct Stop<'a> {
+    /// The connection's child of `shutdown`.
+    force: CancellationToken,
+    /// The process-wide force token.
+    shutdown: &'a CancellationToken,
+    member: &'a Membership,
+    fd: SocketFd,
+}
+
+impl Stop<'_> {
+    /// `force` fired: the drain deadline (`None`), or a request to make room,
+    /// taken when the connection is idle with its last response acknowledged
+    /// (a request that started since, or a response still being written,
+    /// declines it and passes it on).
+    fn fired(&mut self, clock: &Clock) -> Option<Served> {
+        if self.shutdown.is_cancelled() {
+            return Some(Served::Forced);
+        }
+        // A fresh token: the drain deadline is still watched, and a declining
+        // connection can be asked again later.
+        self.force = self.shutdown.child_token();
+        let delivered = sock::unacknowledged_bytes(&self.fd).is_ok_and(|n| n == 0);
+        match clock.idle_since() {
+            Some(since) if delivered => {
+                tracing::debug!(idle_for = ?since.elapsed(), "evicting the idle connection: the listener is at max_connections");
+                Some(Served::Evicted)
+            }
+            _ => {
+                tracing::debug!("asked to make room at max_connections, but busy: declined");
+                self.member.decline(self.force.clone());
+                None
+            }
+        }
+    }
+}
+
+/// Lets hyper serve until it is done, a client timeout expires, the drain
+/// deadline passes or the connection makes room at the listener's cap; then
+/// takes the socket back from it.
 async fn drive<S: Socket>(
     mut connection: HyperConnection<S>,
     clock: &Clock,
     drain: &CancellationToken,
-    force: &CancellationToken,
+    mut stop: Stop<'_>,
 ) -> (Served, ClientIo<S>) {
     let expired = clock.expired();
     tokio::pin!(expired);
     let mut draining = false;
     let served = loop {
+        // Biased, hyper first: when a request to make room is looked at, hyper
+        // has read and written all it could, so the clock and the socket's
+        // send queue tell the truth about the connection.
         tokio::select! {
+            biased;
             result = std::future::poll_fn(|cx| connection.poll_without_shutdown(cx)) => {
                 break Served::Finished(result);
             }
             reason = &mut expired => break Served::TimedOut(reason),
-            _ = force.cancelled() => break Served::Forced,
+            _ = stop.force.cancelled() => match stop.fired(clock) {
+                Some(served) => break served,
+                None => continue,
+            },
             _ = drain.cancelled(), if !draining => draining = true,
         }
         // Idle connections end now; a busy one ends after its response, which
@@ -182,5 +262,6 @@ async fn close<S: Socket>(
             io.reset(reason)
         }
         Served::Forced => io.reset(ResetReason::DrainDeadline),
+        Served::Evicted => io.reset(ResetReason::Evicted),
     }
 }
