@@ -12,7 +12,7 @@
 //! signals, listeners, admin) → [`downstream`] (one client connection) →
 //! [`http`] (the proxy service) → [`pool`] (upstream pools) → leaves:
 //! [`config`], [`connection_header`], [`drain`], [`sock`], [`metrics`], [`census`], [`telemetry`],
-//! [`notify`], [`rlimit`], which import nothing of tether but `config`.
+//! [`notify`], [`rlimit`], [`memory`], which import nothing of tether but `config`.
 //! `http` asks the client connection through a trait of its own
 //! ([`http::ClientConnection`]) that `downstream` implements, and the pool's
 //! metrics are a collector `app` registers. `tests/layers.rs` checks every
@@ -27,6 +27,7 @@ pub mod connection_header;
 pub mod downstream;
 pub mod drain;
 pub mod http;
+pub mod memory;
 pub mod metrics;
 pub mod notify;
 pub mod pool;

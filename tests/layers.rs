@@ -19,6 +19,7 @@ const LAYERS: &[(&str, u8)] = &[
     ("census", 1),
     ("connection_header", 1),
     ("drain", 1),
+    ("memory", 1),
     ("metrics", 1),
     ("notify", 1),
     ("rlimit", 1),

@@ -106,6 +106,9 @@ async fn serve_until_signal(
             return Ok(Drained { forced: false });
         }
     };
+    // Connection tasks and accept loops: a burst's end shows as a fall.
+    let tracker = running.tracker.clone();
+    tokio::spawn(crate::memory::give_back_after_bursts(move || tracker.len()));
     let stopped_while_warming = tokio::select! {
         () = running.ready() => {
             crate::notify::ready("serving");
