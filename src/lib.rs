@@ -15,7 +15,7 @@
 //! [`notify`], [`rlimit`], [`memory`], which import nothing of tether but `config`.
 //! `http` asks the client connection through a trait of its own
 //! ([`http::ClientConnection`]) that `downstream` implements, and the pool's
-//! metrics are a collector `app` registers. `tests/layers.rs` checks every
+//! metrics are a collector `app` registers. `tests/source_tree.rs` checks every
 //! arrow.
 
 #![deny(unsafe_code)]

@@ -229,16 +229,12 @@ async fn next_connection(
     let admitted = |permit| Admitted::new(permit, limit.registry.clone());
     let Some(registry) = &limit.registry else {
         // A permit first: at the cap, new connections wait in the backlog.
-        let permit = match limit.permits.clone().try_acquire_owned() {
-            Ok(permit) => permit,
-            Err(TryAcquireError::Closed) => return None,
-            Err(TryAcquireError::NoPermits) => {
-                at_cap.note();
-                tokio::select! {
-                    permit = limit.permits.clone().acquire_owned() => permit.ok()?,
-                    _ = drain.cancelled() => return None,
-                }
-            }
+        let permit = match free_permit(limit, at_cap)? {
+            Some(permit) => permit,
+            None => tokio::select! {
+                permit = limit.permits.clone().acquire_owned() => permit.ok()?,
+                _ = drain.cancelled() => return None,
+            },
         };
         return accept(socket, drain, admitted(permit)).await;
     };
@@ -252,17 +248,28 @@ async fn next_connection(
         },
         _ = drain.cancelled() => return None,
     };
-    let permit = match limit.permits.clone().try_acquire_owned() {
-        Ok(permit) => permit,
-        Err(TryAcquireError::Closed) => return None,
-        Err(TryAcquireError::NoPermits) => {
-            at_cap.note();
+    let permit = match free_permit(limit, at_cap)? {
+        Some(permit) => permit,
+        None => {
             let acquire = limit.permits.clone().acquire_owned();
             tokio::pin!(acquire);
             make_room(registry, acquire, drain).await?
         }
     };
     Some(Ok((stream, client, admitted(permit))))
+}
+
+/// A permit if one is free now (`Some(None)`: the listener is at its cap,
+/// noted); `None` once the limit is closed.
+fn free_permit(limit: &Limit, at_cap: &mut AtCap) -> Option<Option<OwnedSemaphorePermit>> {
+    match limit.permits.clone().try_acquire_owned() {
+        Ok(permit) => Some(Some(permit)),
+        Err(TryAcquireError::Closed) => None,
+        Err(TryAcquireError::NoPermits) => {
+            at_cap.note();
+            Some(None)
+        }
+    }
 }
 
 /// Asks the longest-idle connection to go and waits for a permit, looking

@@ -176,17 +176,17 @@ mod tests {
             colour = "yes"
             [[listener]]
             name = "app"
-            listen = "127.0.0.1:8080"
             upstream = "missing"
+            listen = "127.0.0.1:8080"
             max_header_bytes = "1KiB"
             [[listener]]
             name = "two"
-            listen = "127.0.0.1:8081"
             upstream = "backend"
             idle_timeout = "soon"
+            listen = "127.0.0.1:8081"
             [[upstream]]
-            name = "backend"
             endpoints = ["nohost"]
+            name = "backend"
             [upstream.pool]
             min_idle = 8
             max_idle = 4

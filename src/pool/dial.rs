@@ -29,7 +29,7 @@ pub(crate) enum Dialled {
 /// protocol and starts the task that drives the connection.
 pub(crate) async fn open(
     endpoint: &Arc<Endpoint>,
-    mut slot: Slot,
+    slot: Slot,
     cause: OpenedBy,
 ) -> Result<Dialled, PoolError> {
     let settings = &endpoint.settings;
@@ -53,14 +53,12 @@ pub(crate) async fn open(
         Protocol::Http1 => {
             let (sender, connection) = h1::handshake(addr, io).await?;
             drive(endpoint, &span, connection);
-            slot.established();
             let conn = Conn::new(sender, socket, received, expires, slot, record.clone());
             Dialled::Http1(conn)
         }
         Protocol::Http2 => {
             let (sender, connection, max_streams) = h2::handshake(settings, addr, io).await?;
             drive(endpoint, &span, connection);
-            slot.established();
             let conn = H2Conn::new(sender, socket, max_streams, expires, slot, record.clone());
             Dialled::Http2(conn)
         }

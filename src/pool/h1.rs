@@ -94,15 +94,17 @@ impl KeepAliveHint {
 const PEER_CLOSE_WAIT: std::time::Duration = std::time::Duration::from_secs(1);
 
 impl Conn {
-    /// A connection over `socket` whose HTTP/1 handshake gave `sender`.
+    /// A connection over `socket` whose HTTP/1 handshake gave `sender`: it
+    /// holds `slot` as an established connection.
     pub(crate) fn new(
         sender: SendRequest<UpstreamBody>,
         socket: Arc<TcpStream>,
         received: Arc<AtomicU64>,
         expires: Instant,
-        slot: Slot,
+        mut slot: Slot,
         record: Arc<ConnRecord>,
     ) -> Self {
+        slot.established();
         Self {
             record,
             sender,

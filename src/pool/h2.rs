@@ -83,15 +83,17 @@ pub(crate) async fn handshake(
 }
 
 impl H2Conn {
-    /// A connection over `socket` whose handshake gave `sender`.
+    /// A connection over `socket` whose handshake gave `sender`: it holds
+    /// `slot` as an established connection.
     pub(crate) fn new(
         sender: SendRequest<UpstreamBody>,
         socket: Arc<TcpStream>,
         max_streams: Arc<AtomicUsize>,
         expires: Instant,
-        slot: Slot,
+        mut slot: Slot,
         record: Arc<ConnRecord>,
     ) -> Arc<Self> {
+        slot.established();
         Arc::new(Self {
             record,
             sender,
