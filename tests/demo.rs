@@ -7,6 +7,7 @@
 mod common;
 
 use std::collections::HashSet;
+use std::os::unix::process::CommandExt;
 use std::process::{Command, Stdio};
 use std::sync::Mutex;
 use std::time::Duration;
@@ -186,7 +187,19 @@ fn an_interrupted_demo_leaves_no_namespace_interface_or_sysctl_behind() {
     let own = namespaces_of(std::process::id());
     let range_before = std::fs::read_to_string("/proc/sys/net/ipv4/ip_local_port_range").unwrap();
     let links_before = links();
-    let mut child = tether_command()
+    let mut command = tether_command();
+    // A run started in the background by a non-interactive shell inherits
+    // SIGINT ignored; the interruption below must reach the demo as Ctrl-C
+    // would. `signal` is async-signal-safe, as code between fork and exec
+    // must be.
+    #[allow(unsafe_code)]
+    unsafe {
+        command.pre_exec(|| {
+            libc::signal(libc::SIGINT, libc::SIG_DFL);
+            Ok(())
+        });
+    }
+    let mut child = command
         .args(["demo", "--duration", "20s", "--ports", "1000"])
         .stdout(Stdio::null())
         .stderr(Stdio::null())
