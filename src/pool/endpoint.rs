@@ -311,12 +311,10 @@ impl Endpoint {
                 now,
             );
             match verdict {
-                Verdict::Keep { .. } => {
-                    entry.conn.record().busy();
-                    return Some(entry.conn);
-                }
-                Verdict::LastRequest => {
-                    entry.conn.end_after_next_request();
+                Verdict::Keep { .. } | Verdict::LastRequest => {
+                    if verdict == Verdict::LastRequest {
+                        entry.conn.end_after_next_request();
+                    }
                     entry.conn.record().busy();
                     return Some(entry.conn);
                 }

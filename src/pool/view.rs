@@ -34,6 +34,15 @@ pub enum OpenedBy {
 
 impl OpenedBy {
     const ALL: [OpenedBy; 3] = [Self::Warm, Self::Refill, Self::Demand];
+
+    /// The name `/pools` and the logs use.
+    pub fn label(self) -> &'static str {
+        match self {
+            Self::Warm => "warm",
+            Self::Refill => "refill",
+            Self::Demand => "demand",
+        }
+    }
 }
 
 /// What is known of one open connection, shared by the connection and the
@@ -230,17 +239,6 @@ fn fold(view: &mut EndpointView, endpoint: &Endpoint, now: Instant) {
     view.ejected |= endpoint.is_ejected();
     view.ejections += stats.ejections.load(Ordering::Relaxed);
     view.connections.extend(connections);
-}
-
-impl OpenedBy {
-    /// The name `/pools` and the logs use.
-    pub fn label(self) -> &'static str {
-        match self {
-            Self::Warm => "warm",
-            Self::Refill => "refill",
-            Self::Demand => "demand",
-        }
-    }
 }
 
 /// The records of an endpoint's open connections: dead entries are dropped
