@@ -23,7 +23,9 @@ struct Cli {
 #[derive(Subcommand)]
 enum Command {
     /// Run the proxy with the given configuration until SIGTERM or SIGINT,
-    /// then drain: stop accepting, finish in-flight requests, exit 0.
+    /// then drain: stop accepting, finish in-flight requests, exit 0. SIGHUP,
+    /// `POST /reload` on the admin server, and (with `runtime.watch_config`)
+    /// a change to the file reload it without dropping a connection.
     Run {
         /// TOML configuration file; `TETHER__SECTION__KEY` variables override it.
         #[arg(short, long, value_name = "FILE")]
@@ -196,13 +198,13 @@ fn main() -> ExitCode {
             },
             json,
         )),
-        Command::Run { config } => {
+        Command::Run { config: path } => {
             tether::app::ignore_hangup();
-            let config = match load(&config) {
+            let config = match load(&path) {
                 Ok(config) => config,
                 Err(code) => return code,
             };
-            exit_code(run(config))
+            exit_code(run(config, path))
         }
     }
 }
@@ -277,9 +279,9 @@ fn health_address(
         .collect())
 }
 
-fn run(config: Config) -> anyhow::Result<()> {
+fn run(config: Config, path: PathBuf) -> anyhow::Result<()> {
     tether::telemetry::init(&config.log);
-    tether::app::run(config)?;
+    tether::app::run(config, path)?;
     Ok(())
 }
 

@@ -163,6 +163,16 @@ impl Metrics {
         }
     }
 
+    /// Adds a metric kept by the layer that owns it (a reload's counters).
+    pub fn register(
+        &self,
+        name: &str,
+        help: &str,
+        metric: impl prometheus_client::registry::Metric,
+    ) {
+        self.lock().register(name, help, metric);
+    }
+
     /// Adds a family whose values are read at scrape time (the pools' state,
     /// the kernel's TIME_WAIT table).
     pub fn register_collector(&self, collector: impl Collector + 'static) {

@@ -118,6 +118,10 @@ fn installed_root(label: &str, unit: &str) -> TempDir {
     if std::fs::hard_link(env!("CARGO_BIN_EXE_tether"), &bin).is_err() {
         std::fs::copy(env!("CARGO_BIN_EXE_tether"), &bin).unwrap();
     }
+    // ExecReload's kill, as the distribution installs it.
+    let kill = root.path().join("bin/kill");
+    std::fs::create_dir_all(kill.parent().unwrap()).unwrap();
+    std::fs::copy("/bin/kill", &kill).unwrap();
     let config = root.path().join(CONFIG.trim_start_matches('/'));
     std::fs::create_dir_all(config.parent().unwrap()).unwrap();
     std::fs::copy(example_config_path(), &config).unwrap();
@@ -363,14 +367,15 @@ fn the_unit_runs_tether_as_a_notify_service_at_the_installed_paths() {
         [format!("{BINARY} run --config {CONFIG}")],
         "one ExecStart, running the installed binary on the installed config"
     );
-    assert!(
-        unit.get("Service", "ExecReload").is_none(),
-        "tether has no config reload (it ignores SIGHUP): no ExecReload"
+    assert_eq!(
+        unit.get("Service", "ExecReload"),
+        Some("/bin/kill -HUP $MAINPID"),
+        "a reload is tether's SIGHUP"
     );
-    // Every command the unit runs is the installed tether on the installed
-    // config.
+    // Every other command the unit runs is the installed tether on the
+    // installed config.
     for (section, key, value) in &unit.0 {
-        if section == "Service" && key.starts_with("Exec") {
+        if section == "Service" && key.starts_with("Exec") && key != "ExecReload" {
             let mut words = value.split_whitespace();
             let program = words
                 .next()

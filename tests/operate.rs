@@ -1,6 +1,7 @@
 //! The binary as a service manager and its probes see it: `tether health`
 //! answers 0 or 1 with a reason, `/readyz` waits for the warm floor, systemd's
-//! notify socket hears READY=1 and STOPPING=1, and SIGHUP does not end it.
+//! notify socket hears READY=1 and STOPPING=1, and SIGHUP reloads (RELOADING=1,
+//! then READY=1).
 
 mod common;
 
@@ -238,19 +239,29 @@ async fn ready_is_not_announced_before_the_floor_opens_or_ready_timeout_passes()
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn sighup_is_logged_and_ignored() {
+async fn sighup_reloads_the_file_and_the_notify_socket_hears_reloading_then_ready() {
     let backend = Backend::start().await;
-    let mut tether = TetherProcess::start(&operate_config(backend.addr));
+    let notify = NotifySocket::bind("notify-reload");
+    let mut config = operate_config(backend.addr);
+    config.runtime.watch_config = false;
+    let mut tether = start_notifying(&config, &notify.path, None);
+    notify.next("READY=1").await;
     assert_eq!(get_once(tether.listen, "/").await.status, 200);
+
+    config.listeners[0].request_timeout = Duration::from_secs(9);
+    std::fs::write(tether.dir().join("tether.toml"), config.to_toml()).unwrap();
     tether.signal("HUP");
-    let line = tether.wait_for_log("SIGHUP");
-    assert!(line.contains("ignored"), "{line}");
-    tokio::time::sleep(Duration::from_millis(200)).await;
+    let reloading = notify.next("RELOADING=1").await;
+    assert!(reloading.contains("MONOTONIC_USEC="), "{reloading}");
+    let ready = notify.next("READY=1").await;
+    assert!(ready.contains("generation 2"), "{ready}");
+    tether.wait_for_log("configuration reloaded");
     assert!(tether.is_running(), "tether exited on SIGHUP");
     assert_eq!(get_once(tether.listen, "/").await.status, 200);
-    // A second one too: the handler stays installed.
+    // A second one too: the handler stays installed (nothing changed now).
     tether.signal("HUP");
-    tether.wait_for_log("SIGHUP");
+    assert!(notify.next("RELOADING=1").await.contains("RELOADING=1"));
+    assert!(notify.next("READY=1").await.contains("generation 2"));
     assert_eq!(get_once(tether.listen, "/").await.status, 200);
     assert!(tether.stop().success());
 }

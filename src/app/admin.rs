@@ -3,8 +3,12 @@
 //! `runtime.ready_timeout` has passed, so an app started after tether finds
 //! warm connections; 503 again once draining, so a load balancer or
 //! Kubernetes stops sending new connections first), `/config` (the
-//! effective configuration) and `/pools` (every upstream connection and what
-//! the pools did, as JSON).
+//! effective configuration now) and `/pools` (every upstream connection and
+//! what the pools did, as JSON); `POST /reload` reloads the configuration
+//! file (200 with what changed, 400 with every problem and its key path, the
+//! running configuration untouched), and `/logging` shows the log filter or,
+//! with `POST /logging?level=…`, changes it until the next reload that
+//! changes `log.level`.
 //!
 //! It binds loopback by default and keeps serving through the drain, so
 //! readiness can report it.
@@ -14,7 +18,7 @@ use std::net::SocketAddr;
 use std::sync::Arc;
 
 use bytes::Bytes;
-use http::{header, Request, Response, StatusCode};
+use http::{header, Method, Request, Response, StatusCode};
 use http_body_util::Full;
 use hyper::body::Incoming;
 use hyper_util::rt::TokioIo;
@@ -25,7 +29,9 @@ use prometheus_client::collector::Collector;
 use prometheus_client::encoding::{DescriptorEncoder, EncodeMetric};
 use prometheus_client::metrics::gauge::ConstGauge;
 
-use crate::config::ListenAddr;
+use arc_swap::ArcSwap;
+
+use super::reload::{ListenerAddrs, Live, Outcome};
 use crate::metrics::Metrics;
 use crate::pool::Pool;
 
@@ -49,10 +55,8 @@ pub struct AdminState {
     pub ready: CancellationToken,
     /// Cancelled when draining starts: `/readyz` turns 503.
     pub draining: CancellationToken,
-    /// The effective configuration as TOML.
-    pub config: String,
-    /// Every worker's share of every upstream pool, for `/pools`.
-    pub pools: Vec<Pool>,
+    /// The running configuration, pools and reload.
+    pub(crate) live: Arc<Live>,
 }
 
 /// Binds the admin address.
@@ -92,7 +96,7 @@ pub async fn serve(listener: TcpListener, state: Arc<AdminState>, stop: Cancella
         tokio::spawn(async move {
             let service = hyper::service::service_fn(move |request: Request<Incoming>| {
                 let state = state.clone();
-                async move { Ok::<_, Infallible>(respond(&state, &request)) }
+                async move { Ok::<_, Infallible>(respond(&state, &request).await) }
             });
             if let Err(e) = hyper::server::conn::http1::Builder::new()
                 .serve_connection(TokioIo::new(stream), service)
@@ -104,8 +108,16 @@ pub async fn serve(listener: TcpListener, state: Arc<AdminState>, stop: Cancella
     }
 }
 
-fn respond(state: &AdminState, request: &Request<Incoming>) -> Response<Full<Bytes>> {
+async fn respond(state: &AdminState, request: &Request<Incoming>) -> Response<Full<Bytes>> {
+    let post = request.method() == Method::POST;
     let (status, content_type, body) = match request.uri().path() {
+        "/reload" if post => reload(state).await,
+        "/reload" => (
+            StatusCode::METHOD_NOT_ALLOWED,
+            "text/plain",
+            "POST /reload reloads the configuration file\n".to_owned(),
+        ),
+        "/logging" => logging(request.uri().query(), post),
         "/metrics" => (
             StatusCode::OK,
             "application/openmetrics-text; version=1.0.0; charset=utf-8",
@@ -123,12 +135,16 @@ fn respond(state: &AdminState, request: &Request<Incoming>) -> Response<Full<Byt
             "warming\n".to_owned(),
         ),
         "/readyz" => (StatusCode::OK, "text/plain", "ready\n".to_owned()),
-        "/config" => (StatusCode::OK, "application/toml", state.config.clone()),
-        "/pools" => pools_json(&state.pools),
+        "/config" => (
+            StatusCode::OK,
+            "application/toml",
+            state.live.config().to_toml(),
+        ),
+        "/pools" => pools_json(&state.live.pools.all()),
         _ => (
             StatusCode::NOT_FOUND,
             "text/plain",
-            "not found: try /metrics, /healthz, /readyz, /config or /pools\n".to_owned(),
+            "not found: try /metrics, /healthz, /readyz, /config, /pools, /logging or POST /reload\n".to_owned(),
         ),
     };
     let mut response = Response::new(Full::new(Bytes::from(body)));
@@ -138,6 +154,59 @@ fn respond(state: &AdminState, request: &Request<Incoming>) -> Response<Full<Byt
         header::HeaderValue::from_static(content_type),
     );
     response
+}
+
+/// `POST /reload`: reloads the file; the report as JSON, 200 when it was
+/// applied (or nothing changed), 400 when the file has problems, 500 when
+/// it could not be applied.
+async fn reload(state: &AdminState) -> (StatusCode, &'static str, String) {
+    let report = state.live.reload_announced().await;
+    let status = match report.result {
+        Outcome::Applied | Outcome::Unchanged => StatusCode::OK,
+        Outcome::Invalid => StatusCode::BAD_REQUEST,
+        Outcome::Failed => StatusCode::INTERNAL_SERVER_ERROR,
+    };
+    match serde_json::to_string_pretty(&report) {
+        Ok(json) => (status, "application/json", json + "\n"),
+        Err(e) => (
+            StatusCode::INTERNAL_SERVER_ERROR,
+            "text/plain",
+            format!("cannot render the report: {e}\n"),
+        ),
+    }
+}
+
+/// `/logging`: the log filter; `POST /logging?level=<filter>` changes it.
+fn logging(query: Option<&str>, post: bool) -> (StatusCode, &'static str, String) {
+    let asked = query
+        .unwrap_or_default()
+        .split('&')
+        .find_map(|pair| pair.strip_prefix("level="));
+    match (post, asked) {
+        (true, Some(level)) => {
+            let level = level
+                .replace("%2C", ",")
+                .replace("%3D", "=")
+                .replace("%3A", ":");
+            match crate::telemetry::set_filter(&level) {
+                Ok(()) => (StatusCode::OK, "text/plain", format!("level: {level}\n")),
+                Err(e) => (StatusCode::BAD_REQUEST, "text/plain", format!("{e}\n")),
+            }
+        }
+        (true, None) => (
+            StatusCode::BAD_REQUEST,
+            "text/plain",
+            "POST /logging?level=<level or filter>, e.g. level=debug\n".to_owned(),
+        ),
+        (false, _) => (
+            StatusCode::OK,
+            "text/plain",
+            format!(
+                "level: {}\n",
+                crate::telemetry::filter().unwrap_or_else(|| "(not set by tether)".into())
+            ),
+        ),
+    }
 }
 
 /// `/pools`: the pools' state as JSON.
@@ -156,23 +225,21 @@ fn pools_json(pools: &[Pool]) -> (StatusCode, &'static str, String) {
 }
 
 /// `tether_time_wait_on_listener`: TIME_WAIT sockets whose local port is a
-/// TCP listener's, read from the kernel's table at scrape time.
-#[derive(Debug)]
+/// TCP listener's, read from the kernel's table at scrape time, for the
+/// listeners as the last reload left them.
 pub struct ListenerTimeWait {
-    /// Listener name and bound TCP address.
-    listeners: Vec<(String, SocketAddr)>,
+    listeners: Arc<ArcSwap<ListenerAddrs>>,
+}
+
+impl std::fmt::Debug for ListenerTimeWait {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("ListenerTimeWait")
+    }
 }
 
 impl ListenerTimeWait {
-    /// A collector over the TCP listeners among `listeners`.
-    pub fn new<'a>(listeners: impl IntoIterator<Item = &'a (String, ListenAddr)>) -> Self {
-        let listeners = listeners
-            .into_iter()
-            .filter_map(|(name, addr)| match addr {
-                ListenAddr::Tcp(addr) => Some((name.clone(), *addr)),
-                ListenAddr::Unix(_) => None,
-            })
-            .collect();
+    /// A collector over the TCP listeners `listeners` holds.
+    pub(crate) fn new(listeners: Arc<ArcSwap<ListenerAddrs>>) -> Self {
         Self { listeners }
     }
 }
@@ -186,7 +253,10 @@ impl Collector for ListenerTimeWait {
             None,
             ConstGauge::new(0i64).metric_type(),
         )?;
-        for (listener, addr) in &self.listeners {
+        for (listener, addr) in self.listeners.load().iter() {
+            let crate::config::ListenAddr::Tcp(addr) = addr else {
+                continue;
+            };
             let count = census
                 .iter()
                 .filter(|s| s.local.port() == addr.port())

@@ -12,6 +12,7 @@
 use std::io;
 use std::net::SocketAddr;
 use std::path::PathBuf;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -24,7 +25,7 @@ use tokio_util::task::TaskTracker;
 use crate::config::{ListenAddr, ListenerConfig};
 use crate::downstream::{self, Admitted, ClientStream, Registry};
 use crate::drain::Shutdown;
-use crate::http::Binding;
+use crate::http::BindingSlot;
 use crate::metrics::{ListenerLabel, Name, ReasonLabels};
 use crate::sock;
 
@@ -97,7 +98,12 @@ impl ListenSocket {
 /// its live connections.
 pub struct Limit {
     permits: Arc<Semaphore>,
-    registry: Option<Arc<Registry>>,
+    /// `max_connections` as last set.
+    max: std::sync::Mutex<usize>,
+    /// Connections admitted while `evict` was on, which room can be made
+    /// from.
+    registry: Arc<Registry>,
+    evict: AtomicBool,
 }
 
 impl Limit {
@@ -105,10 +111,36 @@ impl Limit {
     pub fn new(listener: &ListenerConfig) -> Self {
         Self {
             permits: Arc::new(Semaphore::new(listener.max_connections)),
-            registry: listener
-                .evict_idle_at_cap
-                .then(|| Arc::new(Registry::new())),
+            max: std::sync::Mutex::new(listener.max_connections),
+            registry: Arc::new(Registry::new()),
+            evict: AtomicBool::new(listener.evict_idle_at_cap),
         }
+    }
+
+    /// Follows a reload of `listener`: a larger `max_connections` admits more
+    /// at once, a smaller one takes permits out as connections end (none is
+    /// closed for it); `evict_idle_at_cap` applies to connections accepted
+    /// from now on.
+    pub fn update(&self, listener: &ListenerConfig) {
+        self.evict
+            .store(listener.evict_idle_at_cap, Ordering::Relaxed);
+        let mut max = self.max.lock().unwrap_or_else(|e| e.into_inner());
+        let (from, to) = (*max, listener.max_connections);
+        *max = to;
+        if to > from {
+            self.permits.add_permits(to - from);
+        } else if let Ok(fewer) = u32::try_from(from - to) {
+            let permits = self.permits.clone();
+            tokio::spawn(async move {
+                if let Ok(taken) = permits.acquire_many_owned(fewer).await {
+                    taken.forget();
+                }
+            });
+        }
+    }
+
+    fn evicting(&self) -> Option<&Arc<Registry>> {
+        self.evict.load(Ordering::Relaxed).then_some(&self.registry)
     }
 }
 
@@ -152,16 +184,19 @@ pub fn bind(addr: &ListenAddr, reuse_port: bool) -> Result<ListenSocket, Listene
     }
 }
 
-/// Accepts until draining starts, one task per connection (tracked, so the
+/// Accepts until draining starts or `stop` (a child of the drain token: a
+/// reload that removes or re-binds the listener cancels it), one task per connection (tracked, so the
 /// drain can wait for them) on the runtime the loop runs on. `limit` is the
 /// listener's, shared by every worker's accept loop.
 pub async fn accept_loop(
     socket: ListenSocket,
-    binding: Arc<Binding>,
+    slot: Arc<BindingSlot>,
     limit: Arc<Limit>,
     shutdown: Shutdown,
     tracker: TaskTracker,
+    stop: CancellationToken,
 ) {
+    let binding = slot.load_full();
     let label = ListenerLabel {
         listener: binding.label.clone(),
     };
@@ -181,24 +216,27 @@ pub async fn accept_loop(
             })
             .inc();
     };
+    let serve = |stream, client, admitted| {
+        accepted_total.inc();
+        active.inc();
+        let active = active.clone();
+        let slot = slot.clone();
+        let shutdown = shutdown.clone();
+        // Boxed: the task's state is a few KiB, and tokio copies a spawned
+        // future by value several times (into the task cell, and at each
+        // stage change); a box is copied once.
+        tracker.spawn(Box::pin(async move {
+            downstream::serve(stream, client, slot, shutdown, admitted).await;
+            active.dec();
+        }));
+    };
     let mut at_cap = AtCap::new(&binding.listener.name);
     let mut pause = Duration::from_millis(5);
-    while let Some(next) = next_connection(&socket, &limit, &shutdown.drain, &mut at_cap).await {
+    while let Some(next) = next_connection(&socket, &limit, &stop, &mut at_cap).await {
         match next {
             Ok((stream, client, admitted)) => {
                 pause = Duration::from_millis(5);
-                accepted_total.inc();
-                active.inc();
-                let active = active.clone();
-                let binding = binding.clone();
-                let shutdown = shutdown.clone();
-                // Boxed: the task's state is a few KiB, and tokio copies a
-                // spawned future by value several times (into the task cell,
-                // and at each stage change); a box is copied once.
-                tracker.spawn(Box::pin(async move {
-                    downstream::serve(stream, client, binding, shutdown, admitted).await;
-                    active.dec();
-                }));
+                serve(stream, client, admitted);
             }
             Err(e) if sock::is_resource_exhaustion(&e) => {
                 accept_error("resources");
@@ -214,8 +252,28 @@ pub async fn accept_loop(
             }
         }
     }
+    if !shutdown.drain.is_cancelled() {
+        serve_backlog(&socket, &limit, serve).await;
+    }
     tracing::info!(listener = %binding.listener.name, "stopped accepting");
     drop(socket);
+}
+
+/// Serves the connections the kernel has already completed on a socket a
+/// reload removed or re-bound, instead of resetting them when it closes.
+async fn serve_backlog(
+    socket: &ListenSocket,
+    limit: &Limit,
+    serve: impl Fn(ClientStream, Option<SocketAddr>, Admitted),
+) {
+    // A zero timeout polls the accept once: what is queued now, no more.
+    while let Ok(Ok((stream, client))) = tokio::time::timeout(Duration::ZERO, socket.accept()).await
+    {
+        let Ok(permit) = limit.permits.clone().acquire_owned().await else {
+            return;
+        };
+        serve(stream, client, Admitted::new(permit, None));
+    }
 }
 
 /// The next connection with its permit, waiting for one at the cap (and
@@ -226,8 +284,9 @@ async fn next_connection(
     drain: &CancellationToken,
     at_cap: &mut AtCap,
 ) -> Option<Next> {
-    let admitted = |permit| Admitted::new(permit, limit.registry.clone());
-    let Some(registry) = &limit.registry else {
+    let registry = limit.evicting();
+    let admitted = |permit| Admitted::new(permit, registry.cloned());
+    let Some(registry) = registry else {
         // A permit first: at the cap, new connections wait in the backlog.
         let permit = match free_permit(limit, at_cap)? {
             Some(permit) => permit,

@@ -14,19 +14,24 @@ use tokio_util::task::TaskTracker;
 
 pub mod admin;
 pub mod listeners;
+mod reload;
+mod serving;
 mod signals;
+mod watch;
 mod workers;
 
 pub use signals::ignore_hangup;
 
-use crate::config::{Config, ListenAddr, UpstreamConfig};
+use crate::config::{Config, ListenAddr};
 use crate::drain::Shutdown;
-use crate::http::{Binding, BindingMetrics};
-use crate::metrics::{Metrics, Name};
+use crate::metrics::Metrics;
 use crate::pool::metrics::PoolCollector;
-use crate::pool::Pool;
+use crate::pool::{OpenedBy, Pool, Registry};
 use admin::{AdminError, AdminState};
 use listeners::ListenerError;
+use reload::Live;
+pub use reload::{KeyProblem, Outcome, ReloadReport};
+use serving::Context;
 
 /// Failures to start or run.
 #[derive(Debug, thiserror::Error)]
@@ -50,14 +55,9 @@ pub enum AppError {
 
 /// A started tether.
 pub struct Running {
-    listeners: Vec<(String, ListenAddr)>,
+    live: Arc<Live>,
     admin_addr: Option<std::net::SocketAddr>,
     admin_stop: CancellationToken,
-    metrics: Arc<Metrics>,
-    pools: Vec<Pool>,
-    shutdown: Shutdown,
-    tracker: TaskTracker,
-    drain_timeout: Duration,
     ready: CancellationToken,
 }
 
@@ -72,7 +72,10 @@ pub struct Drained {
 /// raises the open-file limit, starts the workers (the calling thread is the
 /// first, and also runs the admin server and the signal handlers), tells a
 /// service manager when tether is ready and when it stops.
-pub fn run(config: Config) -> Result<Drained, AppError> {
+///
+/// `source` is the file `config` was read from: SIGHUP, `POST /reload` and,
+/// with `runtime.watch_config`, a change to the file reload it.
+pub fn run(config: Config, source: std::path::PathBuf) -> Result<Drained, AppError> {
     open_file_limit(&config);
     let workers = workers::Workers::start(workers::count(config.runtime.worker_threads))
         .map_err(AppError::Runtime)?;
@@ -81,7 +84,7 @@ pub fn run(config: Config) -> Result<Drained, AppError> {
         .build()
         .map_err(AppError::Runtime);
     let result = runtime.and_then(|runtime| {
-        let result = runtime.block_on(serve_until_signal(config, &workers));
+        let result = runtime.block_on(serve_until_signal(config, source, &workers));
         // The drain is over: tasks still parked (a DNS lookup on a blocking
         // thread, say) must not hold the exit.
         runtime.shutdown_background();
@@ -93,6 +96,7 @@ pub fn run(config: Config) -> Result<Drained, AppError> {
 
 async fn serve_until_signal(
     config: Config,
+    source: std::path::PathBuf,
     workers: &workers::Workers,
 ) -> Result<Drained, AppError> {
     // Before anything binds (see `signals`).
@@ -100,24 +104,30 @@ async fn serve_until_signal(
     // A stop asked for while starting (DNS can take `connect_timeout` per
     // upstream) is honoured at once: nothing was served, nothing to drain.
     let running = tokio::select! {
-        started = start_on(config, workers.handles()) => started?,
-        () = signals.stop_requested() => {
+        started = start_on(config, workers.handles(), Some(source)) => started?,
+        () = signals.stop_requested(|| tracing::warn!("SIGHUP while starting: ignored; send it again once tether serves")) => {
             tracing::info!("stopped before tether finished starting");
             return Ok(Drained { forced: false });
         }
     };
     // Connection tasks and accept loops: a burst's end shows as a fall.
-    let tracker = running.tracker.clone();
+    let tracker = running.live.context.tracker.clone();
     tokio::spawn(crate::memory::give_back_after_bursts(move || tracker.len()));
+    tokio::spawn(watch::watch_config(running.live.clone()));
+    let live = running.live.clone();
+    let on_hangup = move || {
+        let live = live.clone();
+        tokio::spawn(async move { live.reload_announced().await });
+    };
     let stopped_while_warming = tokio::select! {
         () = running.ready() => {
             crate::notify::ready("serving");
             false
         }
-        () = signals.stop_requested() => true,
+        () = signals.stop_requested(on_hangup.clone()) => true,
     };
     if !stopped_while_warming {
-        signals.stop_requested().await;
+        signals.stop_requested(on_hangup).await;
     }
     crate::notify::stopping("draining");
     Ok(running.drain().await)
@@ -141,9 +151,10 @@ fn open_file_limit(config: &Config) {
 }
 
 /// Starts pools, binds every listener, then starts accepting, all on the
-/// current runtime.
+/// current runtime. A reload can only be asked of it through
+/// [`Running::reload`]: it knows no file.
 pub async fn start(config: Config) -> Result<Running, AppError> {
-    start_on(config, &[]).await
+    start_on(config, &[], None).await
 }
 
 /// As [`start`], with `workers` as further single-threaded event loops: each
@@ -151,184 +162,82 @@ pub async fn start(config: Config) -> Result<Running, AppError> {
 /// its own share of every upstream pool, so a request is served on one thread
 /// from accept to response (nginx's shape, without a work-stealing scheduler's
 /// cross-thread wake-ups). Unix listeners are served by the current runtime.
+/// `source` is the file a reload reads (SIGHUP, `POST /reload`, the watch).
 pub async fn start_on(
     config: Config,
     workers: &[tokio::runtime::Handle],
+    source: Option<std::path::PathBuf>,
 ) -> Result<Running, AppError> {
-    let pools = start_pools(&config, workers).await;
-    let all_pools: Vec<Pool> = pools.iter().flatten().cloned().collect();
-    let metrics = Arc::new(Metrics::new());
-    // Bind everything first so a bad address leaves nothing half-started.
-    let bound = async {
-        let admin = match config.admin.enabled {
-            true => Some(admin::bind(config.admin.listen).await?),
-            false => None,
-        };
-        Ok::<_, AppError>((admin, bind_listeners(&config, &pools, &metrics, workers)?))
+    let context = Context {
+        workers: workers.to_vec(),
+        metrics: Arc::new(Metrics::new()),
+        shutdown: Shutdown::default(),
+        tracker: TaskTracker::new(),
     };
-    let (admin_socket, bound) = match bound.await {
+    let pools = Registry::new();
+    for upstream in &config.upstreams {
+        let shares = serving::start_shares(upstream, &context, OpenedBy::Warm).await;
+        pools.insert(&upstream.name, shares);
+    }
+    let bound = match bind_all(&config, context.shares()).await {
         Ok(bound) => bound,
         Err(e) => {
-            all_pools.iter().for_each(Pool::close);
+            pools.all().iter().for_each(Pool::close);
             return Err(e);
         }
     };
-    let shutdown = Shutdown::default();
-    let tracker = TaskTracker::new();
-    let listeners = start_accepting(bound, &shutdown, &tracker, workers.len() + 1);
-    metrics.register_collector(PoolCollector::new(all_pools.clone()));
-    metrics.register_collector(admin::ListenerTimeWait::new(&listeners));
-    let ready = watch_readiness(&all_pools, &config, &shutdown);
+    let (admin_socket, sockets) = bound;
+    let mut listeners = Vec::new();
+    for (listener, sockets) in config.listeners.iter().zip(sockets) {
+        let run = serving::serve(listener, sockets, &config, &pools, &context)?;
+        listeners.push((listener.name.clone(), run));
+    }
+    let metrics = context.metrics.clone();
+    metrics.register_collector(PoolCollector::new(pools.clone()));
+    let ready = watch_readiness(&pools.all(), &config, &context.shutdown);
+    let draining = context.shutdown.drain.clone();
+    let applied = reload::Applied { config, listeners };
+    let live = Arc::new(Live::new(applied, pools, context, source));
+    metrics.register_collector(admin::ListenerTimeWait::new(live.listener_addrs_handle()));
     let admin_stop = CancellationToken::new();
     let admin_addr = admin_socket.and_then(|socket| {
         let state = Arc::new(AdminState {
-            metrics: metrics.clone(),
+            metrics,
             ready: ready.clone(),
-            draining: shutdown.drain.clone(),
-            config: config.to_toml(),
-            pools: all_pools.clone(),
+            draining,
+            live: live.clone(),
         });
         admin::start(socket, state, admin_stop.clone())
     });
     Ok(Running {
-        listeners,
+        live,
         admin_addr,
         admin_stop,
-        metrics,
-        pools: all_pools,
-        shutdown,
-        tracker,
-        drain_timeout: config.runtime.drain_timeout,
         ready,
     })
 }
 
-/// Starts every worker's share of every upstream pool: `pools[w]` holds
-/// worker `w`'s (worker 0 is the current runtime).
-async fn start_pools(config: &Config, workers: &[tokio::runtime::Handle]) -> Vec<Vec<Pool>> {
-    let shares = workers.len() + 1;
-    let mut pools: Vec<Vec<Pool>> = Vec::with_capacity(shares);
-    for w in 0..shares {
-        let mut mine = Vec::new();
-        for upstream in &config.upstreams {
-            let settings = share_of(upstream, w, shares);
-            let pool = match w {
-                0 => Pool::start(settings).await,
-                _ => match workers[w - 1].spawn(Pool::start(settings)).await {
-                    Ok(pool) => pool,
-                    // The worker's runtime is gone: its share lives here instead.
-                    Err(e) => {
-                        tracing::warn!(upstream = %upstream.name, worker = w, error = %e, "cannot start a pool share on its worker");
-                        Pool::start(share_of(upstream, w, shares)).await
-                    }
-                },
-            };
-            mine.push(pool);
-        }
-        pools.push(mine);
-    }
-    pools
-}
-
-/// A listener socket bound for one worker, with what its accept loop serves.
-struct BoundListener {
-    socket: listeners::ListenSocket,
-    binding: Arc<Binding>,
-    /// The listener's `max_connections`, shared by its workers.
-    limit: Arc<listeners::Limit>,
-    /// The worker's runtime; `None` for the current one.
-    runtime: Option<tokio::runtime::Handle>,
-}
-
-/// Binds every listener: one SO_REUSEPORT socket per worker for TCP, one
-/// socket served by the current runtime for unix.
-fn bind_listeners(
+/// Binds the admin address and every listener's sockets, before anything
+/// is served: a bad address leaves nothing half-started.
+async fn bind_all(
     config: &Config,
-    pools: &[Vec<Pool>],
-    metrics: &Arc<Metrics>,
-    workers: &[tokio::runtime::Handle],
-) -> Result<Vec<BoundListener>, AppError> {
-    let mut bound = Vec::new();
-    for l in &config.listeners {
-        let fallback_host = config
-            .upstream(&l.upstream)
-            .and_then(|u| u.endpoints.first().cloned())
-            .unwrap_or_default();
-        let label = Name::from(l.name.as_str());
-        let limit = Arc::new(listeners::Limit::new(l));
-        let shared = !workers.is_empty() && matches!(l.listen, ListenAddr::Tcp(_));
-        let mut addr = l.listen.clone();
-        for (w, worker_pools) in pools.iter().enumerate() {
-            if w > 0 && !shared {
-                break;
-            }
-            let pool = worker_pools
-                .iter()
-                .find(|p| p.name() == l.upstream)
-                .cloned()
-                .ok_or_else(|| AppError::UnknownUpstream {
-                    listener: l.name.clone(),
-                    upstream: l.upstream.clone(),
-                })?;
-            let socket = listeners::bind(&addr, shared)?;
-            // Port 0: the other workers bind the port the first one got.
-            addr = socket.local_addr();
-            let binding = Arc::new(Binding {
-                counters: BindingMetrics::new(metrics, &label),
-                label: label.clone(),
-                listener: l.clone(),
-                pool,
-                fallback_host: fallback_host.clone(),
-                metrics: metrics.clone(),
-            });
-            let runtime = w.checked_sub(1).map(|i| workers[i].clone());
-            bound.push(BoundListener {
-                socket,
-                binding,
-                limit: limit.clone(),
-                runtime,
-            });
-        }
-    }
-    Ok(bound)
-}
-
-/// Starts every bound socket's accept loop on its worker; the listeners'
-/// names and addresses.
-fn start_accepting(
-    bound: Vec<BoundListener>,
-    shutdown: &Shutdown,
-    tracker: &TaskTracker,
     shares: usize,
-) -> Vec<(String, ListenAddr)> {
-    let mut listeners = Vec::new();
-    for BoundListener {
-        socket,
-        binding,
-        limit,
-        runtime,
-    } in bound
-    {
-        let addr = socket.local_addr();
-        let accepting = listeners::accept_loop(
-            socket,
-            binding.clone(),
-            limit,
-            shutdown.clone(),
-            tracker.clone(),
-        );
-        match runtime {
-            Some(handle) => {
-                tracker.spawn_on(accepting, &handle);
-            }
-            None => {
-                tracing::info!(listener = %binding.listener.name, listen = %addr, upstream = %binding.listener.upstream, workers = shares, "listening");
-                listeners.push((binding.listener.name.clone(), addr));
-                tracker.spawn(accepting);
-            }
-        }
+) -> Result<
+    (
+        Option<tokio::net::TcpListener>,
+        Vec<Vec<listeners::ListenSocket>>,
+    ),
+    AppError,
+> {
+    let admin = match config.admin.enabled {
+        true => Some(admin::bind(config.admin.listen).await?),
+        false => None,
+    };
+    let mut sockets = Vec::with_capacity(config.listeners.len());
+    for listener in &config.listeners {
+        sockets.push(serving::bind_sockets(listener, shares)?);
     }
-    listeners
+    Ok((admin, sockets))
 }
 
 /// The token `/readyz` and systemd's READY=1 wait on: cancelled once the warm
@@ -381,32 +290,20 @@ async fn declare_ready(pools: Vec<Pool>, timeout: Duration, ready: CancellationT
     ready.cancel();
 }
 
-/// Worker `index`'s share of an upstream's pool bounds among `shares` workers:
-/// `max_connections`, `max_idle` and `min_idle` are split as evenly as they go
-/// (never below one connection a worker may open, so every worker can serve).
-fn share_of(upstream: &UpstreamConfig, index: usize, shares: usize) -> UpstreamConfig {
-    let split = |total: usize| total / shares + usize::from(index < total % shares);
-    let mut mine = upstream.clone();
-    let pool = &mut mine.pool;
-    pool.max_connections = split(pool.max_connections).max(1);
-    pool.max_idle = split(pool.max_idle).min(pool.max_connections);
-    pool.min_idle = split(pool.min_idle).min(pool.max_idle);
-    mine
-}
-
 impl Running {
     /// The bound address of the listener called `name`.
-    pub fn listen_addr(&self, name: &str) -> Option<&ListenAddr> {
-        self.listeners
+    pub fn listen_addr(&self, name: &str) -> Option<ListenAddr> {
+        self.live
+            .listener_addrs()
             .iter()
             .find(|(n, _)| n == name)
-            .map(|(_, addr)| addr)
+            .map(|(_, addr)| addr.clone())
     }
 
     /// The bound TCP address of the listener called `name`.
     pub fn tcp_addr(&self, name: &str) -> Option<std::net::SocketAddr> {
         match self.listen_addr(name)? {
-            ListenAddr::Tcp(addr) => Some(*addr),
+            ListenAddr::Tcp(addr) => Some(addr),
             ListenAddr::Unix(_) => None,
         }
     }
@@ -429,71 +326,56 @@ impl Running {
 
     /// Every metric.
     pub fn metrics(&self) -> &Arc<Metrics> {
-        &self.metrics
+        &self.live.context.metrics
     }
 
     /// The pool of the upstream called `name` (the first worker's share, when
     /// there are several workers).
-    pub fn pool(&self, name: &str) -> Option<&Pool> {
-        self.pools.iter().find(|p| p.name() == name)
+    pub fn pool(&self, name: &str) -> Option<Pool> {
+        self.live.pools.get(name)?.first().cloned()
     }
 
     /// Every worker's share of the pool of the upstream called `name`.
-    pub fn pools<'a>(&'a self, name: &'a str) -> impl Iterator<Item = &'a Pool> + 'a {
-        self.pools.iter().filter(move |p| p.name() == name)
+    pub fn pools(&self, name: &str) -> impl Iterator<Item = Pool> {
+        let shares = self.live.pools.get(name);
+        shares
+            .into_iter()
+            .flat_map(|s| s.iter().cloned().collect::<Vec<_>>())
+    }
+
+    /// Applies `config` by difference, as a reload from the file does (see
+    /// `reload`): what changed and the generation now.
+    pub async fn reload(&self, config: Config) -> ReloadReport {
+        self.live.reload(config).await
+    }
+
+    /// The configuration generation: 1 at start, one more per reload applied.
+    pub fn generation(&self) -> u64 {
+        self.live.generation()
     }
 
     /// Stops accepting, lets in-flight exchanges finish (their responses carry
     /// `Connection: close`), resets whatever is left at `drain_timeout`, and
     /// retires the pools.
     pub async fn drain(self) -> Drained {
-        tracing::info!(timeout = ?self.drain_timeout, "draining");
-        self.shutdown.drain.cancel();
-        self.tracker.close();
-        let forced = tokio::time::timeout(self.drain_timeout, self.tracker.wait())
+        let drain_timeout = self.live.config().runtime.drain_timeout;
+        let context = &self.live.context;
+        tracing::info!(timeout = ?drain_timeout, "draining");
+        context.shutdown.drain.cancel();
+        context.tracker.close();
+        let forced = tokio::time::timeout(drain_timeout, context.tracker.wait())
             .await
             .is_err();
         if forced {
             tracing::warn!("drain timeout reached; resetting remaining connections");
-            self.shutdown.force.cancel();
-            self.tracker.wait().await;
+            context.shutdown.force.cancel();
+            context.tracker.wait().await;
         }
-        for pool in &self.pools {
+        for pool in &self.live.pools.all() {
             pool.close();
         }
         self.admin_stop.cancel();
         tracing::info!(forced, "drained");
         Drained { forced }
-    }
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn pool_bounds_are_split_among_workers_with_at_least_one_connection_each() {
-        let mut upstream = UpstreamConfig::new("backend", vec!["127.0.0.1:1".into()]);
-        upstream.pool.max_connections = 5;
-        upstream.pool.max_idle = 5;
-        upstream.pool.min_idle = 3;
-        let shares: Vec<_> = (0..2).map(|w| share_of(&upstream, w, 2).pool).collect();
-        assert_eq!(
-            shares.iter().map(|p| p.max_connections).collect::<Vec<_>>(),
-            [3, 2]
-        );
-        assert_eq!(
-            shares.iter().map(|p| p.min_idle).collect::<Vec<_>>(),
-            [2, 1]
-        );
-
-        upstream.pool.max_connections = 1;
-        upstream.pool.max_idle = 1;
-        upstream.pool.min_idle = 1;
-        for w in 0..4 {
-            let share = share_of(&upstream, w, 4).pool;
-            assert_eq!(share.max_connections, 1, "every worker may open one");
-            assert!(share.min_idle <= share.max_idle && share.max_idle <= share.max_connections);
-        }
     }
 }

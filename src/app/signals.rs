@@ -1,5 +1,5 @@
-//! The signals a running tether acts on: SIGTERM and SIGINT drain, SIGHUP is
-//! logged and ignored (there is no configuration reload). All three handlers
+//! The signals a running tether acts on: SIGTERM and SIGINT drain, SIGHUP
+//! reloads the configuration file. All three handlers
 //! are installed together, before anything binds, so a signal that arrives
 //! while tether starts never meets its default action (SIGHUP's would end
 //! the process).
@@ -45,13 +45,14 @@ impl Signals {
         }
     }
 
-    /// Waits for SIGTERM or SIGINT, logging and ignoring every SIGHUP.
-    pub(crate) async fn stop_requested(&mut self) {
+    /// Waits for SIGTERM or SIGINT, calling `on_hangup` at every SIGHUP.
+    pub(crate) async fn stop_requested(&mut self, mut on_hangup: impl FnMut()) {
         loop {
             match self.next().await {
-                Signal::Hangup => tracing::warn!(
-                    "SIGHUP received and ignored: tether does not reload its configuration; restart it to apply a new one"
-                ),
+                Signal::Hangup => {
+                    tracing::info!("SIGHUP received: reloading the configuration");
+                    on_hangup();
+                }
                 Signal::Terminate | Signal::Interrupt => return,
             }
         }

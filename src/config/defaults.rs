@@ -263,6 +263,18 @@ pub const fn ready_timeout() -> Duration {
     Duration::from_secs(10)
 }
 
+/// `runtime.watch_config`. Default on: a Kubernetes ConfigMap edit reaches
+/// the mounted file by itself, and nobody is there to send SIGHUP.
+pub const fn watch_config() -> bool {
+    true
+}
+
+/// `runtime.watch_interval`. Default 1s: one `stat` a second costs nothing,
+/// and an edit is live before the operator looks again.
+pub const fn watch_interval() -> Duration {
+    Duration::from_secs(1)
+}
+
 #[cfg(test)]
 mod tests {
     use std::time::Duration;
@@ -287,6 +299,7 @@ mod tests {
         assert_eq!(u.keepalive.tcp_count, 3);
         assert!(!u.keepalive.probe.enabled);
         assert_eq!(c.runtime.drain_timeout, Duration::from_secs(30));
+        assert!(c.runtime.watch_config);
         assert_eq!(c.admin.listen, "127.0.0.1:9901".parse().unwrap());
         assert_eq!(l, &ListenerConfig::new("app", l.listen.clone(), "backend"));
     }

@@ -1,6 +1,6 @@
 //! `[runtime]`: process-wide settings — how many workers, how long the drain
-//! may take, and how long start-up waits for warm pools before it reports
-//! ready.
+//! may take, how long start-up (and a reload's new pools) wait for warm
+//! pools, and whether tether watches its configuration file.
 
 use std::time::Duration;
 
@@ -25,8 +25,19 @@ pub struct RuntimeConfig {
     /// (`pool.min_idle` connections per endpoint) before it reports ready
     /// anyway (`/readyz`, systemd's READY=1); 0 = ready as soon as the
     /// listeners are bound. Default: [`defaults::ready_timeout`].
+    /// A reload's new pools and endpoints wait as long for their warm floor
+    /// before requests move to them.
     #[serde(default = "defaults::ready_timeout", with = "humantime_serde")]
     pub ready_timeout: Duration,
+    /// Reload when the configuration file changes: an edit in place, a new
+    /// file renamed over it, or a symlink swapped (a Kubernetes ConfigMap
+    /// volume). Default: [`defaults::watch_config`].
+    #[serde(default = "defaults::watch_config")]
+    pub watch_config: bool,
+    /// How often the file is looked at when `watch_config` is on. Default:
+    /// [`defaults::watch_interval`].
+    #[serde(default = "defaults::watch_interval", with = "humantime_serde")]
+    pub watch_interval: Duration,
 }
 
 impl Default for RuntimeConfig {
@@ -35,6 +46,8 @@ impl Default for RuntimeConfig {
             worker_threads: defaults::worker_threads(),
             drain_timeout: defaults::drain_timeout(),
             ready_timeout: defaults::ready_timeout(),
+            watch_config: defaults::watch_config(),
+            watch_interval: defaults::watch_interval(),
         }
     }
 }
@@ -49,4 +62,6 @@ pub(super) fn validate(runtime: &RuntimeConfig, mut problems: Problems<'_>) {
     problems.positive("drain_timeout", runtime.drain_timeout);
     problems.at_most("drain_timeout", runtime.drain_timeout, MAX_WAIT);
     problems.at_most("ready_timeout", runtime.ready_timeout, MAX_WAIT);
+    problems.positive("watch_interval", runtime.watch_interval);
+    problems.at_most("watch_interval", runtime.watch_interval, MAX_WAIT);
 }

@@ -27,7 +27,7 @@ use tokio_util::sync::CancellationToken;
 use tracing::Instrument;
 
 use crate::drain::Shutdown;
-use crate::http::{Binding, ProxyService};
+use crate::http::{Binding, BindingSlot, ProxyService};
 use crate::metrics::{Name, ReasonLabels};
 use crate::sock;
 use clock::Clock;
@@ -58,10 +58,13 @@ enum Served {
 pub async fn serve(
     stream: ClientStream,
     client: Option<SocketAddr>,
-    binding: Arc<Binding>,
+    slot: Arc<BindingSlot>,
     shutdown: Shutdown,
     admitted: Admitted,
 ) -> Ending {
+    // The connection's own settings (timeouts, limits, close policy) are the
+    // ones current at accept; each request takes the binding current then.
+    let binding = slot.load_full();
     // `debug`, so the default level (`info`) pays one level check for it and
     // formats nothing: a disabled span is `Span::none()` with a pointer to its
     // metadata, and entering it does nothing. At `debug`, every connection
@@ -75,10 +78,10 @@ pub async fn serve(
     let served = async {
         let ending = match stream {
             ClientStream::Tcp(socket) => {
-                serve_socket(socket, client, &binding, shutdown, admitted).await
+                serve_socket(socket, client, &slot, shutdown, admitted).await
             }
             ClientStream::Unix(socket) => {
-                serve_socket(socket, client, &binding, shutdown, admitted).await
+                serve_socket(socket, client, &slot, shutdown, admitted).await
             }
         };
         tracing::debug!(?ending, "client connection ended");
@@ -99,10 +102,11 @@ pub async fn serve(
 async fn serve_socket<S: Socket>(
     socket: S,
     client: Option<SocketAddr>,
-    binding: &Arc<Binding>,
+    slot: &Arc<BindingSlot>,
     shutdown: Shutdown,
     admitted: Admitted,
 ) -> Ending {
+    let binding = slot.load_full();
     let listener = &binding.listener;
     // The connection's own tokens: polling them (on every wake-up of this task,
     // and once per request) touches only this connection's lock, not the
@@ -120,7 +124,7 @@ async fn serve_socket<S: Socket>(
     let fd = SocketFd(socket.as_fd().as_raw_fd());
     let max_head = listener.max_header_bytes.as_usize();
     let io = ClientIo::new(socket, state.clone(), max_head);
-    let service = ProxyService::new(binding.clone(), state.clone(), client);
+    let service = ProxyService::new(slot.clone(), state.clone(), client);
     let connection = hyper::server::conn::http1::Builder::new()
         .half_close(true)
         .header_read_timeout(None)
@@ -134,7 +138,7 @@ async fn serve_socket<S: Socket>(
         fd,
     };
     let (served, io) = drive(connection, &state.clock, &drain, stop).await;
-    close(served, io, client, binding).await
+    close(served, io, client, &binding).await
 }
 
 /// The connection's socket by number, for the one `ioctl` of an eviction

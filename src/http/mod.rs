@@ -43,6 +43,10 @@ pub struct Binding {
     pub counters: BindingMetrics,
 }
 
+/// Where a listener's accept loop and connections find its [`Binding`]: a
+/// reload stores a new one, which new requests take.
+pub type BindingSlot = arc_swap::ArcSwap<Binding>;
+
 /// Metric handles a binding touches on every request, resolved once so the
 /// request path does no label hashing.
 pub struct BindingMetrics {

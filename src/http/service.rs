@@ -18,12 +18,15 @@ use tokio::time::Instant;
 use super::body::{prefetch, ProxyBody};
 use super::error::{Failure, ProxyError, Side, ERROR_HEADER};
 use super::response::{respond, Exchange};
-use super::{forward, headers, Binding, ClientConnection};
+use super::{forward, headers, Binding, BindingSlot, ClientConnection};
 use crate::config::{ClientClose, Protocol};
 use crate::pool::UpstreamBody;
 
 /// The hyper service of one client connection.
 pub struct ProxyService<C> {
+    /// The listener's binding as it is now: a reload swaps it, and each
+    /// request takes the one current when it starts.
+    slot: Arc<BindingSlot>,
     binding: Arc<Binding>,
     client: Arc<C>,
     /// The client's address, for the events that name it.
@@ -36,6 +39,7 @@ pub struct ProxyService<C> {
 impl<C> Clone for ProxyService<C> {
     fn clone(&self) -> Self {
         Self {
+            slot: self.slot.clone(),
             binding: self.binding.clone(),
             client: self.client.clone(),
             client_ip: self.client_ip,
@@ -53,7 +57,12 @@ impl<C: ClientConnection> hyper::service::Service<Request<Incoming>> for ProxySe
 
     fn call(&self, request: Request<Incoming>) -> Self::Future {
         self.client.exchange_started();
-        let this = self.clone();
+        let mut this = self.clone();
+        // One load a request, not one a connection: a keep-alive client's
+        // next request after a reload follows the new settings and pool.
+        if !Arc::ptr_eq(&this.binding, &self.slot.load()) {
+            this.binding = self.slot.load_full();
+        }
         Box::pin(async move {
             let started = Instant::now();
             let done = this.client.clone();
@@ -72,10 +81,11 @@ impl<C: ClientConnection> hyper::service::Service<Request<Incoming>> for ProxySe
 impl<C: ClientConnection> ProxyService<C> {
     /// A service for one accepted connection, from `addr` (none on a unix
     /// socket).
-    pub fn new(binding: Arc<Binding>, client: Arc<C>, addr: Option<SocketAddr>) -> Self {
+    pub fn new(slot: Arc<BindingSlot>, client: Arc<C>, addr: Option<SocketAddr>) -> Self {
         let client_ip = addr.map(|a| a.ip());
         Self {
-            binding,
+            binding: slot.load_full(),
+            slot,
             client,
             client_ip,
             forwarded_for: client_ip.and_then(headers::forwarded_for_value),

@@ -33,7 +33,7 @@ enum Dial {
 /// gives up its slot for it if none is free.
 pub(super) async fn acquire_on(outstanding: Outstanding, fresh: bool) -> Result<Lease, PoolError> {
     let endpoint = outstanding.endpoint().clone();
-    let waited = endpoint.settings.pool.acquire_timeout;
+    let waited = endpoint.settings().pool.acquire_timeout;
     let deadline = Instant::now() + waited;
     loop {
         let notified = endpoint.available.notified();

@@ -23,7 +23,7 @@ impl Pool {
         let all = self.endpoints();
         if all.is_empty() {
             return Err(PoolError::NoEndpoints {
-                upstream: self.inner.settings.name.clone(),
+                upstream: self.inner.name.clone(),
             });
         }
         let endpoints: Vec<Arc<Endpoint>> = all
@@ -33,11 +33,11 @@ impl Pool {
             .collect();
         if endpoints.is_empty() {
             return Err(PoolError::AllEjected {
-                upstream: self.inner.settings.name.clone(),
+                upstream: self.inner.name.clone(),
             });
         }
         let start = self.inner.next.fetch_add(1, Ordering::Relaxed);
-        let chosen = match self.inner.settings.balance {
+        let chosen = match self.inner.settings.load().balance {
             Balance::RoundRobin => &endpoints[start % endpoints.len()],
             Balance::LeastOutstanding => {
                 // Rotate the starting point so ties spread instead of piling on

@@ -32,7 +32,7 @@ pub(crate) async fn open(
     slot: Slot,
     cause: OpenedBy,
 ) -> Result<Dialled, PoolError> {
-    let settings = &endpoint.settings;
+    let settings = endpoint.settings.load_full();
     let addr = endpoint.addr;
     let socket = connect(endpoint).await?;
     let record = ConnRecord::new(cause);
@@ -48,7 +48,7 @@ pub(crate) async fn open(
     );
     let io = UpstreamIo::new(socket.clone());
     let received = io.received();
-    let expires = Instant::now() + jittered_lifetime(settings);
+    let expires = Instant::now() + jittered_lifetime(&settings);
     let dialled = match settings.protocol {
         Protocol::Http1 => {
             let (sender, connection) = h1::handshake(addr, io).await?;
@@ -57,7 +57,7 @@ pub(crate) async fn open(
             Dialled::Http1(conn)
         }
         Protocol::Http2 => {
-            let (sender, connection, max_streams) = h2::handshake(settings, addr, io).await?;
+            let (sender, connection, max_streams) = h2::handshake(&settings, addr, io).await?;
             drive(endpoint, &span, connection);
             let conn = H2Conn::new(sender, socket, max_streams, expires, slot, record.clone());
             Dialled::Http2(conn)
@@ -94,7 +94,7 @@ fn drive(
 /// Opens the TCP connection to an endpoint within `connect_timeout`, with the
 /// upstream socket options set.
 async fn connect(endpoint: &Endpoint) -> Result<Arc<TcpStream>, PoolError> {
-    let settings = &endpoint.settings;
+    let settings = endpoint.settings.load_full();
     let addr = endpoint.addr;
     let stream = tokio::time::timeout(settings.connect_timeout, TcpStream::connect(addr))
         .await

@@ -22,6 +22,7 @@ use super::retire::{
     self, close_manner, idle_limit, Close, EndpointFacts, IdleFacts, Moment, Verdict,
 };
 use super::view::{self, ConnRecord, OpenedBy};
+use super::SharedSettings;
 use crate::config::{Protocol, RetireReason, UpstreamConfig};
 
 /// A backend closing an idle connection sooner than this is not taken for an
@@ -48,7 +49,7 @@ pub struct EndpointStats {
     /// Idle connections the backend closed before tether retired them.
     pub closed_by_backend: AtomicU64,
     /// Connections opened, by [`OpenedBy`] in its declaration order.
-    opened_by: [AtomicU64; 3],
+    opened_by: [AtomicU64; OpenedBy::ALL.len()],
     /// Connections closed by tether, by [`RetireReason`] in `ALL` order.
     retired_by: [AtomicU64; 5],
 }
@@ -88,7 +89,8 @@ impl EndpointStats {
 /// One resolved address of an upstream and its connections.
 pub struct Endpoint {
     pub(super) addr: SocketAddr,
-    pub(super) settings: Arc<UpstreamConfig>,
+    /// The pool's settings, swapped in place by a reload.
+    pub(super) settings: SharedSettings,
     /// LIFO: push and pop at the end; the front holds the coldest.
     idle: Mutex<Vec<IdleConn>>,
     slots: Arc<Semaphore>,
@@ -118,6 +120,9 @@ pub struct Endpoint {
     /// The endpoint had its warm floor whole at least once: later floor
     /// dials are refills.
     pub(super) was_warm: AtomicBool,
+    /// What opens the connections of the first warm floor: a reload warms
+    /// what it added before requests reach it.
+    pub(super) first_floor: OpenedBy,
     /// Every open connection's record, for `/pools`.
     records: Mutex<Vec<Weak<ConnRecord>>>,
     pub(super) stats: EndpointStats,
@@ -148,12 +153,13 @@ fn lock<T>(mutex: &Mutex<T>) -> MutexGuard<'_, T> {
 impl Endpoint {
     pub(super) fn new(
         addr: SocketAddr,
-        settings: Arc<UpstreamConfig>,
+        settings: SharedSettings,
         maintenance: Arc<Notify>,
+        first_floor: OpenedBy,
     ) -> Self {
         Self {
             addr,
-            slots: Arc::new(Semaphore::new(settings.pool.max_connections)),
+            slots: Arc::new(Semaphore::new(settings.load().pool.max_connections)),
             settings,
             idle: Mutex::new(Vec::new()),
             open: AtomicUsize::new(0),
@@ -171,8 +177,30 @@ impl Endpoint {
             h2: Mutex::new(Vec::new()),
             h2_dialing: AtomicBool::new(false),
             was_warm: AtomicBool::new(false),
+            first_floor,
             records: Mutex::new(Vec::new()),
             stats: EndpointStats::default(),
+        }
+    }
+
+    /// The upstream's settings now.
+    pub(super) fn settings(&self) -> arc_swap::Guard<Arc<UpstreamConfig>> {
+        self.settings.load()
+    }
+
+    /// Follows a reload's `pool.max_connections`: a larger bound frees more
+    /// slots at once; a smaller one takes slots out as connections give them
+    /// back, so no open connection is closed for it.
+    pub(super) fn resize_slots(&self, from: usize, to: usize) {
+        if to > from {
+            self.slots.add_permits(to - from);
+        } else if let Ok(fewer) = u32::try_from(from - to) {
+            let slots = self.slots.clone();
+            tokio::spawn(async move {
+                if let Ok(taken) = slots.acquire_many_owned(fewer).await {
+                    taken.forget();
+                }
+            });
         }
     }
 
@@ -239,7 +267,7 @@ impl Endpoint {
     }
 
     pub(super) fn is_http2(&self) -> bool {
-        self.settings.protocol == Protocol::Http2
+        self.settings().protocol == Protocol::Http2
     }
 
     /// A connection slot, if one is free under `pool.max_connections`.
@@ -271,7 +299,7 @@ impl Endpoint {
     fn endpoint_facts(&self, open: usize, hotter: Option<usize>) -> EndpointFacts {
         EndpointFacts {
             removed: self.removed.load(Ordering::Relaxed),
-            above_floor: open > self.settings.pool.min_idle,
+            above_floor: open > self.settings().pool.min_idle,
             hotter,
         }
     }
@@ -307,7 +335,7 @@ impl Endpoint {
                 &facts,
                 &self.endpoint_facts(self.open_connections(), None),
                 Moment::CheckedOut,
-                &self.settings.pool,
+                &self.settings().pool,
                 now,
             );
             match verdict {
@@ -326,7 +354,7 @@ impl Endpoint {
     /// Returns a connection after a complete exchange.
     pub(super) fn put_idle(self: &Arc<Self>, conn: Conn) {
         let now = Instant::now();
-        let probe = &self.settings.keepalive.probe;
+        let probe = &self.settings().keepalive.probe;
         let entry = IdleConn {
             conn,
             since: now,
@@ -339,7 +367,7 @@ impl Endpoint {
             &facts,
             &self.endpoint_facts(self.open_connections(), Some(0)),
             Moment::Returned,
-            &self.settings.pool,
+            &self.settings().pool,
             now,
         );
         if let Verdict::Keep { .. } = verdict {
@@ -354,12 +382,12 @@ impl Endpoint {
     /// Discards a connection abandoned mid-exchange or not sent whole.
     pub(super) fn discard(&self, conn: Conn) {
         self.stats.count_closed(RetireReason::Error);
-        conn.close(RetireReason::Error, &self.settings.pool.retire);
+        conn.close(RetireReason::Error, &self.settings().pool.retire);
     }
 
     /// Carries out a verdict other than keeping the connection.
     pub(super) fn dispose(self: &Arc<Self>, entry: IdleConn, verdict: Verdict, now: Instant) {
-        let policy = &self.settings.pool.retire;
+        let policy = &self.settings().pool.retire;
         match verdict {
             // Only a checkout hands out a last request; elsewhere it stays.
             Verdict::Keep { .. } | Verdict::LastRequest => self.lock_idle().push(entry),
@@ -406,7 +434,7 @@ impl Endpoint {
             for (position, entry) in idle.drain(..).enumerate() {
                 let facts = self.facts(&entry, entry.conn.is_open());
                 let at = self.endpoint_facts(open, Some(count - position - 1));
-                match retire::decide(&facts, &at, Moment::Swept, &self.settings.pool, now) {
+                match retire::decide(&facts, &at, Moment::Swept, &self.settings().pool, now) {
                     Verdict::Keep { recheck } => {
                         next = earliest(next, recheck);
                         kept.push(entry);
@@ -453,7 +481,7 @@ impl Endpoint {
                 };
                 let at = self.endpoint_facts(open, None);
                 let reason =
-                    match retire::decide(&facts, &at, Moment::Swept, &self.settings.pool, now) {
+                    match retire::decide(&facts, &at, Moment::Swept, &self.settings().pool, now) {
                         Verdict::Retire(reason) => reason,
                         Verdict::Discard => RetireReason::Error,
                         _ => return true,
@@ -473,7 +501,7 @@ impl Endpoint {
     fn retire_h2(&self, conn: &H2Conn, reason: RetireReason) {
         self.stats.count_closed(reason);
         conn.drain();
-        let policy = self.settings.pool.retire.for_reason(reason);
+        let policy = self.settings().pool.retire.for_reason(reason);
         // hyper has closed it or sends GOAWAY when the last handle goes: the
         // backend's side is already closing, so no peek is needed.
         if close_manner(policy, false) == Close::Reset || conn.is_closed() {
@@ -531,7 +559,7 @@ impl Endpoint {
     /// Records the outcome of a connect or an exchange; enough failures in a
     /// row eject the endpoint for a time that doubles with each ejection.
     pub(crate) fn record(&self, success: bool) {
-        let settings = &self.settings.health;
+        let settings = &self.settings().health;
         let mut health = lock(&self.health);
         if success {
             health.consecutive_failures = 0;

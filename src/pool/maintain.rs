@@ -23,7 +23,7 @@ const REFILL_BACKOFF_MAX: Duration = Duration::from_secs(10);
 impl Endpoint {
     /// Opens connections in the background until `min_idle` are open, one dial
     /// at a time, backing off (with jitter) after failures.
-    fn refill(self: &Arc<Self>) {
+    pub(super) fn refill(self: &Arc<Self>) {
         if !self.below_floor() {
             // However it got there: later floor dials are refills.
             self.was_warm.store(true, Ordering::Relaxed);
@@ -44,7 +44,7 @@ impl Endpoint {
                 let cause = if endpoint.was_warm.load(Ordering::Relaxed) {
                     OpenedBy::Refill
                 } else {
-                    OpenedBy::Warm
+                    endpoint.first_floor
                 };
                 match dial::open(&endpoint, slot, cause).await {
                     Ok(dialled) => {
@@ -73,7 +73,7 @@ impl Endpoint {
     /// `min_idle` connections open.
     fn below_floor(&self) -> bool {
         !self.removed.load(Ordering::Relaxed)
-            && self.open_connections() < self.settings.pool.min_idle
+            && self.open_connections() < self.settings().pool.min_idle
     }
 }
 
@@ -109,14 +109,18 @@ pub(super) async fn resolve(settings: &UpstreamConfig) -> Vec<SocketAddr> {
 pub(super) async fn maintain(pool: Weak<PoolInner>) {
     let mut next_resolve = {
         let Some(inner) = pool.upgrade() else { return };
-        Instant::now() + inner.settings.dns_refresh
+        Instant::now() + inner.settings.load().dns_refresh
     };
     loop {
         let (maintenance, shutdown, wake) = {
             let Some(inner) = pool.upgrade() else { return };
             let handle = Pool { inner };
-            if Instant::now() >= next_resolve || handle.endpoints().is_empty() {
-                let settings = handle.inner.settings.clone();
+            let due = Instant::now() >= next_resolve || handle.endpoints().is_empty();
+            // A reload changing the endpoints resolves them itself, and
+            // publishes them warm: a resolution now would race it.
+            let addresses = handle.inner.addresses.try_lock();
+            if let (true, Ok(_applying)) = (due, addresses) {
+                let settings = handle.inner.settings.load_full();
                 let addrs = resolve(&settings).await;
                 // Keep the old set when DNS fails entirely rather than emptying it.
                 if !addrs.is_empty() {

@@ -11,7 +11,8 @@ use prometheus_client::metrics::counter::ConstCounter;
 use prometheus_client::metrics::gauge::ConstGauge;
 
 use super::endpoint::{Endpoint, EndpointStats};
-use super::Pool;
+use super::view::OpenedBy;
+use super::Registry;
 use crate::census::{self, TcpSocket};
 
 /// How the shares of one endpoint (one per worker) fold into one series.
@@ -59,27 +60,33 @@ const FAMILIES: &[Family] = &[
     })),
 ];
 
-/// The scrape-time view of a set of pools (every worker's share of every
-/// upstream), for the metrics registry.
+/// The scrape-time view of every pool in a registry (every worker's share
+/// of every upstream, as a reload leaves them), for the metrics registry.
 pub struct PoolCollector {
-    pools: Vec<Pool>,
+    pools: Registry,
 }
 
 impl PoolCollector {
-    /// A collector over `pools`.
-    pub fn new(pools: Vec<Pool>) -> Self {
+    /// A collector over the pools in `pools`.
+    pub fn new(pools: Registry) -> Self {
         Self { pools }
     }
 
     /// One family's rows: (upstream, endpoint, value), shares folded.
     fn rows(&self, family: &Family, census: &[TcpSocket]) -> Vec<(String, String, u64)> {
+        self.rows_of(|endpoint| match family.2 {
+            Read::Stat(stat) => (stat(endpoint.stats()).load(Ordering::Relaxed), Fold::Sum),
+            Read::Live(fold, live) => (live(endpoint, census), fold),
+        })
+    }
+
+    /// Rows of what `read` takes from each endpoint: (upstream, endpoint,
+    /// value), shares folded.
+    fn rows_of(&self, read: impl Fn(&Endpoint) -> (u64, Fold)) -> Vec<(String, String, u64)> {
         let mut rows: Vec<(String, String, u64)> = Vec::new();
-        for pool in &self.pools {
+        for pool in &self.pools.all() {
             for endpoint in pool.endpoints().iter() {
-                let (value, fold) = match family.2 {
-                    Read::Stat(stat) => (stat(endpoint.stats()).load(Ordering::Relaxed), Fold::Sum),
-                    Read::Live(fold, live) => (live(endpoint, census), fold),
-                };
+                let (value, fold) = read(endpoint);
                 let (upstream, addr) = (pool.name(), endpoint.addr().to_string());
                 match rows
                     .iter_mut()
@@ -102,7 +109,7 @@ impl PoolCollector {
 impl fmt::Debug for PoolCollector {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.debug_struct("PoolCollector")
-            .field("pools", &self.pools.len())
+            .field("pools", &self.pools)
             .finish()
     }
 }
@@ -129,6 +136,32 @@ impl Collector for PoolCollector {
                         ConstGauge::new(i64::try_from(value).unwrap_or(i64::MAX)).encode(series)?
                     }
                 }
+            }
+        }
+        self.encode_opened_by(&mut encoder)
+    }
+}
+
+impl PoolCollector {
+    /// `upstream_connections_opened_by`: connections opened, by what opened
+    /// them (warm floor, refill, demand, reload).
+    fn encode_opened_by(&self, encoder: &mut DescriptorEncoder) -> Result<(), fmt::Error> {
+        let mut family = encoder.encode_descriptor(
+            "upstream_connections_opened_by",
+            "Upstream connections dialled, by cause: warm (first warm floor), refill, demand (a request found none idle), reload (warm floor of what a reload added)",
+            None,
+            ConstCounter::new(0u64).metric_type(),
+        )?;
+        for cause in OpenedBy::ALL {
+            for (upstream, endpoint, value) in
+                self.rows_of(|e| (e.stats().opened_by(cause), Fold::Sum))
+            {
+                let labels = [
+                    ("upstream", upstream.as_str()),
+                    ("endpoint", endpoint.as_str()),
+                    ("cause", cause.label()),
+                ];
+                ConstCounter::new(value).encode(family.encode_family(&labels)?)?;
             }
         }
         Ok(())

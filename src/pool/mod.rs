@@ -39,6 +39,8 @@ mod lease;
 mod maintain;
 pub mod metrics;
 mod probe;
+mod reconfigure;
+mod registry;
 mod retire;
 mod view;
 
@@ -60,6 +62,8 @@ pub(crate) use h2::refused_by_peer;
 pub use lease::Lease;
 use lease::Outstanding;
 pub(crate) use lease::SendError;
+pub use reconfigure::Reconfigured;
+pub use registry::{Registry, Shares};
 pub use view::{view, ConnectionView, EndpointView, OpenedBy, PoolView};
 
 /// Failures to obtain an upstream connection.
@@ -115,8 +119,19 @@ pub struct Pool {
     pub(crate) inner: Arc<PoolInner>,
 }
 
+/// An upstream's settings, shared by its pool and endpoints and swapped in
+/// place when a reload changes them.
+pub(crate) type SharedSettings = Arc<arc_swap::ArcSwap<UpstreamConfig>>;
+
 pub(crate) struct PoolInner {
-    pub(super) settings: Arc<UpstreamConfig>,
+    /// The upstream's name: what a reload matches pools by, so it never changes.
+    pub(super) name: String,
+    pub(super) settings: SharedSettings,
+    /// What opens the first warm floor of the pool's endpoints.
+    pub(super) first_floor: OpenedBy,
+    /// Held while the endpoint set is resolved and replaced, by a DNS
+    /// refresh or a reload, so the two never interleave.
+    pub(super) addresses: tokio::sync::Mutex<()>,
     pub(super) endpoints: RwLock<Arc<Vec<Arc<Endpoint>>>>,
     pub(super) next: AtomicUsize,
     pub(super) maintenance: Arc<Notify>,
@@ -127,9 +142,17 @@ impl Pool {
     /// Resolves the endpoints once (so the first requests have somewhere to go),
     /// then starts the background task that warms, reaps and re-resolves.
     pub async fn start(settings: UpstreamConfig) -> Self {
+        Self::start_opened_by(settings, OpenedBy::Warm).await
+    }
+
+    /// As [`Pool::start`], its first warm floor counted as opened by `cause`.
+    pub async fn start_opened_by(settings: UpstreamConfig, cause: OpenedBy) -> Self {
         let settings = Arc::new(settings);
         let inner = Arc::new(PoolInner {
-            settings: settings.clone(),
+            name: settings.name.clone(),
+            settings: Arc::new(arc_swap::ArcSwap::new(settings.clone())),
+            first_floor: cause,
+            addresses: tokio::sync::Mutex::new(()),
             endpoints: RwLock::new(Arc::new(Vec::new())),
             next: AtomicUsize::new(0),
             maintenance: Arc::new(Notify::new()),
@@ -148,14 +171,14 @@ impl Pool {
         pool
     }
 
-    /// The upstream's settings.
-    pub fn settings(&self) -> &UpstreamConfig {
-        &self.inner.settings
+    /// The upstream's settings now (a reload may swap them).
+    pub fn settings(&self) -> arc_swap::Guard<Arc<UpstreamConfig>> {
+        self.inner.settings.load()
     }
 
     /// The upstream's name.
     pub fn name(&self) -> &str {
-        &self.inner.settings.name
+        &self.inner.name
     }
 
     /// Whether every endpoint has its warm floor (`pool.min_idle`
@@ -163,7 +186,7 @@ impl Pool {
     /// is not warm: a request now would have nowhere to go.
     pub fn is_warm(&self) -> bool {
         let endpoints = self.endpoints();
-        let floor = self.inner.settings.pool.min_idle;
+        let floor = self.settings().pool.min_idle;
         !endpoints.is_empty()
             && endpoints
                 .iter()
@@ -214,42 +237,52 @@ impl Pool {
         acquire_on(Outstanding::new(endpoint), true).await
     }
 
+    /// Makes the endpoint set the one `addrs` names, keeping the endpoints
+    /// it already has (a DNS refresh: added endpoints warm in the background).
     fn apply_addresses(&self, addrs: Vec<SocketAddr>) {
-        let mut changed = Vec::new();
-        {
+        let current = self.endpoints();
+        let next = addrs
+            .iter()
+            .map(|addr| match current.iter().find(|e| e.addr == *addr) {
+                Some(existing) => existing.clone(),
+                None => {
+                    tracing::info!(upstream = %self.inner.name, endpoint = %addr, "endpoint added");
+                    self.new_endpoint(*addr, self.inner.first_floor)
+                }
+            })
+            .collect();
+        self.publish(next);
+    }
+
+    /// Balances across `next` from now on; endpoints not in it leave the set,
+    /// retire their idle connections and are dropped when their last lease
+    /// ends.
+    fn publish(&self, next: Vec<Arc<Endpoint>>) {
+        let previous = {
             let mut guard = self
                 .inner
                 .endpoints
                 .write()
                 .unwrap_or_else(|e| e.into_inner());
-            let current = guard.clone();
-            let mut next: Vec<Arc<Endpoint>> = Vec::with_capacity(addrs.len());
-            for addr in &addrs {
-                match current.iter().find(|e| e.addr == *addr) {
-                    Some(existing) => next.push(existing.clone()),
-                    None => {
-                        tracing::info!(upstream = %self.inner.settings.name, endpoint = %addr, "endpoint added");
-                        next.push(Arc::new(Endpoint::new(
-                            *addr,
-                            self.inner.settings.clone(),
-                            self.inner.maintenance.clone(),
-                        )));
-                    }
-                }
+            std::mem::replace(&mut *guard, Arc::new(next.clone()))
+        };
+        for old in previous.iter() {
+            if !next.iter().any(|n| Arc::ptr_eq(n, old)) {
+                tracing::info!(upstream = %self.inner.name, endpoint = %old.addr, "endpoint removed; draining it");
+                old.removed.store(true, Ordering::Relaxed);
+                old.retire_all_idle();
             }
-            for old in current.iter() {
-                if !addrs.contains(&old.addr) {
-                    tracing::info!(upstream = %self.inner.settings.name, endpoint = %old.addr, "endpoint removed; draining it");
-                    old.removed.store(true, Ordering::Relaxed);
-                    changed.push(old.clone());
-                }
-            }
-            *guard = Arc::new(next);
-        }
-        for endpoint in changed {
-            endpoint.retire_all_idle();
         }
         self.inner.maintenance.notify_one();
+    }
+
+    fn new_endpoint(&self, addr: SocketAddr, first_floor: OpenedBy) -> Arc<Endpoint> {
+        Arc::new(Endpoint::new(
+            addr,
+            self.inner.settings.clone(),
+            self.inner.maintenance.clone(),
+            first_floor,
+        ))
     }
 
     /// Stops the background task and retires every idle connection.

@@ -17,10 +17,10 @@ const PROBE_BODY_LIMIT: usize = 64 * 1024;
 /// expected, discards it otherwise (as `pool.retire.error` says: RST unless
 /// `graceful`).
 pub(super) async fn probe(endpoint: Arc<Endpoint>, mut conn: Conn) {
-    let settings = &endpoint.settings.keepalive.probe;
+    let upstream = endpoint.settings.load_full();
+    let settings = &upstream.keepalive.probe;
     endpoint.stats.probes.fetch_add(1, Ordering::Relaxed);
-    let host = endpoint
-        .settings
+    let host = upstream
         .endpoints
         .first()
         .cloned()
@@ -55,7 +55,7 @@ pub(super) async fn probe(endpoint: Arc<Endpoint>, mut conn: Conn) {
                 .probe_failures
                 .fetch_add(1, Ordering::Relaxed);
             tracing::info!(upstream = %endpoint.addr, outcome = ?other.map(|(status, _)| status), "probe failed; discarding the connection");
-            conn.close(RetireReason::Error, &endpoint.settings.pool.retire);
+            conn.close(RetireReason::Error, &endpoint.settings().pool.retire);
         }
     }
 }

@@ -30,10 +30,13 @@ pub enum OpenedBy {
     Refill,
     /// A request found no idle connection and a free slot.
     Demand,
+    /// The warm floor of an endpoint or pool a reload added, opened before
+    /// requests moved to it.
+    Reload,
 }
 
 impl OpenedBy {
-    const ALL: [OpenedBy; 3] = [Self::Warm, Self::Refill, Self::Demand];
+    pub const ALL: [OpenedBy; 4] = [Self::Warm, Self::Refill, Self::Demand, Self::Reload];
 
     /// The name `/pools` and the logs use.
     pub fn label(self) -> &'static str {
@@ -41,6 +44,7 @@ impl OpenedBy {
             Self::Warm => "warm",
             Self::Refill => "refill",
             Self::Demand => "demand",
+            Self::Reload => "reload",
         }
     }
 }

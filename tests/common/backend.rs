@@ -48,6 +48,8 @@ pub struct BackendStats {
     pub probes: AtomicUsize,
     /// Requests that said `Connection: close` (a peer-first goodbye).
     pub goodbyes: AtomicUsize,
+    /// Connections accepted when the first request arrived.
+    pub accepted_at_first_request: std::sync::OnceLock<usize>,
 }
 
 /// What a scripted backend does with a request.
@@ -242,6 +244,10 @@ impl Backend {
     pub fn accepted(&self) -> usize {
         self.stats.accepted.load(Ordering::SeqCst)
     }
+    /// Connections accepted when the first request arrived (`None`: none yet).
+    pub fn accepted_at_first_request(&self) -> Option<usize> {
+        self.stats.accepted_at_first_request.get().copied()
+    }
     pub fn requests(&self) -> usize {
         self.stats.requests.load(Ordering::SeqCst)
     }
@@ -380,6 +386,9 @@ fn full(text: impl Into<Bytes>) -> TestBody {
 /// Counts a request that arrived.
 fn record(stats: &BackendStats, method: &str) {
     stats.requests.fetch_add(1, Ordering::SeqCst);
+    let _ = stats
+        .accepted_at_first_request
+        .set(stats.accepted.load(Ordering::SeqCst));
     if method == "POST" {
         stats.posts.fetch_add(1, Ordering::SeqCst);
     }

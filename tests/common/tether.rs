@@ -119,7 +119,7 @@ where
         .iter()
         .map(|u| (u.name.clone(), u.pool.min_idle))
         .collect();
-    let running = Arc::new(tether::app::start_on(config, workers).await.unwrap());
+    let running = Arc::new(tether::app::start_on(config, workers, None).await.unwrap());
     let tether = Tether {
         running: running.clone(),
     };

@@ -197,7 +197,7 @@ async fn phases(
         )));
     };
     running.ready().await;
-    if !running.pools("backend").all(crate::pool::Pool::is_warm) {
+    if !running.pools("backend").all(|p| p.is_warm()) {
         running.drain().await;
         return Err(DemoError::Cold(pool_size));
     }

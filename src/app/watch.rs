@@ -1,0 +1,79 @@
+//! Watching the configuration file (`runtime.watch_config`): a change
+//! reloads it.
+//!
+//! The file is looked at every `runtime.watch_interval` rather than through
+//! inotify: a look follows the path as it resolves now, so it sees every way
+//! a file is replaced alike — an edit in place, an editor's new file renamed
+//! over the old, and Kubernetes' swap of the `..data` symlink of a ConfigMap
+//! volume, which changes no watched inode of the file itself.
+
+use std::os::unix::fs::MetadataExt;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::time::Duration;
+
+use super::reload::Live;
+
+/// A change is applied once the file has looked the same for this long:
+/// a writer that truncates and then writes is not read half-way.
+const SETTLE: Duration = Duration::from_millis(100);
+
+/// What a look at the file sees: where the path leads and that file's
+/// identity, size and modification time.
+#[derive(Debug, Clone, PartialEq, Eq)]
+struct Look {
+    target: Option<PathBuf>,
+    device: u64,
+    inode: u64,
+    len: u64,
+    modified_ns: i128,
+}
+
+fn look(path: &Path) -> Option<Look> {
+    let meta = std::fs::metadata(path).ok()?;
+    Some(Look {
+        target: std::fs::canonicalize(path).ok(),
+        device: meta.dev(),
+        inode: meta.ino(),
+        len: meta.len(),
+        modified_ns: i128::from(meta.mtime()) * 1_000_000_000 + i128::from(meta.mtime_nsec()),
+    })
+}
+
+/// Reloads `live` whenever its source file changes, while
+/// `runtime.watch_config` is on; ends when the drain starts.
+pub(super) async fn watch_config(live: Arc<Live>) {
+    let Some(path) = live.source().map(Path::to_path_buf) else {
+        return;
+    };
+    let drain = live.context.shutdown.drain.clone();
+    let mut last = look(&path);
+    loop {
+        let runtime = live.config().runtime.clone();
+        tokio::select! {
+            () = tokio::time::sleep(runtime.watch_interval) => {}
+            () = drain.cancelled() => return,
+        }
+        if !runtime.watch_config {
+            // `last` stays: a change made while watching was off is seen
+            // once it is back on (a reload of what already runs changes
+            // nothing), and no change is lost at the moment it turns on.
+            continue;
+        }
+        let seen = look(&path);
+        if seen == last {
+            continue;
+        }
+        tokio::time::sleep(SETTLE).await;
+        if look(&path) != seen {
+            continue;
+        }
+        last = seen.clone();
+        if seen.is_none() {
+            tracing::warn!(path = %path.display(), "configuration file gone; still serving the last one loaded");
+            continue;
+        }
+        tracing::info!(path = %path.display(), "configuration file changed: reloading");
+        live.reload_announced().await;
+    }
+}
