@@ -409,11 +409,15 @@ async fn listeners_are_added_rebound_and_removed_by_name_new_socket_first() {
     let backend = Backend::start().await;
     let other = Backend::start().await;
     let base = two_upstreams(backend.addr, other.addr);
+    let seen = backend.clone();
     with_tether(base.clone(), |t| async move {
         let old_app = t.addr();
         let side = t.tcp_addr("side").unwrap();
-        // A client connected before the re-bind keeps its connection.
+        // A request in flight on the old socket through the re-bind.
         let mut kept = Client::connect(old_app).await;
+        kept.send(b"GET /slow?300 HTTP/1.1\r\nHost: test\r\n\r\n")
+            .await;
+        eventually(|| seen.in_flight() == 1).await;
         let held = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
         let free = held.local_addr().unwrap();
         drop(held);
@@ -478,4 +482,49 @@ where
         assert!(tokio::time::Instant::now() < deadline, "condition not met");
         tokio::time::sleep(Duration::from_millis(10)).await;
     }
+}
+
+/// `method path` on the admin server; status and body.
+async fn admin_call(admin: SocketAddr, method: &str, path: &str) -> (u16, String) {
+    let request = format!(
+        "{method} {path} HTTP/1.1\r\nHost: admin\r\nConnection: close\r\nContent-Length: 0\r\n\r\n"
+    );
+    let response = Client::connect(admin)
+        .await
+        .request(request.as_bytes())
+        .await;
+    (response.status, response.text())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_log_level_changes_through_the_admin_server_and_on_reload() {
+    let backend = Backend::start().await;
+    let other = Backend::start().await;
+    let base = two_upstreams(backend.addr, other.addr);
+    let tether = TetherProcess::start(&base);
+    let admin = tether.admin();
+    health_ready(admin).await;
+    assert_eq!(
+        admin_call(admin, "GET", "/logging").await,
+        (200, "level: info\n".into())
+    );
+    let (status, _) = admin_call(admin, "POST", "/logging?level=bogus=[").await;
+    assert_eq!(status, 400);
+
+    let (status, body) = admin_call(admin, "POST", "/logging?level=debug").await;
+    assert_eq!((status, body.as_str()), (200, "level: debug\n"));
+    assert_eq!(get_once(tether.listen, "/").await.status, 200);
+    // A debug event of the client connection: off at `info`.
+    tether.wait_for_log("client connection ended");
+
+    let mut quiet = base.clone();
+    quiet.log.level = "warn".into();
+    write_renamed(&tether.dir().join("tether.toml"), &quiet);
+    let (status, report) = post_reload(admin).await;
+    assert_eq!(status, 200, "{report}");
+    assert_eq!(
+        admin_call(admin, "GET", "/logging").await.1,
+        "level: warn\n"
+    );
+    assert!(tether.stop().success());
 }

@@ -185,7 +185,8 @@ pub fn bind(addr: &ListenAddr, reuse_port: bool) -> Result<ListenSocket, Listene
 }
 
 /// Accepts until draining starts or `stop` (a child of the drain token: a
-/// reload that removes or re-binds the listener cancels it), one task per connection (tracked, so the
+/// reload that removes or re-binds the listener cancels it, and its
+/// connections then drain as they would at exit), one task per connection (tracked, so the
 /// drain can wait for them) on the runtime the loop runs on. `limit` is the
 /// listener's, shared by every worker's accept loop.
 pub async fn accept_loop(
@@ -197,6 +198,12 @@ pub async fn accept_loop(
     stop: CancellationToken,
 ) {
     let binding = slot.load_full();
+    // The listener's connections drain when it does: a reload that removes
+    // or re-binds it ends their keep-alive after the exchange in flight.
+    let connections = Shutdown {
+        drain: stop.clone(),
+        force: shutdown.force.clone(),
+    };
     let label = ListenerLabel {
         listener: binding.label.clone(),
     };
@@ -221,7 +228,7 @@ pub async fn accept_loop(
         active.inc();
         let active = active.clone();
         let slot = slot.clone();
-        let shutdown = shutdown.clone();
+        let shutdown = connections.clone();
         // Boxed: the task's state is a few KiB, and tokio copies a spawned
         // future by value several times (into the task cell, and at each
         // stage change); a box is copied once.

@@ -1,7 +1,10 @@
 //! The app: a running tether's workers, listeners, pools and admin server.
 //! [`run`] is `tether run` (workers, signals, readiness notification);
 //! [`start`] and [`start_on`] build the app from a [`Config`] and hand back a
-//! [`Running`] that drains it.
+//! [`Running`] that reloads and drains it. Files: `serving` (what start and
+//! reload both build), `reload` (the running state and the reload by
+//! difference), `watch` (the config file's watch), `listeners`, `admin`,
+//! `signals`, `workers`.
 //!
 //! [`start`] binds every socket before it returns (port 0 allowed), so tests run
 //! the whole proxy in-process and read the bound addresses from [`Running`].

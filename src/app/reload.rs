@@ -272,6 +272,11 @@ impl Live {
             return self.rejected(e);
         }
         let mut applied = self.applied.lock().await;
+        if self.context.shutdown.drain.is_cancelled() {
+            return self.finish(Outcome::Failed, |r| {
+                r.error = Some("tether is draining".into())
+            });
+        }
         let (config, restart_required) = keep_restart_keys(&applied.config, config);
         for key in &restart_required {
             tracing::warn!(key = %key, "changed in the file, but applied only at a restart");

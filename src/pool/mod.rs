@@ -20,7 +20,13 @@
 //! Files: `endpoint` (slots, idle list, health), `acquire` (the one acquire
 //! loop), `dial` (the one dial path), `h1` and `h2` (a connection of each
 //! protocol), `io` (the socket hyper drives), `lease`, `retire`, `probe`,
-//! `maintain`, `balance`, `body`, `metrics`.
+//! `maintain`, `balance`, `body`, `metrics`, `view` (`/pools`),
+//! `reconfigure` (a reload's change to a running pool), `registry` (every
+//! pool by upstream name).
+//!
+//! A pool's settings are one `ArcSwap<UpstreamConfig>` its endpoints share:
+//! a reload swaps them in place and every reader sees the new ones at its
+//! next look.
 //!
 //! The pool is built on `hyper::client::conn` rather than hyper-util's client:
 //! that pool has no warm floor, always closes with FIN, and needs a timer for
