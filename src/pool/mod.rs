@@ -20,7 +20,8 @@
 //! Files: `endpoint` (slots, idle list, health), `acquire` (the one acquire
 //! loop), `dial` (the one dial path), `h1` and `h2` (a connection of each
 //! protocol), `io` (the socket hyper drives), `lease`, `retire`, `probe`,
-//! `maintain`, `balance`, `body`, `metrics`.
+//! `maintain`, `balance`, `body`, `metrics`, `observe` (histograms and the
+//! connection log).
 //!
 //! The pool is built on `hyper::client::conn` rather than hyper-util's client:
 //! that pool has no warm floor, always closes with FIN, and needs a timer for
@@ -38,6 +39,7 @@ mod io;
 mod lease;
 mod maintain;
 pub mod metrics;
+mod observe;
 mod probe;
 mod retire;
 mod view;
@@ -60,6 +62,7 @@ pub(crate) use h2::refused_by_peer;
 pub use lease::Lease;
 use lease::Outstanding;
 pub(crate) use lease::SendError;
+pub use observe::PoolObservers;
 pub use view::{view, ConnectionView, EndpointView, OpenedBy, PoolView};
 
 /// Failures to obtain an upstream connection.
@@ -121,6 +124,7 @@ pub(crate) struct PoolInner {
     pub(super) next: AtomicUsize,
     pub(super) maintenance: Arc<Notify>,
     pub(super) shutdown: CancellationToken,
+    pub(super) observers: observe::Observers,
 }
 
 impl Pool {
@@ -134,6 +138,7 @@ impl Pool {
             next: AtomicUsize::new(0),
             maintenance: Arc::new(Notify::new()),
             shutdown: CancellationToken::new(),
+            observers: Arc::default(),
         });
         let pool = Self { inner };
         let first =
@@ -233,6 +238,7 @@ impl Pool {
                             *addr,
                             self.inner.settings.clone(),
                             self.inner.maintenance.clone(),
+                            self.inner.observers.clone(),
                         )));
                     }
                 }
