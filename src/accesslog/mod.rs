@@ -17,6 +17,15 @@ mod sink;
 pub use record::{ms, truncate_target, AccessRecord, ConnectionRecord, UpstreamFacts};
 pub use sink::{Sink, SinkSettings};
 
+/// The access log as a listener's requests use it.
+#[derive(Debug, Clone)]
+pub struct AccessLog {
+    /// Where its lines go.
+    pub sink: Sink,
+    /// `log.access.max_target_bytes`.
+    pub max_target_bytes: usize,
+}
+
 /// Failures to start a log.
 #[derive(Debug, thiserror::Error)]
 pub enum LogError {

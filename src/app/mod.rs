@@ -14,6 +14,7 @@ use tokio_util::task::TaskTracker;
 
 pub mod admin;
 pub mod listeners;
+mod logs;
 mod signals;
 mod workers;
 
@@ -46,6 +47,9 @@ pub enum AppError {
     /// A signal handler could not be installed.
     #[error("cannot watch signals: {0}")]
     Signals(std::io::Error),
+    /// The access or connection log could not be started.
+    #[error(transparent)]
+    Log(#[from] crate::accesslog::LogError),
 }
 
 /// A started tether.
@@ -160,11 +164,17 @@ pub async fn start_on(
     let metrics = Arc::new(Metrics::new());
     // Bind everything first so a bad address leaves nothing half-started.
     let bound = async {
+        let logs = logs::Logs::start(&config.log, &metrics)?;
+        logs.observe(&all_pools, &metrics);
         let admin = match config.admin.enabled {
             true => Some(admin::bind(config.admin.listen).await?),
             false => None,
         };
-        Ok::<_, AppError>((admin, bind_listeners(&config, &pools, &metrics, workers)?))
+        let access = logs.access.as_ref();
+        Ok::<_, AppError>((
+            admin,
+            bind_listeners(&config, &pools, &metrics, workers, access)?,
+        ))
     };
     let (admin_socket, bound) = match bound.await {
         Ok(bound) => bound,
@@ -247,6 +257,7 @@ fn bind_listeners(
     pools: &[Vec<Pool>],
     metrics: &Arc<Metrics>,
     workers: &[tokio::runtime::Handle],
+    access_log: Option<&crate::accesslog::AccessLog>,
 ) -> Result<Vec<BoundListener>, AppError> {
     let mut bound = Vec::new();
     for l in &config.listeners {
@@ -280,6 +291,7 @@ fn bind_listeners(
                 pool,
                 fallback_host: fallback_host.clone(),
                 metrics: metrics.clone(),
+                access_log: access_log.cloned(),
             });
             let runtime = w.checked_sub(1).map(|i| workers[i].clone());
             bound.push(BoundListener {

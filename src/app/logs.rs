@@ -1,0 +1,55 @@
+//! Starting the access and connection logs from `[log]`: each log's writer
+//! thread, its dropped-lines counter, and the hand-over to the listeners'
+//! bindings and the pools.
+
+use crate::accesslog::{AccessLog, LogError, Sink, SinkSettings};
+use crate::config::LogConfig;
+use crate::metrics::{LogLabel, Metrics};
+use crate::pool::{Pool, PoolObservers};
+
+/// The logs that are on.
+pub(super) struct Logs {
+    /// `[log.access]`, for every listener's binding.
+    pub(super) access: Option<AccessLog>,
+    /// `[log.connections]`, for every pool.
+    connections: Option<Sink>,
+}
+
+impl Logs {
+    /// Starts the writer of each log that is on.
+    pub(super) fn start(config: &LogConfig, metrics: &Metrics) -> Result<Self, LogError> {
+        let sink = |settings: SinkSettings| {
+            let dropped = metrics
+                .log_lines_dropped
+                .get_or_create(&LogLabel { log: settings.log })
+                .clone();
+            Sink::start(&settings, dropped)
+        };
+        let access = match config.access.enabled {
+            true => Some(AccessLog {
+                sink: sink(SinkSettings::from(&config.access))?,
+                max_target_bytes: config.access.max_target_bytes,
+            }),
+            false => None,
+        };
+        let connections = match config.connections.enabled {
+            true => Some(sink(SinkSettings::from(&config.connections))?),
+            false => None,
+        };
+        Ok(Self {
+            access,
+            connections,
+        })
+    }
+
+    /// Gives every pool share its histograms and the connection log.
+    pub(super) fn observe(&self, pools: &[Pool], metrics: &Metrics) {
+        for pool in pools {
+            pool.observe(PoolObservers::new(
+                metrics,
+                pool.name(),
+                self.connections.clone(),
+            ));
+        }
+    }
+}
