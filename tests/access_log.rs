@@ -106,10 +106,7 @@ async fn gated_backend(release: Arc<Notify>, got_first: Arc<Notify>) -> std::net
         while let Ok((mut stream, _)) = listener.accept().await {
             let mut head = Vec::new();
             let mut buf = [0u8; 1024];
-            loop {
-                let Ok(n) = stream.read(&mut buf).await else {
-                    break;
-                };
+            while let Ok(n) = stream.read(&mut buf).await {
                 if n == 0 {
                     break;
                 }
