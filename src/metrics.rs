@@ -186,29 +186,8 @@ impl Metrics {
             "Request header fields removed before forwarding, by reason",
             request_headers_dropped.clone(),
         );
-        let upstream_pool_wait = Family::<UpstreamLabel, Histogram>::new_with_constructor(|| {
-            Histogram::new(POOL_WAIT_BUCKETS)
-        });
-        registry.register(
-            "upstream_pool_wait_seconds",
-            "Time a request waited in the pool's acquire (dial included when it dialled), per attempt",
-            upstream_pool_wait.clone(),
-        );
-        let upstream_requests_per_connection =
-            Family::<UpstreamLabel, Histogram>::new_with_constructor(|| {
-                Histogram::new(REQUESTS_PER_CONNECTION_BUCKETS)
-            });
-        registry.register(
-            "upstream_requests_per_connection",
-            "Requests an upstream connection carried, observed when it ends",
-            upstream_requests_per_connection.clone(),
-        );
-        let log_lines_dropped = Family::default();
-        registry.register(
-            "log_lines_dropped",
-            "Log lines dropped because the writer's queue was full or the sink failed",
-            log_lines_dropped.clone(),
-        );
+        let (upstream_pool_wait, upstream_requests_per_connection, log_lines_dropped) =
+            register_pool_and_log_families(&mut registry);
         Self {
             registry: Mutex::new(registry),
             upstream_pool_wait,
@@ -243,6 +222,40 @@ impl Metrics {
     fn lock(&self) -> std::sync::MutexGuard<'_, Registry> {
         self.registry.lock().unwrap_or_else(|e| e.into_inner())
     }
+}
+
+/// The families the pool and the logs feed: the pool-wait and
+/// requests-per-connection histograms, and the dropped log lines.
+fn register_pool_and_log_families(
+    registry: &mut Registry,
+) -> (
+    Family<UpstreamLabel, Histogram>,
+    Family<UpstreamLabel, Histogram>,
+    Family<LogLabel, Counter>,
+) {
+    let pool_wait = Family::<UpstreamLabel, Histogram>::new_with_constructor(|| {
+        Histogram::new(POOL_WAIT_BUCKETS)
+    });
+    registry.register(
+        "upstream_pool_wait_seconds",
+        "Time a request waited in the pool's acquire (dial included when it dialled), per attempt",
+        pool_wait.clone(),
+    );
+    let per_connection = Family::<UpstreamLabel, Histogram>::new_with_constructor(|| {
+        Histogram::new(REQUESTS_PER_CONNECTION_BUCKETS)
+    });
+    registry.register(
+        "upstream_requests_per_connection",
+        "Requests an upstream connection carried, observed when it ends",
+        per_connection.clone(),
+    );
+    let dropped = Family::default();
+    registry.register(
+        "log_lines_dropped",
+        "Log lines dropped because the writer's queue was full or the sink failed",
+        dropped.clone(),
+    );
+    (pool_wait, per_connection, dropped)
 }
 
 #[cfg(test)]
