@@ -336,3 +336,21 @@ async fn a_client_connection_end_is_on_its_last_exchange_or_on_a_line_of_its_own
     })
     .await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn connections_the_drain_closes_are_logged_before_it_returns() {
+    let dir = TempDir::new("conn-drain");
+    let backend = Backend::start().await;
+    let mut config = config_for(backend.addr);
+    config.upstreams[0].pool.min_idle = 2;
+    let (_, connections) = log_to(&mut config, dir.path());
+    with_tether(config, |_| async {}).await;
+    let drained: Vec<Value> = lines(&connections)
+        .into_iter()
+        .filter(|l| l["reason"] == "drain")
+        .collect();
+    assert_eq!(drained.len(), 2, "{drained:?}");
+    assert!(drained
+        .iter()
+        .all(|l| l["opened_by"] == "warm" && l["requests"] == 0));
+}

@@ -6,7 +6,9 @@ use std::fs::{File, OpenOptions};
 use std::io::{self, BufWriter, Write};
 use std::os::unix::fs::FileTypeExt;
 use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::mpsc::{self, Receiver, SyncSender, TryRecvError, TrySendError};
+use std::sync::Arc;
 
 use prometheus_client::metrics::counter::Counter;
 use serde::Serialize;
@@ -62,6 +64,17 @@ pub struct Sink {
     queue: SyncSender<String>,
     format: LogFormat,
     dropped: Counter,
+    progress: Arc<Progress>,
+}
+
+/// How far the writer has come, for a process about to exit.
+#[derive(Default)]
+struct Progress {
+    /// Lines queued.
+    queued: AtomicU64,
+    /// Lines the writer had taken, written and flushed when it last found
+    /// the queue empty.
+    settled: AtomicU64,
 }
 
 impl std::fmt::Debug for Sink {
@@ -100,15 +113,34 @@ impl Sink {
         };
         let (queue, lines) = mpsc::sync_channel(settings.buffer_lines.max(1));
         let lost = dropped.clone();
+        let progress = Arc::new(Progress::default());
+        let seen = progress.clone();
         std::thread::Builder::new()
             .name(format!("tether-log-{log}"))
-            .spawn(move || write_lines(log, target, &lines, &lost))
+            .spawn(move || write_lines(log, target, &lines, &lost, &seen))
             .map_err(|source| LogError::Thread { log, source })?;
         Ok(Self {
             queue,
             format: settings.format,
             dropped,
+            progress,
         })
+    }
+
+    /// Whether every line queued so far has been written and flushed.
+    pub fn settled(&self) -> bool {
+        self.progress.settled.load(Ordering::Acquire)
+            >= self.progress.queued.load(Ordering::Acquire)
+    }
+
+    /// Waits, up to `limit`, until every line queued so far is written: the
+    /// last lines of a process that is about to exit.
+    pub async fn settle(&self, limit: std::time::Duration) {
+        const POLL: std::time::Duration = std::time::Duration::from_millis(5);
+        let deadline = tokio::time::Instant::now() + limit;
+        while !self.settled() && tokio::time::Instant::now() < deadline {
+            tokio::time::sleep(POLL).await;
+        }
     }
 
     /// Formats `record` as one line and queues it; drops (and counts) it when
@@ -131,7 +163,9 @@ impl Sink {
 
     fn queue_line(&self, line: String) {
         match self.queue.try_send(line) {
-            Ok(()) => {}
+            Ok(()) => {
+                self.progress.queued.fetch_add(1, Ordering::AcqRel);
+            }
             Err(TrySendError::Full(_) | TrySendError::Disconnected(_)) => {
                 self.dropped.inc();
             }
@@ -149,7 +183,13 @@ fn append(path: &Path) -> io::Result<File> {
 
 /// The writer thread: writes every queued line, flushing whenever the queue
 /// runs empty, until every [`Sink`] is gone.
-fn write_lines(log: &'static str, target: Target, lines: &Receiver<String>, lost: &Counter) {
+fn write_lines(
+    log: &'static str,
+    target: Target,
+    lines: &Receiver<String>,
+    lost: &Counter,
+    progress: &Progress,
+) {
     let out: Box<dyn Write> = match target {
         Target::Stdout => Box::new(io::stdout()),
         Target::File(file) => Box::new(file),
@@ -167,11 +207,13 @@ fn write_lines(log: &'static str, target: Target, lines: &Receiver<String>, lost
     };
     let mut out = BufWriter::with_capacity(WRITE_BUFFER, out);
     let mut failing = false;
+    let mut taken = 0u64;
     loop {
         let line = match lines.try_recv() {
             Ok(line) => line,
             Err(TryRecvError::Empty) => {
                 note(log, &mut failing, out.flush(), lost, 0);
+                progress.settled.store(taken, Ordering::Release);
                 match lines.recv() {
                     Ok(line) => line,
                     Err(_) => break,
@@ -179,6 +221,7 @@ fn write_lines(log: &'static str, target: Target, lines: &Receiver<String>, lost
             }
             Err(TryRecvError::Disconnected) => break,
         };
+        taken += 1;
         let written = out
             .write_all(line.as_bytes())
             .and_then(|()| out.write_all(b"\n"));
@@ -240,5 +283,41 @@ mod tests {
     fn text_lines_leave_out_absent_fields_and_quote_what_needs_it() {
         let value = serde_json::json!({"a": 1, "b": null, "c": "x y", "d": "plain", "e": true});
         assert_eq!(text_line(&value), r#"a=1 c="x y" d=plain e=true"#);
+    }
+
+    #[tokio::test]
+    async fn lines_are_appended_to_the_file_and_settle() {
+        let path = std::env::temp_dir().join(format!("tether-sink-{}.log", fastrand::u64(..)));
+        std::fs::write(&path, "earlier\n").unwrap();
+        let settings = SinkSettings {
+            log: "access",
+            format: LogFormat::Text,
+            path: Some(path.clone()),
+            buffer_lines: 8,
+        };
+        let dropped = Counter::default();
+        let sink = Sink::start(&settings, dropped.clone()).unwrap();
+        sink.write(&serde_json::json!({"status": 200, "target": "/a b"}));
+        sink.settle(std::time::Duration::from_secs(10)).await;
+        assert!(sink.settled());
+        let text = std::fs::read_to_string(&path).unwrap();
+        let _ = std::fs::remove_file(&path);
+        assert_eq!(text, "earlier\nstatus=200 target=\"/a b\"\n");
+        assert_eq!(dropped.get(), 0);
+    }
+
+    #[test]
+    fn a_file_that_cannot_be_opened_is_reported_at_start() {
+        let settings = SinkSettings {
+            log: "connections",
+            format: LogFormat::Json,
+            path: Some(PathBuf::from("/nonexistent-dir/tether.log")),
+            buffer_lines: 8,
+        };
+        let error = Sink::start(&settings, Counter::default()).unwrap_err();
+        assert!(
+            error.to_string().contains("/nonexistent-dir/tether.log"),
+            "{error}"
+        );
     }
 }

@@ -42,6 +42,16 @@ impl Logs {
         })
     }
 
+    /// Waits, up to `limit` each, until the lines queued so far are written.
+    pub(super) async fn settle(&self, limit: std::time::Duration) {
+        if let Some(access) = &self.access {
+            access.sink.settle(limit).await;
+        }
+        if let Some(connections) = &self.connections {
+            connections.settle(limit).await;
+        }
+    }
+
     /// Gives every pool share its histograms and the connection log.
     pub(super) fn observe(&self, pools: &[Pool], metrics: &Metrics) {
         for pool in pools {

@@ -63,6 +63,7 @@ pub struct Running {
     tracker: TaskTracker,
     drain_timeout: Duration,
     ready: CancellationToken,
+    logs: logs::Logs,
 }
 
 /// What a drain did.
@@ -171,12 +172,10 @@ pub async fn start_on(
             false => None,
         };
         let access = logs.access.as_ref();
-        Ok::<_, AppError>((
-            admin,
-            bind_listeners(&config, &pools, &metrics, workers, access)?,
-        ))
+        let bound = bind_listeners(&config, &pools, &metrics, workers, access)?;
+        Ok::<_, AppError>((admin, bound, logs))
     };
-    let (admin_socket, bound) = match bound.await {
+    let (admin_socket, bound, logs) = match bound.await {
         Ok(bound) => bound,
         Err(e) => {
             all_pools.iter().for_each(Pool::close);
@@ -210,6 +209,7 @@ pub async fn start_on(
         tracker,
         drain_timeout: config.runtime.drain_timeout,
         ready,
+        logs,
     })
 }
 
@@ -473,6 +473,9 @@ impl Running {
         for pool in &self.pools {
             pool.close();
         }
+        // The drain's own lines (the pools' connections retired just now)
+        // before the process exits; a sink that takes none delays it by this.
+        self.logs.settle(Duration::from_secs(1)).await;
         self.admin_stop.cancel();
         tracing::info!(forced, "drained");
         Drained { forced }

@@ -165,3 +165,40 @@ pub(super) fn validate(log: &LogConfig, mut problems: Problems<'_>) {
         problems.add("access.max_target_bytes", "must be at least 1");
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::config::{Config, ConfigError};
+
+    #[test]
+    fn log_sections_are_checked_with_their_key_paths() {
+        let mut config = Config::from_toml(crate::config::MINIMAL).unwrap();
+        config.log.access.buffer_lines = 0;
+        config.log.access.max_target_bytes = 0;
+        config.log.connections.buffer_lines = MAX_BUFFER_LINES + 1;
+        config.log.connections.path = Some(PathBuf::new());
+        let Err(ConfigError::Invalid(problems)) = config.validate() else {
+            panic!("expected problems");
+        };
+        let keys: Vec<&str> = problems.iter().map(|p| p.key.as_str()).collect();
+        assert_eq!(
+            keys,
+            [
+                "log.access.buffer_lines",
+                "log.connections.buffer_lines",
+                "log.connections.path",
+                "log.access.max_target_bytes"
+            ]
+        );
+    }
+
+    #[test]
+    fn the_logs_are_off_and_json_by_default() {
+        let config = Config::from_toml(crate::config::MINIMAL).unwrap();
+        assert!(!config.log.access.enabled && !config.log.connections.enabled);
+        assert_eq!(config.log.access.format, LogFormat::Json);
+        assert_eq!(config.log.access.path, None);
+        assert_eq!(config.log.access.max_target_bytes, 512);
+    }
+}
