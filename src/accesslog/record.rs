@@ -94,8 +94,9 @@ pub struct UpstreamFacts {
     /// Which request on that connection this was, from 1 (HTTP/2: which stream).
     #[serde(skip_serializing_if = "Option::is_none")]
     pub conn_request: Option<u64>,
-    /// Times the request was sent upstream: 1, or 2 after the one retry (0
-    /// when it was never sent).
+    /// Attempts on an upstream connection: 1, or 2 after the one retry; 0
+    /// when the request never got a connection (refused, or no connection
+    /// to be had).
     pub attempts: u32,
     /// Why it was sent again: `unsent` (the connection closed before it was
     /// written), `refused` (the HTTP/2 peer did not process it),

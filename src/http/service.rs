@@ -134,7 +134,13 @@ impl<C: ClientConnection> ProxyService<C> {
 
     /// The access-log line of `request`, as far as its head tells.
     fn begin_line(&self, request: &Request<Incoming>, log: &AccessLog) -> Logging {
-        let target = truncate_target(&request.uri().to_string(), log.max_target_bytes);
+        let uri = request.uri();
+        // Origin form (nearly every request) is cut from the head's own text;
+        // only an absolute-form target is rendered first.
+        let target = match (uri.scheme(), uri.path_and_query()) {
+            (None, Some(origin)) => truncate_target(origin.as_str(), log.max_target_bytes),
+            _ => truncate_target(&uri.to_string(), log.max_target_bytes),
+        };
         let mut record = Box::new(AccessRecord {
             kind: "request",
             listener: self.binding.listener.name.clone(),
