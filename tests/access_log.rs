@@ -354,3 +354,57 @@ async fn connections_the_drain_closes_are_logged_before_it_returns() {
         .iter()
         .all(|l| l["opened_by"] == "warm" && l["requests"] == 0));
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_retried_request_logs_both_attempts_and_why() {
+    // The first connection answers its first request and resets on its second.
+    fn script(conn: usize, req: usize) -> Act {
+        if conn == 1 && req == 2 {
+            Act::Reset
+        } else {
+            Act::Respond
+        }
+    }
+    let dir = TempDir::new("access-retry");
+    let backend = Backend::builder().script(script).start().await;
+    let mut config = config_for(backend.addr);
+    config.upstreams[0].pool.min_idle = 0;
+    let (access, connections) = log_to(&mut config, dir.path());
+    with_tether(config, |t| async move {
+        assert_eq!(get_once(t.addr(), "/first").await.status, 200);
+        assert_eq!(get_once(t.addr(), "/second").await.status, 200);
+        let logged = lines_with(&access, "kind", "request", 2).await;
+        let (first, second) = (&logged[0], &logged[1]);
+        assert_eq!(first["target"], "/first");
+        assert_eq!(first["reused"], false, "dialled on demand: {first}");
+        assert!(first["connect_ms"].as_f64().unwrap() > 0.0, "{first}");
+        assert_eq!(first["attempts"], 1, "{first}");
+        assert!(first["retry_reason"].is_null(), "{first}");
+        assert_eq!(second["attempts"], 2, "{second}");
+        assert_eq!(
+            second["retry_reason"], "reused-connection-failed",
+            "{second}"
+        );
+        assert_eq!(
+            second["reused"], false,
+            "the retry's fresh connection: {second}"
+        );
+        assert_eq!(second["conn_request"], 1, "{second}");
+        assert_ne!(first["upstream_conn"], second["upstream_conn"]);
+        // The connection the backend reset is logged as the backend's close.
+        let id = first["upstream_conn"].clone();
+        let reset = || -> Vec<Value> {
+            lines(&connections)
+                .into_iter()
+                .filter(|l| l["id"] == id)
+                .collect()
+        };
+        eventually(|| !reset().is_empty()).await;
+        let reset = reset();
+        assert_eq!(reset.len(), 1, "{reset:?}");
+        assert_eq!(reset[0]["closed_by"], "backend", "{}", reset[0]);
+        assert_eq!(reset[0]["reason"], "backend-closed", "{}", reset[0]);
+        assert_eq!(reset[0]["requests"], 2, "{}", reset[0]);
+    })
+    .await;
+}

@@ -359,6 +359,12 @@ impl Endpoint {
 
     /// Discards a connection abandoned mid-exchange or not sent whole.
     pub(super) fn discard(&self, conn: Conn) {
+        // A connection that failed under its exchange was often closed or
+        // reset by the backend: the log says so (a peek, on this cold path).
+        if let Some(how) = conn.closed_by_backend() {
+            conn.record()
+                .ended(Ending::by_backend(how, "backend-closed"));
+        }
         self.stats.count_closed(RetireReason::Error);
         conn.close(RetireReason::Error, &self.settings.pool.retire);
     }
