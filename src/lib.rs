@@ -11,7 +11,7 @@
 //! [`tools`] (demo, doctor, load, health) → [`app`] (run, start, workers,
 //! signals, listeners, admin) → [`downstream`] (one client connection) →
 //! [`http`] (the proxy service) → [`pool`] (upstream pools) → leaves:
-//! [`config`], [`connection_header`], [`drain`], [`sock`], [`metrics`], [`census`], [`telemetry`],
+//! [`config`], [`accesslog`], [`connection_header`], [`drain`], [`sock`], [`metrics`], [`census`], [`telemetry`],
 //! [`notify`], [`rlimit`], [`memory`], which import nothing of tether but `config`.
 //! `http` asks the client connection through a trait of its own
 //! ([`http::ClientConnection`]) that `downstream` implements, and the pool's
@@ -20,6 +20,7 @@
 
 #![deny(unsafe_code)]
 
+pub mod accesslog;
 pub mod app;
 pub mod census;
 pub mod config;

@@ -59,6 +59,32 @@ pub struct ReasonLabels {
     pub reason: Name,
 }
 
+/// Labels naming an upstream.
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct UpstreamLabel {
+    /// The upstream's name.
+    pub upstream: Name,
+}
+
+/// Labels naming one of tether's logs.
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct LogLabel {
+    /// `access` or `connections`.
+    pub log: &'static str,
+}
+
+/// Buckets of `tether_upstream_pool_wait_seconds`: from the few microseconds
+/// of taking an idle connection to the seconds of a saturated pool.
+const POOL_WAIT_BUCKETS: [f64; 17] = [
+    0.00005, 0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0,
+    2.5, 5.0, 10.0,
+];
+
+/// Buckets of `tether_upstream_requests_per_connection`: counts, not times.
+const REQUESTS_PER_CONNECTION_BUCKETS: [f64; 13] = [
+    1.0, 2.0, 5.0, 10.0, 20.0, 50.0, 100.0, 200.0, 500.0, 1000.0, 2000.0, 5000.0, 10000.0,
+];
+
 /// Every metric tether keeps.
 pub struct Metrics {
     registry: Mutex<Registry>,
@@ -79,6 +105,16 @@ pub struct Metrics {
     /// Request header fields removed before forwarding, by why
     /// (`underscore`: a name with `_` under `underscores_in_headers = "drop"`).
     pub request_headers_dropped: Family<ReasonLabels, Counter>,
+    /// Time a request spent in the pool's acquire on an endpoint: from asking
+    /// for a connection to holding one (or to the failure), the connect and
+    /// handshake included when it dialled one; seconds. Observed once per
+    /// attempt, so the one retry on a fresh connection observes again.
+    pub upstream_pool_wait: Family<UpstreamLabel, Histogram>,
+    /// Requests (HTTP/2: streams) an upstream connection carried, observed
+    /// once when it ends.
+    pub upstream_requests_per_connection: Family<UpstreamLabel, Histogram>,
+    /// Log lines dropped: the queue to the writer was full, or the sink failed.
+    pub log_lines_dropped: Family<LogLabel, Counter>,
 }
 
 impl fmt::Debug for Metrics {
@@ -150,8 +186,13 @@ impl Metrics {
             "Request header fields removed before forwarding, by reason",
             request_headers_dropped.clone(),
         );
+        let (upstream_pool_wait, upstream_requests_per_connection, log_lines_dropped) =
+            register_pool_and_log_families(&mut registry);
         Self {
             registry: Mutex::new(registry),
+            upstream_pool_wait,
+            upstream_requests_per_connection,
+            log_lines_dropped,
             requests,
             local_responses,
             response_latency,
@@ -191,6 +232,40 @@ impl Metrics {
     fn lock(&self) -> std::sync::MutexGuard<'_, Registry> {
         self.registry.lock().unwrap_or_else(|e| e.into_inner())
     }
+}
+
+/// The families the pool and the logs feed: the pool-wait and
+/// requests-per-connection histograms, and the dropped log lines.
+fn register_pool_and_log_families(
+    registry: &mut Registry,
+) -> (
+    Family<UpstreamLabel, Histogram>,
+    Family<UpstreamLabel, Histogram>,
+    Family<LogLabel, Counter>,
+) {
+    let pool_wait = Family::<UpstreamLabel, Histogram>::new_with_constructor(|| {
+        Histogram::new(POOL_WAIT_BUCKETS)
+    });
+    registry.register(
+        "upstream_pool_wait_seconds",
+        "Time a request waited in the pool's acquire (dial included when it dialled), per attempt",
+        pool_wait.clone(),
+    );
+    let per_connection = Family::<UpstreamLabel, Histogram>::new_with_constructor(|| {
+        Histogram::new(REQUESTS_PER_CONNECTION_BUCKETS)
+    });
+    registry.register(
+        "upstream_requests_per_connection",
+        "Requests an upstream connection carried, observed when it ends",
+        per_connection.clone(),
+    );
+    let dropped = Family::default();
+    registry.register(
+        "log_lines_dropped",
+        "Log lines dropped because the writer's queue was full or the sink failed",
+        dropped.clone(),
+    );
+    (pool_wait, per_connection, dropped)
 }
 
 #[cfg(test)]

@@ -20,6 +20,7 @@ const LAYERS: &[(&str, u8)] = &[
     ("http", 3),
     ("pool", 2),
     ("config", 1),
+    ("accesslog", 1),
     ("census", 1),
     ("connection_header", 1),
     ("drain", 1),

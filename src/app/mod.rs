@@ -17,6 +17,7 @@ use tokio_util::task::TaskTracker;
 
 pub mod admin;
 pub mod listeners;
+mod logs;
 mod reload;
 mod serving;
 mod signals;
@@ -54,6 +55,9 @@ pub enum AppError {
     /// A signal handler could not be installed.
     #[error("cannot watch signals: {0}")]
     Signals(std::io::Error),
+    /// The access or connection log could not be started.
+    #[error(transparent)]
+    Log(#[from] crate::accesslog::LogError),
 }
 
 /// A started tether.
@@ -171,9 +175,11 @@ pub async fn start_on(
     workers: &[tokio::runtime::Handle],
     source: Option<std::path::PathBuf>,
 ) -> Result<Running, AppError> {
+    let metrics = Arc::new(Metrics::new());
     let context = Context {
         workers: workers.to_vec(),
-        metrics: Arc::new(Metrics::new()),
+        logs: Arc::new(logs::Logs::start(&config.log, &metrics)?),
+        metrics,
         shutdown: Shutdown::default(),
         tracker: TaskTracker::new(),
     };
@@ -377,6 +383,9 @@ impl Running {
         for pool in &self.live.pools.all() {
             pool.close();
         }
+        // The drain's own lines (the pools' connections retired just now)
+        // before the process exits; a sink that takes none delays it by this.
+        context.logs.settle(Duration::from_secs(1)).await;
         self.admin_stop.cancel();
         tracing::info!(forced, "drained");
         Drained { forced }

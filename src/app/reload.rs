@@ -19,8 +19,8 @@
 //!    connections retire by `pool.retire.drain`.
 //!
 //! Keys a running process cannot change (`runtime.worker_threads`, `[admin]`,
-//! `log.format`) keep their running values and are reported as needing a
-//! restart.
+//! `log.format`, `[log.access]`, `[log.connections]`) keep their running
+//! values and are reported as needing a restart.
 
 use std::path::PathBuf;
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -394,7 +394,7 @@ impl Live {
             });
         };
         let mut run = listeners[i].1.clone();
-        run.update(listener, next, &self.pools, &self.context.metrics)?;
+        run.update(listener, next, &self.pools, &self.context)?;
         Ok(run)
     }
 
@@ -496,6 +496,15 @@ fn keep_restart_keys(running: &Config, mut next: Config) -> (Config, Vec<String>
     if next.log.format != running.log.format {
         keys.push("log.format".to_owned());
         next.log.format = running.log.format;
+    }
+    // Each log's writer and file are opened once, at start.
+    if next.log.access != running.log.access {
+        keys.push("log.access".to_owned());
+        next.log.access = running.log.access.clone();
+    }
+    if next.log.connections != running.log.connections {
+        keys.push("log.connections".to_owned());
+        next.log.connections = running.log.connections.clone();
     }
     (next, keys)
 }

@@ -8,6 +8,7 @@ use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
 use super::listeners::{self, Limit, ListenSocket, ListenerError};
+use super::logs::Logs;
 use super::AppError;
 use crate::config::{Config, ListenAddr, ListenerConfig, UpstreamConfig};
 use crate::drain::Shutdown;
@@ -21,6 +22,8 @@ use crate::pool::{OpenedBy, Pool, Registry, Shares};
 pub(crate) struct Context {
     /// Further single-threaded event loops (worker 0 is the current runtime).
     pub workers: Vec<tokio::runtime::Handle>,
+    /// The access and connection logs, for bindings and pools.
+    pub logs: Arc<Logs>,
     pub metrics: Arc<Metrics>,
     pub shutdown: Shutdown,
     pub tracker: TaskTracker,
@@ -74,6 +77,7 @@ pub(crate) async fn start_shares(
         };
         pools.push(pool);
     }
+    context.logs.observe(&pools, &context.metrics);
     Arc::new(pools)
 }
 
@@ -131,8 +135,9 @@ pub(crate) fn binding(
     config: &Config,
     pools: &Registry,
     w: usize,
-    metrics: &Arc<Metrics>,
+    context: &Context,
 ) -> Result<Binding, AppError> {
+    let metrics = &context.metrics;
     let unknown = || AppError::UnknownUpstream {
         listener: listener.name.clone(),
         upstream: listener.upstream.clone(),
@@ -154,6 +159,7 @@ pub(crate) fn binding(
             .and_then(|u| u.endpoints.first().cloned())
             .unwrap_or_default(),
         metrics: metrics.clone(),
+        access_log: context.logs.access.clone(),
     })
 }
 
@@ -172,11 +178,7 @@ pub(crate) fn serve(
     let mut accepting = Vec::with_capacity(sockets.len());
     for (w, socket) in sockets.into_iter().enumerate() {
         let slot = Arc::new(BindingSlot::from_pointee(binding(
-            listener,
-            config,
-            pools,
-            w,
-            &context.metrics,
+            listener, config, pools, w, context,
         )?));
         slots.push(slot.clone());
         accepting.push((w, socket, slot));
@@ -223,11 +225,11 @@ impl ListenerRun {
         listener: &ListenerConfig,
         config: &Config,
         pools: &Registry,
-        metrics: &Arc<Metrics>,
+        context: &Context,
     ) -> Result<(), AppError> {
         let mut bindings = Vec::with_capacity(self.slots.len());
         for w in 0..self.slots.len() {
-            bindings.push(binding(listener, config, pools, w, metrics)?);
+            bindings.push(binding(listener, config, pools, w, context)?);
         }
         for (slot, binding) in self.slots.iter().zip(bindings) {
             slot.store(Arc::new(binding));

@@ -33,7 +33,7 @@ pub use admin::AdminConfig;
 pub use health::HealthConfig;
 pub use keepalive::{KeepaliveConfig, ProbeConfig, ProbeMethod};
 pub use listener::{ClientClose, ListenAddr, ListenerConfig, UnderscoresInHeaders};
-pub use log::{LogConfig, LogFormat};
+pub use log::{AccessLogConfig, ConnectionLogConfig, LogConfig, LogFormat};
 pub use pool::{PoolConfig, Retire, RetireByReason, RetirePolicy, RetireReason};
 pub use runtime::RuntimeConfig;
 pub use size::Size;

@@ -119,6 +119,7 @@ async fn serve_socket<S: Socket>(
         listener.header_timeout,
         listener.idle_timeout,
         drain.clone(),
+        binding.access_log.as_ref().map(|log| log.sink.clone()),
     ));
     let member = admitted.join(&state, &force);
     let fd = SocketFd(socket.as_fd().as_raw_fd());
@@ -138,7 +139,9 @@ async fn serve_socket<S: Socket>(
         fd,
     };
     let (served, io) = drive(connection, &state.clock, &drain, stop).await;
-    close(served, io, client, &binding).await
+    let ending = close(served, io, client, &binding).await;
+    state.log_end(ending, &listener.name, client);
+    ending
 }
 
 /// The connection's socket by number, for the one `ioctl` of an eviction
@@ -254,6 +257,7 @@ async fn close<S: Socket>(
                 http::StatusCode::BAD_REQUEST
             };
             binding.record(status, Some("malformed-request"), None);
+            io.state().note_malformed(status);
             io.close_on_client_fin(listener.close_grace, ResetReason::Misbehaved)
                 .await
         }

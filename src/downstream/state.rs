@@ -3,12 +3,16 @@
 //! discipline. Each is an atomic that one side sets and another reads later,
 //! so nobody wakes anybody.
 
-use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::net::SocketAddr;
+use std::sync::atomic::{AtomicBool, AtomicU16, AtomicU64, Ordering};
+use std::sync::Mutex;
 use std::time::Duration;
 
 use tokio_util::sync::CancellationToken;
 
 use super::clock::Clock;
+use super::close::Ending;
+use crate::accesslog::{AccessRecord, Sink};
 use crate::http::body::ExchangeDone;
 use crate::http::ClientConnection;
 
@@ -31,6 +35,13 @@ pub(super) struct ClientState {
     fin_sent: AtomicBool,
     /// Cancelled when the process starts draining.
     drain: CancellationToken,
+    /// The access log, when it is on.
+    log: Option<Sink>,
+    /// The line of the exchange that ended the connection, written with the
+    /// connection's end.
+    held: Mutex<Option<Box<AccessRecord>>>,
+    /// The status hyper answered a malformed request with (0: none).
+    malformed: AtomicU16,
 }
 
 impl ClientState {
@@ -40,6 +51,7 @@ impl ClientState {
         header_timeout: Duration,
         idle_timeout: Duration,
         drain: CancellationToken,
+        log: Option<Sink>,
     ) -> Self {
         Self {
             clock: Clock::new(header_timeout, idle_timeout),
@@ -51,7 +63,42 @@ impl ClientState {
             fin_ready: AtomicBool::new(false),
             fin_sent: AtomicBool::new(false),
             drain,
+            log,
+            held: Mutex::new(None),
+            malformed: AtomicU16::new(0),
         }
+    }
+
+    /// hyper refused a request as malformed and answered `status`.
+    pub(super) fn note_malformed(&self, status: http::StatusCode) {
+        self.malformed.store(status.as_u16(), Ordering::Relaxed);
+    }
+
+    /// Writes the access-log line that carries the connection's end: the
+    /// held line of its last exchange, else a line of its own.
+    pub(super) fn log_end(&self, ending: Ending, listener: &str, client: Option<SocketAddr>) {
+        let Some(log) = &self.log else {
+            return;
+        };
+        let held = self.held.lock().unwrap_or_else(|e| e.into_inner()).take();
+        let mut record = held.unwrap_or_else(|| {
+            let malformed = self.malformed.load(Ordering::Relaxed);
+            Box::new(AccessRecord {
+                kind: "connection",
+                listener: listener.to_owned(),
+                client,
+                status: (malformed != 0).then_some(malformed),
+                error: (malformed != 0).then(|| "malformed-request".to_owned()),
+                ..AccessRecord::default()
+            })
+        });
+        record.client_end = Some(match ending {
+            Ending::Closed => "FIN",
+            Ending::Reset(_) => "RST",
+        });
+        record.client_end_reason = Some(ending.label());
+        record.client_requests = Some(self.requests.load(Ordering::Relaxed));
+        log.write(&*record);
     }
 
     /// Whether tether refused something the client sent.
@@ -105,6 +152,24 @@ impl ExchangeDone for ClientState {
         }
         self.rescan.store(true, Ordering::Relaxed);
         self.clock.set_idle();
+    }
+
+    fn exchange_logged(&self, record: Box<AccessRecord>) {
+        let Some(log) = &self.log else {
+            return;
+        };
+        if !record.last {
+            log.write(&*record);
+            return;
+        }
+        let earlier = self
+            .held
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .replace(record);
+        if let Some(earlier) = earlier {
+            log.write(&*earlier);
+        }
     }
 }
 

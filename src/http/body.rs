@@ -19,6 +19,9 @@ use http_body::{Body, Frame, SizeHint};
 use http_body_util::BodyExt;
 use hyper::body::Incoming;
 
+use tokio::time::Instant;
+
+use crate::accesslog::{ms, AccessRecord};
 pub use crate::pool::BodyError;
 use crate::pool::{hint_plus, Lease, ResponseBody, UpstreamBody};
 
@@ -47,6 +50,17 @@ pub trait ExchangeDone: Send + Sync {
     /// The exchange is over. `complete` is true only when every byte of the
     /// body was handed to the connection; false when it was abandoned or failed.
     fn exchange_done(&self, complete: bool);
+
+    /// The exchange's access-log line is complete (the access log is on).
+    fn exchange_logged(&self, record: Box<AccessRecord>);
+}
+
+/// An access-log line being filled while its response body is sent: the
+/// bytes counted, the total time taken when the body is done with.
+struct Pending {
+    record: Box<AccessRecord>,
+    started: Instant,
+    bytes_in: Arc<std::sync::atomic::AtomicU64>,
 }
 
 /// The response body as sent to the client.
@@ -55,6 +69,8 @@ pub struct ProxyBody {
     done: Option<Arc<dyn ExchangeDone>>,
     /// Every frame has been yielded and the body ended cleanly.
     finished: bool,
+    /// The access-log line, when the log is on.
+    log: Option<Box<Pending>>,
 }
 
 // One per exchange, never moved in bulk: boxing the upstream variant would
@@ -77,6 +93,7 @@ impl ProxyBody {
             finished: matches!(kind, Kind::Full(None)),
             kind,
             done: None,
+            log: None,
         }
     }
 
@@ -90,6 +107,7 @@ impl ProxyBody {
                 lease: Some(lease),
             },
             done: None,
+            log: None,
         }
     }
 
@@ -98,6 +116,33 @@ impl ProxyBody {
         self.done = Some(done);
         self
     }
+
+    /// Carries the exchange's access-log line: the body counts its bytes and
+    /// times its end, and hands the line to the [`ExchangeDone`] when it is
+    /// done with. `bytes_in` counts the request body.
+    pub fn logged(
+        mut self,
+        record: Box<AccessRecord>,
+        started: Instant,
+        bytes_in: Arc<std::sync::atomic::AtomicU64>,
+    ) -> Self {
+        self.log = Some(Box::new(Pending {
+            record,
+            started,
+            bytes_in,
+        }));
+        self
+    }
+
+    /// Counts response bytes handed over, for the access log.
+    #[inline]
+    fn count(&mut self, frame: &Option<Result<Frame<Bytes>, BodyError>>) {
+        if let (Some(log), Some(Ok(frame))) = (self.log.as_mut(), frame) {
+            if let Some(data) = frame.data_ref() {
+                log.record.bytes_out += data.len() as u64;
+            }
+        }
+    }
 }
 
 impl Body for ProxyBody {
@@ -105,6 +150,37 @@ impl Body for ProxyBody {
     type Error = BodyError;
 
     fn poll_frame(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<Frame<Bytes>, BodyError>>> {
+        let polled = self.as_mut().poll_inner(cx);
+        if let Poll::Ready(frame) = &polled {
+            self.count(frame);
+        }
+        polled
+    }
+
+    fn is_end_stream(&self) -> bool {
+        match &self.kind {
+            Kind::Full(bytes) => bytes.is_none(),
+            Kind::Upstream { prefix, body, .. } => prefix.is_none() && body.is_end_stream(),
+        }
+    }
+
+    fn size_hint(&self) -> SizeHint {
+        match &self.kind {
+            Kind::Full(bytes) => SizeHint::with_exact(bytes.as_ref().map_or(0, |b| b.len() as u64)),
+            Kind::Upstream { prefix, body, .. } => hint_plus(
+                body.size_hint(),
+                prefix.as_ref().map_or(0, |p| p.len() as u64),
+            ),
+        }
+    }
+}
+
+impl ProxyBody {
+    /// The next frame, releasing or discarding the lease as the body ends.
+    fn poll_inner(
         mut self: Pin<&mut Self>,
         cx: &mut Context<'_>,
     ) -> Poll<Option<Result<Frame<Bytes>, BodyError>>> {
@@ -145,23 +221,6 @@ impl Body for ProxyBody {
             }
         }
     }
-
-    fn is_end_stream(&self) -> bool {
-        match &self.kind {
-            Kind::Full(bytes) => bytes.is_none(),
-            Kind::Upstream { prefix, body, .. } => prefix.is_none() && body.is_end_stream(),
-        }
-    }
-
-    fn size_hint(&self) -> SizeHint {
-        match &self.kind {
-            Kind::Full(bytes) => SizeHint::with_exact(bytes.as_ref().map_or(0, |b| b.len() as u64)),
-            Kind::Upstream { prefix, body, .. } => hint_plus(
-                body.size_hint(),
-                prefix.as_ref().map_or(0, |p| p.len() as u64),
-            ),
-        }
-    }
 }
 
 impl Drop for ProxyBody {
@@ -181,6 +240,16 @@ impl Drop for ProxyBody {
         }
         if let Some(done) = self.done.take() {
             done.exchange_done(self.finished);
+            if let Some(log) = self.log.take() {
+                let Pending {
+                    mut record,
+                    started,
+                    bytes_in,
+                } = *log;
+                record.total_ms = ms(started.elapsed());
+                record.bytes_in = bytes_in.load(std::sync::atomic::Ordering::Relaxed);
+                done.exchange_logged(record);
+            }
         }
     }
 }

@@ -9,8 +9,14 @@ use bytes::Bytes;
 use http::request::Parts;
 use http::{Method, Request, Response};
 
+use tokio::time::Instant;
+
 use super::error::ProxyError;
+use crate::accesslog::UpstreamFacts;
 use crate::pool::{refused_by_peer, Lease, Pool, ResponseBody, SendError, UpstreamBody};
+
+/// What the access log is told of the upstream side, when it is on.
+type Facts<'a> = Option<&'a mut UpstreamFacts>;
 
 /// What a first attempt keeps to send its request again: the head, and the
 /// body when it is wholly in memory.
@@ -20,18 +26,22 @@ type Replay = Option<(Parts, Option<Bytes>)>;
 /// the request was never written (any method), the HTTP/2 peer refused it
 /// unprocessed (any method), or it failed on a reused connection before any
 /// response byte and its method is idempotent; in the last two cases only
-/// when its body is in memory.
+/// when its body is in memory. `facts`, when the access log is on, is told
+/// the pool wait, the connection and the attempts.
 pub(super) async fn forward(
     pool: &Pool,
     parts: Parts,
     mut body: UpstreamBody,
+    mut facts: Facts<'_>,
 ) -> Result<(Response<ResponseBody>, Lease), ProxyError> {
     let replay = body.replayable().map(|bytes| (copy_head(&parts), bytes));
     let client_failed = body.client_failed_flag();
-    let mut lease = pool.acquire().await?;
+    let mut lease = timed(&mut facts, pool.acquire()).await?;
     body.notify_sent(lease.request_sent_flag());
     let received_before = lease.received();
-    let failure = match lease.send(Request::from_parts(parts, body)).await {
+    let sent = lease.send(Request::from_parts(parts, body)).await;
+    note_attempt(&mut facts, &lease);
+    let failure = match sent {
         Ok(response) => return Ok((response, lease)),
         Err(failure) => failure,
     };
@@ -44,8 +54,36 @@ pub(super) async fn forward(
         replay,
         received_before,
         client_failed,
+        facts,
     ))
     .await
+}
+
+/// Awaits a checkout, adding its time to the pool wait in `facts` (timed only
+/// when the access log is on).
+async fn timed(
+    facts: &mut Facts<'_>,
+    acquire: impl std::future::Future<Output = Result<Lease, crate::pool::PoolError>>,
+) -> Result<Lease, crate::pool::PoolError> {
+    let Some(facts) = facts.as_deref_mut() else {
+        return acquire.await;
+    };
+    let started = Instant::now();
+    let acquired = acquire.await;
+    facts.pool_wait += started.elapsed();
+    acquired
+}
+
+/// Tells `facts` of an attempt sent on `lease`'s connection.
+fn note_attempt(facts: &mut Facts<'_>, lease: &Lease) {
+    if let Some(facts) = facts.as_deref_mut() {
+        facts.attempts += 1;
+        facts.endpoint = Some(lease.addr());
+        facts.upstream_conn = lease.connection_id();
+        facts.reused = Some(lease.reused());
+        facts.conn_request = lease.request_number();
+        facts.connect = lease.connect_time().unwrap_or_default();
+    }
 }
 
 /// The one retry of a request whose first attempt failed, when [`forward`]'s
@@ -57,6 +95,7 @@ async fn retry(
     replay: Replay,
     received_before: u64,
     client_failed: Arc<AtomicBool>,
+    mut facts: Facts<'_>,
 ) -> Result<(Response<ResponseBody>, Lease), ProxyError> {
     let addr = lease.addr();
     // An HTTP/2 peer that refused the stream (or whose GOAWAY covered it) did
@@ -78,6 +117,7 @@ async fn retry(
     }
     let request = match failure {
         SendError::Unsent(request, reason) => {
+            set_retry_reason(&mut facts, "unsent");
             tracing::debug!(upstream = %addr, error = ?reason, "request was not sent; retrying on a new connection");
             *request
         }
@@ -89,14 +129,22 @@ async fn retry(
                 return Err(error);
             };
             tracing::debug!(upstream = %addr, error = %source, refused, "request failed before a response; retrying once");
+            let reason = if refused {
+                "refused"
+            } else {
+                "reused-connection-failed"
+            };
+            set_retry_reason(&mut facts, reason);
             Request::from_parts(head, UpstreamBody::from_bytes(bytes))
         }
     };
     drop(lease);
-    let mut lease = pool.acquire_fresh(addr).await?;
+    let mut lease = timed(&mut facts, pool.acquire_fresh(addr)).await?;
     let (head, mut body) = request.into_parts();
     body.notify_sent(lease.request_sent_flag());
-    match lease.send(Request::from_parts(head, body)).await {
+    let sent = lease.send(Request::from_parts(head, body)).await;
+    note_attempt(&mut facts, &lease);
+    match sent {
         Ok(response) => Ok((response, lease)),
         Err(failure) => Err(ProxyError::send_failed(
             &failure,
@@ -104,6 +152,12 @@ async fn retry(
             client_failed(),
             false,
         )),
+    }
+}
+
+fn set_retry_reason(facts: &mut Facts<'_>, reason: &'static str) {
+    if let Some(facts) = facts.as_deref_mut() {
+        facts.retry_reason = Some(reason);
     }
 }
 

@@ -41,6 +41,8 @@ pub struct Binding {
     pub metrics: Arc<Metrics>,
     /// The per-request handles into `metrics`.
     pub counters: BindingMetrics,
+    /// The access log, when `[log.access]` is on.
+    pub access_log: Option<crate::accesslog::AccessLog>,
 }
 
 /// Where a listener's accept loop and connections find its [`Binding`]: a

@@ -7,10 +7,11 @@ use std::convert::Infallible;
 use std::future::Future;
 use std::net::{IpAddr, SocketAddr};
 use std::pin::Pin;
+use std::sync::atomic::AtomicU64;
 use std::sync::Arc;
 
 use http::header::HeaderValue;
-use http::{Method, Request, Response, StatusCode};
+use http::{Method, Request, Response, StatusCode, Version};
 use http_body::Body as _;
 use hyper::body::Incoming;
 use tokio::time::Instant;
@@ -19,6 +20,7 @@ use super::body::{prefetch, ProxyBody};
 use super::error::{Failure, ProxyError, Side, ERROR_HEADER};
 use super::response::{respond, Exchange};
 use super::{forward, headers, Binding, BindingSlot, ClientConnection};
+use crate::accesslog::{ms, truncate_target, AccessLog, AccessRecord};
 use crate::config::{ClientClose, Protocol};
 use crate::pool::UpstreamBody;
 
@@ -31,6 +33,8 @@ pub struct ProxyService<C> {
     client: Arc<C>,
     /// The client's address, for the events that name it.
     client_ip: Option<IpAddr>,
+    /// The client's address and port, for the access log.
+    client_addr: Option<SocketAddr>,
     /// The client's address as X-Forwarded-For appends it.
     forwarded_for: Option<HeaderValue>,
 }
@@ -43,12 +47,20 @@ impl<C> Clone for ProxyService<C> {
             binding: self.binding.clone(),
             client: self.client.clone(),
             client_ip: self.client_ip,
+            client_addr: self.client_addr,
             forwarded_for: self.forwarded_for.clone(),
         }
     }
 }
 
 type ServiceFuture = Pin<Box<dyn Future<Output = Result<Response<ProxyBody>, Infallible>> + Send>>;
+
+/// An access-log line while its request is served: the record, and the
+/// counter its request body adds to.
+struct Logging {
+    record: Box<AccessRecord>,
+    bytes_in: Arc<AtomicU64>,
+}
 
 impl<C: ClientConnection> hyper::service::Service<Request<Incoming>> for ProxyService<C> {
     type Response = Response<ProxyBody>;
@@ -67,14 +79,51 @@ impl<C: ClientConnection> hyper::service::Service<Request<Incoming>> for ProxySe
             let started = Instant::now();
             let done = this.client.clone();
             let binding = this.binding.clone();
-            let response = this.handle(request, started).await;
+            let mut logging = binding
+                .access_log
+                .as_ref()
+                .map(|log| this.begin_line(&request, log));
+            let response = this.handle(request, started, logging.as_mut()).await;
             let reason = response
                 .headers()
                 .get(ERROR_HEADER)
                 .and_then(|v| v.to_str().ok());
             binding.record(response.status(), reason, Some(started));
-            Ok(response.map(|body| body.on_done(done)))
+            let Some(logging) = logging else {
+                return Ok(response.map(|body| body.on_done(done)));
+            };
+            let record = finish_head(logging.record, &response, reason, started);
+            Ok(response.map(|body| body.on_done(done).logged(record, started, logging.bytes_in)))
         })
+    }
+}
+
+/// The line once the response head is known: status, tether's reason, the
+/// time to the head, and whether it waits for the connection's end.
+fn finish_head(
+    mut record: Box<AccessRecord>,
+    response: &Response<ProxyBody>,
+    reason: Option<&str>,
+    started: Instant,
+) -> Box<AccessRecord> {
+    record.ttfb_ms = ms(started.elapsed());
+    record.status = Some(response.status().as_u16());
+    record.error = reason.map(str::to_owned);
+    record.last = crate::connection_header::has_token(response.headers(), "close");
+    record.pool_wait_ms = ms(record.upstream.pool_wait);
+    record.connect_ms = ms(record.upstream.connect);
+    record
+}
+
+/// How the access log names an HTTP version.
+fn version_label(version: Version) -> &'static str {
+    match version {
+        Version::HTTP_09 => "HTTP/0.9",
+        Version::HTTP_10 => "HTTP/1.0",
+        Version::HTTP_11 => "HTTP/1.1",
+        Version::HTTP_2 => "HTTP/2",
+        Version::HTTP_3 => "HTTP/3",
+        _ => "unknown",
     }
 }
 
@@ -88,13 +137,44 @@ impl<C: ClientConnection> ProxyService<C> {
             slot,
             client,
             client_ip,
+            client_addr: addr,
             forwarded_for: client_ip.and_then(headers::forwarded_for_value),
         }
     }
 
-    async fn handle(self, request: Request<Incoming>, started: Instant) -> Response<ProxyBody> {
+    /// The access-log line of `request`, as far as its head tells.
+    fn begin_line(&self, request: &Request<Incoming>, log: &AccessLog) -> Logging {
+        let uri = request.uri();
+        // Origin form (nearly every request) is cut from the head's own text;
+        // only an absolute-form target is rendered first.
+        let target = match (uri.scheme(), uri.path_and_query()) {
+            (None, Some(origin)) => truncate_target(origin.as_str(), log.max_target_bytes),
+            _ => truncate_target(&uri.to_string(), log.max_target_bytes),
+        };
+        let mut record = Box::new(AccessRecord {
+            kind: "request",
+            listener: self.binding.listener.name.clone(),
+            client: self.client_addr,
+            method: Some(request.method().as_str().to_owned()),
+            target: Some(target),
+            version: Some(version_label(request.version())),
+            ..AccessRecord::default()
+        });
+        record.upstream.upstream = Some(self.binding.pool.name().to_owned());
+        Logging {
+            record,
+            bytes_in: Arc::new(AtomicU64::new(0)),
+        }
+    }
+
+    async fn handle(
+        self,
+        request: Request<Incoming>,
+        started: Instant,
+        logging: Option<&mut Logging>,
+    ) -> Response<ProxyBody> {
         let last = self.is_last_exchange(&request);
-        match self.proxy(request, started, last).await {
+        match self.proxy(request, started, last, logging).await {
             Ok(response) => response,
             Err(error) => self.answer(error, last),
         }
@@ -116,6 +196,7 @@ impl<C: ClientConnection> ProxyService<C> {
         request: Request<Incoming>,
         started: Instant,
         last: bool,
+        logging: Option<&mut Logging>,
     ) -> Result<Response<ProxyBody>, ProxyError> {
         let listener = &self.binding.listener;
         if self.client.take_ambiguous_framing() {
@@ -150,8 +231,12 @@ impl<C: ClientConnection> ProxyService<C> {
             headers::to_http2_form(&mut parts);
         }
         let limit = listener.request_buffer.as_usize();
-        let body = read_request_body(body, limit, exchange.deadline).await?;
-        let forwarding = forward::forward(&self.binding.pool, parts, body);
+        let mut body = read_request_body(body, limit, exchange.deadline).await?;
+        let facts = logging.map(|logging| {
+            body.count_into(logging.bytes_in.clone());
+            &mut logging.record.upstream
+        });
+        let forwarding = forward::forward(&self.binding.pool, parts, body, facts);
         let (response, lease) = match tokio::time::timeout_at(exchange.deadline, forwarding).await {
             Ok(forwarded) => forwarded?,
             Err(_) => return Err(ProxyError::response_timeout(listener.request_timeout)),

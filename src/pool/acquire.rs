@@ -4,6 +4,7 @@
 
 use std::sync::atomic::Ordering;
 use std::sync::Arc;
+use std::time::Duration;
 
 use tokio::time::Instant;
 
@@ -17,8 +18,8 @@ use crate::config::RetireReason;
 
 /// The outcome of an attempt to open a connection for a request.
 enum Dial {
-    /// Opened: what the request can use.
-    Opened(Ready),
+    /// Opened: what the request can use, and how long connect and handshake took.
+    Opened(Ready, Duration),
     /// The dial failed; the request was never sent.
     Failed(PoolError),
     /// No slot is free, or another request is dialling the HTTP/2 connection.
@@ -30,11 +31,27 @@ enum Dial {
 /// Checks out a connection (or stream) on the endpoint `outstanding` counts
 /// against. `fresh` asks for a newly dialled HTTP/1.1 connection (the retry
 /// of a request that failed on a reused one); the coldest idle connection
-/// gives up its slot for it if none is free.
+/// gives up its slot for it if none is free. The time it takes, whatever the
+/// outcome, is the pool-wait histogram's observation.
 pub(super) async fn acquire_on(outstanding: Outstanding, fresh: bool) -> Result<Lease, PoolError> {
     let endpoint = outstanding.endpoint().clone();
+    let started = Instant::now();
+    let acquired = checkout(outstanding, fresh, started).await;
+    if let Some(observers) = endpoint.observers.get() {
+        observers.waited(started.elapsed().as_secs_f64());
+    }
+    acquired
+}
+
+/// [`acquire_on`]'s loop, begun at `started`.
+async fn checkout(
+    outstanding: Outstanding,
+    fresh: bool,
+    started: Instant,
+) -> Result<Lease, PoolError> {
+    let endpoint = outstanding.endpoint().clone();
     let waited = endpoint.settings().pool.acquire_timeout;
-    let deadline = Instant::now() + waited;
+    let deadline = started + waited;
     loop {
         let notified = endpoint.available.notified();
         tokio::pin!(notified);
@@ -45,7 +62,9 @@ pub(super) async fn acquire_on(outstanding: Outstanding, fresh: bool) -> Result<
         // Dialling is boxed: the reuse of an idle connection, the common
         // case, should not carry its state in every request's future.
         match Box::pin(dial_for_request(&endpoint)).await {
-            Dial::Opened(ready) => return Ok(Lease::new(ready, outstanding)),
+            Dial::Opened(ready, connect) => {
+                return Ok(Lease::new(ready, outstanding).dialled_in(connect))
+            }
             Dial::Failed(e) => return Err(e),
             Dial::Again => continue,
             Dial::Busy => {}
@@ -101,10 +120,12 @@ async fn dial_for_request(endpoint: &Arc<Endpoint>) -> Dial {
             return Dial::Again;
         }
     }
+    let dialling = Instant::now();
     let dialled = match endpoint.try_slot() {
         Some(slot) => Some(dial::open(endpoint, slot, OpenedBy::Demand).await),
         None => None,
     };
+    let connect = dialling.elapsed();
     if http2 {
         endpoint.h2_dialing.store(false, Ordering::Release);
     }
@@ -112,13 +133,13 @@ async fn dial_for_request(endpoint: &Arc<Endpoint>) -> Dial {
         None => Dial::Busy,
         Some(Ok(Dialled::Http1(conn))) => {
             endpoint.record(true);
-            Dial::Opened(Ready::Fresh(conn))
+            Dial::Opened(Ready::Fresh(conn), connect)
         }
         Some(Ok(Dialled::Http2(conn))) => {
             endpoint.record(true);
             let stream = conn.open_stream(endpoint.clone());
             endpoint.push_h2(conn);
-            Dial::Opened(Ready::Stream(stream))
+            Dial::Opened(Ready::Stream(stream), connect)
         }
         Some(Err(e)) => {
             endpoint.record(false);

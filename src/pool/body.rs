@@ -8,7 +8,7 @@
 
 use std::collections::VecDeque;
 use std::pin::Pin;
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::Arc;
 use std::task::{Context, Poll};
 
@@ -42,6 +42,8 @@ pub struct UpstreamBody {
     rest: Option<Incoming>,
     sent: Option<Arc<AtomicBool>>,
     client_failed: Arc<AtomicBool>,
+    /// Counts the body's bytes for the access log, when it is on.
+    counted: Option<Arc<AtomicU64>>,
 }
 
 impl UpstreamBody {
@@ -54,7 +56,21 @@ impl UpstreamBody {
             rest,
             sent: None,
             client_failed: Arc::new(AtomicBool::new(false)),
+            counted: None,
         }
+    }
+
+    /// Adds the body's bytes to `counter`: those in memory now, the streamed
+    /// rest as it passes.
+    pub fn count_into(&mut self, counter: Arc<AtomicU64>) {
+        let buffered: u64 = self
+            .buffered
+            .iter()
+            .filter_map(Frame::data_ref)
+            .map(|d| d.len() as u64)
+            .sum();
+        counter.fetch_add(buffered, Ordering::Relaxed);
+        self.counted = Some(counter);
     }
 
     /// A body of fixed bytes (used for the replay of a buffered body).
@@ -119,6 +135,9 @@ impl Body for UpstreamBody {
                 Poll::Ready(None)
             }
             Poll::Ready(Some(Ok(frame))) => {
+                if let (Some(counter), Some(data)) = (&self.counted, frame.data_ref()) {
+                    counter.fetch_add(data.len() as u64, Ordering::Relaxed);
+                }
                 if self.rest.as_ref().is_some_and(Body::is_end_stream) {
                     self.rest = None;
                     self.mark_sent();

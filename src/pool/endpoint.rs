@@ -17,11 +17,12 @@ use tokio::time::Instant;
 use super::h1::Conn;
 use super::h2::H2Conn;
 use super::lease::Slot;
+use super::observe::Observers;
 use super::probe::probe;
 use super::retire::{
     self, close_manner, idle_limit, Close, EndpointFacts, IdleFacts, Moment, Verdict,
 };
-use super::view::{self, ConnRecord, OpenedBy};
+use super::view::{self, ConnRecord, Ending, OpenedBy};
 use super::SharedSettings;
 use crate::config::{Protocol, RetireReason, UpstreamConfig};
 
@@ -126,6 +127,8 @@ pub struct Endpoint {
     /// Every open connection's record, for `/pools`.
     records: Mutex<Vec<Weak<ConnRecord>>>,
     pub(super) stats: EndpointStats,
+    /// The pool share's histograms and connection log.
+    pub(super) observers: Observers,
 }
 
 /// Passive health of an endpoint.
@@ -156,6 +159,7 @@ impl Endpoint {
         settings: SharedSettings,
         maintenance: Arc<Notify>,
         first_floor: OpenedBy,
+        observers: Observers,
     ) -> Self {
         Self {
             addr,
@@ -180,6 +184,7 @@ impl Endpoint {
             first_floor,
             records: Mutex::new(Vec::new()),
             stats: EndpointStats::default(),
+            observers,
         }
     }
 
@@ -251,8 +256,9 @@ impl Endpoint {
         view::live(&mut lock(&self.records))
     }
 
-    /// Adds a new connection's record.
+    /// Adds a new connection's record; its end will be observed.
     pub(super) fn track(&self, record: &Arc<ConnRecord>) {
+        record.observe_end(self.observers.clone(), self.addr);
         let mut records = lock(&self.records);
         records.retain(|r| r.strong_count() > 0);
         records.push(Arc::downgrade(record));
@@ -381,6 +387,12 @@ impl Endpoint {
 
     /// Discards a connection abandoned mid-exchange or not sent whole.
     pub(super) fn discard(&self, conn: Conn) {
+        // A connection that failed under its exchange was often closed or
+        // reset by the backend: the log says so (a peek, on this cold path).
+        if let Some(how) = conn.closed_by_backend() {
+            conn.record()
+                .ended(Ending::by_backend(how, "backend-closed"));
+        }
         self.stats.count_closed(RetireReason::Error);
         conn.close(RetireReason::Error, &self.settings().pool.retire);
     }
@@ -407,6 +419,12 @@ impl Endpoint {
             }
             Verdict::Discard => {
                 tracing::debug!(upstream = %self.addr, "discarding stale idle connection");
+                if let Some(how) = entry.conn.closed_by_backend() {
+                    entry
+                        .conn
+                        .record()
+                        .ended(Ending::by_backend(how, "backend-closed"));
+                }
                 self.learn_idle_close(now.duration_since(entry.since));
                 self.stats.count_closed(RetireReason::Error);
                 entry.conn.close(RetireReason::Error, policy);
@@ -502,9 +520,15 @@ impl Endpoint {
         self.stats.count_closed(reason);
         conn.drain();
         let policy = self.settings().pool.retire.for_reason(reason);
+        let reset = close_manner(policy, false) == Close::Reset;
+        conn.record().ended(match (conn.is_closed(), reset) {
+            (true, _) => Ending::by_backend("peer-first", "backend-closed"),
+            (false, true) => Ending::by_tether("RST", reason),
+            (false, false) => Ending::by_tether("FIN", reason),
+        });
         // hyper has closed it or sends GOAWAY when the last handle goes: the
         // backend's side is already closing, so no peek is needed.
-        if close_manner(policy, false) == Close::Reset || conn.is_closed() {
+        if reset || conn.is_closed() {
             conn.reset_on_close();
         }
     }

@@ -13,7 +13,7 @@ use super::body::{ResponseBody, UpstreamBody};
 use super::io::UpstreamIo;
 use super::lease::Slot;
 use super::retire::{close_manner, Close};
-use super::view::ConnRecord;
+use super::view::{ConnRecord, Ending};
 use super::PoolError;
 use crate::config::{Retire, RetirePolicy, RetireReason};
 use crate::sock::{self, PeerState};
@@ -147,6 +147,26 @@ impl Conn {
         self.announced.timeout
     }
 
+    /// How the backend closed it, if it did: `peer-first` after its FIN,
+    /// `RST` after its reset. A peek: for a connection being discarded.
+    pub(crate) fn closed_by_backend(&self) -> Option<&'static str> {
+        match sock::peer_state(&*self.socket) {
+            PeerState::Closed => Some("peer-first"),
+            PeerState::Failed => Some("RST"),
+            PeerState::Quiet | PeerState::StrayBytes => None,
+        }
+    }
+
+    /// The connection's id.
+    pub(crate) fn id(&self) -> u64 {
+        self.record.id()
+    }
+
+    /// Requests sent on it so far: after a send, that request's number.
+    pub(crate) fn requests(&self) -> u64 {
+        self.requests
+    }
+
     /// Whether it has carried as many requests as the backend serves on one
     /// connection (`Keep-Alive: max=M`).
     pub(crate) fn at_request_limit(&self) -> bool {
@@ -228,7 +248,13 @@ impl Conn {
         // Only peer_first asks whether the backend closed already (a peek).
         let peer_closed =
             policy == Retire::PeerFirst && sock::peer_state(&*self.socket) == PeerState::Closed;
-        match close_manner(policy, peer_closed) {
+        let manner = close_manner(policy, peer_closed);
+        self.record.ended(match manner {
+            Close::Fin => Ending::by_tether("FIN", reason),
+            Close::Reset => Ending::by_tether("RST", reason),
+            Close::Passive => Ending::by_backend("peer-first", reason.label()),
+        });
+        match manner {
             Close::Fin => {
                 if let Err(e) = sock::send_fin(&*self.socket) {
                     tracing::debug!(error = %e, "cannot half-close retired upstream connection");
@@ -258,8 +284,21 @@ impl Conn {
                 }
             })
             .await;
+            // Its last request said goodbye only when retiring at its lifetime.
+            let reason = if self.goodbye {
+                RetireReason::Lifetime.label()
+            } else {
+                "backend-closed"
+            };
             if waited.is_err() || sock::peer_state(&*self.socket) != PeerState::Closed {
                 sock::reset_on_close(&*self.socket);
+                self.record.ended(Ending {
+                    closed_by: "tether",
+                    how: "RST",
+                    reason,
+                });
+            } else {
+                self.record.ended(Ending::by_backend("peer-first", reason));
             }
         });
     }

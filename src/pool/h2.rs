@@ -108,6 +108,11 @@ impl H2Conn {
         })
     }
 
+    /// What `/pools` and the connection log show of it.
+    pub(crate) fn record(&self) -> &ConnRecord {
+        &self.record
+    }
+
     /// Whether hyper has closed it (peer gone, PING unanswered, GOAWAY done).
     pub(crate) fn is_closed(&self) -> bool {
         self.sender.is_closed()
@@ -159,6 +164,7 @@ impl H2Conn {
             conn: self.clone(),
             endpoint,
             reused,
+            number: streams + 1,
         }
     }
 }
@@ -168,6 +174,8 @@ pub(crate) struct H2Stream {
     conn: Arc<H2Conn>,
     endpoint: Arc<Endpoint>,
     pub(crate) reused: bool,
+    /// Which stream of the connection this is, from 1.
+    pub(crate) number: u64,
 }
 
 impl H2Stream {
@@ -178,6 +186,11 @@ impl H2Stream {
     ) -> Result<http::Response<ResponseBody>, SendError> {
         let mut sender = self.conn.sender.clone();
         sent(sender.try_send_request(request).await)
+    }
+
+    /// The connection's id.
+    pub(crate) fn connection_id(&self) -> u64 {
+        self.conn.record.id()
     }
 
     /// The connection stops taking streams (after the peer refused this one).

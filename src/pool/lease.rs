@@ -67,6 +67,8 @@ pub struct Lease {
     stream: Option<H2Stream>,
     endpoint: Arc<Endpoint>,
     reused: bool,
+    /// Connect and handshake, when the connection was dialled for this request.
+    connect: Option<std::time::Duration>,
     request_sent: Arc<AtomicBool>,
     _outstanding: Outstanding,
 }
@@ -127,7 +129,39 @@ impl Lease {
             stream,
             endpoint,
             reused,
+            connect: None,
             _outstanding: outstanding,
+        }
+    }
+
+    /// The connection was dialled for this request, in `connect`.
+    pub(crate) fn dialled_in(mut self, connect: std::time::Duration) -> Self {
+        self.connect = Some(connect);
+        self
+    }
+
+    /// Connect and handshake of a connection dialled for this request; `None`
+    /// when the request went on one already open.
+    pub fn connect_time(&self) -> Option<std::time::Duration> {
+        self.connect
+    }
+
+    /// The connection's id, as `/pools` and the connection log show it.
+    pub fn connection_id(&self) -> Option<u64> {
+        match (&self.conn, &self.stream) {
+            (Some(conn), _) => Some(conn.id()),
+            (None, Some(stream)) => Some(stream.connection_id()),
+            (None, None) => None,
+        }
+    }
+
+    /// Which request on the connection this is, from 1, once it was sent
+    /// (HTTP/2: which stream).
+    pub fn request_number(&self) -> Option<u64> {
+        match (&self.conn, &self.stream) {
+            (Some(conn), _) => Some(conn.requests()),
+            (None, Some(stream)) => Some(stream.number),
+            (None, None) => None,
         }
     }
 

@@ -20,7 +20,8 @@
 //! Files: `endpoint` (slots, idle list, health), `acquire` (the one acquire
 //! loop), `dial` (the one dial path), `h1` and `h2` (a connection of each
 //! protocol), `io` (the socket hyper drives), `lease`, `retire`, `probe`,
-//! `maintain`, `balance`, `body`, `metrics`, `view` (`/pools`),
+//! `maintain`, `balance`, `body`, `metrics`, `observe` (histograms and the
+//! connection log), `view` (`/pools`),
 //! `reconfigure` (a reload's change to a running pool), `registry` (every
 //! pool by upstream name).
 //!
@@ -44,6 +45,7 @@ mod io;
 mod lease;
 mod maintain;
 pub mod metrics;
+mod observe;
 mod probe;
 mod reconfigure;
 mod registry;
@@ -68,6 +70,7 @@ pub(crate) use h2::refused_by_peer;
 pub use lease::Lease;
 use lease::Outstanding;
 pub(crate) use lease::SendError;
+pub use observe::PoolObservers;
 pub use reconfigure::Reconfigured;
 pub use registry::{Registry, Shares};
 pub use view::{view, ConnectionView, EndpointView, OpenedBy, PoolView};
@@ -142,6 +145,7 @@ pub(crate) struct PoolInner {
     pub(super) next: AtomicUsize,
     pub(super) maintenance: Arc<Notify>,
     pub(super) shutdown: CancellationToken,
+    pub(super) observers: observe::Observers,
 }
 
 impl Pool {
@@ -163,6 +167,7 @@ impl Pool {
             next: AtomicUsize::new(0),
             maintenance: Arc::new(Notify::new()),
             shutdown: CancellationToken::new(),
+            observers: Arc::default(),
         });
         let pool = Self { inner };
         let first =
@@ -288,6 +293,7 @@ impl Pool {
             self.inner.settings.clone(),
             self.inner.maintenance.clone(),
             first_floor,
+            self.inner.observers.clone(),
         ))
     }
 

@@ -6,15 +6,18 @@
 //! (touched when a connection opens, not per request); a request moves the
 //! record between idle and busy with one relaxed store.
 
+use std::net::SocketAddr;
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::{Arc, Weak};
+use std::sync::{Arc, OnceLock, Weak};
 use std::time::Duration;
 
 use serde::Serialize;
 use tokio::time::Instant;
 
 use super::endpoint::Endpoint;
+use super::observe::Observers;
 use super::Pool;
+use crate::accesslog::{self, ConnectionRecord};
 use crate::config::RetireReason;
 
 /// Ids of upstream connections, unique in the process (every worker's share).
@@ -60,7 +63,51 @@ pub(crate) struct ConnRecord {
     /// Milliseconds after `opened_at` at which it last became idle, plus one;
     /// 0 while busy.
     idle_mark: AtomicU64,
+    /// How it ended, once tether knows (the first account given wins).
+    ending: OnceLock<Ending>,
+    /// Where its end is reported, once it is established.
+    observed: OnceLock<(Observers, SocketAddr)>,
 }
+
+/// How an upstream connection ended, for the connection log.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) struct Ending {
+    /// `tether` or `backend`: who closed first.
+    pub(crate) closed_by: &'static str,
+    /// `FIN`, `RST` or `peer-first`.
+    pub(crate) how: &'static str,
+    /// A retire reason's label, or `backend-closed`.
+    pub(crate) reason: &'static str,
+}
+
+impl Ending {
+    /// tether closed it, with `how`, for `reason`.
+    pub(crate) fn by_tether(how: &'static str, reason: RetireReason) -> Self {
+        Self {
+            closed_by: "tether",
+            how,
+            reason: reason.label(),
+        }
+    }
+
+    /// The backend closed it first (`how`: `peer-first` after its FIN, `RST`
+    /// after its reset), for `reason`.
+    pub(crate) fn by_backend(how: &'static str, reason: &'static str) -> Self {
+        Self {
+            closed_by: "backend",
+            how,
+            reason,
+        }
+    }
+}
+
+/// The reason of a connection whose end nobody accounted for: dropped with
+/// its pool or its task, its socket closed by the drop (FIN).
+const DROPPED: Ending = Ending {
+    closed_by: "tether",
+    how: "FIN",
+    reason: "dropped",
+};
 
 impl ConnRecord {
     /// A record of a connection opened now, idle until a request takes it.
@@ -71,6 +118,8 @@ impl ConnRecord {
             opened_by,
             requests: AtomicU64::new(0),
             idle_mark: AtomicU64::new(0),
+            ending: OnceLock::new(),
+            observed: OnceLock::new(),
         });
         record.idle(record.opened_at);
         record
@@ -79,6 +128,30 @@ impl ConnRecord {
     /// The connection's id.
     pub(crate) fn id(&self) -> u64 {
         self.id
+    }
+
+    /// Requests (streams) it has carried so far.
+    pub(crate) fn requests(&self) -> u64 {
+        self.requests.load(Ordering::Relaxed)
+    }
+
+    /// Records how it ends; an earlier account stands.
+    pub(crate) fn ended(&self, ending: Ending) {
+        let _ = self.ending.set(ending);
+    }
+
+    /// Its end is reported to `observers` as a connection to `endpoint`.
+    pub(crate) fn observe_end(&self, observers: Observers, endpoint: SocketAddr) {
+        let _ = self.observed.set((observers, endpoint));
+    }
+
+    /// Time since it last became idle; `None` while busy.
+    fn idle_for(&self, now: Instant) -> Option<Duration> {
+        let mark = self.idle_mark.load(Ordering::Relaxed);
+        (mark > 0).then(|| {
+            let since = self.opened_at + Duration::from_millis(mark - 1);
+            now.saturating_duration_since(since)
+        })
     }
 
     /// It went back to idle at `now`.
@@ -99,11 +172,7 @@ impl ConnRecord {
     }
 
     fn view(&self, now: Instant) -> ConnectionView {
-        let mark = self.idle_mark.load(Ordering::Relaxed);
-        let idle = (mark > 0).then(|| {
-            let since = self.opened_at + Duration::from_millis(mark - 1);
-            millis(now.saturating_duration_since(since))
-        });
+        let idle = self.idle_for(now).map(millis);
         ConnectionView {
             id: self.id,
             state: if idle.is_some() { "idle" } else { "busy" },
@@ -112,6 +181,33 @@ impl ConnRecord {
             requests: self.requests.load(Ordering::Relaxed),
             idle_ms: idle,
         }
+    }
+}
+
+impl Drop for ConnRecord {
+    /// The last holder of the record is the connection itself: it is gone.
+    fn drop(&mut self) {
+        let Some((observers, endpoint)) = self.observed.get() else {
+            // Never established: a dial whose handshake failed.
+            return;
+        };
+        let Some(observers) = observers.get() else {
+            return;
+        };
+        let now = Instant::now();
+        let ending = self.ending.get().copied().unwrap_or(DROPPED);
+        observers.ended(ConnectionRecord {
+            id: self.id,
+            upstream: String::new(),
+            endpoint: *endpoint,
+            opened_by: self.opened_by.label(),
+            age_ms: accesslog::ms(now.duration_since(self.opened_at)),
+            requests: self.requests(),
+            idle_ms: self.idle_for(now).map(accesslog::ms),
+            closed_by: ending.closed_by,
+            how: ending.how,
+            reason: ending.reason,
+        });
     }
 }
 
