@@ -211,7 +211,7 @@ async fn twenty_reloads_under_load_fail_nothing_and_open_nothing_toward_the_load
 
     let load = Load::start(tether.listen, 2);
     eventually(|| load.answered() >= 50).await;
-    let accepted_before = loaded.accepted();
+    let (accepted_before, closed_before) = (loaded.accepted(), loaded.closed());
 
     let mut expected = 1;
     for i in 0..20 {
@@ -249,6 +249,11 @@ async fn twenty_reloads_under_load_fail_nothing_and_open_nothing_toward_the_load
         loaded.accepted(),
         accepted_before,
         "the loaded backend accepted new connections during the reloads"
+    );
+    assert_eq!(
+        loaded.closed(),
+        closed_before,
+        "a connection to the loaded backend closed during the reloads"
     );
     assert!(
         others[1].accepted() >= 1,
@@ -527,4 +532,41 @@ async fn the_log_level_changes_through_the_admin_server_and_on_reload() {
         "level: warn\n"
     );
     assert!(tether.stop().success());
+}
+
+#[tokio::test]
+async fn a_unix_listener_renamed_onto_its_own_path_keeps_the_socket_file() {
+    let backend = Backend::start().await;
+    let dir = TempDir::new("reload-unix");
+    let path = dir.path().join("app.sock");
+    let mut base = default_config(backend.addr);
+    let mut unix = base.listeners[0].clone();
+    unix.name = "old-name".into();
+    unix.listen = tether::config::ListenAddr::Unix(path.clone());
+    base.listeners.push(unix);
+    let ask = |path: std::path::PathBuf| async move {
+        let mut stream = tokio::net::UnixStream::connect(&path).await.unwrap();
+        stream
+            .write_all(b"GET / HTTP/1.1\r\nHost: test\r\nConnection: close\r\n\r\n")
+            .await
+            .unwrap();
+        let mut answer = Vec::new();
+        stream.read_to_end(&mut answer).await.unwrap();
+        String::from_utf8_lossy(&answer).into_owned()
+    };
+    with_tether(base.clone(), |t| async move {
+        assert!(ask(path.clone()).await.starts_with("HTTP/1.1 200"));
+        let mut next = base.clone();
+        next.listeners[1].name = "new-name".into();
+        let report = t.reload(next).await;
+        assert_eq!(report.result, tether::app::Outcome::Applied, "{report:?}");
+        // The old listener's loop has ended by the time its name is gone.
+        tokio::time::sleep(Duration::from_millis(100)).await;
+        assert!(
+            path.exists(),
+            "the old listener removed the new one's socket file"
+        );
+        assert!(ask(path.clone()).await.starts_with("HTTP/1.1 200"));
+    })
+    .await;
 }

@@ -160,7 +160,19 @@ async fn respond(state: &AdminState, request: &Request<Incoming>) -> Response<Fu
 /// applied (or nothing changed), 400 when the file has problems, 500 when
 /// it could not be applied.
 async fn reload(state: &AdminState) -> (StatusCode, &'static str, String) {
-    let report = state.live.reload_announced().await;
+    // A task of its own: a client that hangs up must not cancel a reload
+    // half-way (hyper drops the service future when the connection goes).
+    let live = state.live.clone();
+    let report = match tokio::spawn(async move { live.reload_announced().await }).await {
+        Ok(report) => report,
+        Err(e) => {
+            return (
+                StatusCode::INTERNAL_SERVER_ERROR,
+                "text/plain",
+                format!("the reload failed: {e}\n"),
+            )
+        }
+    };
     let status = match report.result {
         Outcome::Applied | Outcome::Unchanged => StatusCode::OK,
         Outcome::Invalid => StatusCode::BAD_REQUEST,

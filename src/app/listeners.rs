@@ -58,12 +58,33 @@ pub enum ListenSocket {
     Unix(UnixListener, UnixPath),
 }
 
-/// Removes a unix socket file when the listener goes away.
-pub struct UnixPath(PathBuf);
+/// Removes a unix socket file when the listener goes away, unless the path
+/// is another socket's by then (a reload that bound a listener there anew).
+pub struct UnixPath {
+    path: PathBuf,
+    /// Device and inode of the file this socket made.
+    made: Option<(u64, u64)>,
+}
+
+impl UnixPath {
+    fn new(path: PathBuf) -> Self {
+        let made = file_id(&path);
+        Self { path, made }
+    }
+}
+
+fn file_id(path: &std::path::Path) -> Option<(u64, u64)> {
+    use std::os::unix::fs::MetadataExt;
+    std::fs::symlink_metadata(path)
+        .ok()
+        .map(|meta| (meta.dev(), meta.ino()))
+}
 
 impl Drop for UnixPath {
     fn drop(&mut self) {
-        let _ = std::fs::remove_file(&self.0);
+        if self.made.is_some() && file_id(&self.path) == self.made {
+            let _ = std::fs::remove_file(&self.path);
+        }
     }
 }
 
@@ -75,7 +96,29 @@ impl ListenSocket {
                 .local_addr()
                 .map(ListenAddr::Tcp)
                 .unwrap_or(ListenAddr::Tcp(SocketAddr::from(([0, 0, 0, 0], 0)))),
-            Self::Unix(_, path) => ListenAddr::Unix(path.0.clone()),
+            Self::Unix(_, path) => ListenAddr::Unix(path.path.clone()),
+        }
+    }
+
+    /// A connection the kernel has completed, without waiting: read from the
+    /// socket itself (not from the reactor's readiness, which may not have
+    /// seen it yet); `None` once the queue is empty.
+    fn accept_queued(&self) -> Option<(ClientStream, Option<SocketAddr>)> {
+        match self {
+            Self::Tcp(l) => {
+                let (socket, peer) = socket2::SockRef::from(l).accept().ok()?;
+                let stream = std::net::TcpStream::from(socket);
+                stream.set_nonblocking(true).ok()?;
+                let stream = tokio::net::TcpStream::from_std(stream).ok()?;
+                Some((ClientStream::Tcp(stream), peer.as_socket()))
+            }
+            Self::Unix(l, _) => {
+                let (socket, _) = socket2::SockRef::from(l).accept().ok()?;
+                let stream = std::os::unix::net::UnixStream::from(socket);
+                stream.set_nonblocking(true).ok()?;
+                let stream = tokio::net::UnixStream::from_std(stream).ok()?;
+                Some((ClientStream::Unix(stream), None))
+            }
         }
     }
 
@@ -179,7 +222,7 @@ pub fn bind(addr: &ListenAddr, reuse_port: bool) -> Result<ListenSocket, Listene
                 }
             }
             let listener = UnixListener::bind(path).map_err(error)?;
-            Ok(ListenSocket::Unix(listener, UnixPath(path.clone())))
+            Ok(ListenSocket::Unix(listener, UnixPath::new(path.clone())))
         }
     }
 }
@@ -197,28 +240,32 @@ pub async fn accept_loop(
     tracker: TaskTracker,
     stop: CancellationToken,
 ) {
-    let binding = slot.load_full();
+    // Only what never changes is kept of the binding: holding it would
+    // keep the pool of its day alive for the listener's life.
+    let (label, metrics, name) = {
+        let binding = slot.load();
+        let label = ListenerLabel {
+            listener: binding.label.clone(),
+        };
+        (
+            label,
+            binding.metrics.clone(),
+            binding.listener.name.clone(),
+        )
+    };
     // The listener's connections drain when it does: a reload that removes
     // or re-binds it ends their keep-alive after the exchange in flight.
     let connections = Shutdown {
         drain: stop.clone(),
         force: shutdown.force.clone(),
     };
-    let label = ListenerLabel {
-        listener: binding.label.clone(),
-    };
-    let accepted_total = binding
-        .metrics
-        .client_accepted
-        .get_or_create(&label)
-        .clone();
-    let active = binding.metrics.client_active.get_or_create(&label).clone();
+    let accepted_total = metrics.client_accepted.get_or_create(&label).clone();
+    let active = metrics.client_active.get_or_create(&label).clone();
     let accept_error = |kind: &str| {
-        binding
-            .metrics
+        metrics
             .accept_errors
             .get_or_create(&ReasonLabels {
-                listener: binding.label.clone(),
+                listener: label.listener.clone(),
                 reason: Name::from(kind),
             })
             .inc();
@@ -237,7 +284,7 @@ pub async fn accept_loop(
             active.dec();
         }));
     };
-    let mut at_cap = AtCap::new(&binding.listener.name);
+    let mut at_cap = AtCap::new(&name);
     let mut pause = Duration::from_millis(5);
     while let Some(next) = next_connection(&socket, &limit, &stop, &mut at_cap).await {
         match next {
@@ -247,7 +294,7 @@ pub async fn accept_loop(
             }
             Err(e) if sock::is_resource_exhaustion(&e) => {
                 accept_error("resources");
-                tracing::error!(listener = %binding.listener.name, error = %e, pause = ?pause, "accept failed: out of resources; pausing");
+                tracing::error!(listener = %name, error = %e, pause = ?pause, "accept failed: out of resources; pausing");
                 tokio::time::sleep(pause).await;
                 pause = (pause * 2).min(Duration::from_secs(1));
             }
@@ -255,14 +302,14 @@ pub async fn accept_loop(
                 // Per-connection errors (ECONNABORTED and friends) affect only that
                 // connection.
                 accept_error("connection");
-                tracing::debug!(listener = %binding.listener.name, error = %e, "accept failed");
+                tracing::debug!(listener = %name, error = %e, "accept failed");
             }
         }
     }
     if !shutdown.drain.is_cancelled() {
         serve_backlog(&socket, &limit, serve).await;
     }
-    tracing::info!(listener = %binding.listener.name, "stopped accepting");
+    tracing::info!(listener = %name, "stopped accepting");
     drop(socket);
 }
 
@@ -273,9 +320,7 @@ async fn serve_backlog(
     limit: &Limit,
     serve: impl Fn(ClientStream, Option<SocketAddr>, Admitted),
 ) {
-    // A zero timeout polls the accept once: what is queued now, no more.
-    while let Ok(Ok((stream, client))) = tokio::time::timeout(Duration::ZERO, socket.accept()).await
-    {
+    while let Some((stream, client)) = socket.accept_queued() {
         let Ok(permit) = limit.permits.clone().acquire_owned().await else {
             return;
         };

@@ -380,6 +380,8 @@ impl Running {
             context.shutdown.force.cancel();
             context.tracker.wait().await;
         }
+        // After a reload in progress: the pools it started are closed too.
+        let _no_reload = self.live.hold_reloads().await;
         for pool in &self.live.pools.all() {
             pool.close();
         }

@@ -190,6 +190,11 @@ impl Live {
         }
     }
 
+    /// Waits for a reload in progress and keeps others out while held.
+    pub(crate) async fn hold_reloads(&self) -> tokio::sync::MutexGuard<'_, Applied> {
+        self.applied.lock().await
+    }
+
     /// The configuration running now.
     pub(crate) fn config(&self) -> Arc<Config> {
         self.current.load_full()

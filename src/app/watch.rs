@@ -12,11 +12,15 @@ use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::Duration;
 
-use super::reload::Live;
+use super::reload::{Live, Outcome};
 
 /// A change is applied once the file has looked the same for this long:
 /// a writer that truncates and then writes is not read half-way.
 const SETTLE: Duration = Duration::from_millis(100);
+
+/// A reload that failed though the file was good (a new listener's port
+/// still taken) is tried again after this.
+const RETRY_FAILED: Duration = Duration::from_secs(5);
 
 /// What a look at the file sees: where the path leads and that file's
 /// identity, size and modification time.
@@ -68,12 +72,17 @@ pub(super) async fn watch_config(live: Arc<Live>) {
         if look(&path) != seen {
             continue;
         }
-        last = seen.clone();
         if seen.is_none() {
+            last = seen;
             tracing::warn!(path = %path.display(), "configuration file gone; still serving the last one loaded");
             continue;
         }
         tracing::info!(path = %path.display(), "configuration file changed: reloading");
-        live.reload_announced().await;
+        match live.reload_announced().await.result {
+            // Not the file's fault (a port still taken): tried again.
+            Outcome::Failed => tokio::time::sleep(RETRY_FAILED).await,
+            // Applied, unchanged, or invalid until the file changes again.
+            _ => last = seen,
+        }
     }
 }

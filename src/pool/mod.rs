@@ -27,7 +27,8 @@
 //!
 //! A pool's settings are one `ArcSwap<UpstreamConfig>` its endpoints share:
 //! a reload swaps them in place and every reader sees the new ones at its
-//! next look.
+//! next look (socket options and HTTP/2 pings, set at the dial, apply to
+//! connections dialled after it).
 //!
 //! The pool is built on `hyper::client::conn` rather than hyper-util's client:
 //! that pool has no warm floor, always closes with FIN, and needs a timer for

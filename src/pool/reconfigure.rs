@@ -1,6 +1,8 @@
 //! A reload's change to a running pool: the new settings are swapped in place
 //! (every reader sees them at its next look, no connection is opened or
-//! closed for it), and a changed endpoint list is applied warm-first: the
+//! closed for it; what is fixed when a connection is dialled — TCP
+//! keepalive, HTTP/2 pings — applies to the connections dialled from then
+//! on), and a changed endpoint list is applied warm-first: the
 //! endpoints it adds open their warm floor before they join the balancing
 //! set, then the ones it drops leave it and drain.
 //!
@@ -78,7 +80,9 @@ impl Pool {
         shares: Arc<Barrier>,
     ) -> Reconfigured {
         let deadline = Instant::now() + warm_within;
-        let addrs = resolve(settings).await;
+        let addrs = tokio::time::timeout_at(deadline, resolve(settings))
+            .await
+            .unwrap_or_default();
         if addrs.is_empty() {
             tracing::warn!(upstream = %self.inner.name, "no new endpoint resolves; keeping the current ones until DNS answers");
             let _ = tokio::time::timeout_at(deadline, shares.wait()).await;
