@@ -239,6 +239,11 @@ async fn twenty_reloads_under_load_fail_nothing_and_open_nothing_toward_the_load
         eventually(|| load.answered() > answered + 5).await;
     }
     let (answered, failed) = load.finish().await;
+    eprintln!(
+        "20 reloads: {answered} requests answered, {failed} failed; the loaded backend accepted {accepted_before} connections before and {} after, closed {closed_before} before and {} after",
+        loaded.accepted(),
+        loaded.closed()
+    );
     assert_eq!(
         failed,
         0,
@@ -324,6 +329,7 @@ async fn a_moved_upstream_warms_its_new_address_before_requests_move() {
     let warm = new
         .accepted_at_first_request()
         .expect("no request reached the new address");
+    eprintln!("moved upstream: {answered} requests answered, {failed} failed; the new address had {warm} connections when its first request arrived");
     // Two workers, each with its share of the floor of four.
     assert!(
         warm >= 4,
