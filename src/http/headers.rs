@@ -178,7 +178,7 @@ impl Rejection {
     pub fn detail(self) -> &'static str {
         match self {
             Self::Connect => {
-                "tether does not tunnel: an HTTPS tunnel through it could not be pooled. \
+                "tether does not tunnel: an HTTPS tunnel through it cannot be pooled. \
                  Call the backend as http:// through tether (http_proxy); tether originates \
                  TLS to the backend when its upstream is set up for it"
             }
