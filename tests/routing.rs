@@ -27,7 +27,7 @@ fn routed(backends: &[(&str, &Backend)], routes: &[(&str, &str)]) -> Config {
     listener.upstream = String::new();
     listener.routes = routes
         .iter()
-        .map(|(host, upstream)| RouteConfig::new(host, upstream))
+        .map(|(host, upstream)| RouteConfig::new(host.parse().unwrap(), upstream))
         .collect();
     config.validate().unwrap();
     config
@@ -286,7 +286,7 @@ async fn a_reload_that_adds_a_route_moves_an_open_connections_next_request() {
         .push(UpstreamConfig::new("fresh", vec![fresh.addr.to_string()]));
     next.listeners[0]
         .routes
-        .push(RouteConfig::new("new.internal", "fresh"));
+        .push(RouteConfig::new("new.internal".parse().unwrap(), "fresh"));
     next.validate().unwrap();
     with_tether(config, |t| async move {
         let port = t.addr();

@@ -44,13 +44,10 @@ pub struct RouteConfig {
 }
 
 impl RouteConfig {
-    /// A route of `host` to `upstream`; panics on a malformed pattern (for
-    /// configs built in code, whose patterns are literals).
-    pub fn new(host: &str, upstream: &str) -> Self {
+    /// A route of `host` to the upstream named `upstream`.
+    pub fn new(host: HostPattern, upstream: &str) -> Self {
         Self {
-            host: host
-                .parse()
-                .unwrap_or_else(|e| panic!("route pattern {host:?}: {e}")),
+            host,
             upstream: upstream.to_owned(),
         }
     }
