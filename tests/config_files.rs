@@ -176,3 +176,32 @@ fn readme_reference_documents_every_key() {
         assert!(found, "README's config reference lacks {key}");
     }
 }
+
+#[test]
+fn readme_reference_documents_every_key_the_example_files_use() {
+    let readme = std::fs::read_to_string(repo().join("README.md")).unwrap();
+    let sections: Vec<&str> = readme.split("\n### ").collect();
+    for file in config_files() {
+        let config = Config::load(&file, std::iter::empty()).unwrap();
+        let mut keys = BTreeSet::new();
+        key_paths(
+            &config.to_toml().parse::<toml::Value>().unwrap(),
+            "",
+            &mut keys,
+        );
+        for key in keys {
+            let (section, leaf) = key.rsplit_once('.').unwrap_or(("", &key));
+            let row = format!("| `{leaf}` |");
+            let documented = sections.iter().any(|part| {
+                (part.starts_with(&format!("`[{section}]`"))
+                    || part.starts_with(&format!("`[[{section}]]`")))
+                    && part.contains(&row)
+            });
+            assert!(
+                documented,
+                "{}: README's config reference lacks {key}",
+                file.display()
+            );
+        }
+    }
+}

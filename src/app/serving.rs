@@ -1,6 +1,6 @@
 //! What start-up and a reload both build: an upstream's pool as one share
-//! per worker, a listener's binding to its pool, and a listener served by
-//! one accept loop per worker socket.
+//! per worker, a listener's binding to its pools (its default upstream's and
+//! its routes'), and a listener served by one accept loop per worker socket.
 
 use std::sync::Arc;
 
@@ -12,7 +12,7 @@ use super::logs::Logs;
 use super::AppError;
 use crate::config::{Config, ListenAddr, ListenerConfig, UpstreamConfig};
 use crate::drain::Shutdown;
-use crate::http::{Binding, BindingMetrics, BindingSlot};
+use crate::http::{Binding, BindingMetrics, BindingSlot, Routes, Target};
 use crate::metrics::{Metrics, Name};
 use crate::pool::{OpenedBy, Pool, Registry, Shares};
 
@@ -129,7 +129,8 @@ pub(crate) fn bind_sockets(
     Ok(sockets)
 }
 
-/// `listener` bound to worker `w`'s share of its upstream's pool.
+/// `listener` bound to worker `w`'s share of its upstreams' pools: its
+/// default upstream and each route's.
 pub(crate) fn binding(
     listener: &ListenerConfig,
     config: &Config,
@@ -138,28 +139,47 @@ pub(crate) fn binding(
     context: &Context,
 ) -> Result<Binding, AppError> {
     let metrics = &context.metrics;
-    let unknown = || AppError::UnknownUpstream {
-        listener: listener.name.clone(),
-        upstream: listener.upstream.clone(),
-    };
-    let shares = pools.get(&listener.upstream).ok_or_else(unknown)?;
-    let pool = shares
-        .get(w)
-        .or_else(|| shares.first())
-        .cloned()
-        .ok_or_else(unknown)?;
+    let target = |upstream: &str| target(listener, upstream, config, pools, w);
+    let default = listener.default_upstream().map(target).transpose()?;
+    let mut routes = Vec::with_capacity(listener.routes.len());
+    for route in &listener.routes {
+        routes.push((route.host.clone(), target(&route.upstream)?));
+    }
     let label = Name::from(listener.name.as_str());
     Ok(Binding {
         counters: BindingMetrics::new(metrics, &label),
         label,
         listener: listener.clone(),
-        pool,
-        fallback_host: config
-            .upstream(&listener.upstream)
-            .and_then(|u| u.endpoints.first().cloned())
-            .unwrap_or_default(),
+        routes: Routes::new(routes, default),
         metrics: metrics.clone(),
         access_log: context.logs.access.clone(),
+    })
+}
+
+/// Worker `w`'s share of `upstream`'s pool, as `listener` reaches it.
+fn target(
+    listener: &ListenerConfig,
+    upstream: &str,
+    config: &Config,
+    pools: &Registry,
+    w: usize,
+) -> Result<Target, AppError> {
+    let unknown = || AppError::UnknownUpstream {
+        listener: listener.name.clone(),
+        upstream: upstream.to_owned(),
+    };
+    let shares = pools.get(upstream).ok_or_else(unknown)?;
+    let pool = shares
+        .get(w)
+        .or_else(|| shares.first())
+        .cloned()
+        .ok_or_else(unknown)?;
+    Ok(Target {
+        pool,
+        fallback_host: config
+            .upstream(upstream)
+            .and_then(|u| u.endpoints.first().cloned())
+            .unwrap_or_default(),
     })
 }
 
@@ -206,7 +226,7 @@ pub(crate) fn serve(
             }
         }
     }
-    tracing::info!(listener = %listener.name, listen = %addr, upstream = %listener.upstream, workers = context.shares(), "listening");
+    tracing::info!(listener = %listener.name, listen = %addr, upstream = %listener.upstream, routes = listener.routes.len(), workers = context.shares(), "listening");
     Ok(ListenerRun {
         config: listener.clone(),
         addr,

@@ -1,6 +1,7 @@
 //! `[[listener]]`: a local port (TCP or unix socket) the app connects to, the
-//! upstream it forwards to, the client-leg clocks and limits, and
-//! [`ClientClose`], which decides where a closing connection's TIME_WAIT lands.
+//! upstream it forwards to (or its routes, by host: `route`), the client-leg
+//! clocks and limits, and [`ClientClose`], which decides where a closing
+//! connection's TIME_WAIT lands.
 
 use std::collections::HashSet;
 use std::fmt;
@@ -11,7 +12,7 @@ use std::time::Duration;
 
 use serde::{Deserialize, Deserializer, Serialize, Serializer};
 
-use super::{defaults, AdminConfig, Problem, Problems, Size, UpstreamConfig};
+use super::{defaults, route, AdminConfig, Problem, Problems, RouteConfig, Size, UpstreamConfig};
 
 /// hyper refuses read buffers below 8 KiB, so a smaller head limit cannot be honoured.
 const MIN_HEADER_BYTES: Size = Size::kib(8);
@@ -108,7 +109,10 @@ pub struct ListenerConfig {
     pub name: String,
     /// `"127.0.0.1:8080"` or `"unix:/path/to.sock"`.
     pub listen: ListenAddr,
-    /// Name of the `[[upstream]]` this listener forwards to.
+    /// Name of the `[[upstream]]` this listener forwards to; with routes, the
+    /// one a request no route matches goes to. May be left out (empty) when
+    /// the listener has routes: such a request then gets 403 `no-route`.
+    #[serde(default, skip_serializing_if = "String::is_empty")]
     pub upstream: String,
     /// Concurrent client connections; beyond it, new connections wait in the
     /// kernel's accept queue. Default: [`defaults::listener_max_connections`].
@@ -169,6 +173,11 @@ pub struct ListenerConfig {
     /// Default: [`UnderscoresInHeaders::Drop`].
     #[serde(default)]
     pub underscores_in_headers: UnderscoresInHeaders,
+    /// `[[listener.route]]`: upstreams chosen by the request's host (the
+    /// target's authority for an absolute-form request, else `Host`), tried
+    /// in order; the first match wins. Default: none.
+    #[serde(default, rename = "route", skip_serializing_if = "Vec::is_empty")]
+    pub routes: Vec<RouteConfig>,
 }
 
 impl ListenerConfig {
@@ -191,12 +200,19 @@ impl ListenerConfig {
             http10_buffer: defaults::http10_buffer(),
             forwarded_for: defaults::forwarded_for(),
             underscores_in_headers: UnderscoresInHeaders::default(),
+            routes: Vec::new(),
         }
+    }
+
+    /// The upstream a request no route matches goes to, when there is one.
+    pub fn default_upstream(&self) -> Option<&str> {
+        Some(self.upstream.as_str()).filter(|name| !name.is_empty())
     }
 }
 
 /// Checks every `[[listener]]`: unique names and addresses, none on the admin
-/// server's address, an upstream that exists, and limits that can be honoured.
+/// server's address, a default upstream or routes, upstreams that exist, and
+/// limits that can be honoured.
 pub(super) fn validate(
     listeners: &[ListenerConfig],
     upstreams: &[UpstreamConfig],
@@ -221,12 +237,17 @@ pub(super) fn validate(
                 format!("{} is used by another listener", l.listen),
             );
         }
-        if !upstream_names.contains(l.upstream.as_str()) {
-            problems.add(
+        match l.default_upstream() {
+            Some(name) if !upstream_names.contains(name) => {
+                problems.add("upstream", format!("no [[upstream]] is named {name:?}"));
+            }
+            None if l.routes.is_empty() => problems.add(
                 "upstream",
-                format!("no [[upstream]] is named {:?}", l.upstream),
-            );
+                "must name an [[upstream]] unless the listener has [[listener.route]] entries",
+            ),
+            _ => {}
         }
+        route::validate(&l.routes, |n| upstream_names.contains(n), &mut problems);
         problems.at_least("max_connections", l.max_connections, 1);
         problems.positive("header_timeout", l.header_timeout);
         problems.positive("idle_timeout", l.idle_timeout);

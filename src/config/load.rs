@@ -45,6 +45,10 @@ impl Config {
         // report problems that are only echoes of the parse failure.
         if complete {
             if let Err(ConfigError::Invalid(more)) = config.validate() {
+                // A bad key took its default, which the checks may find
+                // wrong too (an unset route host): said once, as read.
+                let echo = |p: &Problem| problems.iter().any(|seen| seen.key == p.key);
+                let more: Vec<Problem> = more.into_iter().filter(|p| !echo(p)).collect();
                 problems.extend(more);
             }
         }

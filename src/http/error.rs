@@ -29,7 +29,9 @@ pub enum Side {
     Client,
     /// The upstream was unreachable, failed, or was too slow.
     Upstream,
-    /// tether's own limits: no pooled connection became free in time.
+    /// tether's own limits or configuration: no pooled connection became
+    /// free in time, or no route serves the request's host. The client did
+    /// nothing wrong, so its connection stays open.
     Tether,
 }
 
@@ -95,6 +97,29 @@ impl ProxyError {
             Side::Client,
             status,
             reason,
+            Failure::Refused(detail.into()),
+        )
+    }
+
+    /// A request [`Rejection`] refuses, with the reason the client is told.
+    pub fn rejected(rejection: Rejection) -> Self {
+        let (status, reason) = rejection.answer();
+        Self::refused(status, reason, rejection.detail())
+    }
+
+    /// No route of the listener matches `host`, and it has no default
+    /// upstream: 403 `no-route`.
+    pub fn no_route(host: Option<&str>) -> Self {
+        let detail = match host {
+            Some(host) => format!("no route of this listener serves host {host:?}"),
+            None => {
+                "the request names no host, and this listener has no default upstream".to_owned()
+            }
+        };
+        Self::new(
+            Side::Tether,
+            StatusCode::FORBIDDEN,
+            "no-route",
             Failure::Refused(detail.into()),
         )
     }

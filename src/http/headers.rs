@@ -143,8 +143,13 @@ pub enum Rejection {
     MissingHost,
     /// CONNECT: tether does not tunnel.
     Connect,
-    /// An absolute-form target without a path.
+    /// An absolute-form target without a path, or of a scheme other than
+    /// `http`.
     InvalidTarget,
+    /// An absolute-form `https://` target: the app asked a plain-HTTP proxy
+    /// for TLS it would not get end to end, so it is refused rather than
+    /// forwarded in the clear or over TLS the app did not choose.
+    HttpsTarget,
     /// A header that spells `Content-Length` or `Transfer-Encoding` with `_`
     /// (`Transfer_Encoding`): refused whatever `underscores_in_headers` says.
     UnderscoreFraming,
@@ -162,8 +167,27 @@ impl Rejection {
             Self::MissingHost => (StatusCode::BAD_REQUEST, "missing-host"),
             Self::Connect => (StatusCode::METHOD_NOT_ALLOWED, "connect-not-supported"),
             Self::InvalidTarget => (StatusCode::BAD_REQUEST, "invalid-target"),
+            Self::HttpsTarget => (StatusCode::BAD_REQUEST, "https-target"),
             Self::UnderscoreFraming => (StatusCode::BAD_REQUEST, "underscore-framing-header"),
             Self::UnderscoreInHeader => (StatusCode::BAD_REQUEST, "underscore-in-header"),
+        }
+    }
+
+    /// What the client is told, after the status and reason: why, and what
+    /// to do instead where there is something.
+    pub fn detail(self) -> &'static str {
+        match self {
+            Self::Connect => {
+                "tether does not tunnel: an HTTPS tunnel through it cannot be pooled. \
+                 Call the backend as http:// through tether (http_proxy); tether originates \
+                 TLS to the backend when its upstream is set up for it"
+            }
+            Self::HttpsTarget => {
+                "an https:// target sent to a plain-HTTP proxy: tether will not forward it \
+                 in the clear. Call the backend as http:// through tether; tether originates \
+                 TLS to the backend when its upstream is set up for it"
+            }
+            _ => "request rejected before forwarding",
         }
     }
 }
@@ -184,17 +208,21 @@ pub fn rejection<B>(request: &Request<B>) -> Option<Rejection> {
         {
             return Some(Rejection::InvalidHost);
         }
-    } else if request.version() == Version::HTTP_11 {
-        // RFC 9112 §3.2: a server MUST answer 400 to an HTTP/1.1 request without Host.
+    } else if request.version() == Version::HTTP_11 && request.uri().authority().is_none() {
+        // RFC 9112 §3.2: a server MUST answer 400 to an HTTP/1.1 request without
+        // Host; an absolute-form target carries the host itself (§3.2.2).
         return Some(Rejection::MissingHost);
     }
     if request.method() == Method::CONNECT {
         return Some(Rejection::Connect);
     }
-    if request.uri().scheme().is_some() && request.uri().path_and_query().is_none() {
-        return Some(Rejection::InvalidTarget);
+    match request.uri().scheme() {
+        None => None,
+        Some(scheme) if *scheme == http::uri::Scheme::HTTPS => Some(Rejection::HttpsTarget),
+        Some(scheme) if *scheme != http::uri::Scheme::HTTP => Some(Rejection::InvalidTarget),
+        Some(_) if request.uri().path_and_query().is_none() => Some(Rejection::InvalidTarget),
+        Some(_) => None,
     }
-    None
 }
 
 /// Rewrites a client request into the form sent upstream: origin-form target,
@@ -221,7 +249,9 @@ pub fn prepare_upstream(
     if parts.uri.scheme().is_some() || parts.uri.authority().is_some() {
         let origin = path_and_query(&parts.uri).to_owned();
         if let Some(authority) = parts.uri.authority() {
-            if let Ok(value) = HeaderValue::from_str(authority.as_str()) {
+            // Userinfo (`user:pass@`) is the proxy's business, never the Host's.
+            let host = authority.as_str().rsplit('@').next().unwrap_or_default();
+            if let Ok(value) = HeaderValue::from_str(host) {
                 // RFC 9112 §3.2.2: the target's authority replaces Host.
                 parts.headers.insert(header::HOST, value);
             }

@@ -2,8 +2,9 @@
 //! and the pool. Header rules (`headers`), the pre-read of the request body and
 //! the response body (`body`), the single retry of a request that failed on a
 //! reused connection (`forward`), the response and its HTTP/1.0 buffering
-//! (`response`), the request timeout, and what the client is told when tether
-//! answers itself (`error`). The client connection is known only through
+//! (`response`), the request timeout, which upstream a request goes to
+//! (`route`), and what the client is told when tether answers itself
+//! (`error`). The client connection is known only through
 //! [`ClientConnection`], which the layer above implements.
 
 pub mod body;
@@ -12,6 +13,7 @@ mod error;
 mod forward;
 pub mod headers;
 mod response;
+mod route;
 mod service;
 
 use std::sync::Arc;
@@ -21,22 +23,21 @@ use tokio::time::Instant;
 
 use crate::config::ListenerConfig;
 use crate::metrics::{ListenerLabel, Metrics, Name, ReasonLabels, RequestLabels};
-use crate::pool::Pool;
 pub use client::ClientConnection;
 pub use error::{Failure, ProxyError, Side, ERROR_HEADER};
+pub use route::{request_host, Routes, Target};
 pub use service::ProxyService;
 
-/// A listener bound to its upstream pool: what it forwards to, shared by its
-/// connections.
+/// A listener bound to its upstreams' pools: what it forwards to, shared by
+/// its connections.
 pub struct Binding {
     /// The listener's name as a metric label.
     pub label: Name,
     /// The listener's settings.
     pub listener: ListenerConfig,
-    /// The upstream's pool.
-    pub pool: Pool,
-    /// Host sent upstream when an HTTP/1.0 client sent none.
-    pub fallback_host: String,
+    /// Its routes and default upstream, each with this worker's share of
+    /// the upstream's pool.
+    pub routes: Routes,
     /// Where outcomes are counted.
     pub metrics: Arc<Metrics>,
     /// The per-request handles into `metrics`.

@@ -12,7 +12,7 @@ use tokio::time::Instant;
 
 use super::body::ProxyBody;
 use super::error::ProxyError;
-use super::{headers, Binding};
+use super::{headers, Binding, Target};
 use crate::pool::{BodyError, Lease, ResponseBody};
 
 /// What the response must fit, from the request it answers.
@@ -27,17 +27,18 @@ pub(super) struct Exchange {
     pub deadline: Instant,
 }
 
-/// Turns the upstream's response into the client's. The lease goes with the
+/// Turns the response of `target`'s upstream into the client's. The lease goes with the
 /// body, or back to the pool at once when the body was read whole here.
 pub(super) async fn respond(
     binding: &Binding,
+    target: &Target,
     response: Response<ResponseBody>,
     mut lease: Lease,
     exchange: &Exchange,
 ) -> Result<Response<ProxyBody>, ProxyError> {
     let (mut head, body) = response.into_parts();
     lease.note_response(&head.headers);
-    if binding.pool.settings().health.eject_on_5xx {
+    if target.pool.settings().health.eject_on_5xx {
         lease.record_outcome(!head.status.is_server_error());
     }
     headers::strip_hop_by_hop(&mut head.headers);

@@ -19,7 +19,7 @@ use tokio::time::Instant;
 use super::body::{prefetch, ProxyBody};
 use super::error::{Failure, ProxyError, Side, ERROR_HEADER};
 use super::response::{respond, Exchange};
-use super::{forward, headers, Binding, BindingSlot, ClientConnection};
+use super::{forward, headers, request_host, Binding, BindingSlot, ClientConnection, Target};
 use crate::accesslog::{ms, truncate_target, AccessLog, AccessRecord};
 use crate::config::{ClientClose, Protocol};
 use crate::pool::UpstreamBody;
@@ -151,7 +151,7 @@ impl<C: ClientConnection> ProxyService<C> {
             (None, Some(origin)) => truncate_target(origin.as_str(), log.max_target_bytes),
             _ => truncate_target(&uri.to_string(), log.max_target_bytes),
         };
-        let mut record = Box::new(AccessRecord {
+        let record = Box::new(AccessRecord {
             kind: "request",
             listener: self.binding.listener.name.clone(),
             client: self.client_addr,
@@ -160,7 +160,6 @@ impl<C: ClientConnection> ProxyService<C> {
             version: Some(version_label(request.version())),
             ..AccessRecord::default()
         });
-        record.upstream.upstream = Some(self.binding.pool.name().to_owned());
         Logging {
             record,
             bytes_in: Arc::new(AtomicU64::new(0)),
@@ -171,13 +170,44 @@ impl<C: ClientConnection> ProxyService<C> {
         self,
         request: Request<Incoming>,
         started: Instant,
-        logging: Option<&mut Logging>,
+        mut logging: Option<&mut Logging>,
     ) -> Response<ProxyBody> {
         let last = self.is_last_exchange(&request);
-        match self.proxy(request, started, last, logging).await {
-            Ok(response) => response,
-            Err(error) => self.answer(error, last),
+        let target = match self.admit(&request, last) {
+            Ok(target) => target,
+            Err(error) => return self.answer(error, last, None),
+        };
+        if let Some(logging) = logging.as_deref_mut() {
+            // The upstream the route chose, so the line names the one used.
+            logging.record.upstream.upstream = Some(target.pool.name().to_owned());
         }
+        match self.proxy(request, started, last, target, logging).await {
+            Ok(response) => response,
+            Err(error) => self.answer(error, last, Some(target)),
+        }
+    }
+
+    /// What is decided from the request head alone: refusals, the graceful
+    /// close of a last exchange, and the upstream the request goes to.
+    fn admit(&self, request: &Request<Incoming>, last: bool) -> Result<&Target, ProxyError> {
+        if self.client.take_ambiguous_framing() {
+            return Err(ProxyError::refused(
+                StatusCode::BAD_REQUEST,
+                "ambiguous-framing",
+                "Content-Length together with Transfer-Encoding",
+            ));
+        }
+        if last && self.binding.listener.client_close == ClientClose::Graceful {
+            self.client.fin_after_response();
+        }
+        if let Some(rejection) = headers::rejection(request) {
+            return Err(ProxyError::rejected(rejection));
+        }
+        let host = request_host(request);
+        self.binding
+            .routes
+            .pick(host)
+            .ok_or_else(|| ProxyError::no_route(host))
     }
 
     /// Counts the request and says whether its exchange ends the connection:
@@ -196,22 +226,10 @@ impl<C: ClientConnection> ProxyService<C> {
         request: Request<Incoming>,
         started: Instant,
         last: bool,
+        target: &Target,
         logging: Option<&mut Logging>,
     ) -> Result<Response<ProxyBody>, ProxyError> {
         let listener = &self.binding.listener;
-        if self.client.take_ambiguous_framing() {
-            return Err(ProxyError::refused(
-                StatusCode::BAD_REQUEST,
-                "ambiguous-framing",
-                "Content-Length together with Transfer-Encoding",
-            ));
-        }
-        if last && listener.client_close == ClientClose::Graceful {
-            self.client.fin_after_response();
-        }
-        if let Some(rejection) = headers::rejection(&request) {
-            return Err(rejection.into());
-        }
         let exchange = Exchange {
             client_version: request.version(),
             head_request: request.method() == Method::HEAD,
@@ -223,11 +241,11 @@ impl<C: ClientConnection> ProxyService<C> {
             &mut parts,
             self.forwarded_for.as_ref(),
             listener.forwarded_for,
-            &self.binding.fallback_host,
+            &target.fallback_host,
             listener.underscores_in_headers,
         )?;
         self.binding.record_dropped_underscore(dropped);
-        if self.binding.pool.settings().protocol == Protocol::Http2 {
+        if target.pool.settings().protocol == Protocol::Http2 {
             headers::to_http2_form(&mut parts);
         }
         let limit = listener.request_buffer.as_usize();
@@ -236,27 +254,34 @@ impl<C: ClientConnection> ProxyService<C> {
             body.count_into(logging.bytes_in.clone());
             &mut logging.record.upstream
         });
-        let forwarding = forward::forward(&self.binding.pool, parts, body, facts);
+        let forwarding = forward::forward(&target.pool, parts, body, facts);
         let (response, lease) = match tokio::time::timeout_at(exchange.deadline, forwarding).await {
             Ok(forwarded) => forwarded?,
             Err(_) => return Err(ProxyError::response_timeout(listener.request_timeout)),
         };
-        respond(&self.binding, response, lease, &exchange).await
+        respond(&self.binding, target, response, lease, &exchange).await
     }
 
     /// The client's answer to a request tether could not forward or complete.
     /// A client that misbehaved is marked, so its connection ends without a
     /// graceful close.
-    fn answer(&self, error: ProxyError, last: bool) -> Response<ProxyBody> {
-        self.report(&error);
+    fn answer(
+        &self,
+        error: ProxyError,
+        last: bool,
+        target: Option<&Target>,
+    ) -> Response<ProxyBody> {
+        self.report(&error, target);
         if error.side() == Side::Client {
             self.client.mark_misbehaved();
         }
         error.into_response(last)
     }
 
-    fn report(&self, error: &ProxyError) {
-        let upstream = self.binding.pool.name();
+    /// The event of a request tether answered itself; `target` is the
+    /// upstream it was routed to, when it got that far.
+    fn report(&self, error: &ProxyError, target: Option<&Target>) {
+        let upstream = target.map_or("", |t| t.pool.name());
         match error.failure() {
             // `info`, so seen at the default level, where the connection's span
             // is off: the event names the listener and the client itself.
