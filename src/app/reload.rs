@@ -276,6 +276,10 @@ impl Live {
         if let Err(e) = config.validate() {
             return self.rejected(e);
         }
+        config
+            .upstreams
+            .iter()
+            .for_each(crate::pool::warn_unverified);
         let mut applied = self.applied.lock().await;
         if self.context.shutdown.drain.is_cancelled() {
             return self.finish(Outcome::Failed, |r| {
@@ -580,9 +584,9 @@ impl Plan {
 }
 
 /// Whether connections made under `old` cannot serve `new`: the protocol
-/// spoken on them changed.
+/// spoken on them changed, or their TLS (identity, trust, name) did.
 fn needs_new_pool(old: &UpstreamConfig, new: &UpstreamConfig) -> bool {
-    old.protocol != new.protocol
+    old.protocol != new.protocol || old.tls != new.tls
 }
 
 fn removed<'a>(

@@ -26,6 +26,7 @@ mod log;
 mod pool;
 mod runtime;
 mod size;
+mod tls;
 mod upstream;
 mod validate;
 
@@ -37,6 +38,9 @@ pub use log::{AccessLogConfig, ConnectionLogConfig, LogConfig, LogFormat};
 pub use pool::{PoolConfig, Retire, RetireByReason, RetirePolicy, RetireReason};
 pub use runtime::RuntimeConfig;
 pub use size::Size;
+pub use tls::{
+    read_certificates, read_private_key, TlsConfig, TlsVerify, TlsVersion, SYSTEM_ROOTS,
+};
 pub use upstream::{split_host_port, Balance, Protocol, UpstreamConfig};
 use validate::Problems;
 
