@@ -570,6 +570,8 @@ mod tests {
         server.write_all(b"unasked").await.unwrap();
         server.flush().await.unwrap();
         bytes_waiting(&tls).await;
+        // Until its record is whole, application data is not yet data.
+        tokio::time::sleep(std::time::Duration::from_millis(20)).await;
         assert_eq!(read_through(&mut tls), PeerState::StrayBytes);
     }
 
