@@ -516,3 +516,52 @@ async fn a_backend_requiring_a_client_certificate_accepts_tethers() {
     assert!(Seen::get(&backend.seen.client_certs) >= 1);
     assert_eq!(Seen::get(&backend.seen.failed_handshakes), 0);
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn http2_upstreams_negotiate_h2_over_tls() {
+    let pki = Pki::new("tls-h2");
+    let mut server = ServerConfig::clone(&pki.server_config(false, false));
+    server.alpn_protocols = vec![b"h2".to_vec()];
+    let acceptor = tokio_rustls::TlsAcceptor::from(Arc::new(server));
+    let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    let negotiated = Arc::new(AtomicUsize::new(0));
+    let theirs = negotiated.clone();
+    tokio::spawn(async move {
+        while let Ok((tcp, _)) = listener.accept().await {
+            let Ok(tls) = acceptor.accept(tcp).await else {
+                continue;
+            };
+            if tls.get_ref().1.alpn_protocol() == Some(b"h2") {
+                theirs.fetch_add(1, Ordering::SeqCst);
+            }
+            let service = hyper::service::service_fn(|_request| async {
+                Ok::<_, std::convert::Infallible>(hyper::Response::new(http_body_util::Full::new(
+                    bytes::Bytes::from_static(b"ok"),
+                )))
+            });
+            let builder =
+                hyper::server::conn::http2::Builder::new(hyper_util::rt::TokioExecutor::new());
+            tokio::spawn(async move {
+                let _ = builder
+                    .serve_connection(hyper_util::rt::TokioIo::new(tls), service)
+                    .await;
+            });
+        }
+    });
+    let mut config = tls_config(addr, "tls-h2", trusting(&pki));
+    config.upstreams[0].protocol = tether::config::Protocol::Http2;
+    config.upstreams[0].pool.min_idle = 1;
+    with_tether(config, |t| async move {
+        for _ in 0..3 {
+            let response = get_once(t.addr(), "/").await;
+            assert_eq!((response.status, response.text()), (200, "ok".to_owned()));
+        }
+    })
+    .await;
+    assert_eq!(
+        negotiated.load(Ordering::SeqCst),
+        1,
+        "one h2 connection carried every request"
+    );
+}
