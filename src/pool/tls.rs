@@ -488,6 +488,7 @@ impl ServerCertVerifier for Unverified {
 
 #[cfg(test)]
 mod tests {
+    use super::super::io::Wire;
     use super::*;
     use rustls::pki_types::{PrivateKeyDer, PrivatePkcs8KeyDer};
     use tokio::io::AsyncWriteExt;
@@ -496,7 +497,7 @@ mod tests {
 
     /// A TLS 1.3 connection over loopback: tether's side (nobody reading it)
     /// and the backend's.
-    async fn pair() -> (TlsIo, Server) {
+    async fn pair() -> (TlsIo, Server, Arc<TcpStream>) {
         let key = rcgen::KeyPair::generate().unwrap();
         let cert = rcgen::CertificateParams::new(vec!["127.0.0.1".to_owned()])
             .unwrap()
@@ -527,16 +528,16 @@ mod tests {
         let socket = Arc::new(TcpStream::connect(addr).await.unwrap());
         let name = ServerName::IpAddress(addr.ip().into());
         let tls = tokio_rustls::TlsConnector::from(Arc::new(client))
-            .connect(name, RawIo::new(socket))
+            .connect(name, RawIo::new(socket.clone()))
             .await
             .unwrap();
-        (tls, accept.await.unwrap())
+        (tls, accept.await.unwrap(), socket)
     }
 
     /// Waits until the raw socket has bytes to read.
-    async fn bytes_waiting(tls: &TlsIo) {
+    async fn bytes_waiting(socket: &TcpStream) {
         for _ in 0..500 {
-            if crate::sock::peer_state(tls.get_ref().0.socket()) != PeerState::Quiet {
+            if crate::sock::peer_state(socket) != PeerState::Quiet {
                 return;
             }
             tokio::time::sleep(std::time::Duration::from_millis(5)).await;
@@ -546,40 +547,40 @@ mod tests {
 
     #[tokio::test]
     async fn post_handshake_records_leave_an_idle_connection_quiet() {
-        let (mut tls, mut server) = pair().await;
+        let (tls, mut server, socket) = pair().await;
+        let wire = Wire::tls(socket, Arc::new(Mutex::new(tls)), std::time::Duration::ZERO);
+        let raw = |wire: &Wire| crate::sock::peer_state(wire.socket());
         // TLS 1.3 sends its session tickets after the handshake.
         server.flush().await.unwrap();
-        bytes_waiting(&tls).await;
+        bytes_waiting(wire.socket()).await;
+        assert_eq!(raw(&wire), PeerState::StrayBytes);
         assert_eq!(
-            read_through(&mut tls),
+            wire.peer_state(),
             PeerState::Quiet,
             "tickets are no stray data"
         );
-        assert_eq!(
-            crate::sock::peer_state(tls.get_ref().0.socket()),
-            PeerState::Quiet
-        );
+        assert_eq!(raw(&wire), PeerState::Quiet, "rustls read them");
         server.get_mut().1.refresh_traffic_keys().unwrap();
         server.flush().await.unwrap();
-        bytes_waiting(&tls).await;
+        bytes_waiting(wire.socket()).await;
         assert_eq!(
-            read_through(&mut tls),
+            wire.peer_state(),
             PeerState::Quiet,
             "a key update is no stray data"
         );
         server.write_all(b"unasked").await.unwrap();
         server.flush().await.unwrap();
-        bytes_waiting(&tls).await;
+        bytes_waiting(wire.socket()).await;
         // Until its record is whole, application data is not yet data.
         tokio::time::sleep(std::time::Duration::from_millis(20)).await;
-        assert_eq!(read_through(&mut tls), PeerState::StrayBytes);
+        assert_eq!(wire.peer_state(), PeerState::StrayBytes);
     }
 
     #[tokio::test]
     async fn a_close_notify_is_the_backend_closing() {
-        let (mut tls, mut server) = pair().await;
+        let (mut tls, mut server, socket) = pair().await;
         server.shutdown().await.unwrap();
-        bytes_waiting(&tls).await;
+        bytes_waiting(&socket).await;
         // Tickets first, then the close_notify and the FIN: wait for all.
         tokio::time::sleep(std::time::Duration::from_millis(20)).await;
         assert_eq!(read_through(&mut tls), PeerState::Closed);
