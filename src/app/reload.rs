@@ -624,6 +624,22 @@ mod tests {
     }
 
     #[test]
+    fn a_change_of_tls_needs_a_new_pool() {
+        let plain = UpstreamConfig::new("a", vec!["127.0.0.1:9000".to_owned()]);
+        let mut tls = plain.clone();
+        tls.tls = Some(crate::config::TlsConfig::default());
+        assert!(needs_new_pool(&plain, &tls));
+        let mut other_name = tls.clone();
+        if let Some(t) = other_name.tls.as_mut() {
+            t.server_name = Some("backend.example".to_owned());
+        }
+        assert!(needs_new_pool(&tls, &other_name));
+        let mut bigger = tls.clone();
+        bigger.pool.max_connections += 1;
+        assert!(!needs_new_pool(&tls, &bigger));
+    }
+
+    #[test]
     fn a_plan_names_each_change_by_kind() {
         let running = config();
         let mut next = config();

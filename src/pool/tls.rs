@@ -576,6 +576,31 @@ mod tests {
         assert_eq!(wire.peer_state(), PeerState::StrayBytes);
     }
 
+    #[test]
+    fn the_same_settings_share_one_tls_while_in_use() {
+        let mut settings = UpstreamConfig::new("shared-tls", vec!["127.0.0.1:9".to_owned()]);
+        settings.tls = Some(TlsConfig::default());
+        let first = for_upstream(&settings).unwrap();
+        let again = for_upstream(&settings).unwrap();
+        assert!(
+            Arc::ptr_eq(&first, &again),
+            "a reload keeping the settings keeps the sessions"
+        );
+        let mut changed = settings.clone();
+        if let Some(tls) = changed.tls.as_mut() {
+            tls.min_version = TlsVersion::Tls13;
+        }
+        assert!(!Arc::ptr_eq(&first, &for_upstream(&changed).unwrap()));
+        let a: SocketAddr = ([127, 0, 0, 1], 1).into();
+        let b: SocketAddr = ([127, 0, 0, 2], 1).into();
+        let (ca, cb) = (first.config_for(a).unwrap(), first.config_for(b).unwrap());
+        assert!(
+            !Arc::ptr_eq(&ca, &cb),
+            "each endpoint has its own session cache"
+        );
+        assert!(Arc::ptr_eq(&ca, &first.config_for(a).unwrap()));
+    }
+
     #[tokio::test]
     async fn a_close_notify_is_the_backend_closing() {
         let (mut tls, mut server, socket) = pair().await;
