@@ -29,6 +29,9 @@ RUN groupadd --gid 10001 tether \
         --home-dir /nonexistent --shell /usr/sbin/nologin tether
 
 COPY --from=build /usr/local/bin/tether /usr/local/bin/tether
+# The trust store of [upstream.tls] ca = ["system"]: the builder's Debian
+# bundle, the same release as this stage's, without an apt layer here.
+COPY --from=build /etc/ssl/certs/ca-certificates.crt /etc/ssl/certs/ca-certificates.crt
 # Owned by root: tether only reads its config.
 COPY config/tether.toml /etc/tether/tether.toml
 

@@ -205,3 +205,39 @@ fn readme_reference_documents_every_key_the_example_files_use() {
         }
     }
 }
+
+/// `[upstream.tls]` is commented out in the reference file (its presence
+/// turns TLS on): uncommented, it states every key at its default but the
+/// examples of keys that have none, and the README documents every key.
+#[test]
+fn the_reference_tls_section_and_the_readme_cover_every_tls_key() {
+    let text = std::fs::read_to_string(repo().join("config/tether.toml")).unwrap();
+    let section: String = text
+        .lines()
+        .skip_while(|l| *l != "# [upstream.tls]")
+        .take_while(|l| l.starts_with('#'))
+        .filter_map(|l| l.strip_prefix("# "))
+        .filter(|l| l.starts_with('[') || l.contains(" = "))
+        .map(|l| format!("{l}\n"))
+        .collect();
+    let table: toml::Value = section.parse().unwrap();
+    let tls = &table["upstream"]["tls"];
+    let keys: BTreeSet<String> = tls.as_table().unwrap().keys().cloned().collect();
+    let mut defaults = tls.clone();
+    for example in ["server_name", "client_cert", "client_key", "alpn"] {
+        defaults.as_table_mut().unwrap().remove(example);
+    }
+    let parsed: tether::config::TlsConfig = defaults.try_into().unwrap();
+    assert_eq!(parsed, tether::config::TlsConfig::default());
+    let readme = std::fs::read_to_string(repo().join("README.md")).unwrap();
+    let part = readme
+        .split("\n### ")
+        .find(|p| p.starts_with("`[upstream.tls]`"))
+        .expect("README has a [upstream.tls] reference");
+    for key in keys {
+        assert!(
+            part.contains(&format!("| `{key}` |")),
+            "README lacks tls.{key}"
+        );
+    }
+}

@@ -276,6 +276,10 @@ impl Live {
         if let Err(e) = config.validate() {
             return self.rejected(e);
         }
+        config
+            .upstreams
+            .iter()
+            .for_each(crate::pool::warn_unverified);
         let mut applied = self.applied.lock().await;
         if self.context.shutdown.drain.is_cancelled() {
             return self.finish(Outcome::Failed, |r| {
@@ -580,9 +584,9 @@ impl Plan {
 }
 
 /// Whether connections made under `old` cannot serve `new`: the protocol
-/// spoken on them changed.
+/// spoken on them changed, or their TLS (identity, trust, name) did.
 fn needs_new_pool(old: &UpstreamConfig, new: &UpstreamConfig) -> bool {
-    old.protocol != new.protocol
+    old.protocol != new.protocol || old.tls != new.tls
 }
 
 fn removed<'a>(
@@ -617,6 +621,22 @@ mod tests {
             "#,
         )
         .unwrap()
+    }
+
+    #[test]
+    fn a_change_of_tls_needs_a_new_pool() {
+        let plain = UpstreamConfig::new("a", vec!["127.0.0.1:9000".to_owned()]);
+        let mut tls = plain.clone();
+        tls.tls = Some(crate::config::TlsConfig::default());
+        assert!(needs_new_pool(&plain, &tls));
+        let mut other_name = tls.clone();
+        if let Some(t) = other_name.tls.as_mut() {
+            t.server_name = Some("backend.example".to_owned());
+        }
+        assert!(needs_new_pool(&tls, &other_name));
+        let mut bigger = tls.clone();
+        bigger.pool.max_connections += 1;
+        assert!(!needs_new_pool(&tls, &bigger));
     }
 
     #[test]

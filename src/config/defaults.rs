@@ -7,7 +7,7 @@
 use std::net::{IpAddr, Ipv4Addr, SocketAddr};
 use std::time::Duration;
 
-use super::{LogFormat, Size};
+use super::{LogFormat, Protocol, Size};
 
 // [log]
 
@@ -137,6 +137,43 @@ pub const fn connect_timeout() -> Duration {
 /// endpoint changes are picked up within one TTL.
 pub const fn dns_refresh() -> Duration {
     Duration::from_secs(30)
+}
+
+// [upstream.tls]
+
+/// `upstream.tls.ca`. Default `["system"]`: the platform's trust store (read
+/// with `rustls-native-certs`), so a CA an operator installed with the
+/// system's tools (`update-ca-certificates`, a corporate root baked into the
+/// image) is trusted as every other program on the host trusts it, and the
+/// distribution keeps the list current; a compiled-in list would do neither.
+pub fn tls_ca() -> Vec<String> {
+    vec![super::tls::SYSTEM_ROOTS.to_owned()]
+}
+
+/// `upstream.tls.alpn`. Default `["http/1.1"]` for `protocol = "http1"` and
+/// `["h2"]` for `"http2"`: offer exactly what the pool will speak, so a
+/// backend that picks a protocol picks the one tether's connection expects.
+pub fn tls_alpn(protocol: Protocol) -> Vec<String> {
+    match protocol {
+        Protocol::Http1 => vec!["http/1.1".to_owned()],
+        Protocol::Http2 => vec!["h2".to_owned()],
+    }
+}
+
+/// `upstream.tls.handshake_timeout`. Default 5s: a full handshake is two
+/// round trips and a signature, well under a second even across regions; a
+/// backend that takes longer is overloaded, and the request waiting behind
+/// the dial should get its 502 rather than hang.
+pub const fn tls_handshake_timeout() -> Duration {
+    Duration::from_secs(5)
+}
+
+/// `upstream.tls.close_notify_wait`. Default 100ms: the `close_notify` of an
+/// aborted connection is one small record, acknowledged within a round trip
+/// on any healthy path; waiting longer only delays freeing the slot, and a
+/// peer that does not acknowledge by then is reset anyway.
+pub const fn tls_close_notify_wait() -> Duration {
+    Duration::from_millis(100)
 }
 
 // [upstream.pool]

@@ -27,6 +27,7 @@ mod pool;
 mod route;
 mod runtime;
 mod size;
+mod tls;
 mod upstream;
 mod validate;
 
@@ -39,6 +40,9 @@ pub use pool::{PoolConfig, Retire, RetireByReason, RetirePolicy, RetireReason};
 pub use route::{split_authority, HostPattern, RouteConfig};
 pub use runtime::RuntimeConfig;
 pub use size::Size;
+pub use tls::{
+    read_certificates, read_private_key, TlsConfig, TlsVerify, TlsVersion, SYSTEM_ROOTS,
+};
 pub use upstream::{split_host_port, Balance, Protocol, UpstreamConfig};
 use validate::Problems;
 

@@ -1,15 +1,15 @@
 //! `[[upstream]]`: a backend — its endpoints, wire protocol, connect and DNS
 //! clocks, and how requests are spread — with its nested sections: `pool`
 //! ([`PoolConfig`]), `keepalive` ([`KeepaliveConfig`]) and `health`
-//! ([`HealthConfig`]), each in a file of its own.
+//! ([`HealthConfig`]) and `tls` ([`TlsConfig`]), each in a file of its own.
 
 use std::collections::HashSet;
 use std::time::Duration;
 
 use serde::{Deserialize, Serialize};
 
-use super::{defaults, health, keepalive, pool, Problem, Problems};
-use super::{HealthConfig, KeepaliveConfig, PoolConfig};
+use super::{defaults, health, keepalive, pool, tls, Problem, Problems};
+use super::{HealthConfig, KeepaliveConfig, PoolConfig, TlsConfig};
 
 /// `[[upstream]]`
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
@@ -42,6 +42,10 @@ pub struct UpstreamConfig {
     /// Passive ejection of failing endpoints.
     #[serde(default)]
     pub health: HealthConfig,
+    /// TLS toward the backend; present, it turns TLS on. Default: none
+    /// (plain TCP).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub tls: Option<TlsConfig>,
 }
 
 impl UpstreamConfig {
@@ -57,6 +61,7 @@ impl UpstreamConfig {
             pool: PoolConfig::default(),
             keepalive: KeepaliveConfig::default(),
             health: HealthConfig::default(),
+            tls: None,
         }
     }
 }
@@ -123,5 +128,8 @@ pub(super) fn validate(upstreams: &[UpstreamConfig], found: &mut Vec<Problem>) {
         keepalive::validate_tcp(&u.keepalive, problems.within("keepalive"));
         health::validate(&u.health, problems.within("health"));
         keepalive::validate_http(&u.keepalive, problems.within("keepalive"));
+        if let Some(t) = &u.tls {
+            tls::validate(t, &u.endpoints, u.protocol, problems.within("tls"));
+        }
     }
 }

@@ -1,5 +1,5 @@
-//! The one dial path: TCP connect with the upstream socket options, the
-//! protocol's handshake, the task that drives the connection (inside the
+//! The one dial path: TCP connect with the upstream socket options, the TLS
+//! handshake when the upstream has `[upstream.tls]`, the protocol's handshake, the task that drives the connection (inside the
 //! connection's tracing span), and the bookkeeping every new connection gets.
 
 use std::future::Future;
@@ -12,7 +12,7 @@ use tracing::Instrument;
 use super::endpoint::Endpoint;
 use super::h1::{self, Conn};
 use super::h2::{self, H2Conn};
-use super::io::UpstreamIo;
+use super::io::{UpstreamIo, Wire};
 use super::lease::Slot;
 use super::view::{ConnRecord, OpenedBy};
 use super::PoolError;
@@ -46,20 +46,36 @@ pub(crate) async fn open(
         id = record.id(),
         opened_by = cause.label(),
     );
-    let io = UpstreamIo::new(socket.clone());
+    let (io, wire) = match &endpoint.tls {
+        None => (UpstreamIo::new(socket.clone()), Wire::plain(socket.clone())),
+        Some(tls) => {
+            let session = tls.handshake(&settings, addr, socket.clone()).await?;
+            let shared = Arc::new(std::sync::Mutex::new(session));
+            let wait = settings
+                .tls
+                .as_ref()
+                .map_or_else(crate::config::defaults::tls_close_notify_wait, |t| {
+                    t.close_notify_wait
+                });
+            (
+                UpstreamIo::tls(shared.clone()),
+                Wire::tls(socket.clone(), shared, wait),
+            )
+        }
+    };
     let received = io.received();
     let expires = Instant::now() + jittered_lifetime(&settings);
     let dialled = match settings.protocol {
         Protocol::Http1 => {
             let (sender, connection) = h1::handshake(addr, io).await?;
             drive(endpoint, &span, connection);
-            let conn = Conn::new(sender, socket, received, expires, slot, record.clone());
+            let conn = Conn::new(sender, wire, received, expires, slot, record.clone());
             Dialled::Http1(conn)
         }
         Protocol::Http2 => {
             let (sender, connection, max_streams) = h2::handshake(&settings, addr, io).await?;
             drive(endpoint, &span, connection);
-            let conn = H2Conn::new(sender, socket, max_streams, expires, slot, record.clone());
+            let conn = H2Conn::new(sender, wire, max_streams, expires, slot, record.clone());
             Dialled::Http2(conn)
         }
     };

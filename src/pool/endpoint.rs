@@ -22,6 +22,7 @@ use super::probe::probe;
 use super::retire::{
     self, close_manner, idle_limit, Close, EndpointFacts, IdleFacts, Moment, Verdict,
 };
+use super::tls::UpstreamTls;
 use super::view::{self, ConnRecord, Ending, OpenedBy};
 use super::SharedSettings;
 use crate::config::{Protocol, RetireReason, UpstreamConfig};
@@ -129,6 +130,8 @@ pub struct Endpoint {
     pub(super) stats: EndpointStats,
     /// The pool share's histograms and connection log.
     pub(super) observers: Observers,
+    /// The upstream's TLS, when it has `[upstream.tls]`.
+    pub(super) tls: Option<Arc<UpstreamTls>>,
 }
 
 /// Passive health of an endpoint.
@@ -160,6 +163,7 @@ impl Endpoint {
         maintenance: Arc<Notify>,
         first_floor: OpenedBy,
         observers: Observers,
+        tls: Option<Arc<UpstreamTls>>,
     ) -> Self {
         Self {
             addr,
@@ -185,6 +189,7 @@ impl Endpoint {
             records: Mutex::new(Vec::new()),
             stats: EndpointStats::default(),
             observers,
+            tls,
         }
     }
 

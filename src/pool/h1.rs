@@ -6,17 +6,16 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 
 use hyper::client::conn::http1::SendRequest;
-use tokio::net::TcpStream;
 use tokio::time::Instant;
 
 use super::body::{ResponseBody, UpstreamBody};
-use super::io::UpstreamIo;
+use super::io::{UpstreamIo, Wire};
 use super::lease::Slot;
 use super::retire::{close_manner, Close};
 use super::view::{ConnRecord, Ending};
 use super::PoolError;
 use crate::config::{Retire, RetirePolicy, RetireReason};
-use crate::sock::{self, PeerState};
+use crate::sock::PeerState;
 
 /// Runs the HTTP/1.1 client handshake over `io`: the sender, and the
 /// connection future hyper needs driven for the connection's life.
@@ -39,7 +38,7 @@ pub(crate) async fn handshake(
 /// A live upstream connection owned by the pool (idle) or by a [`Lease`] (busy).
 pub(crate) struct Conn {
     pub(super) sender: SendRequest<UpstreamBody>,
-    socket: Arc<TcpStream>,
+    wire: Wire,
     received: Arc<AtomicU64>,
     expires: Instant,
     /// Requests sent on it.
@@ -98,7 +97,7 @@ impl Conn {
     /// holds `slot` as an established connection.
     pub(crate) fn new(
         sender: SendRequest<UpstreamBody>,
-        socket: Arc<TcpStream>,
+        wire: Wire,
         received: Arc<AtomicU64>,
         expires: Instant,
         mut slot: Slot,
@@ -108,7 +107,7 @@ impl Conn {
         Self {
             record,
             sender,
-            socket,
+            wire,
             received,
             expires,
             requests: 0,
@@ -133,7 +132,7 @@ impl Conn {
     /// Whether an idle connection can carry another request: hyper still has it
     /// open and nothing arrived on it unasked (no FIN, no stray bytes, no RST).
     pub(crate) fn is_usable(&self) -> bool {
-        self.is_open() && sock::peer_state(&*self.socket) == PeerState::Quiet
+        self.is_open() && self.wire.peer_state() == PeerState::Quiet
     }
 
     /// When it outlives its (jittered) `max_lifetime`.
@@ -150,7 +149,7 @@ impl Conn {
     /// How the backend closed it, if it did: `peer-first` after its FIN,
     /// `RST` after its reset. A peek: for a connection being discarded.
     pub(crate) fn closed_by_backend(&self) -> Option<&'static str> {
-        match sock::peer_state(&*self.socket) {
+        match self.wire.peer_state() {
             PeerState::Closed => Some("peer-first"),
             PeerState::Failed => Some("RST"),
             PeerState::Quiet | PeerState::StrayBytes => None,
@@ -218,8 +217,8 @@ impl Conn {
 
     /// The socket, for tests that check its options.
     #[cfg(test)]
-    pub(crate) fn socket(&self) -> &TcpStream {
-        &self.socket
+    pub(crate) fn socket(&self) -> &tokio::net::TcpStream {
+        self.wire.socket()
     }
 
     /// Records `Keep-Alive: timeout=N, max=M` and `Connection: close`.
@@ -247,7 +246,7 @@ impl Conn {
         let policy = policy.for_reason(reason);
         // Only peer_first asks whether the backend closed already (a peek).
         let peer_closed =
-            policy == Retire::PeerFirst && sock::peer_state(&*self.socket) == PeerState::Closed;
+            policy == Retire::PeerFirst && self.wire.peer_state() == PeerState::Closed;
         let manner = close_manner(policy, peer_closed);
         self.record.ended(match manner {
             Close::Fin => Ending::by_tether("FIN", reason),
@@ -256,12 +255,12 @@ impl Conn {
         });
         match manner {
             Close::Fin => {
-                if let Err(e) = sock::send_fin(&*self.socket) {
+                if let Err(e) = self.wire.send_fin() {
                     tracing::debug!(error = %e, "cannot half-close retired upstream connection");
                 }
             }
             Close::Passive => {}
-            Close::Reset => sock::reset_on_close(&*self.socket),
+            Close::Reset => self.wire.reset(),
         }
         // Dropping the sender ends hyper's connection task, which drops its half
         // of the socket; the last drop closes it.
@@ -274,10 +273,10 @@ impl Conn {
         tokio::spawn(async move {
             let waited = tokio::time::timeout(PEER_CLOSE_WAIT, async {
                 loop {
-                    if self.socket.readable().await.is_err() {
+                    if self.wire.socket().readable().await.is_err() {
                         return;
                     }
-                    match sock::peer_state(&*self.socket) {
+                    match self.wire.peer_state() {
                         PeerState::Quiet => tokio::task::yield_now().await,
                         _ => return,
                     }
@@ -290,8 +289,8 @@ impl Conn {
             } else {
                 "backend-closed"
             };
-            if waited.is_err() || sock::peer_state(&*self.socket) != PeerState::Closed {
-                sock::reset_on_close(&*self.socket);
+            if waited.is_err() || self.wire.peer_state() != PeerState::Closed {
+                self.wire.reset();
                 self.record.ended(Ending {
                     closed_by: "tether",
                     how: "RST",

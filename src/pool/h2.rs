@@ -14,24 +14,22 @@ use std::sync::{Arc, Mutex};
 
 use hyper::client::conn::http2::SendRequest;
 use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
-use tokio::net::TcpStream;
 use tokio::time::Instant;
 
 use super::body::{ResponseBody, UpstreamBody};
 use super::endpoint::Endpoint;
-use super::io::UpstreamIo;
+use super::io::{UpstreamIo, Wire};
 use super::lease::{sent, SendError, Slot};
 use super::view::ConnRecord;
 use super::PoolError;
 use crate::config::UpstreamConfig;
-use crate::sock;
 
 /// One HTTP/2 connection to an endpoint.
 pub(crate) struct H2Conn {
     sender: SendRequest<UpstreamBody>,
     /// The peer's current SETTINGS_MAX_CONCURRENT_STREAMS.
     max_streams: Arc<AtomicUsize>,
-    socket: Arc<TcpStream>,
+    wire: Wire,
     in_flight: AtomicUsize,
     streams: AtomicU64,
     expires: Instant,
@@ -87,7 +85,7 @@ impl H2Conn {
     /// `slot` as an established connection.
     pub(crate) fn new(
         sender: SendRequest<UpstreamBody>,
-        socket: Arc<TcpStream>,
+        wire: Wire,
         max_streams: Arc<AtomicUsize>,
         expires: Instant,
         mut slot: Slot,
@@ -98,7 +96,7 @@ impl H2Conn {
             record,
             sender,
             max_streams,
-            socket,
+            wire,
             in_flight: AtomicUsize::new(0),
             streams: AtomicU64::new(0),
             expires,
@@ -147,9 +145,10 @@ impl H2Conn {
         self.expires
     }
 
-    /// Makes the eventual close a reset (called when it is dropped from the pool).
+    /// Makes the eventual close a reset (called when it is dropped from the
+    /// pool); on TLS, after a `close_notify`.
     pub(crate) fn reset_on_close(&self) {
-        sock::reset_on_close(&*self.socket);
+        self.wire.reset();
     }
 
     /// Opens a stream on it.

@@ -1,47 +1,138 @@
 //! The IO object hyper drives for an upstream connection: reads and writes
-//! through the socket the pool shares, counting bytes received.
+//! through the socket the pool shares, over TLS when the upstream has it,
+//! counting bytes received.
 //!
 //! The socket is shared (`Arc<TcpStream>`) between hyper's connection task and
 //! the pool, so the pool can peek at an idle connection for staleness and choose
 //! how it ends (RST via linger 0, or FIN) without going through hyper's shutdown,
-//! which would always send FIN and leave TIME_WAIT on tether.
+//! which would always send FIN and leave TIME_WAIT on tether. A TLS session is
+//! shared the same way ([`Wire`]): hyper reads and writes through it, and the
+//! pool reads through it when an idle connection has bytes waiting (a session
+//! ticket is not stray data) and writes `close_notify` when it ends one.
 
 use std::io;
 use std::pin::Pin;
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::Arc;
+use std::sync::{Arc, Mutex, MutexGuard};
 use std::task::{ready, Context, Poll};
+use std::time::Duration;
 
 use tokio::io::{AsyncRead, AsyncWrite, Interest, ReadBuf};
 use tokio::net::TcpStream;
 
-use crate::sock;
+use crate::sock::{self, PeerState};
 
-/// The IO object handed to hyper: reads and writes through the shared socket and
-/// counts bytes received, so a failed request can tell whether any response
-/// byte arrived (only then is a retry unsafe).
-pub(crate) struct UpstreamIo {
-    socket: Arc<TcpStream>,
-    received: Arc<AtomicU64>,
+/// A TLS session over the shared socket.
+pub(crate) type TlsIo = tokio_rustls::client::TlsStream<RawIo>;
+
+/// A TLS session shared by hyper's IO and the pool's [`Wire`]. A std mutex:
+/// it is held only inside a poll or a non-blocking read, never across an await.
+pub(crate) type SharedTls = Arc<Mutex<TlsIo>>;
+
+/// Takes the session's lock; a panic inside a poll cannot leave rustls'
+/// state torn (it is left as the failed call left it, which its next call
+/// reports).
+fn lock(tls: &SharedTls) -> MutexGuard<'_, TlsIo> {
+    tls.lock().unwrap_or_else(|e| e.into_inner())
 }
 
-impl UpstreamIo {
-    /// An IO over `socket` with a fresh received-bytes counter.
-    pub(crate) fn new(socket: Arc<TcpStream>) -> Self {
+/// What the pool keeps of a connection's transport: the socket, for its
+/// options and the peek, and the TLS session, if any.
+#[derive(Clone)]
+pub(crate) struct Wire {
+    socket: Arc<TcpStream>,
+    tls: Option<(SharedTls, Duration)>,
+}
+
+impl Wire {
+    /// A plain TCP connection.
+    pub(crate) fn plain(socket: Arc<TcpStream>) -> Self {
+        Self { socket, tls: None }
+    }
+
+    /// A TLS connection whose aborts wait up to `close_notify_wait` for the
+    /// `close_notify` to be acknowledged.
+    pub(crate) fn tls(socket: Arc<TcpStream>, tls: SharedTls, close_notify_wait: Duration) -> Self {
         Self {
             socket,
-            received: Arc::new(AtomicU64::new(0)),
+            tls: Some((tls, close_notify_wait)),
         }
     }
 
-    /// The counter of bytes received, shared with the connection that owns
-    /// this IO.
-    pub(crate) fn received(&self) -> Arc<AtomicU64> {
-        self.received.clone()
+    /// The socket.
+    pub(crate) fn socket(&self) -> &TcpStream {
+        &self.socket
+    }
+
+    /// What an idle connection's peer did: the raw peek, and where it shows
+    /// bytes on a TLS connection, what they are once rustls has read them
+    /// (post-handshake records — session tickets, key updates — leave the
+    /// connection quiet).
+    pub(crate) fn peer_state(&self) -> PeerState {
+        let raw = sock::peer_state(&*self.socket);
+        match (&self.tls, raw) {
+            (Some((tls, _)), PeerState::StrayBytes) => super::tls::read_through(&mut lock(tls)),
+            _ => raw,
+        }
+    }
+
+    /// Sends FIN, after a `close_notify` on TLS.
+    pub(crate) fn send_fin(&self) -> io::Result<()> {
+        if let Some((tls, _)) = &self.tls {
+            super::tls::close_notify(&mut lock(tls));
+        }
+        sock::send_fin(&*self.socket)
+    }
+
+    /// Makes the connection end in RST. On TLS a `close_notify` goes first,
+    /// and the reset waits (at most `close_notify_wait`) until the kernel's
+    /// send queue is empty, so the backend reads a clean TLS end, then the
+    /// RST; neither side keeps a TIME_WAIT.
+    pub(crate) fn reset(&self) {
+        let Some((tls, wait)) = &self.tls else {
+            sock::reset_on_close(&*self.socket);
+            return;
+        };
+        super::tls::close_notify(&mut lock(tls));
+        let (wire, wait) = (self.clone(), *wait);
+        let reset = async move {
+            let deadline = tokio::time::Instant::now() + wait;
+            while sock::unacknowledged_bytes(&*wire.socket).unwrap_or(0) > 0
+                && tokio::time::Instant::now() < deadline
+            {
+                tokio::time::sleep(Duration::from_millis(1)).await;
+            }
+            sock::reset_on_close(&*wire.socket);
+        };
+        match tokio::runtime::Handle::try_current() {
+            Ok(runtime) => {
+                runtime.spawn(reset);
+            }
+            // No runtime (a drop at exit): reset at once.
+            Err(_) => sock::reset_on_close(&*self.socket),
+        }
     }
 }
 
-impl AsyncRead for UpstreamIo {
+/// The plain socket under hyper or under a TLS session: reads into the
+/// caller's buffer without zeroing it, writes vectored, never shuts down.
+pub(crate) struct RawIo {
+    socket: Arc<TcpStream>,
+}
+
+impl RawIo {
+    /// An IO over `socket`.
+    pub(crate) fn new(socket: Arc<TcpStream>) -> Self {
+        Self { socket }
+    }
+
+    /// The socket.
+    pub(crate) fn socket(&self) -> &TcpStream {
+        &self.socket
+    }
+}
+
+impl AsyncRead for RawIo {
     fn poll_read(
         self: Pin<&mut Self>,
         cx: &mut Context<'_>,
@@ -70,13 +161,12 @@ impl AsyncRead for UpstreamIo {
                 Err(e) if e.kind() == io::ErrorKind::WouldBlock => continue,
                 Err(e) => return Poll::Ready(Err(e)),
             }
-            self.received.fetch_add(read as u64, Ordering::Relaxed);
             return Poll::Ready(Ok(()));
         }
     }
 }
 
-impl AsyncWrite for UpstreamIo {
+impl AsyncWrite for RawIo {
     fn poll_write(
         self: Pin<&mut Self>,
         cx: &mut Context<'_>,
@@ -103,6 +193,107 @@ impl AsyncWrite for UpstreamIo {
 
     /// Deliberately does nothing: how an upstream connection ends (RST or FIN)
     /// is the pool's decision, taken on the shared socket.
+    fn poll_shutdown(self: Pin<&mut Self>, _cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        Poll::Ready(Ok(()))
+    }
+}
+
+/// What hyper reads and writes through.
+enum Transport {
+    Plain(RawIo),
+    Tls(SharedTls),
+}
+
+/// The IO object handed to hyper: reads and writes through the shared socket
+/// (or the TLS session over it) and counts bytes received, so a failed
+/// request can tell whether any response byte arrived (only then is a retry
+/// unsafe). Under TLS the count is of plaintext: a session ticket is no
+/// response byte.
+pub(crate) struct UpstreamIo {
+    transport: Transport,
+    received: Arc<AtomicU64>,
+}
+
+impl UpstreamIo {
+    /// An IO over `socket` with a fresh received-bytes counter.
+    pub(crate) fn new(socket: Arc<TcpStream>) -> Self {
+        Self::over(Transport::Plain(RawIo::new(socket)))
+    }
+
+    /// An IO through the TLS session `tls`.
+    pub(crate) fn tls(tls: SharedTls) -> Self {
+        Self::over(Transport::Tls(tls))
+    }
+
+    fn over(transport: Transport) -> Self {
+        Self {
+            transport,
+            received: Arc::new(AtomicU64::new(0)),
+        }
+    }
+
+    /// The counter of bytes received, shared with the connection that owns
+    /// this IO.
+    pub(crate) fn received(&self) -> Arc<AtomicU64> {
+        self.received.clone()
+    }
+}
+
+impl AsyncRead for UpstreamIo {
+    fn poll_read(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &mut ReadBuf<'_>,
+    ) -> Poll<io::Result<()>> {
+        let before = buf.filled().len();
+        let polled = match &mut self.transport {
+            Transport::Plain(raw) => Pin::new(raw).poll_read(cx, buf),
+            Transport::Tls(tls) => Pin::new(&mut *lock(tls)).poll_read(cx, buf),
+        };
+        let read = buf.filled().len() - before;
+        self.received.fetch_add(read as u64, Ordering::Relaxed);
+        polled
+    }
+}
+
+impl AsyncWrite for UpstreamIo {
+    fn poll_write(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &[u8],
+    ) -> Poll<io::Result<usize>> {
+        match &mut self.transport {
+            Transport::Plain(raw) => Pin::new(raw).poll_write(cx, buf),
+            Transport::Tls(tls) => Pin::new(&mut *lock(tls)).poll_write(cx, buf),
+        }
+    }
+
+    fn poll_write_vectored(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        bufs: &[io::IoSlice<'_>],
+    ) -> Poll<io::Result<usize>> {
+        match &mut self.transport {
+            Transport::Plain(raw) => Pin::new(raw).poll_write_vectored(cx, bufs),
+            Transport::Tls(tls) => Pin::new(&mut *lock(tls)).poll_write_vectored(cx, bufs),
+        }
+    }
+
+    fn is_write_vectored(&self) -> bool {
+        matches!(self.transport, Transport::Plain(_))
+    }
+
+    fn poll_flush(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        match &mut self.transport {
+            Transport::Plain(_) => Poll::Ready(Ok(())),
+            // rustls holds records until they are flushed to the socket.
+            Transport::Tls(tls) => Pin::new(&mut *lock(tls)).poll_flush(cx),
+        }
+    }
+
+    /// Deliberately does nothing: how an upstream connection ends (RST or
+    /// FIN, `close_notify` first on TLS) is the pool's decision, taken on the
+    /// shared socket.
     fn poll_shutdown(self: Pin<&mut Self>, _cx: &mut Context<'_>) -> Poll<io::Result<()>> {
         Poll::Ready(Ok(()))
     }

@@ -4,6 +4,7 @@
 
 use std::fmt;
 use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Arc;
 
 use prometheus_client::collector::Collector;
 use prometheus_client::encoding::{DescriptorEncoder, EncodeMetric};
@@ -11,6 +12,7 @@ use prometheus_client::metrics::counter::ConstCounter;
 use prometheus_client::metrics::gauge::ConstGauge;
 
 use super::endpoint::{Endpoint, EndpointStats};
+use super::tls::UpstreamTls;
 use super::view::OpenedBy;
 use super::Registry;
 use crate::census::{self, TcpSocket};
@@ -138,7 +140,8 @@ impl Collector for PoolCollector {
                 }
             }
         }
-        self.encode_opened_by(&mut encoder)
+        self.encode_opened_by(&mut encoder)?;
+        self.encode_tls(&mut encoder)
     }
 }
 
@@ -162,6 +165,116 @@ impl PoolCollector {
                     ("cause", cause.label()),
                 ];
                 ConstCounter::new(value).encode(family.encode_family(&labels)?)?;
+            }
+        }
+        Ok(())
+    }
+
+    /// The TLS of every upstream that has it, once per upstream (its shares
+    /// share one).
+    fn tls(&self) -> Vec<Arc<UpstreamTls>> {
+        let mut seen: Vec<Arc<UpstreamTls>> = Vec::new();
+        for pool in &self.pools.all() {
+            if let Some(tls) = &pool.inner.tls {
+                if !seen.iter().any(|s| s.upstream() == tls.upstream()) {
+                    seen.push(tls.clone());
+                }
+            }
+        }
+        seen
+    }
+
+    /// The `upstream_tls_*` families: handshakes by kind, failures by reason,
+    /// verification off, days left on the certificates.
+    fn encode_tls(&self, encoder: &mut DescriptorEncoder) -> Result<(), fmt::Error> {
+        let all = self.tls();
+        let counter = ConstCounter::new(0u64).metric_type();
+        let gauge = ConstGauge::new(0i64).metric_type();
+        let mut family = encoder.encode_descriptor(
+            "upstream_tls_handshakes",
+            "Upstream TLS handshakes completed, by kind: full or resumed (a cached session)",
+            None,
+            counter,
+        )?;
+        for tls in &all {
+            for (kind, value) in [("full", &tls.stats.full), ("resumed", &tls.stats.resumed)] {
+                let labels = [("upstream", tls.upstream()), ("kind", kind)];
+                ConstCounter::new(value.load(Ordering::Relaxed))
+                    .encode(family.encode_family(&labels)?)?;
+            }
+        }
+        let mut family = encoder.encode_descriptor(
+            "upstream_tls_failures",
+            "Upstream TLS handshakes that failed, by reason (unknown-issuer, name-mismatch, expired, timeout, alert, ...)",
+            None,
+            counter,
+        )?;
+        for tls in &all {
+            let failures = tls
+                .stats
+                .failures
+                .lock()
+                .unwrap_or_else(|e| e.into_inner())
+                .clone();
+            for (reason, value) in failures {
+                let labels = [("upstream", tls.upstream()), ("reason", reason)];
+                ConstCounter::new(value).encode(family.encode_family(&labels)?)?;
+            }
+        }
+        let mut family = encoder.encode_descriptor(
+            "upstream_tls_verify_disabled",
+            "1 when the upstream's certificate is not verified (tls.verify = \"none\")",
+            None,
+            gauge,
+        )?;
+        for tls in &all {
+            let labels = [("upstream", tls.upstream())];
+            ConstGauge::new(i64::from(tls.verify_disabled()))
+                .encode(family.encode_family(&labels)?)?;
+        }
+        self.encode_days_left(encoder, &all)
+    }
+
+    /// Days left on each endpoint's certificate (from its last handshake) and
+    /// on the client certificate.
+    fn encode_days_left(
+        &self,
+        encoder: &mut DescriptorEncoder,
+        all: &[Arc<UpstreamTls>],
+    ) -> Result<(), fmt::Error> {
+        let gauge = ConstGauge::new(0i64).metric_type();
+        let mut family = encoder.encode_descriptor(
+            "upstream_tls_cert_days_left",
+            "Days until the endpoint's server certificate expires, as of its last handshake",
+            None,
+            gauge,
+        )?;
+        for tls in all {
+            let days = tls
+                .stats
+                .cert_days_left
+                .lock()
+                .unwrap_or_else(|e| e.into_inner())
+                .clone();
+            for (addr, value) in days {
+                let endpoint = addr.to_string();
+                let labels = [
+                    ("upstream", tls.upstream()),
+                    ("endpoint", endpoint.as_str()),
+                ];
+                ConstGauge::new(value).encode(family.encode_family(&labels)?)?;
+            }
+        }
+        let mut family = encoder.encode_descriptor(
+            "upstream_tls_client_cert_days_left",
+            "Days until the client certificate tether presents to the upstream expires",
+            None,
+            gauge,
+        )?;
+        for tls in all {
+            if let Some(value) = tls.stats.client_cert_days_left {
+                let labels = [("upstream", tls.upstream())];
+                ConstGauge::new(value).encode(family.encode_family(&labels)?)?;
             }
         }
         Ok(())

@@ -21,7 +21,8 @@
 //! loop), `dial` (the one dial path), `h1` and `h2` (a connection of each
 //! protocol), `io` (the socket hyper drives), `lease`, `retire`, `probe`,
 //! `maintain`, `balance`, `body`, `metrics`, `observe` (histograms and the
-//! connection log), `view` (`/pools`),
+//! connection log), `tls` (rustls settings, handshake, read-through and
+//! `close_notify`), `view` (`/pools`),
 //! `reconfigure` (a reload's change to a running pool), `registry` (every
 //! pool by upstream name).
 //!
@@ -51,6 +52,7 @@ mod probe;
 mod reconfigure;
 mod registry;
 mod retire;
+mod tls;
 mod view;
 
 use std::net::SocketAddr;
@@ -74,6 +76,7 @@ pub(crate) use lease::SendError;
 pub use observe::PoolObservers;
 pub use reconfigure::Reconfigured;
 pub use registry::{Registry, Shares};
+pub use tls::{warn_unverified, TlsSetupError};
 pub use view::{view, ConnectionView, EndpointView, OpenedBy, PoolView};
 
 /// Failures to obtain an upstream connection.
@@ -97,6 +100,15 @@ pub enum PoolError {
         addr: SocketAddr,
         source: std::io::Error,
     },
+    /// The TLS handshake failed (`verify`: the backend's certificate was
+    /// refused, for `reason`).
+    #[error("TLS with {addr} failed ({reason}): {detail}")]
+    Tls {
+        addr: SocketAddr,
+        verify: bool,
+        reason: &'static str,
+        detail: String,
+    },
     /// hyper refused the new connection.
     #[error("HTTP handshake with {addr} failed: {source}")]
     Handshake {
@@ -119,6 +131,8 @@ impl PoolError {
                 "connect-refused"
             }
             Self::Connect { .. } | Self::Handshake { .. } => "connect-failed",
+            Self::Tls { verify: true, .. } => "upstream-tls-verify",
+            Self::Tls { .. } => "upstream-tls-handshake",
         }
     }
 }
@@ -147,6 +161,9 @@ pub(crate) struct PoolInner {
     pub(super) maintenance: Arc<Notify>,
     pub(super) shutdown: CancellationToken,
     pub(super) observers: observe::Observers,
+    /// The upstream's TLS, fixed for the pool's life (a reload that changes
+    /// `[upstream.tls]` starts a new pool).
+    pub(super) tls: Option<Arc<tls::UpstreamTls>>,
 }
 
 impl Pool {
@@ -169,6 +186,7 @@ impl Pool {
             maintenance: Arc::new(Notify::new()),
             shutdown: CancellationToken::new(),
             observers: Arc::default(),
+            tls: tls::for_upstream(&settings),
         });
         let pool = Self { inner };
         let first =
@@ -295,6 +313,7 @@ impl Pool {
             self.inner.maintenance.clone(),
             first_floor,
             self.inner.observers.clone(),
+            self.inner.tls.clone(),
         ))
     }
 

@@ -1,0 +1,567 @@
+//! HTTPS backends (`[upstream.tls]`): an in-process rustls backend with
+//! certificates made here by rcgen, on real loopback sockets. It counts
+//! handshakes (full and resumed, as its own rustls session says), requests,
+//! and how each connection ended (a `close_notify`, then a reset or a FIN).
+
+mod common;
+
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::Arc;
+use std::time::Duration;
+
+use rcgen::{BasicConstraints, CertificateParams, DnType, IsCa, KeyPair};
+use rustls::pki_types::{CertificateDer, PrivateKeyDer, PrivatePkcs8KeyDer};
+use rustls::server::WebPkiClientVerifier;
+use rustls::{HandshakeKind, RootCertStore, ServerConfig};
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::TcpListener;
+
+use common::*;
+use tether::config::{Config, TlsConfig, TlsVerify};
+
+/// A test CA, a server certificate it signed for `localhost` and
+/// `127.0.0.1`, a client certificate it signed, and their PEM files.
+struct Pki {
+    dir: TempDir,
+    ca_der: CertificateDer<'static>,
+    server_chain: Vec<CertificateDer<'static>>,
+    server_key: Vec<u8>,
+    self_signed: (Vec<CertificateDer<'static>>, Vec<u8>),
+}
+
+impl Pki {
+    fn new(label: &str) -> Self {
+        let dir = TempDir::new(label);
+        let ca_key = KeyPair::generate().unwrap();
+        let mut ca_params = CertificateParams::new(Vec::<String>::new()).unwrap();
+        ca_params.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
+        ca_params
+            .distinguished_name
+            .push(DnType::CommonName, "tether test CA");
+        let ca = ca_params.self_signed(&ca_key).unwrap();
+        let names = vec!["localhost".to_owned(), "127.0.0.1".to_owned()];
+        let server_key = KeyPair::generate().unwrap();
+        let server = CertificateParams::new(names.clone())
+            .unwrap()
+            .signed_by(&server_key, &ca, &ca_key)
+            .unwrap();
+        let client_key = KeyPair::generate().unwrap();
+        let mut client_params = CertificateParams::new(vec!["tether-client".to_owned()]).unwrap();
+        client_params
+            .distinguished_name
+            .push(DnType::CommonName, "tether-client");
+        let client = client_params.signed_by(&client_key, &ca, &ca_key).unwrap();
+        let own_key = KeyPair::generate().unwrap();
+        let own = CertificateParams::new(names)
+            .unwrap()
+            .self_signed(&own_key)
+            .unwrap();
+        std::fs::write(dir.path().join("ca.pem"), ca.pem()).unwrap();
+        std::fs::write(dir.path().join("client.pem"), client.pem()).unwrap();
+        std::fs::write(dir.path().join("client.key"), client_key.serialize_pem()).unwrap();
+        Self {
+            ca_der: ca.der().clone(),
+            server_chain: vec![server.der().clone(), ca.der().clone()],
+            server_key: server_key.serialize_der(),
+            self_signed: (vec![own.der().clone()], own_key.serialize_der()),
+            dir,
+        }
+    }
+
+    fn path(&self, file: &str) -> PathBuf {
+        self.dir.path().join(file)
+    }
+
+    fn ca_file(&self) -> String {
+        self.path("ca.pem").display().to_string()
+    }
+
+    /// The backend's settings: the CA-signed certificate (or the
+    /// self-signed one), optionally requiring a client certificate of the CA.
+    fn server_config(&self, self_signed: bool, require_client: bool) -> Arc<ServerConfig> {
+        let (chain, key) = if self_signed {
+            self.self_signed.clone()
+        } else {
+            (self.server_chain.clone(), self.server_key.clone())
+        };
+        let key = PrivateKeyDer::Pkcs8(PrivatePkcs8KeyDer::from(key));
+        let provider = Arc::new(rustls::crypto::ring::default_provider());
+        let builder = ServerConfig::builder_with_provider(provider)
+            .with_safe_default_protocol_versions()
+            .unwrap();
+        let builder = if require_client {
+            let mut roots = RootCertStore::empty();
+            roots.add(self.ca_der.clone()).unwrap();
+            builder.with_client_cert_verifier(
+                WebPkiClientVerifier::builder(Arc::new(roots))
+                    .build()
+                    .unwrap(),
+            )
+        } else {
+            builder.with_no_client_auth()
+        };
+        Arc::new(builder.with_single_cert(chain, key).unwrap())
+    }
+}
+
+/// What the TLS backend saw.
+#[derive(Default)]
+struct Seen {
+    accepted: AtomicUsize,
+    full: AtomicUsize,
+    resumed: AtomicUsize,
+    failed_handshakes: AtomicUsize,
+    requests: AtomicUsize,
+    client_certs: AtomicUsize,
+    key_updates: AtomicUsize,
+    /// A `close_notify` read, then the socket reset.
+    close_notify_then_reset: AtomicUsize,
+    /// A `close_notify` read, then a FIN.
+    close_notify_then_fin: AtomicUsize,
+    /// The connection ended without a `close_notify`.
+    unclean: AtomicUsize,
+}
+
+impl Seen {
+    fn get(counter: &AtomicUsize) -> usize {
+        counter.load(Ordering::SeqCst)
+    }
+}
+
+/// A TLS backend answering `200 ok` to every GET, until told to close its
+/// connections.
+struct TlsBackend {
+    addr: SocketAddr,
+    seen: Arc<Seen>,
+    close_all: tokio::sync::watch::Sender<u64>,
+}
+
+impl TlsBackend {
+    /// Starts it; with `key_update`, each response is followed, that long
+    /// after, by a TLS key update on the idle connection.
+    async fn start(config: Arc<ServerConfig>, key_update: Option<Duration>) -> Self {
+        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        let seen = Arc::new(Seen::default());
+        let (close_all, closing) = tokio::sync::watch::channel(0u64);
+        let acceptor = tokio_rustls::TlsAcceptor::from(config);
+        let theirs = seen.clone();
+        tokio::spawn(async move {
+            while let Ok((tcp, _)) = listener.accept().await {
+                theirs.accepted.fetch_add(1, Ordering::SeqCst);
+                let (acceptor, seen, closing) = (acceptor.clone(), theirs.clone(), closing.clone());
+                tokio::spawn(async move {
+                    let Ok(tls) = acceptor.accept(tcp).await else {
+                        seen.failed_handshakes.fetch_add(1, Ordering::SeqCst);
+                        return;
+                    };
+                    serve(tls, seen, closing, key_update).await;
+                });
+            }
+        });
+        Self {
+            addr,
+            seen,
+            close_all,
+        }
+    }
+
+    /// Every connection sends `close_notify` and FIN.
+    fn close_every_connection(&self) {
+        self.close_all.send_modify(|generation| *generation += 1);
+    }
+}
+
+/// Serves one TLS connection.
+async fn serve(
+    mut tls: tokio_rustls::server::TlsStream<tokio::net::TcpStream>,
+    seen: Arc<Seen>,
+    mut closing: tokio::sync::watch::Receiver<u64>,
+    key_update: Option<Duration>,
+) {
+    let session = tls.get_ref().1;
+    match session.handshake_kind() {
+        Some(HandshakeKind::Resumed) => seen.resumed.fetch_add(1, Ordering::SeqCst),
+        _ => seen.full.fetch_add(1, Ordering::SeqCst),
+    };
+    if session.peer_certificates().is_some() {
+        seen.client_certs.fetch_add(1, Ordering::SeqCst);
+    }
+    closing.mark_unchanged();
+    let mut head = Vec::new();
+    let mut buf = [0u8; 4096];
+    loop {
+        let read = tokio::select! {
+            read = tls.read(&mut buf) => read,
+            _ = closing.changed() => {
+                let _ = tls.shutdown().await;
+                return;
+            }
+        };
+        match read {
+            Ok(0) => return ended_after_close_notify(tls, &seen).await,
+            Ok(n) => head.extend_from_slice(&buf[..n]),
+            Err(_) => {
+                seen.unclean.fetch_add(1, Ordering::SeqCst);
+                return;
+            }
+        }
+        while let Some(end) = head.windows(4).position(|w| w == b"\r\n\r\n") {
+            head.drain(..end + 4);
+            seen.requests.fetch_add(1, Ordering::SeqCst);
+            let answer = b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nok";
+            if tls.write_all(answer).await.is_err() || tls.flush().await.is_err() {
+                return;
+            }
+            if let Some(after) = key_update {
+                tokio::time::sleep(after).await;
+                tls.get_mut().1.refresh_traffic_keys().unwrap();
+                tls.flush().await.unwrap();
+                seen.key_updates.fetch_add(1, Ordering::SeqCst);
+            }
+        }
+    }
+}
+
+/// After a `close_notify`: how the TCP connection under it ends.
+async fn ended_after_close_notify(
+    mut tls: tokio_rustls::server::TlsStream<tokio::net::TcpStream>,
+    seen: &Seen,
+) {
+    let mut byte = [0u8; 1];
+    let raw = &mut tls.get_mut().0;
+    match tokio::time::timeout(PATIENCE, raw.read(&mut byte)).await {
+        Ok(Err(e)) if e.kind() == std::io::ErrorKind::ConnectionReset => {
+            seen.close_notify_then_reset.fetch_add(1, Ordering::SeqCst)
+        }
+        Ok(Ok(0)) => seen.close_notify_then_fin.fetch_add(1, Ordering::SeqCst),
+        _ => seen.unclean.fetch_add(1, Ordering::SeqCst),
+    };
+}
+
+/// tether toward `backend` over TLS with `tls`, the upstream named `name`
+/// (distinct per test: the TLS settings are shared process-wide by name).
+fn tls_config(backend: SocketAddr, name: &str, tls: TlsConfig) -> Config {
+    let mut config = config_for(backend);
+    config.upstreams[0].name = name.to_owned();
+    config.listeners[0].upstream = name.to_owned();
+    config.upstreams[0].tls = Some(tls);
+    config.validate().unwrap();
+    config
+}
+
+/// `[upstream.tls]` trusting the test CA only.
+fn trusting(pki: &Pki) -> TlsConfig {
+    TlsConfig {
+        ca: vec![pki.ca_file()],
+        ..TlsConfig::default()
+    }
+}
+
+/// The value of the series starting with `prefix` in a `/metrics` text.
+fn metric(text: &str, prefix: &str) -> f64 {
+    text.lines()
+        .find(|l| l.starts_with(prefix))
+        .and_then(|l| l.rsplit(' ').next())
+        .and_then(|v| v.parse().ok())
+        .unwrap_or_else(|| panic!("no metric {prefix} in:\n{text}"))
+}
+
+async fn metrics(t: &Tether) -> String {
+    get_once(t.admin(), "/metrics").await.text()
+}
+
+/// Connections tether opened to the upstream, over every endpoint.
+fn opened(t: &Tether, upstream: &str) -> u64 {
+    t.pools(upstream)
+        .flat_map(|p| {
+            p.endpoints()
+                .iter()
+                .map(|e| e.stats().opened.load(Ordering::SeqCst))
+                .collect::<Vec<_>>()
+        })
+        .sum()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn two_thousand_short_clients_cost_a_few_handshakes_and_a_refill_resumes() {
+    let pki = Pki::new("tls-resume");
+    let backend = TlsBackend::start(pki.server_config(false, false), None).await;
+    let mut config = tls_config(backend.addr, "tls-resume", trusting(&pki));
+    config.upstreams[0].pool.min_idle = 4;
+    let seen = backend.seen.clone();
+    with_tether(config, |t| async move {
+        let addr = t.addr();
+        let statuses = concurrently(8, || async move {
+            let mut ok = 0;
+            for _ in 0..250 {
+                ok += usize::from(get_once(addr, "/").await.status == 200);
+            }
+            ok
+        })
+        .await;
+        assert_eq!(statuses.iter().sum::<usize>(), 2000);
+        assert_eq!(Seen::get(&seen.requests), 2000);
+        let handshakes = Seen::get(&seen.full) + Seen::get(&seen.resumed);
+        // The warm floor, and at most one more per concurrent client.
+        assert!(
+            handshakes <= 4 + 8,
+            "{handshakes} handshakes for 2000 clients"
+        );
+        assert_eq!(handshakes as u64, opened(&t, "tls-resume"));
+        let first_full = Seen::get(&seen.full);
+        println!("2000 clients: {handshakes} handshakes ({first_full} full)");
+
+        // The backend ends every connection; the pool refills its floor,
+        // resuming the sessions it cached.
+        let before = Seen::get(&seen.accepted);
+        backend.close_every_connection();
+        eventually(|| {
+            Seen::get(&seen.accepted) >= before + 4 && t.pools("tls-resume").all(|p| p.is_warm())
+        })
+        .await;
+        eventually(|| Seen::get(&seen.resumed) >= 4).await;
+        let text = metrics(&t).await;
+        let resumed = metric(
+            &text,
+            "tether_upstream_tls_handshakes_total{upstream=\"tls-resume\",kind=\"resumed\"}",
+        );
+        let full = metric(
+            &text,
+            "tether_upstream_tls_handshakes_total{upstream=\"tls-resume\",kind=\"full\"}",
+        );
+        assert_eq!(resumed as usize, Seen::get(&seen.resumed), "{text}");
+        assert_eq!(full as usize, Seen::get(&seen.full), "{text}");
+        assert_eq!(
+            Seen::get(&seen.full),
+            first_full,
+            "the refill made no full handshake"
+        );
+        println!("after the refill: {full} full, {resumed} resumed");
+        let days = metric(
+            &text,
+            "tether_upstream_tls_cert_days_left{upstream=\"tls-resume\"",
+        );
+        assert!(
+            days > 300.0,
+            "rcgen's certificates are valid for years: {days}"
+        );
+    })
+    .await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_unverifiable_backend_gets_no_request() {
+    let pki = Pki::new("tls-verify");
+    let backend = TlsBackend::start(pki.server_config(true, false), None).await;
+    let cases = [
+        ("tls-verify-system", TlsConfig::default(), "unknown-issuer"),
+        (
+            "tls-verify-name",
+            TlsConfig {
+                server_name: Some("elsewhere.example".into()),
+                ..trusting(&pki)
+            },
+            "unknown-issuer",
+        ),
+    ];
+    for (name, tls, reason) in cases {
+        let mut config = tls_config(backend.addr, name, tls);
+        config.upstreams[0].pool.min_idle = 0;
+        with_tether(config, |t| async move {
+            let response = get_once(t.addr(), "/").await;
+            assert_tether_error(&response, 502, "upstream-tls-verify");
+            let text = metrics(&t).await;
+            let prefix = format!(
+                "tether_upstream_tls_failures_total{{upstream=\"{name}\",reason=\"{reason}\"}}"
+            );
+            assert!(metric(&text, &prefix) >= 1.0);
+        })
+        .await;
+    }
+    assert_eq!(Seen::get(&backend.seen.requests), 0);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_wrong_server_name_is_refused_and_the_right_ca_is_trusted() {
+    let pki = Pki::new("tls-name");
+    let backend = TlsBackend::start(pki.server_config(false, false), None).await;
+    let wrong = TlsConfig {
+        server_name: Some("elsewhere.example".into()),
+        ..trusting(&pki)
+    };
+    let mut config = tls_config(backend.addr, "tls-name-wrong", wrong);
+    config.upstreams[0].pool.min_idle = 0;
+    with_tether(config, |t| async move {
+        let response = get_once(t.addr(), "/").await;
+        assert_tether_error(&response, 502, "upstream-tls-verify");
+        let text = metrics(&t).await;
+        assert!(metric(&text, "tether_upstream_tls_failures_total{upstream=\"tls-name-wrong\",reason=\"name-mismatch\"}") >= 1.0);
+    })
+    .await;
+    assert_eq!(Seen::get(&backend.seen.requests), 0);
+    let config = tls_config(backend.addr, "tls-name-right", trusting(&pki));
+    with_tether(config, |t| async move {
+        assert_eq!(get_once(t.addr(), "/").await.status, 200);
+        let text = metrics(&t).await;
+        assert_eq!(
+            metric(
+                &text,
+                "tether_upstream_tls_verify_disabled{upstream=\"tls-name-right\"}"
+            ),
+            0.0
+        );
+    })
+    .await;
+    assert_eq!(Seen::get(&backend.seen.requests), 1);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn verify_none_reaches_a_self_signed_backend_and_says_so() {
+    let pki = Pki::new("tls-none");
+    let backend = TlsBackend::start(pki.server_config(true, false), None).await;
+    let tls = TlsConfig {
+        verify: TlsVerify::None,
+        ..TlsConfig::default()
+    };
+    let config = tls_config(backend.addr, "tls-none", tls);
+    with_tether(config, |t| async move {
+        assert_eq!(get_once(t.addr(), "/").await.status, 200);
+        let text = metrics(&t).await;
+        assert_eq!(
+            metric(
+                &text,
+                "tether_upstream_tls_verify_disabled{upstream=\"tls-none\"}"
+            ),
+            1.0
+        );
+    })
+    .await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_key_update_on_an_idle_connection_does_not_make_it_stale() {
+    let pki = Pki::new("tls-idle");
+    let update = Duration::from_millis(100);
+    let backend = TlsBackend::start(pki.server_config(false, false), Some(update)).await;
+    let mut config = tls_config(backend.addr, "tls-idle", trusting(&pki));
+    config.upstreams[0].pool.min_idle = 1;
+    let seen = backend.seen.clone();
+    with_tether(config, |t| async move {
+        // The session tickets of TLS 1.3 arrived after the handshake, while
+        // the warm connection sat idle.
+        tokio::time::sleep(Duration::from_millis(200)).await;
+        for round in 1..=3 {
+            assert_eq!(get_once(t.addr(), "/").await.status, 200);
+            eventually(|| Seen::get(&seen.key_updates) == round).await;
+            tokio::time::sleep(Duration::from_millis(200)).await;
+        }
+        assert_eq!(
+            Seen::get(&seen.accepted),
+            1,
+            "the one connection carried every request"
+        );
+        let endpoint = t.pools("tls-idle").next().unwrap().endpoints()[0].clone();
+        assert_eq!(endpoint.stats().reused.load(Ordering::SeqCst), 3);
+        assert_eq!(endpoint.stats().discarded.load(Ordering::SeqCst), 0);
+    })
+    .await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_aborted_tls_connection_ends_with_close_notify_then_reset() {
+    let pki = Pki::new("tls-abort");
+    let backend = TlsBackend::start(pki.server_config(false, false), None).await;
+    let mut config = tls_config(backend.addr, "tls-abort", trusting(&pki));
+    config.upstreams[0].pool.min_idle = 1;
+    config.upstreams[0].pool.max_lifetime = Duration::from_secs(1);
+    let seen = backend.seen.clone();
+    let baseline = TimeWaitBaseline::now();
+    with_tether(config, |t| async move {
+        assert_eq!(get_once(t.addr(), "/").await.status, 200);
+        eventually(|| Seen::get(&seen.close_notify_then_reset) >= 2).await;
+    })
+    .await;
+    assert_eq!(Seen::get(&backend.seen.close_notify_then_fin), 0);
+    assert_eq!(
+        baseline.at_port(backend.addr.port()),
+        (0, 0),
+        "no TIME_WAIT on either side"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_backend_requiring_a_client_certificate_accepts_tethers() {
+    let pki = Pki::new("tls-mutual");
+    let backend = TlsBackend::start(pki.server_config(false, true), None).await;
+    let tls = TlsConfig {
+        client_cert: Some(pki.path("client.pem")),
+        client_key: Some(pki.path("client.key")),
+        ..trusting(&pki)
+    };
+    let config = tls_config(backend.addr, "tls-mutual", tls);
+    with_tether(config, |t| async move {
+        assert_eq!(get_once(t.addr(), "/").await.status, 200);
+        let text = metrics(&t).await;
+        assert!(
+            metric(
+                &text,
+                "tether_upstream_tls_client_cert_days_left{upstream=\"tls-mutual\"}"
+            ) > 300.0
+        );
+    })
+    .await;
+    assert!(Seen::get(&backend.seen.client_certs) >= 1);
+    assert_eq!(Seen::get(&backend.seen.failed_handshakes), 0);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn http2_upstreams_negotiate_h2_over_tls() {
+    let pki = Pki::new("tls-h2");
+    let mut server = ServerConfig::clone(&pki.server_config(false, false));
+    server.alpn_protocols = vec![b"h2".to_vec()];
+    let acceptor = tokio_rustls::TlsAcceptor::from(Arc::new(server));
+    let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    let negotiated = Arc::new(AtomicUsize::new(0));
+    let theirs = negotiated.clone();
+    tokio::spawn(async move {
+        while let Ok((tcp, _)) = listener.accept().await {
+            let Ok(tls) = acceptor.accept(tcp).await else {
+                continue;
+            };
+            if tls.get_ref().1.alpn_protocol() == Some(b"h2") {
+                theirs.fetch_add(1, Ordering::SeqCst);
+            }
+            let service = hyper::service::service_fn(|_request| async {
+                Ok::<_, std::convert::Infallible>(hyper::Response::new(http_body_util::Full::new(
+                    bytes::Bytes::from_static(b"ok"),
+                )))
+            });
+            let builder =
+                hyper::server::conn::http2::Builder::new(hyper_util::rt::TokioExecutor::new());
+            tokio::spawn(async move {
+                let _ = builder
+                    .serve_connection(hyper_util::rt::TokioIo::new(tls), service)
+                    .await;
+            });
+        }
+    });
+    let mut config = tls_config(addr, "tls-h2", trusting(&pki));
+    config.upstreams[0].protocol = tether::config::Protocol::Http2;
+    config.upstreams[0].pool.min_idle = 1;
+    with_tether(config, |t| async move {
+        for _ in 0..3 {
+            let response = get_once(t.addr(), "/").await;
+            assert_eq!((response.status, response.text()), (200, "ok".to_owned()));
+        }
+    })
+    .await;
+    assert_eq!(
+        negotiated.load(Ordering::SeqCst),
+        1,
+        "one h2 connection carried every request"
+    );
+}
