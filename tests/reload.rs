@@ -288,6 +288,15 @@ async fn until_generation(admin: SocketAddr, expected: u64) {
     }
 }
 
+/// The binary on [`two_upstreams`], each with a backend of its own, ready.
+async fn ready_binary() -> (TetherProcess, Config, [Backend; 2]) {
+    let backends = [Backend::start().await, Backend::start().await];
+    let base = two_upstreams(backends[0].addr, backends[1].addr);
+    let tether = TetherProcess::start(&base);
+    health_ready(tether.admin()).await;
+    (tether, base, backends)
+}
+
 /// Waits until `/readyz` answers 200.
 async fn health_ready(admin: SocketAddr) {
     for _ in 0..500 {
@@ -358,12 +367,8 @@ async fn a_moved_upstream_warms_its_new_address_before_requests_move() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn an_invalid_file_changes_nothing_and_the_answer_lists_its_key_paths() {
-    let backend = Backend::start().await;
-    let other = Backend::start().await;
-    let base = two_upstreams(backend.addr, other.addr);
-    let tether = TetherProcess::start(&base);
+    let (tether, base, _backends) = ready_binary().await;
     let admin = tether.admin();
-    health_ready(admin).await;
     let before = get_once(admin, "/config").await.text();
     let file = tether.dir().join("tether.toml");
     let mut text = base.to_toml();
@@ -396,12 +401,8 @@ async fn an_invalid_file_changes_nothing_and_the_answer_lists_its_key_paths() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_restart_key_is_reported_and_not_applied_while_the_rest_is() {
-    let backend = Backend::start().await;
-    let other = Backend::start().await;
-    let base = two_upstreams(backend.addr, other.addr);
-    let tether = TetherProcess::start(&base);
+    let (tether, base, _backends) = ready_binary().await;
     let admin = tether.admin();
-    health_ready(admin).await;
     let mut next = base.clone();
     next.runtime.worker_threads = 5;
     next.listeners[0].request_timeout = Duration::from_secs(7);
@@ -509,12 +510,8 @@ async fn admin_call(admin: SocketAddr, method: &str, path: &str) -> (u16, String
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_log_level_changes_through_the_admin_server_and_on_reload() {
-    let backend = Backend::start().await;
-    let other = Backend::start().await;
-    let base = two_upstreams(backend.addr, other.addr);
-    let tether = TetherProcess::start(&base);
+    let (tether, base, _backends) = ready_binary().await;
     let admin = tether.admin();
-    health_ready(admin).await;
     assert_eq!(
         admin_call(admin, "GET", "/logging").await,
         (200, "level: info\n".into())
