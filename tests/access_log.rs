@@ -50,15 +50,6 @@ fn log_to(config: &mut Config, dir: &Path) -> (PathBuf, PathBuf) {
     (access, connections)
 }
 
-/// The value of the series `prefix` in a `/metrics` text.
-fn metric(text: &str, prefix: &str) -> f64 {
-    text.lines()
-        .find(|l| l.starts_with(prefix))
-        .and_then(|l| l.rsplit(' ').next())
-        .and_then(|v| v.parse().ok())
-        .unwrap_or_else(|| panic!("no metric {prefix} in:\n{text}"))
-}
-
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn request_on_a_warm_pool_is_logged_as_reused_with_no_connect_time() {
     let dir = TempDir::new("access-warm");
@@ -173,8 +164,8 @@ async fn queued_request_logs_a_pool_wait_at_least_the_hold_time() {
         let text = get_once(t.admin(), "/metrics").await.text();
         let series = r#"tether_upstream_pool_wait_seconds"#;
         let labels = r#"{upstream="backend"}"#;
-        assert_eq!(metric(&text, &format!("{series}_count{labels}")), 2.0);
-        assert!(metric(&text, &format!("{series}_sum{labels}")) >= HOLD.as_secs_f64());
+        assert_eq!(series_value(&text, &format!("{series}_count{labels}")), 2.0);
+        assert!(series_value(&text, &format!("{series}_sum{labels}")) >= HOLD.as_secs_f64());
     })
     .await;
 }
@@ -223,24 +214,30 @@ async fn connection_retired_with_abort_is_logged_as_the_reset_the_backend_saw() 
     // One connection ended, having carried three requests.
     let series = "tether_upstream_requests_per_connection";
     let labels = r#"{upstream="backend"}"#;
-    assert_eq!(metric(&metrics, &format!("{series}_count{labels}")), 1.0);
-    assert_eq!(metric(&metrics, &format!("{series}_sum{labels}")), 3.0);
     assert_eq!(
-        metric(
+        series_value(&metrics, &format!("{series}_count{labels}")),
+        1.0
+    );
+    assert_eq!(
+        series_value(&metrics, &format!("{series}_sum{labels}")),
+        3.0
+    );
+    assert_eq!(
+        series_value(
             &metrics,
             &format!(r#"{series}_bucket{{le="2.0",upstream="backend"}}"#)
         ),
         0.0
     );
     assert_eq!(
-        metric(
+        series_value(
             &metrics,
             &format!(r#"{series}_bucket{{le="5.0",upstream="backend"}}"#)
         ),
         1.0
     );
     assert_eq!(
-        metric(
+        series_value(
             &metrics,
             r#"tether_upstream_pool_wait_seconds_count{upstream="backend"}"#
         ),
@@ -279,7 +276,7 @@ async fn a_sink_nobody_reads_delays_no_request_and_counts_what_it_drops() {
         let deadline = tokio::time::Instant::now() + PATIENCE;
         loop {
             let text = get_once(t.admin(), "/metrics").await.text();
-            let dropped = metric(&text, r#"tether_log_lines_dropped_total{log="access"}"#);
+            let dropped = series_value(&text, r#"tether_log_lines_dropped_total{log="access"}"#);
             if dropped >= 18.0 {
                 break;
             }

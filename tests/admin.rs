@@ -8,14 +8,6 @@ use std::time::Duration;
 use common::*;
 use tether::config::ClientClose;
 
-fn metric(text: &str, prefix: &str) -> f64 {
-    text.lines()
-        .find(|l| l.starts_with(prefix))
-        .and_then(|l| l.rsplit(' ').next())
-        .and_then(|v| v.parse().ok())
-        .unwrap_or_else(|| panic!("no metric {prefix} in:\n{text}"))
-}
-
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn metrics_count_outcomes_endings_and_time_wait() {
     with_tether_and_backend(
@@ -38,7 +30,7 @@ async fn metrics_count_outcomes_endings_and_time_wait() {
 
             let text = get_once(admin, "/metrics").await.text();
             let listener = |name: &str, labels: &str| {
-                metric(&text, &format!("{name}{{listener=\"app\",{labels}}}"))
+                series_value(&text, &format!("{name}{{listener=\"app\",{labels}}}"))
             };
             assert_eq!(listener("tether_requests_total", r#"class="2xx""#), 3.0);
             assert_eq!(listener("tether_requests_total", r#"class="4xx""#), 2.0);
@@ -61,14 +53,14 @@ async fn metrics_count_outcomes_endings_and_time_wait() {
                 2.0
             );
             assert_eq!(
-                metric(
+                series_value(
                     &text,
                     r#"tether_client_connections_accepted_total{listener="app"}"#
                 ),
                 5.0
             );
             let endpoint = |name: &str| {
-                metric(
+                series_value(
                     &text,
                     &format!(
                         r#"{name}{{upstream="backend",endpoint="{}"}}"#,
@@ -79,7 +71,7 @@ async fn metrics_count_outcomes_endings_and_time_wait() {
             assert_eq!(endpoint("tether_upstream_connections_open"), 2.0);
             assert_eq!(endpoint("tether_time_wait_toward_upstream"), 0.0);
             // Graceful close: the TIME_WAIT of each finished exchange is on the listener.
-            assert!(metric(&text, r#"tether_time_wait_on_listener{listener="app"}"#) >= 3.0);
+            assert!(series_value(&text, r#"tether_time_wait_on_listener{listener="app"}"#) >= 3.0);
 
             assert_eq!(get_once(admin, "/healthz").await.status, 200);
             t.ready().await;

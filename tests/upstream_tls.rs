@@ -260,15 +260,6 @@ fn trusting(pki: &Pki) -> TlsConfig {
     }
 }
 
-/// The value of the series starting with `prefix` in a `/metrics` text.
-fn metric(text: &str, prefix: &str) -> f64 {
-    text.lines()
-        .find(|l| l.starts_with(prefix))
-        .and_then(|l| l.rsplit(' ').next())
-        .and_then(|v| v.parse().ok())
-        .unwrap_or_else(|| panic!("no metric {prefix} in:\n{text}"))
-}
-
 async fn metrics(t: &Tether) -> String {
     get_once(t.admin(), "/metrics").await.text()
 }
@@ -324,11 +315,11 @@ async fn two_thousand_short_clients_cost_a_few_handshakes_and_a_refill_resumes()
         .await;
         eventually(|| Seen::get(&seen.resumed) >= 4).await;
         let text = metrics(&t).await;
-        let resumed = metric(
+        let resumed = series_value(
             &text,
             "tether_upstream_tls_handshakes_total{upstream=\"tls-resume\",kind=\"resumed\"}",
         );
-        let full = metric(
+        let full = series_value(
             &text,
             "tether_upstream_tls_handshakes_total{upstream=\"tls-resume\",kind=\"full\"}",
         );
@@ -340,7 +331,7 @@ async fn two_thousand_short_clients_cost_a_few_handshakes_and_a_refill_resumes()
             "the refill made no full handshake"
         );
         println!("after the refill: {full} full, {resumed} resumed");
-        let days = metric(
+        let days = series_value(
             &text,
             "tether_upstream_tls_cert_days_left{upstream=\"tls-resume\"",
         );
@@ -377,7 +368,7 @@ async fn an_unverifiable_backend_gets_no_request() {
             let prefix = format!(
                 "tether_upstream_tls_failures_total{{upstream=\"{name}\",reason=\"{reason}\"}}"
             );
-            assert!(metric(&text, &prefix) >= 1.0);
+            assert!(series_value(&text, &prefix) >= 1.0);
         })
         .await;
     }
@@ -398,7 +389,7 @@ async fn a_wrong_server_name_is_refused_and_the_right_ca_is_trusted() {
         let response = get_once(t.addr(), "/").await;
         assert_tether_error(&response, 502, "upstream-tls-verify");
         let text = metrics(&t).await;
-        assert!(metric(&text, "tether_upstream_tls_failures_total{upstream=\"tls-name-wrong\",reason=\"name-mismatch\"}") >= 1.0);
+        assert!(series_value(&text, "tether_upstream_tls_failures_total{upstream=\"tls-name-wrong\",reason=\"name-mismatch\"}") >= 1.0);
     })
     .await;
     assert_eq!(Seen::get(&backend.seen.requests), 0);
@@ -407,7 +398,7 @@ async fn a_wrong_server_name_is_refused_and_the_right_ca_is_trusted() {
         assert_eq!(get_once(t.addr(), "/").await.status, 200);
         let text = metrics(&t).await;
         assert_eq!(
-            metric(
+            series_value(
                 &text,
                 "tether_upstream_tls_verify_disabled{upstream=\"tls-name-right\"}"
             ),
@@ -431,7 +422,7 @@ async fn verify_none_reaches_a_self_signed_backend_and_says_so() {
         assert_eq!(get_once(t.addr(), "/").await.status, 200);
         let text = metrics(&t).await;
         assert_eq!(
-            metric(
+            series_value(
                 &text,
                 "tether_upstream_tls_verify_disabled{upstream=\"tls-none\"}"
             ),
@@ -506,7 +497,7 @@ async fn a_backend_requiring_a_client_certificate_accepts_tethers() {
         assert_eq!(get_once(t.addr(), "/").await.status, 200);
         let text = metrics(&t).await;
         assert!(
-            metric(
+            series_value(
                 &text,
                 "tether_upstream_tls_client_cert_days_left{upstream=\"tls-mutual\"}"
             ) > 300.0

@@ -159,3 +159,13 @@ impl Client {
         self.reader.get_mut()
     }
 }
+
+/// The value of the first series starting with `prefix` (a name, or a name
+/// and its labels) in a `/metrics` text; panics, showing the text, if none.
+pub fn series_value(text: &str, prefix: &str) -> f64 {
+    text.lines()
+        .find(|l| l.starts_with(prefix))
+        .and_then(|l| l.rsplit(' ').next())
+        .and_then(|v| v.parse().ok())
+        .unwrap_or_else(|| panic!("no metric {prefix} in:\n{text}"))
+}
