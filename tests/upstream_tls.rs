@@ -9,7 +9,7 @@ use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Arc;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use rcgen::{BasicConstraints, CertificateParams, DnType, IsCa, KeyPair};
 use rustls::pki_types::{CertificateDer, PrivateKeyDer, PrivatePkcs8KeyDer};
@@ -25,6 +25,8 @@ use tether::config::{Config, TlsConfig, TlsVerify};
 /// `127.0.0.1`, a client certificate it signed, and their PEM files.
 struct Pki {
     dir: TempDir,
+    ca: rcgen::Certificate,
+    ca_key: KeyPair,
     ca_der: CertificateDer<'static>,
     server_chain: Vec<CertificateDer<'static>>,
     server_key: Vec<u8>,
@@ -47,27 +49,48 @@ impl Pki {
             .unwrap()
             .signed_by(&server_key, &ca, &ca_key)
             .unwrap();
-        let client_key = KeyPair::generate().unwrap();
-        let mut client_params = CertificateParams::new(vec!["tether-client".to_owned()]).unwrap();
-        client_params
-            .distinguished_name
-            .push(DnType::CommonName, "tether-client");
-        let client = client_params.signed_by(&client_key, &ca, &ca_key).unwrap();
         let own_key = KeyPair::generate().unwrap();
         let own = CertificateParams::new(names)
             .unwrap()
             .self_signed(&own_key)
             .unwrap();
         std::fs::write(dir.path().join("ca.pem"), ca.pem()).unwrap();
-        std::fs::write(dir.path().join("client.pem"), client.pem()).unwrap();
-        std::fs::write(dir.path().join("client.key"), client_key.serialize_pem()).unwrap();
-        Self {
+        let pki = Self {
             ca_der: ca.der().clone(),
             server_chain: vec![server.der().clone(), ca.der().clone()],
             server_key: server_key.serialize_der(),
             self_signed: (vec![own.der().clone()], own_key.serialize_der()),
+            ca,
+            ca_key,
             dir,
+        };
+        pki.issue_client("tether-client", None, "client");
+        pki
+    }
+
+    /// A client certificate for `name` signed by the CA, valid until
+    /// `not_after` (default: rcgen's, years), written as `{file}.pem` and
+    /// `{file}.key` by renaming each over the old (so a reader sees one or
+    /// the other, never half). Its DER.
+    fn issue_client(
+        &self,
+        name: &str,
+        not_after: Option<time::OffsetDateTime>,
+        file: &str,
+    ) -> Vec<u8> {
+        let key = KeyPair::generate().unwrap();
+        let mut params = CertificateParams::new(vec![name.to_owned()]).unwrap();
+        params.distinguished_name.push(DnType::CommonName, name);
+        if let Some(at) = not_after {
+            params.not_after = at;
         }
+        let cert = params.signed_by(&key, &self.ca, &self.ca_key).unwrap();
+        for (ext, text) in [("key", key.serialize_pem()), ("pem", cert.pem())] {
+            let staged = self.path(&format!(".{file}.{ext}.new"));
+            std::fs::write(&staged, text).unwrap();
+            std::fs::rename(&staged, self.path(&format!("{file}.{ext}"))).unwrap();
+        }
+        cert.der().to_vec()
     }
 
     fn path(&self, file: &str) -> PathBuf {
@@ -122,11 +145,48 @@ struct Seen {
     close_notify_then_fin: AtomicUsize,
     /// The connection ended without a `close_notify`.
     unclean: AtomicUsize,
+    /// Every connection that completed its handshake.
+    conns: std::sync::Mutex<Vec<ConnSeen>>,
+}
+
+/// One connection as the backend saw it.
+#[derive(Clone)]
+struct ConnSeen {
+    /// The client certificate it presented (DER), if any.
+    client_cert: Option<Vec<u8>>,
+    /// When each of its requests arrived.
+    requests: Vec<Instant>,
+    closed: Option<Instant>,
 }
 
 impl Seen {
     fn get(counter: &AtomicUsize) -> usize {
         counter.load(Ordering::SeqCst)
+    }
+
+    fn conns(&self) -> Vec<ConnSeen> {
+        self.conns.lock().unwrap().clone()
+    }
+
+    /// Connections still open that presented `cert`.
+    fn open_with(&self, cert: &[u8]) -> usize {
+        self.conns()
+            .iter()
+            .filter(|c| c.closed.is_none() && c.client_cert.as_deref() == Some(cert))
+            .count()
+    }
+
+    fn on(&self, index: usize, change: impl FnOnce(&mut ConnSeen)) {
+        change(&mut self.conns.lock().unwrap()[index]);
+    }
+}
+
+/// Marks its connection closed however serving it ends.
+struct Closes(Arc<Seen>, usize);
+
+impl Drop for Closes {
+    fn drop(&mut self) {
+        self.0.on(self.1, |c| c.closed = Some(Instant::now()));
     }
 }
 
@@ -189,6 +249,20 @@ async fn serve(
     if session.peer_certificates().is_some() {
         seen.client_certs.fetch_add(1, Ordering::SeqCst);
     }
+    let client_cert = session
+        .peer_certificates()
+        .and_then(|chain| chain.first())
+        .map(|cert| cert.to_vec());
+    let index = {
+        let mut conns = seen.conns.lock().unwrap();
+        conns.push(ConnSeen {
+            client_cert,
+            requests: Vec::new(),
+            closed: None,
+        });
+        conns.len() - 1
+    };
+    let _closes = Closes(seen.clone(), index);
     closing.mark_unchanged();
     let mut head = Vec::new();
     let mut buf = [0u8; 4096];
@@ -211,6 +285,7 @@ async fn serve(
         while let Some(end) = head.windows(4).position(|w| w == b"\r\n\r\n") {
             head.drain(..end + 4);
             seen.requests.fetch_add(1, Ordering::SeqCst);
+            seen.on(index, |c| c.requests.push(Instant::now()));
             let answer = b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nok";
             if tls.write_all(answer).await.is_err() || tls.flush().await.is_err() {
                 return;
@@ -555,4 +630,202 @@ async fn http2_upstreams_negotiate_h2_over_tls() {
         1,
         "one h2 connection carried every request"
     );
+}
+
+/// Connection-per-request clients through tether until `stop` is set: how
+/// many requests got a 200 and how many did not.
+fn steady_load(
+    addr: SocketAddr,
+    clients: usize,
+    stop: Arc<std::sync::atomic::AtomicBool>,
+) -> tokio::task::JoinHandle<(usize, usize)> {
+    tokio::spawn(async move {
+        let loops = (0..clients).map(|_| {
+            let stop = stop.clone();
+            tokio::spawn(async move {
+                let (mut ok, mut failed) = (0, 0);
+                while !stop.load(Ordering::SeqCst) {
+                    match get_once(addr, "/").await.status {
+                        200 => ok += 1,
+                        _ => failed += 1,
+                    }
+                    tokio::time::sleep(Duration::from_millis(5)).await;
+                }
+                (ok, failed)
+            })
+        });
+        let mut total = (0, 0);
+        for done in loops.collect::<Vec<_>>() {
+            let (ok, failed) = done.await.unwrap();
+            total = (total.0 + ok, total.1 + failed);
+        }
+        total
+    })
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_client_certificate_rotated_under_load_reaches_every_pooled_connection_within_the_window()
+{
+    let pki = Pki::new("tls-rotate");
+    let old_der = tether::config::read_certificates(&pki.path("client.pem").display().to_string())
+        .unwrap()[0]
+        .to_vec();
+    let backend = TlsBackend::start(pki.server_config(false, true), None).await;
+    let window = Duration::from_secs(3);
+    let tls = TlsConfig {
+        client_cert: Some(pki.path("client.pem")),
+        client_key: Some(pki.path("client.key")),
+        rotation_window: window,
+        ..trusting(&pki)
+    };
+    let mut config = tls_config(backend.addr, "tls-rotate", tls);
+    config.upstreams[0].pool.min_idle = 4;
+    let seen = backend.seen.clone();
+    with_tether(config, |t| async move {
+        let stop = Arc::new(std::sync::atomic::AtomicBool::new(false));
+        let load = steady_load(t.addr(), 3, stop.clone());
+        tokio::time::sleep(Duration::from_millis(500)).await;
+        let before = seen.open_with(&old_der);
+        assert!(before >= 4, "the warm floor presents the first certificate");
+
+        let new_der = pki.issue_client("tether-client-2", None, "client");
+        let rotated = Instant::now();
+        // Within the window (plus the look each second and the settling),
+        // no pooled connection presents the old certificate.
+        eventually_within(window + Duration::from_secs(4), || {
+            seen.open_with(&old_der) == 0 && seen.open_with(&new_der) >= 1
+        })
+        .await;
+        let rolled = rotated.elapsed();
+        let requests_on_old = |seen: &Seen| -> usize {
+            seen.conns()
+                .iter()
+                .filter(|c| c.client_cert.as_deref() == Some(&old_der[..]))
+                .map(|c| c.requests.len())
+                .sum()
+        };
+        let old_served = requests_on_old(&seen);
+        tokio::time::sleep(Duration::from_millis(700)).await;
+        stop.store(true, Ordering::SeqCst);
+        let (ok, failed) = load.await.unwrap();
+        assert_eq!(failed, 0, "{ok} answered, {failed} failed");
+        assert_eq!(
+            requests_on_old(&seen),
+            old_served,
+            "the old certificate is out of use"
+        );
+        assert!(
+            seen.open_with(&new_der) >= 4,
+            "the floor presents the new one"
+        );
+        let text = metrics(&t).await;
+        let applied =
+            "tether_upstream_tls_rotations_total{upstream=\"tls-rotate\",result=\"applied\"}";
+        assert_eq!(series_value(&text, applied), 1.0, "{text}");
+        let old_closes: Vec<Duration> = seen
+            .conns()
+            .iter()
+            .filter(|c| c.client_cert.as_deref() == Some(&old_der[..]))
+            .filter_map(|c| c.closed.map(|at| at.saturating_duration_since(rotated)))
+            .collect();
+        let first = old_closes.iter().min().copied().unwrap_or_default();
+        println!(
+            "rotation under load: {ok} requests, {failed} failed; {} connections with the \
+             old certificate closed from {first:?} to {rolled:?} after the files changed \
+             (window {window:?})",
+            old_closes.len()
+        );
+    })
+    .await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn no_pooled_connection_outlives_its_client_certificate() {
+    let pki = Pki::new("tls-expiry");
+    let not_after = time::OffsetDateTime::now_utc() + time::Duration::seconds(6);
+    let der = pki.issue_client("short-lived", Some(not_after), "short");
+    // The certificate's notAfter (whole seconds), as this clock sees it.
+    let left = time::OffsetDateTime::from_unix_timestamp(not_after.unix_timestamp()).unwrap()
+        - time::OffsetDateTime::now_utc();
+    let expires = Instant::now() + Duration::try_from(left).unwrap();
+    let backend = TlsBackend::start(pki.server_config(false, true), None).await;
+    let tls = TlsConfig {
+        client_cert: Some(pki.path("short.pem")),
+        client_key: Some(pki.path("short.key")),
+        ..trusting(&pki)
+    };
+    let mut config = tls_config(backend.addr, "tls-expiry", tls);
+    config.upstreams[0].pool.min_idle = 2;
+    let seen = backend.seen.clone();
+    with_tether(config, |t| async move {
+        assert_eq!(get_once(t.addr(), "/").await.status, 200);
+        assert!(seen.open_with(&der) >= 2);
+        tokio::time::sleep_until((expires + Duration::from_millis(500)).into()).await;
+        for conn in seen.conns() {
+            let closed = conn.closed.expect("closed by the certificate's expiry");
+            assert!(closed < expires, "closed {:?} after expiry", closed - expires);
+            assert!(conn.requests.iter().all(|at| *at < expires));
+        }
+        // Past expiry the backend refuses the certificate: no request goes
+        // out on a connection made with it.
+        let resp = get_once(t.addr(), "/").await;
+        assert_tether_error(&resp, 502, "upstream-tls-handshake");
+        let text = metrics(&t).await;
+        let refused = "tether_upstream_tls_failures_total{upstream=\"tls-expiry\",reason=\"client-cert-expired\"}";
+        assert!(series_value(&text, refused) >= 1.0, "{text}");
+        let dialled = seen.conns().len();
+        assert!(dialled <= 4, "no dial after dial near expiry: {dialled} connections");
+        assert!(seen.conns().iter().all(|c| c.requests.iter().all(|at| *at < expires)));
+    })
+    .await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn unusable_new_files_are_refused_and_the_ones_in_use_stay() {
+    let pki = Pki::new("tls-refuse");
+    let backend = TlsBackend::start(pki.server_config(false, true), None).await;
+    let tls = TlsConfig {
+        client_cert: Some(pki.path("client.pem")),
+        client_key: Some(pki.path("client.key")),
+        ..trusting(&pki)
+    };
+    let config = tls_config(backend.addr, "tls-refuse", tls);
+    let seen = backend.seen.clone();
+    with_tether(config, |t| async move {
+        assert_eq!(get_once(t.addr(), "/").await.status, 200);
+        let series = |result: &str| {
+            format!("tether_upstream_tls_rotations_total{{upstream=\"tls-refuse\",result=\"{result}\"}}")
+        };
+        // A key that is not PEM: the files in use stay.
+        let staged = pki.path(".client.key.new");
+        std::fs::write(&staged, "not a key").unwrap();
+        std::fs::rename(&staged, pki.path("client.key")).unwrap();
+        let mut text = String::new();
+        for _ in 0..50 {
+            text = metrics(&t).await;
+            if series_value(&text, &series("refused")) >= 1.0 {
+                break;
+            }
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+        assert_eq!(series_value(&text, &series("refused")), 1.0, "{text}");
+        assert_eq!(series_value(&text, &series("applied")), 0.0);
+        // New connections still present the certificate in use.
+        let before = seen.conns().len();
+        backend.close_every_connection();
+        eventually(|| seen.conns().len() >= before + 2).await;
+        assert_eq!(get_once(t.addr(), "/").await.status, 200);
+        assert_eq!(Seen::get(&seen.failed_handshakes), 0);
+        // A good pair is taken.
+        pki.issue_client("tether-client-3", None, "client");
+        for _ in 0..50 {
+            text = metrics(&t).await;
+            if series_value(&text, &series("applied")) >= 1.0 {
+                break;
+            }
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+        assert_eq!(series_value(&text, &series("applied")), 1.0, "{text}");
+    })
+    .await;
 }

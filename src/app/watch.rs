@@ -1,18 +1,19 @@
 //! Watching the configuration file (`runtime.watch_config`): a change
 //! reloads it.
 //!
-//! The file is looked at every `runtime.watch_interval` rather than through
-//! inotify: a look follows the path as it resolves now, so it sees every way
-//! a file is replaced alike — an edit in place, an editor's new file renamed
-//! over the old, and Kubernetes' swap of the `..data` symlink of a ConfigMap
-//! volume, which changes no watched inode of the file itself.
+//! The file is looked at ([`FileLook`]) every `runtime.watch_interval`
+//! rather than through inotify: a look follows the path as it resolves now,
+//! so it sees every way a file is replaced alike — an edit in place, an
+//! editor's new file renamed over the old, and Kubernetes' swap of the
+//! `..data` symlink of a ConfigMap volume, which changes no watched inode of
+//! the file itself.
 
-use std::os::unix::fs::MetadataExt;
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::sync::Arc;
 use std::time::Duration;
 
 use super::reload::{Live, Outcome};
+use crate::config::FileLook;
 
 /// A change is applied once the file has looked the same for this long:
 /// a writer that truncates and then writes is not read half-way.
@@ -22,28 +23,6 @@ const SETTLE: Duration = Duration::from_millis(100);
 /// still taken) is tried again after this.
 const RETRY_FAILED: Duration = Duration::from_secs(5);
 
-/// What a look at the file sees: where the path leads and that file's
-/// identity, size and modification time.
-#[derive(Debug, Clone, PartialEq, Eq)]
-struct Look {
-    target: Option<PathBuf>,
-    device: u64,
-    inode: u64,
-    len: u64,
-    modified_ns: i128,
-}
-
-fn look(path: &Path) -> Option<Look> {
-    let meta = std::fs::metadata(path).ok()?;
-    Some(Look {
-        target: std::fs::canonicalize(path).ok(),
-        device: meta.dev(),
-        inode: meta.ino(),
-        len: meta.len(),
-        modified_ns: i128::from(meta.mtime()) * 1_000_000_000 + i128::from(meta.mtime_nsec()),
-    })
-}
-
 /// Reloads `live` whenever its source file changes, while
 /// `runtime.watch_config` is on; ends when the drain starts.
 pub(super) async fn watch_config(live: Arc<Live>) {
@@ -51,7 +30,7 @@ pub(super) async fn watch_config(live: Arc<Live>) {
         return;
     };
     let drain = live.context.shutdown.drain.clone();
-    let mut last = look(&path);
+    let mut last = FileLook::at(&path);
     loop {
         let runtime = live.config().runtime.clone();
         tokio::select! {
@@ -64,12 +43,12 @@ pub(super) async fn watch_config(live: Arc<Live>) {
             // nothing), and no change is lost at the moment it turns on.
             continue;
         }
-        let seen = look(&path);
+        let seen = FileLook::at(&path);
         if seen == last {
             continue;
         }
         tokio::time::sleep(SETTLE).await;
-        if look(&path) != seen {
+        if FileLook::at(&path) != seen {
             continue;
         }
         if seen.is_none() {

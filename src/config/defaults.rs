@@ -176,6 +176,15 @@ pub const fn tls_close_notify_wait() -> Duration {
     Duration::from_millis(100)
 }
 
+/// `upstream.tls.rotation_window`. Default 60s: when a certificate, key or
+/// CA file changes, the pooled connections made with the old material are
+/// replaced spread over this long, so a pool of many connections does not
+/// send its backend a burst of full handshakes at once, while a certificate
+/// taken out of use is out of every connection within a minute.
+pub const fn tls_rotation_window() -> Duration {
+    Duration::from_secs(60)
+}
+
 // [upstream.pool]
 
 /// `upstream.pool.min_idle`. Default 2: the first requests never pay a

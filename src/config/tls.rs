@@ -4,7 +4,8 @@
 //!
 //! Files named here (CA bundles, the client certificate and key) are read at
 //! validation, so a missing or unparsable file is a problem with its key path
-//! before anything binds, and again when the pool builds its TLS settings.
+//! before anything binds, again when the pool builds its TLS settings, and
+//! whenever they change on disk (the pool rotates to them).
 
 use std::collections::HashSet;
 use std::path::PathBuf;
@@ -57,6 +58,11 @@ pub struct TlsConfig {
     /// acknowledged before the reset. Default: [`defaults::tls_close_notify_wait`].
     #[serde(default = "defaults::tls_close_notify_wait", with = "humantime_serde")]
     pub close_notify_wait: Duration,
+    /// When `ca`, `client_cert` or `client_key` change on disk, the pooled
+    /// connections made with the old files are replaced over this long.
+    /// Default: [`defaults::tls_rotation_window`].
+    #[serde(default = "defaults::tls_rotation_window", with = "humantime_serde")]
+    pub rotation_window: Duration,
 }
 
 impl Default for TlsConfig {
@@ -71,6 +77,7 @@ impl Default for TlsConfig {
             min_version: TlsVersion::default(),
             handshake_timeout: defaults::tls_handshake_timeout(),
             close_notify_wait: defaults::tls_close_notify_wait(),
+            rotation_window: defaults::tls_rotation_window(),
         }
     }
 }
@@ -94,6 +101,16 @@ impl TlsConfig {
             .iter()
             .map(String::as_str)
             .filter(|c| *c != SYSTEM_ROOTS)
+    }
+
+    /// Every file the settings are built from: the CA files, the client
+    /// certificate and its key. A change to any of them is a rotation.
+    pub fn files(&self) -> Vec<PathBuf> {
+        self.ca_files()
+            .map(PathBuf::from)
+            .chain(self.client_cert.iter().cloned())
+            .chain(self.client_key.iter().cloned())
+            .collect()
     }
 }
 
@@ -151,6 +168,7 @@ pub(super) fn validate(
     mut problems: Problems<'_>,
 ) {
     problems.positive("handshake_timeout", tls.handshake_timeout);
+    problems.positive("rotation_window", tls.rotation_window);
     if tls.ca.is_empty() && tls.verify == TlsVerify::Full {
         problems.add("ca", "at least one anchor: \"system\" or a PEM file");
     }

@@ -34,6 +34,9 @@ pub(crate) async fn open(
 ) -> Result<Dialled, PoolError> {
     let settings = endpoint.settings.load_full();
     let addr = endpoint.addr;
+    if let Some(tls) = &endpoint.tls {
+        tls.check_dialable(addr)?;
+    }
     let socket = connect(endpoint).await?;
     let record = ConnRecord::new(cause);
     // Events about this connection, here and in its driving task, carry
@@ -46,11 +49,16 @@ pub(crate) async fn open(
         id = record.id(),
         opened_by = cause.label(),
     );
+    let mut expires = Instant::now() + jittered_lifetime(&settings);
     let (io, wire) = match &endpoint.tls {
         None => (UpstreamIo::new(socket.clone()), Wire::plain(socket.clone())),
         Some(tls) => {
-            let session = tls.handshake(&settings, addr, socket.clone()).await?;
-            let shared = Arc::new(std::sync::Mutex::new(session));
+            let made = tls.handshake(&settings, addr, socket.clone()).await?;
+            // It never outlives the client certificate it presented.
+            expires = made
+                .usable_until
+                .map_or(expires, |until| until.min(expires));
+            let shared = Arc::new(std::sync::Mutex::new(made.session));
             let wait = settings
                 .tls
                 .as_ref()
@@ -59,12 +67,11 @@ pub(crate) async fn open(
                 });
             (
                 UpstreamIo::tls(shared.clone()),
-                Wire::tls(socket.clone(), shared, wait),
+                Wire::tls(socket.clone(), shared, wait, Some(made.lineage)),
             )
         }
     };
     let received = io.received();
-    let expires = Instant::now() + jittered_lifetime(&settings);
     let dialled = match settings.protocol {
         Protocol::Http1 => {
             let (sender, connection) = h1::handshake(addr, io).await?;

@@ -135,9 +135,13 @@ impl Conn {
         self.is_open() && self.wire.peer_state() == PeerState::Quiet
     }
 
-    /// When it outlives its (jittered) `max_lifetime`.
+    /// When it outlives its (jittered) `max_lifetime`, its client
+    /// certificate, or (once replaced) the TLS material it was made with.
     pub(crate) fn expires(&self) -> Instant {
-        self.expires
+        match self.wire.rollover_at(self.record.id()) {
+            Some(at) => at.min(self.expires),
+            None => self.expires,
+        }
     }
 
     /// The idle timeout the backend announced on this connection

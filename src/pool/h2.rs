@@ -120,7 +120,7 @@ impl H2Conn {
     pub(crate) fn has_room(&self, now: Instant) -> bool {
         !self.draining.load(Ordering::Relaxed)
             && !self.is_closed()
-            && now < self.expires
+            && now < self.expires()
             && self.in_flight.load(Ordering::Relaxed)
                 < self.max_streams.load(Ordering::Relaxed).max(1)
     }
@@ -140,9 +140,13 @@ impl H2Conn {
         (self.in_flight() == 0).then(|| *self.last_active.lock().unwrap_or_else(|e| e.into_inner()))
     }
 
-    /// When it outlives its (jittered) `max_lifetime`.
+    /// When it outlives its (jittered) `max_lifetime`, its client
+    /// certificate, or (once replaced) the TLS material it was made with.
     pub(crate) fn expires(&self) -> Instant {
-        self.expires
+        match self.wire.rollover_at(self.record.id()) {
+            Some(at) => at.min(self.expires),
+            None => self.expires,
+        }
     }
 
     /// Makes the eventual close a reset (called when it is dropped from the

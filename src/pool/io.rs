@@ -20,6 +20,7 @@ use std::time::Duration;
 use tokio::io::{AsyncRead, AsyncWrite, Interest, ReadBuf};
 use tokio::net::TcpStream;
 
+use super::rotation::Lineage;
 use crate::sock::{self, PeerState};
 
 /// A TLS session over the shared socket.
@@ -41,7 +42,15 @@ fn lock(tls: &SharedTls) -> MutexGuard<'_, TlsIo> {
 #[derive(Clone)]
 pub(crate) struct Wire {
     socket: Arc<TcpStream>,
-    tls: Option<(SharedTls, Duration)>,
+    tls: Option<TlsWire>,
+}
+
+/// The TLS side of a [`Wire`].
+#[derive(Clone)]
+struct TlsWire {
+    session: SharedTls,
+    close_notify_wait: Duration,
+    lineage: Option<Lineage>,
 }
 
 impl Wire {
@@ -52,11 +61,28 @@ impl Wire {
 
     /// A TLS connection whose aborts wait up to `close_notify_wait` for the
     /// `close_notify` to be acknowledged.
-    pub(crate) fn tls(socket: Arc<TcpStream>, tls: SharedTls, close_notify_wait: Duration) -> Self {
+    /// `lineage` says which TLS material made it, if it rolls over when that
+    /// material is replaced.
+    pub(crate) fn tls(
+        socket: Arc<TcpStream>,
+        session: SharedTls,
+        close_notify_wait: Duration,
+        lineage: Option<Lineage>,
+    ) -> Self {
         Self {
             socket,
-            tls: Some((tls, close_notify_wait)),
+            tls: Some(TlsWire {
+                session,
+                close_notify_wait,
+                lineage,
+            }),
         }
+    }
+
+    /// When the connection with `id` rolls over to newer TLS material, once
+    /// the material it was made with is replaced.
+    pub(crate) fn rollover_at(&self, id: u64) -> Option<tokio::time::Instant> {
+        self.tls.as_ref()?.lineage.as_ref()?.rollover_at(id)
     }
 
     /// The socket.
@@ -71,15 +97,15 @@ impl Wire {
     pub(crate) fn peer_state(&self) -> PeerState {
         let raw = sock::peer_state(&*self.socket);
         match (&self.tls, raw) {
-            (Some((tls, _)), PeerState::StrayBytes) => super::tls::read_through(&mut lock(tls)),
+            (Some(tls), PeerState::StrayBytes) => super::tls::read_through(&mut lock(&tls.session)),
             _ => raw,
         }
     }
 
     /// Sends FIN, after a `close_notify` on TLS.
     pub(crate) fn send_fin(&self) -> io::Result<()> {
-        if let Some((tls, _)) = &self.tls {
-            super::tls::close_notify(&mut lock(tls));
+        if let Some(tls) = &self.tls {
+            super::tls::close_notify(&mut lock(&tls.session));
         }
         sock::send_fin(&*self.socket)
     }
@@ -89,12 +115,12 @@ impl Wire {
     /// send queue is empty, so the backend reads a clean TLS end, then the
     /// RST; neither side keeps a TIME_WAIT.
     pub(crate) fn reset(&self) {
-        let Some((tls, wait)) = &self.tls else {
+        let Some(tls) = &self.tls else {
             sock::reset_on_close(&*self.socket);
             return;
         };
-        super::tls::close_notify(&mut lock(tls));
-        let (wire, wait) = (self.clone(), *wait);
+        super::tls::close_notify(&mut lock(&tls.session));
+        let (wire, wait) = (self.clone(), tls.close_notify_wait);
         let reset = async move {
             let deadline = tokio::time::Instant::now() + wait;
             while sock::unacknowledged_bytes(&*wire.socket).unwrap_or(0) > 0

@@ -1,5 +1,6 @@
 //! The pool's background work: keeping each endpoint's warm floor open,
-//! sweeping idle connections, and re-resolving DNS names.
+//! sweeping idle connections, re-resolving DNS names, and looking at the TLS
+//! files for a rotation.
 
 use std::net::SocketAddr;
 use std::sync::atomic::Ordering;
@@ -127,6 +128,9 @@ pub(super) async fn maintain(pool: Weak<PoolInner>) {
                     handle.apply_addresses(addrs);
                 }
                 next_resolve = Instant::now() + settings.dns_refresh;
+            }
+            if let Some(tls) = &handle.inner.tls {
+                tls.check_files();
             }
             let mut wake = Instant::now() + MAINTENANCE_TICK;
             for endpoint in handle.endpoints().iter() {

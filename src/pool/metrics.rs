@@ -222,6 +222,19 @@ impl PoolCollector {
             }
         }
         let mut family = encoder.encode_descriptor(
+            "upstream_tls_rotations",
+            "Changes to the upstream's TLS files (CA, client certificate, key), by result: applied (pooled connections roll over within tls.rotation_window) or refused (unusable; the files in use stay)",
+            None,
+            counter,
+        )?;
+        for tls in &all {
+            let (applied, refused) = tls.rotations();
+            for (result, value) in [("applied", applied), ("refused", refused)] {
+                let labels = [("upstream", tls.upstream()), ("result", result)];
+                ConstCounter::new(value).encode(family.encode_family(&labels)?)?;
+            }
+        }
+        let mut family = encoder.encode_descriptor(
             "upstream_tls_verify_disabled",
             "1 when the upstream's certificate is not verified (tls.verify = \"none\")",
             None,
@@ -272,7 +285,7 @@ impl PoolCollector {
             gauge,
         )?;
         for tls in all {
-            if let Some(value) = tls.stats.client_cert_days_left {
+            if let Some(value) = tls.client_cert_days_left() {
                 let labels = [("upstream", tls.upstream())];
                 ConstGauge::new(value).encode(family.encode_family(&labels)?)?;
             }

@@ -52,6 +52,7 @@ mod probe;
 mod reconfigure;
 mod registry;
 mod retire;
+mod rotation;
 mod tls;
 mod view;
 

@@ -68,6 +68,11 @@ impl Pool {
         if endpoints_changed {
             done = self.replace_endpoints(&settings, warm_within, shares).await;
         }
+        // A reload re-reads TLS files that changed (the watch would within
+        // a second; a reload says now).
+        if let Some(tls) = &self.inner.tls {
+            tls.check_files_now();
+        }
         // Sweep now: a shorter idle timeout or a smaller floor applies at once.
         self.inner.maintenance.notify_one();
         done

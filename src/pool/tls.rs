@@ -6,6 +6,8 @@
 //! Settings are kept in a process-wide table keyed by the upstream's name,
 //! protocol and `[upstream.tls]`, so a reload that keeps them reuses them and
 //! with them the session caches: connections dialled after a reload resume.
+//! What the files make (the rustls settings and the caches) is replaced when
+//! the files change ([`super::rotation`]).
 //!
 //! Resumption is per endpoint. rustls keys its session cache by server name,
 //! and several endpoint addresses usually share one name; a ticket one
@@ -14,30 +16,26 @@
 //! address gets its own copy of the `ClientConfig` (its verifier, roots and
 //! identity shared, behind `Arc`s) with its own session cache.
 
-use std::collections::{BTreeMap, HashMap};
+use std::collections::BTreeMap;
 use std::io;
 use std::net::{IpAddr, SocketAddr};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard, Weak};
 
+use arc_swap::ArcSwap;
 use rustls::client::danger::{HandshakeSignatureValid, ServerCertVerified, ServerCertVerifier};
-use rustls::client::{ClientSessionMemoryCache, Resumption};
 use rustls::crypto::CryptoProvider;
 use rustls::pki_types::{CertificateDer, ServerName, UnixTime};
 use rustls::{CertificateError, ClientConfig, DigitallySignedStruct, HandshakeKind, RootCertStore};
 use tokio::net::TcpStream;
 
 use super::io::{RawIo, TlsIo};
+use super::rotation::{Lineage, Material, Rotations};
 use super::PoolError;
 use crate::config::{
     read_certificates, read_private_key, Protocol, TlsConfig, TlsVerify, TlsVersion, UpstreamConfig,
 };
 use crate::sock::PeerState;
-
-/// Sessions cached per endpoint: rustls keeps up to eight TLS 1.3 tickets per
-/// server name in an entry, so a few entries cover every name an endpoint is
-/// dialled under.
-const SESSIONS_PER_ENDPOINT: usize = 8;
 
 /// Why the TLS settings of an upstream could not be built.
 #[derive(Debug, thiserror::Error)]
@@ -63,7 +61,7 @@ struct Key {
 static TABLE: Mutex<Vec<(Key, Weak<UpstreamTls>)>> = Mutex::new(Vec::new());
 
 /// Takes a lock whose data a panic cannot leave inconsistent.
-fn lock<T>(mutex: &Mutex<T>) -> MutexGuard<'_, T> {
+pub(super) fn lock<T>(mutex: &Mutex<T>) -> MutexGuard<'_, T> {
     mutex.lock().unwrap_or_else(|e| e.into_inner())
 }
 
@@ -71,11 +69,11 @@ fn lock<T>(mutex: &Mutex<T>) -> MutexGuard<'_, T> {
 /// new pool with the same settings).
 pub(crate) struct UpstreamTls {
     upstream: String,
-    settings: TlsConfig,
-    /// The settings every endpoint's copy is made from, or why there are none
-    /// (every dial then fails with it).
-    base: Result<Arc<ClientConfig>, String>,
-    per_endpoint: Mutex<HashMap<SocketAddr, Arc<ClientConfig>>>,
+    pub(super) settings: TlsConfig,
+    pub(super) protocol: Protocol,
+    /// The rustls settings from the latest usable reading of the files.
+    pub(super) material: ArcSwap<Material>,
+    pub(super) rotations: Rotations,
     pub(super) stats: TlsStats,
 }
 
@@ -87,8 +85,6 @@ pub(super) struct TlsStats {
     pub(super) failures: Mutex<BTreeMap<&'static str, u64>>,
     /// Days left on each endpoint's certificate, from its last handshake.
     pub(super) cert_days_left: Mutex<BTreeMap<SocketAddr, i64>>,
-    /// Days left on the client certificate, when one is configured.
-    pub(super) client_cert_days_left: Option<i64>,
 }
 
 impl UpstreamTls {
@@ -101,6 +97,33 @@ impl UpstreamTls {
     pub(super) fn verify_disabled(&self) -> bool {
         self.settings.verify == TlsVerify::None
     }
+
+    /// Days left on the client certificate in use, when one is configured.
+    pub(super) fn client_cert_days_left(&self) -> Option<i64> {
+        let expires = self.material.load().client_cert_expires?;
+        let secs = match expires.duration_since(std::time::SystemTime::now()) {
+            Ok(left) => i64::try_from(left.as_secs()).ok()?,
+            Err(past) => -i64::try_from(past.duration().as_secs()).ok()?,
+        };
+        Some(secs.div_euclid(86_400))
+    }
+
+    /// How many rotations were put in use, and how many were refused.
+    pub(super) fn rotations(&self) -> (u64, u64) {
+        (
+            self.rotations.applied.load(Ordering::Relaxed),
+            self.rotations.refused.load(Ordering::Relaxed),
+        )
+    }
+}
+
+/// A TLS session just made, and what the pool keeps of how it was made.
+pub(super) struct Handshaken {
+    pub(super) session: TlsIo,
+    pub(super) lineage: Lineage,
+    /// Until when the connection may be used: before the client certificate
+    /// it presented expires.
+    pub(super) usable_until: Option<tokio::time::Instant>,
 }
 
 /// The TLS of `settings`' upstream, if it has `[upstream.tls]`: the one in use
@@ -122,20 +145,19 @@ pub(crate) fn for_upstream(settings: &UpstreamConfig) -> Option<Arc<UpstreamTls>
         return Some(found);
     }
     warn_unverified(settings);
-    let base = build(tls, settings.protocol).map_err(|e| {
-        tracing::error!(upstream = %settings.name, error = %e, "cannot set up TLS; every connection to the upstream will fail");
-        e.to_string()
-    });
-    let stats = TlsStats {
-        client_cert_days_left: client_cert_days_left(tls),
-        ..TlsStats::default()
-    };
+    // Looked at before they are read: a change while reading is seen.
+    let rotations = Rotations::new(tls);
+    let material = Material::read(tls, settings.protocol, 0);
+    if let Some(error) = material.problem() {
+        tracing::error!(upstream = %settings.name, %error, "cannot set up TLS; every connection to the upstream will fail");
+    }
     let built = Arc::new(UpstreamTls {
         upstream: settings.name.clone(),
         settings: tls.clone(),
-        base: base.map(Arc::new),
-        per_endpoint: Mutex::new(HashMap::new()),
-        stats,
+        protocol: settings.protocol,
+        material: ArcSwap::from_pointee(material),
+        rotations,
+        stats: TlsStats::default(),
     });
     table.push((key, Arc::downgrade(&built)));
     Some(built)
@@ -154,7 +176,7 @@ pub fn warn_unverified(settings: &UpstreamConfig) {
 }
 
 /// The rustls settings `tls` describes, with the ring provider.
-fn build(tls: &TlsConfig, protocol: Protocol) -> Result<ClientConfig, TlsSetupError> {
+pub(super) fn build(tls: &TlsConfig, protocol: Protocol) -> Result<ClientConfig, TlsSetupError> {
     let provider = Arc::new(rustls::crypto::ring::default_provider());
     let versions: &[&rustls::SupportedProtocolVersion] = match tls.min_version {
         TlsVersion::Tls12 => &[&rustls::version::TLS13, &rustls::version::TLS12],
@@ -252,30 +274,32 @@ fn failure(addr: SocketAddr, verify: bool, reason: &'static str, detail: String)
 }
 
 impl UpstreamTls {
-    /// The settings for `addr`: the upstream's, with the endpoint's own
-    /// session cache.
-    fn config_for(&self, addr: SocketAddr) -> Result<Arc<ClientConfig>, String> {
-        let base = self.base.as_ref().map_err(Clone::clone)?;
-        let mut configs = lock(&self.per_endpoint);
-        let config = configs.entry(addr).or_insert_with(|| {
-            let mut config = ClientConfig::clone(base);
-            config.resumption = Resumption::store(Arc::new(ClientSessionMemoryCache::new(
-                SESSIONS_PER_ENDPOINT,
-            )));
-            Arc::new(config)
-        });
-        Ok(config.clone())
+    /// Refuses to dial `addr` when the client certificate in use is about to
+    /// expire: a connection made with it could not be used, and the pool
+    /// would make one after another. Checked before the TCP connect, so no
+    /// socket is opened (and left in TIME_WAIT) for nothing.
+    pub(super) fn check_dialable(&self, addr: SocketAddr) -> Result<(), PoolError> {
+        let material = self.material.load();
+        match material.usable_until() {
+            Some(until) if until <= tokio::time::Instant::now() => {
+                let detail = "the client certificate has expired or is about to: rotate it (tls.client_cert)".to_owned();
+                Err(self.failed(failure(addr, false, "client-cert-expired", detail)))
+            }
+            _ => Ok(()),
+        }
     }
 
     /// Runs the TLS handshake over a connected socket within
-    /// `handshake_timeout`, counting it (full or resumed) or its failure.
+    /// `handshake_timeout`, with the material in use, counting it (full or
+    /// resumed) or its failure.
     pub(super) async fn handshake(
-        &self,
+        self: &Arc<Self>,
         settings: &UpstreamConfig,
         addr: SocketAddr,
         socket: Arc<TcpStream>,
-    ) -> Result<TlsIo, PoolError> {
-        let config = self
+    ) -> Result<Handshaken, PoolError> {
+        let material = self.material.load_full();
+        let config = material
             .config_for(addr)
             .map_err(|detail| self.failed(failure(addr, false, "setup", detail)))?;
         let name = server_name(settings, &self.settings, addr);
@@ -306,7 +330,11 @@ impl UpstreamTls {
         {
             lock(&self.stats.cert_days_left).insert(addr, days);
         }
-        Ok(stream)
+        Ok(Handshaken {
+            session: stream,
+            lineage: Lineage::new(self.clone(), &material),
+            usable_until: material.usable_until(),
+        })
     }
 
     /// Counts a failure by its reason and logs it; hands it back.
@@ -360,13 +388,6 @@ fn days_left(der: &CertificateDer<'_>) -> Option<i64> {
     let (_, cert) = x509_parser::parse_x509_certificate(der.as_ref()).ok()?;
     let now = i64::try_from(UnixTime::now().as_secs()).ok()?;
     Some((cert.validity().not_after.timestamp() - now).div_euclid(86_400))
-}
-
-/// Days left on the configured client certificate.
-fn client_cert_days_left(tls: &TlsConfig) -> Option<i64> {
-    let cert = tls.client_cert.as_ref()?;
-    let chain = read_certificates(&cert.to_string_lossy()).ok()?;
-    days_left(chain.first()?)
 }
 
 /// A `std::io` reader and writer over the non-blocking shared socket, for
@@ -548,7 +569,8 @@ mod tests {
     #[tokio::test]
     async fn post_handshake_records_leave_an_idle_connection_quiet() {
         let (tls, mut server, socket) = pair().await;
-        let wire = Wire::tls(socket, Arc::new(Mutex::new(tls)), std::time::Duration::ZERO);
+        let session = Arc::new(Mutex::new(tls));
+        let wire = Wire::tls(socket, session, std::time::Duration::ZERO, None);
         let raw = |wire: &Wire| crate::sock::peer_state(wire.socket());
         // TLS 1.3 sends its session tickets after the handshake.
         server.flush().await.unwrap();
@@ -593,12 +615,16 @@ mod tests {
         assert!(!Arc::ptr_eq(&first, &for_upstream(&changed).unwrap()));
         let a: SocketAddr = ([127, 0, 0, 1], 1).into();
         let b: SocketAddr = ([127, 0, 0, 2], 1).into();
-        let (ca, cb) = (first.config_for(a).unwrap(), first.config_for(b).unwrap());
+        let material = first.material.load();
+        let (ca, cb) = (
+            material.config_for(a).unwrap(),
+            material.config_for(b).unwrap(),
+        );
         assert!(
             !Arc::ptr_eq(&ca, &cb),
             "each endpoint has its own session cache"
         );
-        assert!(Arc::ptr_eq(&ca, &first.config_for(a).unwrap()));
+        assert!(Arc::ptr_eq(&ca, &material.config_for(a).unwrap()));
     }
 
     #[tokio::test]
