@@ -60,7 +60,11 @@ enum Command {
     },
     /// Report TIME_WAIT on this host from the kernel's socket table: per remote
     /// endpoint and per local port, the worst offenders, ephemeral-port
-    /// headroom, the relevant sysctls, and what to do about it.
+    /// headroom, the relevant sysctls, and what to do about it. With --tls,
+    /// check a backend's TLS instead, as an `[upstream.tls]` would meet it:
+    /// the chain it sends, its names, verification, the session agreed and
+    /// whether a second connection resumes; exits 1 when the handshake or
+    /// verification fails.
     Doctor {
         /// Only sockets toward this remote endpoint ("10.0.0.5:80").
         #[arg(long, value_name = "HOST:PORT")]
@@ -68,6 +72,8 @@ enum Command {
         /// Only sockets on this local port.
         #[arg(long, value_name = "PORT")]
         port: Option<u16>,
+        #[command(flatten)]
+        tls: TlsCheckArgs,
         /// Print one JSON object instead of the report.
         #[arg(long)]
         json: bool,
@@ -111,6 +117,48 @@ enum Command {
         #[arg(long)]
         json: bool,
     },
+}
+
+// `tether doctor --tls` and its options.
+#[derive(Args)]
+struct TlsCheckArgs {
+    /// Check TLS toward this backend ("backend.example:443", "10.0.0.5:443").
+    #[arg(long = "tls", value_name = "HOST:PORT", conflicts_with_all = ["to", "port"])]
+    target: Option<String>,
+    /// The name sent as SNI and verified in the certificate. Default: HOST
+    /// when it is a DNS name; an IP address sends no SNI and is verified
+    /// against the certificate's IP addresses.
+    #[arg(long, value_name = "NAME", requires = "target")]
+    server_name: Option<String>,
+    /// A PEM file of trust anchors (repeatable; "system" is the platform's
+    /// store, as in `tls.ca`). Default: the platform's store.
+    #[arg(long, value_name = "FILE", requires = "target")]
+    ca: Vec<String>,
+    /// ALPN protocols to offer, comma-separated ("" offers none).
+    #[arg(
+        long,
+        value_name = "LIST",
+        value_delimiter = ',',
+        requires = "target",
+        default_value = "h2,http/1.1"
+    )]
+    alpn: Vec<String>,
+    /// Limit of each step: resolving, each connect, each handshake.
+    #[arg(long, default_value = "5s", value_parser = humantime::parse_duration,
+          requires = "target")]
+    timeout: std::time::Duration,
+}
+
+impl TlsCheckArgs {
+    fn options(self) -> Option<tether::tools::doctor_tls::TlsCheckOptions> {
+        Some(tether::tools::doctor_tls::TlsCheckOptions {
+            target: self.target?,
+            server_name: self.server_name,
+            ca: self.ca,
+            alpn: self.alpn.into_iter().filter(|p| !p.is_empty()).collect(),
+            timeout: self.timeout,
+        })
+    }
 }
 
 // The run `tether load` makes, as its options.
@@ -181,7 +229,15 @@ fn main() -> ExitCode {
                 }
             }
         }
-        Command::Doctor { to, port, json } => exit_code(doctor(to.as_deref(), port, json)),
+        Command::Doctor {
+            to,
+            port,
+            tls,
+            json,
+        } => exit_code(match tls.options() {
+            Some(options) => doctor_tls(&options, json),
+            None => doctor(to.as_deref(), port, json),
+        }),
         Command::Load { run, json } => exit_code(run_load(&run.spec(), json)),
         Command::Demo {
             duration,
@@ -305,6 +361,23 @@ fn doctor(to: Option<&str>, port: Option<u16>, json: bool) -> anyhow::Result<()>
         print!("{}", diagnosis.text());
     }
     Ok(())
+}
+
+fn doctor_tls(
+    options: &tether::tools::doctor_tls::TlsCheckOptions,
+    json: bool,
+) -> anyhow::Result<()> {
+    let runtime = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .context("cannot start the async runtime")?;
+    let report = runtime.block_on(tether::tools::doctor_tls::check(options))?;
+    if json {
+        println!("{}", serde_json::to_string_pretty(&report)?);
+    } else {
+        print!("{}", report.text());
+    }
+    Ok(report.verdict()?)
 }
 
 fn run_load(spec: &tether::tools::load::LoadSpec, json: bool) -> anyhow::Result<()> {

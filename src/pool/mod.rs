@@ -77,6 +77,8 @@ pub(crate) use lease::SendError;
 pub use observe::PoolObservers;
 pub use reconfigure::Reconfigured;
 pub use registry::{Registry, Shares};
+// For `tether doctor --tls`, which labels and dates certificates as the pool does.
+pub(crate) use tls::{certificate_reason, days_left};
 pub use tls::{warn_unverified, TlsSetupError};
 pub use view::{view, ConnectionView, EndpointView, OpenedBy, PoolView};
 

@@ -366,7 +366,7 @@ fn classify(addr: SocketAddr, error: &io::Error) -> PoolError {
 }
 
 /// A short label for what was wrong with the backend's certificate.
-fn certificate_reason(error: &CertificateError) -> &'static str {
+pub(crate) fn certificate_reason(error: &CertificateError) -> &'static str {
     match error {
         CertificateError::UnknownIssuer => "unknown-issuer",
         CertificateError::NotValidForName | CertificateError::NotValidForNameContext { .. } => {
@@ -384,7 +384,7 @@ fn certificate_reason(error: &CertificateError) -> &'static str {
 }
 
 /// Whole days until the certificate's `notAfter` (negative once expired).
-fn days_left(der: &CertificateDer<'_>) -> Option<i64> {
+pub(crate) fn days_left(der: &CertificateDer<'_>) -> Option<i64> {
     let (_, cert) = x509_parser::parse_x509_certificate(der.as_ref()).ok()?;
     let now = i64::try_from(UnixTime::now().as_secs()).ok()?;
     Some((cert.validity().not_after.timestamp() - now).div_euclid(86_400))
