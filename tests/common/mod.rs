@@ -1,9 +1,10 @@
 //! Fixtures shared by the integration tests: one configurable test backend
 //! ([`backend`]), a raw-socket client that tells FIN from RST ([`client`]),
 //! tether in-process and as a binary ([`tether`]), what the kernel says about
-//! sockets, processes and namespaces ([`kernel`]), and the repository's files
-//! ([`repo`]). Here: the one [`PATIENCE`] that bounds every wait, polling,
-//! temporary directories and running commands.
+//! sockets, processes and namespaces ([`kernel`]), the repository's files
+//! ([`repo`]), and certificates for HTTPS backends ([`tls`]). Here: the one
+//! [`PATIENCE`] that bounds every wait, polling, temporary directories and
+//! running commands.
 
 #![allow(dead_code)]
 
@@ -12,10 +13,11 @@ mod client;
 mod kernel;
 mod repo;
 mod tether;
+mod tls;
 
 // Each test file uses some of these.
 #[allow(unused_imports)]
-pub use self::{backend::*, client::*, kernel::*, repo::*, tether::*};
+pub use self::{backend::*, client::*, kernel::*, repo::*, tether::*, tls::*};
 
 use std::process::{Command, Output};
 use std::time::Duration;

@@ -277,6 +277,14 @@ impl TetherProcess {
         self.child.id()
     }
 
+    /// The address of the listener named `name`, as it logged it.
+    pub fn listener_addr(&self, name: &str) -> SocketAddr {
+        let needle = format!("listener={name} listen=");
+        let logged = self.seen().iter().find(|l| l.contains(&needle)).cloned();
+        let line = logged.unwrap_or_else(|| self.wait_for_log(&needle));
+        field(&line, &needle)
+    }
+
     /// The admin server's address (it must be enabled).
     pub fn admin(&self) -> SocketAddr {
         self.admin.expect("the admin server is enabled")
