@@ -337,6 +337,39 @@ async fn an_unverifiable_backend_gets_no_request() {
         .await;
     }
     assert_eq!(Seen::get(&backend.seen.requests), 0);
+    // The refused connections were reset, not closed: no TIME_WAIT on
+    // tether's side toward the backend.
+    let port = backend.addr.port();
+    assert_eq!(
+        time_wait_count(|s| s.remote.port() == port),
+        0,
+        "a failed handshake leaves no TIME_WAIT"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_backend_choosing_another_protocol_by_alpn_is_refused() {
+    let pki = Pki::new("tls-alpn");
+    let mut server = ServerConfig::clone(&pki.server_config(false, false));
+    server.alpn_protocols = vec![b"http/1.1".to_vec()];
+    let backend = TlsBackend::start(Arc::new(server), None).await;
+    let tls = TlsConfig {
+        alpn: Some(vec!["h2".into(), "http/1.1".into()]),
+        ..trusting(&pki)
+    };
+    let mut config = tls_config(backend.addr, "tls-alpn", tls);
+    config.upstreams[0].protocol = tether::config::Protocol::Http2;
+    config.upstreams[0].pool.min_idle = 0;
+    with_tether(config, |t| async move {
+        let response = get_once(t.addr(), "/").await;
+        assert_tether_error(&response, 502, "upstream-tls-handshake");
+        let text = metrics(&t).await;
+        let series =
+            "tether_upstream_tls_failures_total{upstream=\"tls-alpn\",reason=\"alpn-mismatch\"}";
+        assert!(series_value(&text, series) >= 1.0, "{text}");
+    })
+    .await;
+    assert_eq!(Seen::get(&backend.seen.requests), 0);
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

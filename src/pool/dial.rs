@@ -32,12 +32,28 @@ pub(crate) async fn open(
     slot: Slot,
     cause: OpenedBy,
 ) -> Result<Dialled, PoolError> {
-    let settings = endpoint.settings.load_full();
-    let addr = endpoint.addr;
     if let Some(tls) = &endpoint.tls {
-        tls.check_dialable(addr)?;
+        tls.check_dialable(endpoint.addr)?;
     }
     let socket = connect(endpoint).await?;
+    let established = establish(endpoint, socket.clone(), slot, cause).await;
+    if established.is_err() {
+        // A connection that failed its handshakes is reset, not closed: it
+        // leaves no TIME_WAIT on tether.
+        sock::reset_on_close(&*socket);
+    }
+    established
+}
+
+/// Runs the TLS and the protocol's handshakes over a connected `socket`.
+async fn establish(
+    endpoint: &Arc<Endpoint>,
+    socket: Arc<TcpStream>,
+    slot: Slot,
+    cause: OpenedBy,
+) -> Result<Dialled, PoolError> {
+    let settings = endpoint.settings.load_full();
+    let addr = endpoint.addr;
     let record = ConnRecord::new(cause);
     // Events about this connection, here and in its driving task, carry
     // where it goes, from which local port and its id; made at debug level.

@@ -318,6 +318,20 @@ impl UpstreamTls {
                 Ok(Ok(stream)) => stream,
             };
         let (_, session) = stream.get_ref();
+        if let Some(chosen) = session.alpn_protocol() {
+            let speaks: &[u8] = match self.protocol {
+                Protocol::Http1 => b"http/1.1",
+                Protocol::Http2 => b"h2",
+            };
+            if chosen != speaks {
+                let detail = format!(
+                    "the backend chose ALPN {:?}, but the upstream speaks {:?} (protocol)",
+                    String::from_utf8_lossy(chosen),
+                    String::from_utf8_lossy(speaks)
+                );
+                return Err(self.failed(failure(addr, false, "alpn-mismatch", detail)));
+            }
+        }
         match session.handshake_kind() {
             Some(HandshakeKind::Resumed) => &self.stats.resumed,
             _ => &self.stats.full,
