@@ -11,7 +11,7 @@
 //! [`tools`] (demo, doctor, load, health) → [`app`] (run, start, workers,
 //! signals, listeners, admin) → [`downstream`] (one client connection) →
 //! [`http`] (the proxy service) → [`pool`] (upstream pools) → leaves:
-//! [`config`], [`accesslog`], [`connection_header`], [`drain`], [`sock`], [`metrics`], [`census`], [`telemetry`],
+//! [`config`], [`accesslog`], [`connection_header`], [`drain`], [`h1`], [`sock`], [`metrics`], [`census`], [`telemetry`],
 //! [`notify`], [`rlimit`], [`memory`], which import nothing of tether but `config`.
 //! `http` asks the client connection through a trait of its own
 //! ([`http::ClientConnection`]) that `downstream` implements, and the pool's
@@ -27,6 +27,7 @@ pub mod config;
 pub mod connection_header;
 pub mod downstream;
 pub mod drain;
+pub mod h1;
 pub mod http;
 pub mod memory;
 pub mod metrics;

@@ -24,6 +24,7 @@ const LAYERS: &[(&str, u8)] = &[
     ("census", 1),
     ("connection_header", 1),
     ("drain", 1),
+    ("h1", 1),
     ("memory", 1),
     ("metrics", 1),
     ("notify", 1),

@@ -10,19 +10,22 @@ use http::{Method, Request, StatusCode, Uri, Version};
 
 use crate::config::UnderscoresInHeaders;
 
-const HOP_BY_HOP_COUNT: usize = 7;
+const HOP_BY_HOP_COUNT: usize = crate::h1::HOP_BY_HOP.len();
 
-/// Headers that describe one connection, not the message (RFC 9110 §7.6.1), plus
-/// the legacy `Keep-Alive` and `Proxy-Connection`.
-const HOP_BY_HOP: [HeaderName; HOP_BY_HOP_COUNT] = [
-    header::CONNECTION,
-    HeaderName::from_static("keep-alive"),
-    HeaderName::from_static("proxy-connection"),
-    header::TE,
-    header::TRAILER,
-    header::TRANSFER_ENCODING,
-    header::UPGRADE,
-];
+/// Headers that describe one connection, not the message: the names of
+/// [`crate::h1::HOP_BY_HOP`], the one table both HTTP/1 paths read.
+const HOP_BY_HOP: [HeaderName; HOP_BY_HOP_COUNT] = {
+    let names = crate::h1::HOP_BY_HOP;
+    [
+        HeaderName::from_static(names[0]),
+        HeaderName::from_static(names[1]),
+        HeaderName::from_static(names[2]),
+        HeaderName::from_static(names[3]),
+        HeaderName::from_static(names[4]),
+        HeaderName::from_static(names[5]),
+        HeaderName::from_static(names[6]),
+    ]
+};
 
 /// Removes hop-by-hop headers and every header the `Connection` header names.
 /// `Host` and `Content-Length` are kept even if named: removing them would
@@ -81,17 +84,7 @@ fn remove_hop_by_hop(headers: &mut HeaderMap, present: [bool; HOP_BY_HOP_COUNT])
 /// `Transfer-Encoding`: a backend that maps both to one variable (CGI's
 /// `HTTP_CONTENT_LENGTH`) could frame the body by it, a smuggling vector.
 fn spells_framing_header(name: &HeaderName) -> bool {
-    let name = name.as_str().as_bytes();
-    [header::CONTENT_LENGTH, header::TRANSFER_ENCODING]
-        .iter()
-        .any(|framing| {
-            let framing = framing.as_str().as_bytes();
-            name.len() == framing.len()
-                && name
-                    .iter()
-                    .zip(framing)
-                    .all(|(&a, &b)| a.eq_ignore_ascii_case(&b) || (a == b'_' && b == b'-'))
-        })
+    crate::h1::spells_framing_header(name.as_str().as_bytes())
 }
 
 /// Applies the listener's `underscores_in_headers` to the names `walk_names`

@@ -1,0 +1,184 @@
+//! A response head parsed where it lies, framed by the request it answers
+//! (RFC 9112 §6.3): HEAD, 1xx, 204 and 304 have no body, Transfer-Encoding
+//! beats Content-Length, and without either the body runs to the close.
+
+use std::time::Duration;
+
+use super::error::H1Error;
+use super::request::{
+    content_length, fields_of, ConnectionInfo, Field, HeadLimits, Parsed, Version,
+};
+use super::span::Span;
+use super::{list_tokens, trim_ows};
+
+/// How a response body is delimited.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ResponseFraming {
+    /// No body: HEAD, 1xx, 204, 304.
+    None,
+    /// Content-Length bytes.
+    Length(u64),
+    /// Transfer-Encoding ending in `chunked`.
+    Chunked,
+    /// The body runs until the upstream closes.
+    Close,
+}
+
+/// The `Keep-Alive` parameters a backend announced.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct KeepAlive {
+    /// `timeout=`: how long the backend keeps an idle connection.
+    pub timeout: Option<Duration>,
+    /// `max=`: how many more requests it will take on it.
+    pub max: Option<u64>,
+}
+
+/// A parsed response head.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ResponseHead {
+    /// Bytes of the buffer the head takes; the body starts here.
+    pub len: usize,
+    /// The version.
+    pub version: Version,
+    /// The status code.
+    pub status: u16,
+    /// The reason phrase.
+    pub reason: Span,
+    /// The header fields, in order.
+    pub fields: Vec<Field>,
+    /// How the body is delimited.
+    pub framing: ResponseFraming,
+    /// Both Content-Length and Transfer-Encoding: framed by the latter, and
+    /// the connection must not be reused (RFC 9112 §6.3).
+    pub conflicting_lengths: bool,
+    /// The `Connection` tokens.
+    pub connection: ConnectionInfo,
+    /// The `Keep-Alive` parameters.
+    pub keep_alive: KeepAlive,
+}
+
+impl ResponseHead {
+    /// Whether the upstream connection may carry another request after this
+    /// response: HTTP/1.1 without `close` (HTTP/1.0 with `keep-alive`), a
+    /// body with an end the codec can find, and no conflicting lengths.
+    pub fn reusable(&self) -> bool {
+        let persistent = match self.version {
+            Version::Http11 => !self.connection.close,
+            Version::Http10 => self.connection.keep_alive && !self.connection.close,
+        };
+        persistent && self.framing != ResponseFraming::Close && !self.conflicting_lengths
+    }
+}
+
+/// Parses the response head at the start of `buf`, the answer to a HEAD
+/// request when `head_request`. `Partial` until the head is complete.
+pub fn parse_response(
+    buf: &[u8],
+    limits: HeadLimits,
+    head_request: bool,
+) -> Result<Parsed<ResponseHead>, H1Error> {
+    let mut slots = vec![httparse::EMPTY_HEADER; limits.max_headers];
+    let mut response = httparse::Response::new(&mut slots);
+    let len = match response.parse(buf) {
+        Ok(httparse::Status::Complete(len)) if len <= limits.max_head_bytes => len,
+        Ok(httparse::Status::Partial) if buf.len() < limits.max_head_bytes => {
+            return Ok(Parsed::Partial)
+        }
+        Ok(_) => return Err(H1Error::BadResponse("head too large")),
+        Err(httparse::Error::TooManyHeaders) => {
+            return Err(H1Error::BadResponse("too many headers"))
+        }
+        Err(_) => return Err(H1Error::BadResponse("syntax")),
+    };
+    let version = match response.version {
+        Some(0) => Version::Http10,
+        Some(1) => Version::Http11,
+        _ => return Err(H1Error::BadResponse("version")),
+    };
+    let status = response.code.ok_or(H1Error::BadResponse("status"))?;
+    let reason = response
+        .reason
+        .and_then(|r| Span::within(buf, r.as_bytes()))
+        .unwrap_or_default();
+    let fields = fields_of(buf, response.headers).map_err(|_| H1Error::BadResponse("fields"))?;
+    let mut head = ResponseHead {
+        len,
+        version,
+        status,
+        reason,
+        fields,
+        framing: ResponseFraming::Close,
+        conflicting_lengths: false,
+        connection: ConnectionInfo::default(),
+        keep_alive: KeepAlive::default(),
+    };
+    scan_response_fields(buf, &mut head, head_request)?;
+    Ok(Parsed::Complete(head))
+}
+
+fn scan_response_fields(
+    buf: &[u8],
+    head: &mut ResponseHead,
+    head_request: bool,
+) -> Result<(), H1Error> {
+    let (mut length, mut encoding, mut chunked) = (None, false, false);
+    for field in &head.fields {
+        let (name, value) = (field.name.of(buf), field.value.of(buf));
+        if name.eq_ignore_ascii_case(b"content-length") {
+            let this = content_length(value).ok_or(H1Error::BadResponse("content-length"))?;
+            if length.is_some_and(|prior| prior != this) {
+                return Err(H1Error::BadResponse("differing content-lengths"));
+            }
+            length = Some(this);
+        } else if name.eq_ignore_ascii_case(b"transfer-encoding") {
+            encoding = true;
+            let last = value.rsplit(|&b| b == b',').next().map(trim_ows);
+            chunked = last.is_some_and(|c| c.eq_ignore_ascii_case(b"chunked"));
+        } else if name.eq_ignore_ascii_case(b"connection") {
+            for token in list_tokens(value) {
+                let info = &mut head.connection;
+                if token.eq_ignore_ascii_case(b"close") {
+                    info.close = true;
+                } else if token.eq_ignore_ascii_case(b"keep-alive") {
+                    info.keep_alive = true;
+                } else if let Some(span) = Span::within(buf, token) {
+                    info.upgrade |= token.eq_ignore_ascii_case(b"upgrade");
+                    info.named.push(span);
+                }
+            }
+        } else if name.eq_ignore_ascii_case(b"keep-alive") {
+            head.keep_alive = keep_alive_params(value, head.keep_alive);
+        }
+    }
+    let bodiless =
+        head_request || (100..200).contains(&head.status) || matches!(head.status, 204 | 304);
+    head.conflicting_lengths = encoding && length.is_some();
+    head.framing = match (bodiless, encoding, length) {
+        (true, _, _) => ResponseFraming::None,
+        (false, true, _) if chunked => ResponseFraming::Chunked,
+        (false, true, _) => ResponseFraming::Close,
+        (false, false, Some(length)) => ResponseFraming::Length(length),
+        (false, false, None) => ResponseFraming::Close,
+    };
+    Ok(())
+}
+
+/// `timeout=` (seconds) and `max=` of a `Keep-Alive` value, over `prior`;
+/// parameters it does not know, or cannot read, are ignored.
+fn keep_alive_params(value: &[u8], mut prior: KeepAlive) -> KeepAlive {
+    for token in list_tokens(value) {
+        let Some(eq) = memchr::memchr(b'=', token) else {
+            continue;
+        };
+        let (key, number) = (trim_ows(&token[..eq]), trim_ows(&token[eq + 1..]));
+        let Some(number) = content_length(number) else {
+            continue;
+        };
+        if key.eq_ignore_ascii_case(b"timeout") {
+            prior.timeout = Some(Duration::from_secs(number));
+        } else if key.eq_ignore_ascii_case(b"max") {
+            prior.max = Some(number);
+        }
+    }
+    prior
+}
