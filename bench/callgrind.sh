@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # User-space instructions per request, counted by callgrind: tether (this
-# checkout's release build) and, with BASELINE_BIN, another build side by side.
+# checkout's release build), HAProxy and Pingora (PEERS) and, with
+# BASELINE_BIN, another build of tether, side by side.
 #
 # A keep-alive nginx on loopback serves /small (100 B). Each build runs under
 # valgrind with one worker; after a warm-up the counters are zeroed
@@ -10,7 +11,7 @@
 # so changes too small for wall-clock figures show here.
 #
 # Knobs: MODES ("keep-alive http10"), DURATION (5), CONCURRENCY (8),
-# BASELINE_BIN, TETHER_BIN. The dumps stay in the printed directory. Needs valgrind and nginx (installed if missing, as root).
+# PEERS ("haproxy pingora", each with one thread), BASELINE_BIN, TETHER_BIN. The dumps stay in the printed directory. Needs valgrind and nginx (installed if missing, as root).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
@@ -18,12 +19,18 @@ MODES=${MODES:-"keep-alive http10"}
 DURATION=${DURATION:-5}
 CONCURRENCY=${CONCURRENCY:-8}
 BASELINE_BIN=${BASELINE_BIN:-}
+PEERS=${PEERS:-"haproxy pingora"}
 BACKEND=127.0.0.1:18080
 PROXY=127.0.0.1:19000
 
-command -v valgrind >/dev/null && command -v nginx >/dev/null || {
-  apt-get update -qq && apt-get install -y -qq valgrind nginx >/dev/null
+command -v valgrind >/dev/null && command -v nginx >/dev/null && command -v haproxy >/dev/null || {
+  apt-get update -qq && apt-get install -y -qq valgrind nginx haproxy >/dev/null
 }
+PINGORA_BIN=$PWD/target/bench-pingora/release/pingora-bench-proxy
+if [[ " $PEERS " == *" pingora "* ]]; then
+  command -v cmake >/dev/null || apt-get install -y -qq cmake >/dev/null  # zlib-ng's build
+  cargo build --release -q --manifest-path bench/pingora/Cargo.toml --target-dir target/bench-pingora
+fi
 # TETHER_BIN: measure that build instead of this checkout's release build
 # (a `--profile profiling` one keeps symbols for callgrind_annotate).
 if [ -n "${TETHER_BIN:-}" ]; then BIN=$TETHER_BIN; else cargo build --release -q; BIN=$PWD/target/release/tether; fi
@@ -61,6 +68,23 @@ enabled = false
 [runtime]
 worker_threads = 1
 CONF
+cat > "$WORK/haproxy.cfg" <<CONF
+global
+  nbthread 1
+  maxconn 8000
+defaults
+  mode http
+  timeout connect 2s
+  timeout client 60s
+  timeout server 60s
+  http-reuse always
+  option http-keep-alive
+frontend fe
+  bind $PROXY
+  default_backend be
+backend be
+  server s1 $BACKEND pool-max-conn 64
+CONF
 
 wait_for_port() {
   for _ in $(seq 100); do
@@ -70,10 +94,10 @@ wait_for_port() {
   echo "nothing listens on $1" >&2; return 1
 }
 
-measure() { # label binary mode -> one line
-  local label=$1 bin=$2 mode=$3 out="$WORK/cg.$1.$3"
-  valgrind --tool=callgrind --callgrind-out-file="$out" "$bin" run --config "$WORK/tether.toml" \
-    >/dev/null 2>"$WORK/valgrind.err" &
+measure() { # label mode command... -> one line
+  local label=$1 mode=$2 out="$WORK/cg.$1.$2"
+  shift 2
+  valgrind --tool=callgrind --callgrind-out-file="$out" "$@" >/dev/null 2>"$WORK/valgrind.err" &
   local pid=$!
   wait_for_port "$PROXY"
   "$BIN" load --target "$PROXY" --mode "$mode" --concurrency "$CONCURRENCY" --duration 1s --path /small --json >/dev/null
@@ -82,7 +106,11 @@ measure() { # label binary mode -> one line
   result=$("$BIN" load --target "$PROXY" --mode "$mode" --concurrency "$CONCURRENCY" \
     --duration "${DURATION}s" --path /small --json)
   callgrind_control -d "$pid" >/dev/null 2>&1
-  kill -INT "$pid"; wait "$pid" 2>/dev/null || true
+  # SIGINT stops tether and Pingora; HAProxy in -db mode stops on SIGTERM.
+  kill -INT "$pid" 2>/dev/null || true
+  for _ in $(seq 50); do kill -0 "$pid" 2>/dev/null || break; sleep 0.2; done
+  kill -TERM "$pid" 2>/dev/null || true
+  wait "$pid" 2>/dev/null || true
   # The dump after zeroing is the highest-numbered part file.
   local dump
   dump=$(ls -v "$out".* 2>/dev/null | tail -1)
@@ -97,6 +125,12 @@ PY
 
 echo "callgrind dumps in $WORK"
 for mode in $MODES; do
-  measure tether "$BIN" "$mode"
-  [ -n "$BASELINE_BIN" ] && measure baseline "$BASELINE_BIN" "$mode"
+  measure tether "$mode" "$BIN" run --config "$WORK/tether.toml"
+  [ -n "$BASELINE_BIN" ] && measure baseline "$mode" "$BASELINE_BIN" run --config "$WORK/tether.toml"
+  for peer in $PEERS; do
+    case $peer in
+      haproxy) measure haproxy "$mode" haproxy -db -f "$WORK/haproxy.cfg" ;;
+      pingora) measure pingora "$mode" "$PINGORA_BIN" "$PROXY" "$BACKEND" 1 64 ;;
+    esac
+  done
 done

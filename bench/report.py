@@ -9,8 +9,9 @@ import subprocess
 import sys
 from collections import defaultdict
 
-PROXIES = ["direct", "haproxy", "nginx", "tether", "tether-mr1-graceful", "tether-mr1-abort"]
-COLOURS = {"direct": "#9e9e9e", "haproxy": "#1f77b4", "nginx": "#2ca02c", "tether": "#d62728",
+PROXIES = ["direct", "haproxy", "nginx", "pingora", "tether", "tether-mr1-graceful", "tether-mr1-abort"]
+COLOURS = {"direct": "#9e9e9e", "haproxy": "#1f77b4", "nginx": "#2ca02c", "pingora": "#8c564b",
+           "tether": "#d62728",
            "tether-mr1-graceful": "#ff7f0e", "tether-mr1-abort": "#9467bd"}
 MODES = ["http10", "close-first", "keep-alive", "port-exhaustion"]
 
@@ -64,20 +65,20 @@ def table(groups, repeats):
           "(requests that succeed in the window). `tether-mr1-*` = tether with "
           "`max_requests_per_connection = 1` and that `client_close` policy.\n")
     print("Ratios are tether's: req/s ÷ the peer's, and CPU per request ÷ HAProxy's (lower is better).\n")
-    print("| threads | mode | body | proxy | req/s | vs HAProxy | vs nginx | CPU vs HAProxy "
+    print("| threads | mode | body | proxy | req/s | vs HAProxy | vs nginx | vs Pingora | CPU vs HAProxy "
           "| p50 ms | p99 ms | p99.9 ms | errors | conns/req | backend accepts | CPU s/1k req "
           "| peak RSS KiB | TW app→backend | TW in backend | TW client→proxy | TW proxy→client |")
-    print("|" + "---|" * 20)
+    print("|" + "---|" * 21)
     for key in sorted(groups, key=order):
         t, m, b, p = key
         rs = groups[key]
         rps = median(rs, "rps")
         cpu = median(rs, "cpu_s_per_1k")
-        peer = {q: groups.get((t, m, b, q), []) for q in ("haproxy", "nginx")}
+        peer = {q: groups.get((t, m, b, q), []) for q in ("haproxy", "nginx", "pingora")}
         mine = p.startswith("tether")
         vs = {q: ratio(rps, median(v, "rps")) if mine else "" for q, v in peer.items()}
         cpu_vs = ratio(cpu, median(peer["haproxy"], "cpu_s_per_1k")) if mine else ""
-        print(f"| {t} | {m} | {b} | {p} | {fmt(rps)} | {vs['haproxy']} | {vs['nginx']} | {cpu_vs} "
+        print(f"| {t} | {m} | {b} | {p} | {fmt(rps)} | {vs['haproxy']} | {vs['nginx']} | {vs['pingora']} | {cpu_vs} "
               f"| {fmt(median(rs, 'p50_ms'), 3)} | {fmt(median(rs, 'p99_ms'), 3)} "
               f"| {fmt(median(rs, 'p999_ms'), 3)} | {fmt(median(rs, 'errors'))} "
               f"| {fmt(median(rs, 'connections_per_request'), 2)} | {fmt(median(rs, 'backend_accepts'))} "
@@ -98,7 +99,7 @@ def chart(groups, path):
     out = [f'<svg xmlns="http://www.w3.org/2000/svg" width="{width}" height="{total_height}" '
            'font-family="sans-serif" font-size="10">',
            f'<rect width="{width}" height="{total_height}" fill="white"/>',
-           '<text x="10" y="18" font-size="14">tether vs HAProxy vs nginx (medians; '
+           '<text x="10" y="18" font-size="14">tether vs HAProxy vs nginx vs Pingora (medians; '
            'threads / mode / body)</text>']
     x = left + 10
     for p in PROXIES:

@@ -1,5 +1,6 @@
 #!/usr/bin/env bash
-# Benchmarks tether against no proxy, HAProxy and nginx, side by side in one run.
+# Benchmarks tether against no proxy, HAProxy, nginx and Pingora, side by side
+# in one run.
 #
 # Two network namespaces joined by a veth pair: `app` holds the load client and
 # the proxy (on 127.0.0.1:9000), `backend` holds a keep-alive nginx serving a
@@ -18,7 +19,8 @@ MODES=${MODES:-"http10 close-first keep-alive port-exhaustion"}
 BODIES=${BODIES:-"small large"}
 # tether-mr1-graceful / tether-mr1-abort: max_requests_per_connection = 1 with
 # that client_close policy; they run in the close-first and port-exhaustion modes.
-PROXIES=${PROXIES:-"direct haproxy nginx tether tether-mr1-graceful tether-mr1-abort"}
+# pingora: a plain Pingora reverse proxy with its keep-alive pool (bench/pingora).
+PROXIES=${PROXIES:-"direct haproxy nginx pingora tether tether-mr1-graceful tether-mr1-abort"}
 # tether-baseline: another build of tether (BASELINE_BIN, e.g. one built from an
 # earlier commit) with the `tether` config, for before/after comparisons.
 BASELINE_BIN=${BASELINE_BIN:-}
@@ -32,6 +34,11 @@ command -v haproxy >/dev/null && command -v nginx >/dev/null && command -v ss >/
 }
 cargo build --release -q
 BIN=$PWD/target/release/tether
+PINGORA_BIN=$PWD/target/bench-pingora/release/pingora-bench-proxy
+if [[ " $PROXIES " == *" pingora "* ]]; then
+  command -v cmake >/dev/null || apt-get install -y -qq cmake >/dev/null  # zlib-ng's build
+  cargo build --release -q --manifest-path bench/pingora/Cargo.toml --target-dir target/bench-pingora
+fi
 WORK=$(mktemp -d /tmp/tether-bench.XXXXXX)
 APP=tb-app BACKEND=tb-backend
 BACKEND_ADDR=10.88.0.2:8000
@@ -156,6 +163,9 @@ start_proxy() { # name -> prints pid
   case $1 in
     haproxy) ip netns exec "$APP" haproxy -D -p "$WORK/haproxy.pid" -f "$WORK/haproxy.cfg"; cat "$WORK/haproxy.pid" ;;
     nginx) ip netns exec "$APP" nginx -c "$WORK/nginx.conf"; sleep 0.2; cat "$WORK/nginx.pid" ;;
+    pingora) ip netns exec "$APP" "$PINGORA_BIN" 127.0.0.1:9000 "$BACKEND_ADDR" "$t" "$POOL" \
+               >/dev/null 2>"$WORK/pingora.err" &
+             echo $! ;;
     tether-baseline) [ -x "$BASELINE_BIN" ] || { echo "tether-baseline needs BASELINE_BIN" >&2; exit 1; }
              ip netns exec "$APP" "$BASELINE_BIN" run --config "$WORK/tether.toml" >/dev/null 2>"$WORK/tether.err" &
              echo $! ;;
