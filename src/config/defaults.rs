@@ -180,7 +180,8 @@ pub const fn tls_close_notify_wait() -> Duration {
 /// CA file changes, the pooled connections made with the old material are
 /// replaced spread over this long, so a pool of many connections does not
 /// send its backend a burst of full handshakes at once, while a certificate
-/// taken out of use is out of every connection within a minute.
+/// taken out of use is out of every idle connection within a minute (a busy
+/// one follows when its exchange ends).
 pub const fn tls_rotation_window() -> Duration {
     Duration::from_secs(60)
 }

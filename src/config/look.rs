@@ -17,6 +17,11 @@ pub struct FileLook {
     inode: u64,
     len: u64,
     modified_ns: i128,
+    /// The inode's change time, mode and owner: `chmod` and `chown` change
+    /// whether tether can read the file, and nothing else of the look.
+    changed_ns: i128,
+    mode: u32,
+    owner: (u32, u32),
 }
 
 impl FileLook {
@@ -29,6 +34,9 @@ impl FileLook {
             inode: meta.ino(),
             len: meta.len(),
             modified_ns: i128::from(meta.mtime()) * 1_000_000_000 + i128::from(meta.mtime_nsec()),
+            changed_ns: i128::from(meta.ctime()) * 1_000_000_000 + i128::from(meta.ctime_nsec()),
+            mode: meta.mode(),
+            owner: (meta.uid(), meta.gid()),
         })
     }
 }
@@ -49,7 +57,16 @@ mod tests {
         let next = dir.join("cert.pem.new");
         std::fs::write(&next, "two").unwrap();
         std::fs::rename(&next, &path).unwrap();
-        assert_ne!(first, FileLook::at(&path), "same size, new inode");
+        let renamed = FileLook::at(&path);
+        assert_ne!(first, renamed, "same size, new inode");
+        let mut permissions = std::fs::metadata(&path).unwrap().permissions();
+        std::os::unix::fs::PermissionsExt::set_mode(&mut permissions, 0o600);
+        std::fs::set_permissions(&path, permissions).unwrap();
+        assert_ne!(
+            renamed,
+            FileLook::at(&path),
+            "a chmod decides who can read it"
+        );
         std::fs::remove_dir_all(&dir).unwrap();
         assert_eq!(FileLook::at(&path), None);
     }

@@ -169,6 +169,12 @@ pub(super) fn validate(
 ) {
     problems.positive("handshake_timeout", tls.handshake_timeout);
     problems.positive("rotation_window", tls.rotation_window);
+    // A day is longer than any certificate should stay in use once replaced.
+    problems.at_most(
+        "rotation_window",
+        tls.rotation_window,
+        Duration::from_secs(86_400),
+    );
     if tls.ca.is_empty() && tls.verify == TlsVerify::Full {
         problems.add("ca", "at least one anchor: \"system\" or a PEM file");
     }
@@ -205,10 +211,16 @@ pub(super) fn validate(
     if alpn.iter().any(|p| p.is_empty() || p.len() > 255) {
         problems.add("alpn", "each protocol is 1 to 255 bytes");
     }
-    if protocol == Protocol::Http2 && tls.alpn.is_some() && !alpn.iter().any(|p| p == "h2") {
+    // rustls refuses a backend that picks a protocol not offered, so offering
+    // only what the pool speaks means the pool always speaks what was agreed.
+    let speaks: &[&str] = match protocol {
+        Protocol::Http1 => &["http/1.1", "http/1.0"],
+        Protocol::Http2 => &["h2"],
+    };
+    if let Some(other) = alpn.iter().find(|p| !speaks.contains(&p.as_str())) {
         problems.add(
             "alpn",
-            "protocol = \"http2\" needs \"h2\" among the ALPN protocols",
+            format!("{other:?} is not spoken by this upstream's protocol: offer {speaks:?}"),
         );
     }
 }
@@ -276,6 +288,17 @@ mod tests {
             );
         }
         assert!(problems("server_name = \"backend.example\"").is_empty());
+    }
+
+    #[test]
+    fn only_protocols_the_pool_speaks_are_offered() {
+        assert!(
+            problems("server_name = \"b.example\"\nalpn = [\"http/1.1\", \"http/1.0\"]").is_empty()
+        );
+        assert_eq!(
+            problems("server_name = \"b.example\"\nalpn = [\"h2\", \"http/1.1\"]"),
+            ["upstream[0].tls.alpn"]
+        );
     }
 
     #[test]

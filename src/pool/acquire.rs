@@ -142,7 +142,9 @@ async fn dial_for_request(endpoint: &Arc<Endpoint>) -> Dial {
             Dial::Opened(Ready::Stream(stream), connect)
         }
         Some(Err(e)) => {
-            endpoint.record(false);
+            if !e.is_local_refusal() {
+                endpoint.record(false);
+            }
             // Waiters for the HTTP/2 dial try for themselves now.
             endpoint.available.notify_waiters();
             Dial::Failed(e)

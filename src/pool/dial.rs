@@ -36,13 +36,24 @@ pub(crate) async fn open(
         tls.check_dialable(endpoint.addr)?;
     }
     let socket = connect(endpoint).await?;
-    let established = establish(endpoint, socket.clone(), slot, cause).await;
-    if established.is_err() {
-        // A connection that failed its handshakes is reset, not closed: it
-        // leaves no TIME_WAIT on tether.
-        sock::reset_on_close(&*socket);
+    // A connection that fails its handshakes, or whose dial is abandoned
+    // (the request that wanted it gone), is reset, not closed: it leaves no
+    // TIME_WAIT on tether.
+    let mut unless_established = ResetOnDrop(Some(socket.clone()));
+    let established = establish(endpoint, socket, slot, cause).await?;
+    unless_established.0 = None;
+    Ok(established)
+}
+
+/// Resets the socket it holds when dropped holding it.
+struct ResetOnDrop(Option<Arc<TcpStream>>);
+
+impl Drop for ResetOnDrop {
+    fn drop(&mut self) {
+        if let Some(socket) = self.0.take() {
+            sock::reset_on_close(&*socket);
+        }
     }
-    established
 }
 
 /// Runs the TLS and the protocol's handshakes over a connected `socket`.

@@ -57,7 +57,9 @@ impl Endpoint {
                         }
                     }
                     Err(e) => {
-                        endpoint.record(false);
+                        if !e.is_local_refusal() {
+                            endpoint.record(false);
+                        }
                         let failures = endpoint.refill_failures.fetch_add(1, Ordering::Relaxed) + 1;
                         let backoff = backoff(failures);
                         tracing::warn!(upstream = %endpoint.addr, error = %e, retry_in = ?backoff, "cannot open warm connection");

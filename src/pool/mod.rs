@@ -138,6 +138,19 @@ impl PoolError {
             Self::Tls { .. } => "upstream-tls-handshake",
         }
     }
+
+    /// Whether tether refused to dial on its own account (its TLS settings
+    /// unusable, its client certificate expired): nothing is known of the
+    /// endpoint, so it counts against neither its health nor ejection.
+    pub(crate) fn is_local_refusal(&self) -> bool {
+        matches!(
+            self,
+            Self::Tls {
+                reason: "setup" | "client-cert-expired",
+                ..
+            }
+        )
+    }
 }
 
 /// The connection pool of one upstream; a cheap handle.

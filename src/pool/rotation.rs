@@ -4,8 +4,9 @@
 //! and the pooled connections made with the old ones roll over, each at its
 //! own moment within `tls.rotation_window`, so the backend sees the new
 //! certificate on every connection by the window's end without a burst of
-//! full handshakes. A connection also never outlives the client certificate
-//! it presented.
+//! full handshakes (a connection busy at its moment retires when its
+//! exchange ends). No connection is used for a new request past the client
+//! certificate it presented.
 //!
 //! New settings come with new, empty session caches: a resumed TLS 1.3
 //! session carries the authentication of the handshake that made it, so a
@@ -13,8 +14,9 @@
 //! the old certificate (and skip checking the server against a new CA).
 //!
 //! Files that changed but cannot be used (a certificate with a key from
-//! another pair, half-written) leave the material in use as it is; they are
-//! read again when they change again.
+//! another pair, half-written, unreadable, or expired) leave the material in
+//! use as it is; they are read again when they change again, and every few
+//! seconds meanwhile. Files rewritten with the same bytes change nothing.
 
 use std::collections::{HashMap, VecDeque};
 use std::net::SocketAddr;
@@ -47,9 +49,10 @@ pub(super) const BEFORE_CLIENT_CERT_EXPIRY: Duration = Duration::from_secs(2);
 /// How often the maintenance ticks look at the files.
 const LOOK_EVERY: Duration = Duration::from_secs(1);
 
-/// Rotations remembered: a connection older than all of them rolls over by
-/// the oldest (rotations this frequent are far shorter than any window).
-const ROTATIONS_KEPT: usize = 16;
+/// A reading that was refused is tried again after this even if the files
+/// look the same: a permission fixed with `chmod` or `chown` changes no
+/// look, nor does a transient error.
+const RETRY_REFUSED: Duration = Duration::from_secs(5);
 
 /// The rustls settings made from one reading of the files.
 pub(super) struct Material {
@@ -97,6 +100,13 @@ impl Material {
         Ok(config.clone())
     }
 
+    /// Whether the client certificate has expired or is within
+    /// [`BEFORE_CLIENT_CERT_EXPIRY`] of it: no connection is made with it.
+    pub(super) fn client_cert_spent(&self) -> bool {
+        self.client_cert_expires
+            .is_some_and(|expires| expires <= SystemTime::now() + BEFORE_CLIENT_CERT_EXPIRY)
+    }
+
     /// Until when a connection dialled now may be used: just before the
     /// client certificate expires.
     pub(super) fn usable_until(&self) -> Option<Instant> {
@@ -123,6 +133,12 @@ fn look_all(files: &[PathBuf]) -> Vec<Option<FileLook>> {
     files.iter().map(|f| FileLook::at(f)).collect()
 }
 
+/// The bytes of every file the material is read from, to tell a rewrite
+/// with the same contents (a `touch`, a periodic copy) from a rotation.
+fn contents_of(files: &[PathBuf]) -> Vec<Option<Vec<u8>>> {
+    files.iter().map(|f| std::fs::read(f).ok()).collect()
+}
+
 /// Where an upstream's material stands: which reading is in use, when the
 /// earlier ones were replaced, and what the files looked like when last read.
 pub(super) struct Rotations {
@@ -130,10 +146,16 @@ pub(super) struct Rotations {
     window: Duration,
     /// The generation of the material in use, mirrored for the request path.
     current: AtomicU64,
-    /// `(generation, when it was replaced)`, oldest first.
+    /// `(generation, when it was replaced)`, oldest first; an entry goes once
+    /// its window has passed (every connection of it has rolled over).
     replaced: Mutex<VecDeque<(u64, Instant)>>,
     /// The files as last read, whether or not they could be used.
     seen: Mutex<Vec<Option<FileLook>>>,
+    /// The bytes of the files the material in use was read from.
+    contents: Mutex<Vec<Option<Vec<u8>>>>,
+    /// After a refused reading: when to read the files again even if they
+    /// look the same (a permission fixed, a transient error gone).
+    retry_at: Mutex<Option<Instant>>,
     /// A reading is under way.
     reading: AtomicBool,
     /// When the files were last looked at.
@@ -148,12 +170,15 @@ impl Rotations {
     pub(super) fn new(tls: &TlsConfig) -> Self {
         let files = tls.files();
         let seen = look_all(&files);
+        let contents = contents_of(&files);
         Self {
             files,
             window: tls.rotation_window,
             current: AtomicU64::new(0),
             replaced: Mutex::new(VecDeque::new()),
             seen: Mutex::new(seen),
+            contents: Mutex::new(contents),
+            retry_at: Mutex::new(None),
             reading: AtomicBool::new(false),
             looked_at: Mutex::new(None),
             applied: AtomicU64::new(0),
@@ -164,18 +189,33 @@ impl Rotations {
     /// When a connection dialled with material `generation` rolls over:
     /// `None` while that material is in use, else its own moment within the
     /// window that began when the material was replaced (`id` spreads the
-    /// pool's connections over the window).
+    /// pool's connections over the window); now, for material replaced so
+    /// long ago that its window has passed.
     pub(super) fn rollover_at(&self, generation: u64, id: u64) -> Option<Instant> {
-        if generation == self.current.load(Ordering::Relaxed) {
+        if generation >= self.current.load(Ordering::Acquire) {
             return None;
         }
         let replaced = lock(&self.replaced);
-        let at = replaced
-            .iter()
-            .find(|(g, _)| *g == generation)
-            .or(replaced.front())
-            .map(|(_, at)| *at)?;
-        Some(at + self.window.mul_f64(spread(id)))
+        match replaced.iter().find(|(g, _)| *g == generation) {
+            Some((_, at)) => Some(*at + self.window.mul_f64(spread(id))),
+            None => Some(Instant::now()),
+        }
+    }
+
+    /// Records that generation `old` was replaced now, forgetting the
+    /// replacements whose window has passed.
+    fn replace(&self, old: u64) {
+        let now = Instant::now();
+        let mut replaced = lock(&self.replaced);
+        while replaced
+            .front()
+            .is_some_and(|(_, at)| *at + self.window <= now)
+        {
+            replaced.pop_front();
+        }
+        replaced.push_back((old, now));
+        // Published after the entry, so a connection of `old` finds it.
+        self.current.store(old + 1, Ordering::Release);
     }
 }
 
@@ -189,6 +229,15 @@ fn spread(id: u64) -> f64 {
     (z >> 11) as f64 / (1u64 << 53) as f64
 }
 
+/// Clears the reading flag however the reading ends, a panic included.
+struct Reading<'a>(&'a AtomicBool);
+
+impl Drop for Reading<'_> {
+    fn drop(&mut self) {
+        self.0.store(false, Ordering::Release);
+    }
+}
+
 impl UpstreamTls {
     /// Looks at the files, at most once a second whoever asks (the
     /// maintenance of every worker's share does), and reads them again when
@@ -196,9 +245,7 @@ impl UpstreamTls {
     pub(crate) fn check_files(self: &Arc<Self>) {
         let now = Instant::now();
         {
-            let Ok(mut looked_at) = self.rotations.looked_at.try_lock() else {
-                return;
-            };
+            let mut looked_at = lock(&self.rotations.looked_at);
             if looked_at.is_some_and(|at| now.duration_since(at) < LOOK_EVERY) {
                 return;
             }
@@ -207,22 +254,25 @@ impl UpstreamTls {
         self.check_files_now();
     }
 
-    /// Looks at the files now; when one changed, reads them again on a
-    /// blocking thread (at most one reading at a time). Cheap when nothing
-    /// changed: a `stat` per file.
+    /// Looks at the files now; when one changed (or a refused reading is due
+    /// again), reads them on a blocking thread, one reading at a time.
+    /// Cheap when nothing changed: a `stat` and a path resolution per file.
     pub(crate) fn check_files_now(self: &Arc<Self>) {
         let rotations = &self.rotations;
-        if rotations.files.is_empty() {
+        if rotations.files.is_empty() || rotations.reading.swap(true, Ordering::AcqRel) {
             return;
         }
+        let reading = Reading(&rotations.reading);
         let looks = look_all(&rotations.files);
-        if *lock(&rotations.seen) == looks || rotations.reading.swap(true, Ordering::AcqRel) {
+        let retry = lock(&rotations.retry_at).is_some_and(|at| Instant::now() >= at);
+        if *lock(&rotations.seen) == looks && !retry {
             return;
         }
+        std::mem::forget(reading);
         let tls = self.clone();
         let reread = move || {
+            let _reading = Reading(&tls.rotations.reading);
             tls.reread(looks);
-            tls.rotations.reading.store(false, Ordering::Release);
         };
         match tokio::runtime::Handle::try_current() {
             Ok(runtime) => drop(runtime.spawn_blocking(reread)),
@@ -240,24 +290,24 @@ impl UpstreamTls {
             return;
         }
         *lock(&rotations.seen) = looks;
-        let old = self.material.load_full();
-        let next = Material::read(&self.settings, self.protocol, old.generation + 1);
-        if let Err(error) = &next.base {
-            rotations.refused.fetch_add(1, Ordering::Relaxed);
-            tracing::warn!(upstream = %self.upstream(), %error, "TLS files changed but cannot be used; keeping the ones in use");
+        let contents = contents_of(&rotations.files);
+        if *lock(&rotations.contents) == contents {
+            // Rewritten with the same bytes: nothing to roll over.
+            *lock(&rotations.retry_at) = None;
             return;
         }
-        {
-            let mut replaced = lock(&rotations.replaced);
-            if replaced.len() == ROTATIONS_KEPT {
-                replaced.pop_front();
-            }
-            replaced.push_back((old.generation, Instant::now()));
+        let old = self.material.load_full();
+        let next = Material::read(&self.settings, self.protocol, old.generation + 1);
+        if let Some(problem) = refusal(&next, &old) {
+            rotations.refused.fetch_add(1, Ordering::Relaxed);
+            *lock(&rotations.retry_at) = Some(Instant::now() + RETRY_REFUSED);
+            tracing::warn!(upstream = %self.upstream(), error = %problem, retry_in = ?RETRY_REFUSED, "TLS files changed but cannot be used; keeping the ones in use");
+            return;
         }
+        *lock(&rotations.retry_at) = None;
+        *lock(&rotations.contents) = contents;
+        rotations.replace(old.generation);
         self.material.store(Arc::new(next));
-        rotations
-            .current
-            .store(old.generation + 1, Ordering::Relaxed);
         rotations.applied.fetch_add(1, Ordering::Relaxed);
         tracing::info!(
             upstream = %self.upstream(),
@@ -268,11 +318,25 @@ impl UpstreamTls {
     }
 }
 
+/// Why newly read material must not replace `old`: it could not be built,
+/// or its client certificate is expired (or about to be) while the one in
+/// use is not — putting it in use would stop every new connection.
+fn refusal(next: &Material, old: &Material) -> Option<String> {
+    if let Some(problem) = next.problem() {
+        return Some(problem.to_owned());
+    }
+    (next.client_cert_spent() && !old.client_cert_spent())
+        .then(|| "the new client certificate has expired or is about to".to_owned())
+}
+
 /// Which material a connection was dialled with, and so when it rolls over.
 #[derive(Clone)]
 pub(crate) struct Lineage {
     tls: Arc<UpstreamTls>,
     generation: u64,
+    /// Its rollover moment, once its material is replaced (fixed from then
+    /// on, so it is worked out once).
+    rollover: Arc<std::sync::OnceLock<Instant>>,
 }
 
 impl Lineage {
@@ -281,13 +345,18 @@ impl Lineage {
         Self {
             tls,
             generation: material.generation,
+            rollover: Arc::default(),
         }
     }
 
     /// When the connection with `id` rolls over to newer material, if newer
     /// material is in use.
     pub(crate) fn rollover_at(&self, id: u64) -> Option<Instant> {
-        self.tls.rotations.rollover_at(self.generation, id)
+        if let Some(at) = self.rollover.get() {
+            return Some(*at);
+        }
+        let at = self.tls.rotations.rollover_at(self.generation, id)?;
+        Some(*self.rollover.get_or_init(|| at))
     }
 }
 
@@ -318,12 +387,19 @@ mod tests {
         let rotations = Rotations::new(&tls);
         assert_eq!(rotations.rollover_at(0, 1), None, "material in use");
         let at = Instant::now();
-        lock(&rotations.replaced).push_back((0, at));
-        rotations.current.store(1, Ordering::Relaxed);
+        rotations.replace(0);
         for id in 0..100 {
             let when = rotations.rollover_at(0, id).unwrap();
-            assert!(when >= at && when < at + Duration::from_secs(10));
+            assert!(when >= at && when < at + Duration::from_secs(11));
         }
         assert_eq!(rotations.rollover_at(1, 7), None);
+        assert_eq!(rotations.rollover_at(2, 7), None, "not yet published");
+        // Many quick rotations: each generation keeps its own window.
+        for g in 1..40 {
+            rotations.replace(g);
+        }
+        let first = rotations.rollover_at(0, 3).unwrap();
+        assert!(first < at + Duration::from_secs(11), "no sliding deadline");
+        assert_eq!(lock(&rotations.replaced).len(), 40, "all within the window");
     }
 }

@@ -280,13 +280,16 @@ impl UpstreamTls {
     /// socket is opened (and left in TIME_WAIT) for nothing.
     pub(super) fn check_dialable(&self, addr: SocketAddr) -> Result<(), PoolError> {
         let material = self.material.load();
-        match material.usable_until() {
-            Some(until) if until <= tokio::time::Instant::now() => {
-                let detail = "the client certificate has expired or is about to: rotate it (tls.client_cert)".to_owned();
-                Err(self.failed(failure(addr, false, "client-cert-expired", detail)))
-            }
-            _ => Ok(()),
+        if let Some(problem) = material.problem() {
+            return Err(self.failed(failure(addr, false, "setup", problem.to_owned())));
         }
+        if material.client_cert_spent() {
+            let detail =
+                "the client certificate has expired or is about to: rotate it (tls.client_cert)"
+                    .to_owned();
+            return Err(self.failed(failure(addr, false, "client-cert-expired", detail)));
+        }
+        Ok(())
     }
 
     /// Runs the TLS handshake over a connected socket within
@@ -318,20 +321,6 @@ impl UpstreamTls {
                 Ok(Ok(stream)) => stream,
             };
         let (_, session) = stream.get_ref();
-        if let Some(chosen) = session.alpn_protocol() {
-            let speaks: &[u8] = match self.protocol {
-                Protocol::Http1 => b"http/1.1",
-                Protocol::Http2 => b"h2",
-            };
-            if chosen != speaks {
-                let detail = format!(
-                    "the backend chose ALPN {:?}, but the upstream speaks {:?} (protocol)",
-                    String::from_utf8_lossy(chosen),
-                    String::from_utf8_lossy(speaks)
-                );
-                return Err(self.failed(failure(addr, false, "alpn-mismatch", detail)));
-            }
-        }
         match session.handshake_kind() {
             Some(HandshakeKind::Resumed) => &self.stats.resumed,
             _ => &self.stats.full,
