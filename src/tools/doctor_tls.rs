@@ -5,7 +5,7 @@
 //! session cache, shows whether the backend lets connections resume.
 //!
 //! Verification is recorded, not enforced, so that a backend tether would
-//! refuse is still shown in full (see [`Recorder`]).
+//! refuse is still shown in full (see `Recorder`).
 
 use std::net::{IpAddr, SocketAddr};
 use std::sync::atomic::{AtomicUsize, Ordering};
