@@ -60,7 +60,7 @@ pub enum Failure {
     ResponseTimeout(Duration),
     /// The upstream body failed while tether held it for an HTTP/1.0 client.
     #[error("upstream body failed: {0}")]
-    Body(hyper::Error),
+    Body(crate::pool::BodyError),
     /// The upstream body held for an HTTP/1.0 client did not end in time.
     #[error("upstream body did not finish within request_timeout")]
     BodyTimeout,
@@ -135,7 +135,7 @@ impl ProxyError {
     }
 
     /// The upstream body failed while it was held for an HTTP/1.0 client.
-    pub fn body_failed(error: hyper::Error) -> Self {
+    pub fn body_failed(error: crate::pool::BodyError) -> Self {
         Self::upstream_failed(Failure::Body(error))
     }
 

@@ -74,7 +74,7 @@ pub(super) async fn respond(
             head,
             ProxyBody::upstream(Some(prefix), rest, lease),
         )),
-        Ok(Err(BodyError::Upstream(e) | BodyError::Client(e))) => Err(ProxyError::body_failed(e)),
+        Ok(Err(e)) => Err(ProxyError::body_failed(e)),
         Err(_) => Err(ProxyError::body_timeout()),
     }
 }

@@ -19,15 +19,19 @@ use hyper::body::Incoming;
 /// What a body's `poll_frame` returns, for every body on the request path.
 pub type FramePoll = Poll<Option<Result<Frame<Bytes>, BodyError>>>;
 
+/// What a body's failure carries: the error of whichever HTTP implementation
+/// read it (hyper's, or tether's own HTTP/1 codec's).
+pub type BoxError = Box<dyn std::error::Error + Send + Sync>;
+
 /// Errors a body on a pooled connection can yield.
 #[derive(Debug, thiserror::Error)]
 pub enum BodyError {
     /// The client's request body failed (bad framing, or the client went away).
     #[error("client request body: {0}")]
-    Client(#[source] hyper::Error),
+    Client(#[source] BoxError),
     /// The upstream's response body failed (reset, or closed mid-body).
     #[error("upstream response body: {0}")]
-    Upstream(#[source] hyper::Error),
+    Upstream(#[source] BoxError),
 }
 
 /// The request body as sent upstream: frames already in memory, then, when the
@@ -147,7 +151,7 @@ impl Body for UpstreamBody {
             Poll::Ready(Some(Err(e))) => {
                 self.rest = None;
                 self.client_failed.store(true, Ordering::Release);
-                Poll::Ready(Some(Err(BodyError::Client(e))))
+                Poll::Ready(Some(Err(BodyError::Client(e.into()))))
             }
         }
     }
@@ -209,7 +213,7 @@ impl Body for ResponseBody {
     fn poll_frame(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> FramePoll {
         Pin::new(&mut self.inner)
             .poll_frame(cx)
-            .map_err(BodyError::Upstream)
+            .map_err(|e| BodyError::Upstream(e.into()))
     }
 
     #[inline]
