@@ -106,6 +106,14 @@ pub const fn max_header_bytes() -> Size {
     Size::kib(64)
 }
 
+/// `upstream.max_response_header_bytes`. Default 64KiB: four times the
+/// 16KiB buffer HAProxy and nginx give a response head by default, so a
+/// backend heavy with cookies or policy headers passes; bounded per
+/// exchange.
+pub const fn max_response_header_bytes() -> Size {
+    Size::kib(64)
+}
+
 /// `listener.request_buffer`. Default 64KiB: covers the form posts and API
 /// calls of typical legacy apps at a bounded cost per request.
 pub const fn request_buffer() -> Size {

@@ -8,8 +8,12 @@ use std::time::Duration;
 
 use serde::{Deserialize, Serialize};
 
-use super::{defaults, health, keepalive, pool, tls, Problem, Problems};
+use super::{defaults, health, keepalive, pool, tls, Problem, Problems, Size};
 use super::{HealthConfig, KeepaliveConfig, PoolConfig, TlsConfig};
+
+/// The smallest `max_response_header_bytes`: a backend's ordinary head
+/// (a few cookies, a CSP) must fit.
+const MIN_RESPONSE_HEADER_BYTES: Size = Size::kib(8);
 
 /// `[[upstream]]`
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
@@ -26,6 +30,11 @@ pub struct UpstreamConfig {
     /// [`defaults::connect_timeout`].
     #[serde(default = "defaults::connect_timeout", with = "humantime_serde")]
     pub connect_timeout: Duration,
+    /// The largest response head read from the backend (status line and
+    /// fields); a larger one is a 502. At least 8KiB. Default:
+    /// [`defaults::max_response_header_bytes`].
+    #[serde(default = "defaults::max_response_header_bytes")]
+    pub max_response_header_bytes: Size,
     /// Re-resolution interval for DNS names. Default: [`defaults::dns_refresh`].
     #[serde(default = "defaults::dns_refresh", with = "humantime_serde")]
     pub dns_refresh: Duration,
@@ -56,6 +65,7 @@ impl UpstreamConfig {
             endpoints,
             protocol: Protocol::default(),
             connect_timeout: defaults::connect_timeout(),
+            max_response_header_bytes: defaults::max_response_header_bytes(),
             dns_refresh: defaults::dns_refresh(),
             balance: Balance::default(),
             pool: PoolConfig::default(),
@@ -123,6 +133,11 @@ pub(super) fn validate(upstreams: &[UpstreamConfig], found: &mut Vec<Problem>) {
             }
         }
         problems.positive("connect_timeout", u.connect_timeout);
+        problems.at_least(
+            "max_response_header_bytes",
+            u.max_response_header_bytes,
+            MIN_RESPONSE_HEADER_BYTES,
+        );
         problems.positive("dns_refresh", u.dns_refresh);
         pool::validate(&u.pool, problems.within("pool"));
         keepalive::validate_tcp(&u.keepalive, problems.within("keepalive"));

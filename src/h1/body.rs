@@ -5,7 +5,7 @@
 //! message.
 
 use super::error::H1Error;
-use super::request::RequestFraming;
+use super::request::{fields_of, Field, Parsed, RequestFraming};
 use super::response::ResponseFraming;
 
 /// What one feed found.
@@ -103,6 +103,44 @@ impl BodyFramer {
         *self == Self::Done
     }
 
+    /// Bytes still to come, when the framing says: the exact size of the
+    /// rest of a Content-Length body.
+    pub fn remaining(&self) -> Option<u64> {
+        match self {
+            Self::Length(n) => Some(*n),
+            Self::Done => Some(0),
+            Self::Chunked(_) | Self::Close => None,
+        }
+    }
+
+    /// Feeds the next bytes of the stream to a consumer that wants the data
+    /// alone: chunk framing is consumed and the data range of `input` (at
+    /// most one chunk's) returned, so the caller splits it off without a copy.
+    pub fn decode(&mut self, input: &[u8]) -> Result<Decoded, H1Error> {
+        let decoded = match self {
+            Self::Chunked(chunked) => chunked.decode(input)?,
+            _ => {
+                let progress = self.feed(input)?;
+                Decoded {
+                    used: progress.used,
+                    data: (progress.used > 0).then_some((0, progress.used)),
+                    trailers: false,
+                    done: progress.done,
+                }
+            }
+        };
+        if decoded.done {
+            *self = Self::Done;
+        }
+        Ok(decoded)
+    }
+
+    /// The trailer section [`Decoded::trailers`] announced has been read
+    /// (with [`parse_trailers`]): the body is complete.
+    pub fn trailers_read(&mut self) {
+        *self = Self::Done;
+    }
+
     /// The stream ended: fine for a close-delimited body (now complete) and
     /// a complete one, `Truncated` for any other.
     pub fn finish(&mut self) -> Result<(), H1Error> {
@@ -113,6 +151,36 @@ impl BodyFramer {
             }
             _ => Err(H1Error::Truncated),
         }
+    }
+}
+
+/// What one [`BodyFramer::decode`] found.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Decoded {
+    /// How many bytes of the input it consumed, data included.
+    pub used: usize,
+    /// Where the data among them lies, as `(start, end)` offsets of the input.
+    pub data: Option<(usize, usize)>,
+    /// The input continues with trailer fields, from `used` on: read them
+    /// with [`parse_trailers`], then call [`BodyFramer::trailers_read`].
+    pub trailers: bool,
+    /// Whether the body is complete.
+    pub done: bool,
+}
+
+/// Parses the trailer section at the start of `input` (fields, then the
+/// empty line): how many bytes it takes and its fields, or `Partial` while
+/// it is incomplete within `max` bytes.
+pub fn parse_trailers(input: &[u8], max: usize) -> Result<Parsed<(usize, Vec<Field>)>, H1Error> {
+    let mut slots = [httparse::EMPTY_HEADER; 64];
+    match httparse::parse_headers(input, &mut slots) {
+        Ok(httparse::Status::Complete((len, headers))) if len <= max => {
+            let fields = fields_of(input, headers).map_err(|_| H1Error::BadChunk("trailer"))?;
+            Ok(Parsed::Complete((len, fields)))
+        }
+        Ok(httparse::Status::Partial) if input.len() <= max => Ok(Parsed::Partial),
+        Ok(_) => Err(H1Error::BadChunk("trailers too large")),
+        Err(_) => Err(H1Error::BadChunk("trailer")),
     }
 }
 
@@ -191,6 +259,49 @@ impl ChunkedBody {
         }
         Ok(Progress {
             used: at,
+            done: self.state == State::Done,
+        })
+    }
+
+    /// Like [`Self::feed`], but stops after the first run of chunk data, or
+    /// at the start of trailer fields, and says where that data lies.
+    fn decode(&mut self, input: &[u8]) -> Result<Decoded, H1Error> {
+        let mut at = 0;
+        while at < input.len() && self.state != State::Done {
+            match self.state {
+                State::Data(left) => {
+                    let take = (input.len() - at).min(usize::try_from(left).unwrap_or(usize::MAX));
+                    let left = left - take as u64;
+                    self.state = if left == 0 {
+                        State::DataCr
+                    } else {
+                        State::Data(left)
+                    };
+                    return Ok(Decoded {
+                        used: at + take,
+                        data: Some((at, at + take)),
+                        trailers: false,
+                        done: false,
+                    });
+                }
+                State::TrailerStart if input[at] != b'\r' => {
+                    return Ok(Decoded {
+                        used: at,
+                        data: None,
+                        trailers: true,
+                        done: false,
+                    });
+                }
+                _ => {
+                    self.state = self.step(input[at])?;
+                    at += 1;
+                }
+            }
+        }
+        Ok(Decoded {
+            used: at,
+            data: None,
+            trailers: false,
             done: self.state == State::Done,
         })
     }

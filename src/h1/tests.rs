@@ -452,3 +452,85 @@ fn malformed_chunked_framing_is_refused() {
     assert_eq!(cut.feed(b"3\r\nab").map(|p| p.done), Ok(false));
     assert_eq!(cut.finish(), Err(H1Error::Truncated));
 }
+
+/// What a decoded body gave: its data, its trailer fields (name, value),
+/// and the bytes after it.
+type DecodedBody = (Vec<u8>, Vec<(String, String)>, Vec<u8>);
+
+/// Decodes `stream` arriving in pieces of `step` bytes as the pool's body
+/// reader does: a buffer the pieces are appended to, data split off its
+/// front, trailers parsed when whole. Returns the data, the trailer fields
+/// and the bytes left after the body.
+fn decode_by(framer: &mut BodyFramer, stream: &[u8], step: usize) -> Result<DecodedBody, H1Error> {
+    let (mut buf, mut data, mut trailers) = (Vec::new(), Vec::new(), Vec::new());
+    let mut pieces = stream.chunks(step.max(1));
+    while !framer.is_done() {
+        let decoded = framer.decode(&buf)?;
+        if decoded.trailers {
+            buf.drain(..decoded.used);
+            if let Parsed::Complete((len, fields)) = parse_trailers(&buf, 1024)? {
+                for field in fields {
+                    let text = |span: Span| String::from_utf8_lossy(span.of(&buf)).into_owned();
+                    trailers.push((text(field.name), text(field.value)));
+                }
+                buf.drain(..len);
+                framer.trailers_read();
+                continue;
+            }
+        } else {
+            if let Some((start, end)) = decoded.data {
+                data.extend_from_slice(&buf[start..end]);
+            }
+            buf.drain(..decoded.used);
+            if decoded.done || !buf.is_empty() {
+                continue;
+            }
+        }
+        match pieces.next() {
+            Some(piece) => buf.extend_from_slice(piece),
+            None => framer.finish()?,
+        }
+    }
+    buf.extend(pieces.flatten());
+    Ok((data, trailers, buf))
+}
+
+#[test]
+fn chunked_bodies_decode_to_their_data_and_trailers_across_every_split() {
+    let stream: &[u8] =
+        b"A;name=\"v\"\r\n0123456789\r\n1 ; x\r\nz\r\n0\r\nTrailer-A: 1\r\nB: \t2\r\n\r\nNEXT";
+    for step in 1..=stream.len() {
+        let mut framer = BodyFramer::for_response(ResponseFraming::Chunked, ChunkLimits::default());
+        let (data, trailers, rest) = decode_by(&mut framer, stream, step).unwrap();
+        assert_eq!(data, b"0123456789z", "by {step}");
+        assert_eq!(
+            trailers,
+            [("Trailer-A".into(), "1".into()), ("B".into(), "2".into())],
+            "by {step}"
+        );
+        assert_eq!(rest, b"NEXT", "by {step}");
+    }
+    let plain: &[u8] = b"3\r\nabc\r\n0\r\n\r\n";
+    let mut framer = BodyFramer::for_response(ResponseFraming::Chunked, ChunkLimits::default());
+    assert_eq!(
+        decode_by(&mut framer, plain, 2),
+        Ok((b"abc".to_vec(), vec![], vec![]))
+    );
+    let mut length = BodyFramer::for_response(ResponseFraming::Length(5), ChunkLimits::default());
+    assert_eq!(length.remaining(), Some(5));
+    assert_eq!(
+        decode_by(&mut length, b"helloHTTP", 3),
+        Ok((b"hello".to_vec(), vec![], b"HTTP".to_vec()))
+    );
+    let mut close = BodyFramer::for_response(ResponseFraming::Close, ChunkLimits::default());
+    assert_eq!(
+        decode_by(&mut close, b"to the end", 4),
+        Ok((b"to the end".to_vec(), vec![], vec![]))
+    );
+    let mut cut = BodyFramer::for_response(ResponseFraming::Chunked, ChunkLimits::default());
+    assert_eq!(decode_by(&mut cut, b"5\r\nab", 1), Err(H1Error::Truncated));
+    assert!(matches!(
+        parse_trailers(&[b'x'; 40], 16),
+        Err(H1Error::BadChunk(_))
+    ));
+}

@@ -203,7 +203,9 @@ impl ProxyBody {
                     Poll::Pending => Poll::Pending,
                     Poll::Ready(Some(Err(e))) => {
                         // Dropping the lease discards the upstream connection.
-                        lease.take();
+                        if let Some(mut lease) = lease.take() {
+                            lease.take_back(body);
+                        }
                         Poll::Ready(Some(Err(e)))
                     }
                     Poll::Ready(frame) => {
@@ -212,7 +214,7 @@ impl ProxyBody {
                         if frame.is_none() || body.is_end_stream() {
                             this.finished = true;
                             if let Some(lease) = lease.take() {
-                                lease.release();
+                                lease.release(body);
                             }
                         }
                         Poll::Ready(frame)
@@ -226,15 +228,19 @@ impl ProxyBody {
 impl Drop for ProxyBody {
     fn drop(&mut self) {
         if let Kind::Upstream {
-            prefix: None,
+            prefix,
             body,
             lease,
         } = &mut self.kind
         {
-            // Bodiless responses (HEAD, 204, 304, length 0) are never polled.
-            if body.is_end_stream() {
-                if let Some(lease) = lease.take() {
-                    lease.release();
+            if let Some(mut lease) = lease.take() {
+                // Bodiless responses (HEAD, 204, 304, length 0) are never
+                // polled; any other body not read to its end discards the
+                // connection with the lease.
+                if prefix.is_none() && body.is_end_stream() {
+                    lease.release(body);
+                } else {
+                    lease.take_back(body);
                 }
             }
         }

@@ -36,8 +36,7 @@ pub(super) async fn respond(
     mut lease: Lease,
     exchange: &Exchange,
 ) -> Result<Response<ProxyBody>, ProxyError> {
-    let (mut head, body) = response.into_parts();
-    lease.note_response(&head.headers);
+    let (mut head, mut body) = response.into_parts();
     if target.pool.settings().health.eject_on_5xx {
         lease.record_outcome(!head.status.is_server_error());
     }
@@ -60,22 +59,28 @@ pub(super) async fn respond(
     let limit = binding.listener.http10_buffer.as_usize();
     let buffered = Box::pin(tokio::time::timeout_at(
         exchange.deadline,
-        buffer_up_to(body, limit),
+        buffer_up_to(&mut body, limit),
     ))
     .await;
     match buffered {
         Ok(Ok(Buffered::Whole(bytes))) => {
-            lease.release();
+            lease.release(&mut body);
             head.headers
                 .insert(header::CONTENT_LENGTH, HeaderValue::from(bytes.len()));
             Ok(Response::from_parts(head, ProxyBody::full(bytes)))
         }
-        Ok(Ok(Buffered::Prefix(prefix, rest))) => Ok(Response::from_parts(
+        Ok(Ok(Buffered::Prefix(prefix))) => Ok(Response::from_parts(
             head,
-            ProxyBody::upstream(Some(prefix), rest, lease),
+            ProxyBody::upstream(Some(prefix), body, lease),
         )),
-        Ok(Err(e)) => Err(ProxyError::body_failed(e)),
-        Err(_) => Err(ProxyError::body_timeout()),
+        failed => {
+            // The lease, dropped holding the connection, discards it.
+            lease.take_back(&mut body);
+            match failed {
+                Ok(Err(e)) => Err(ProxyError::body_failed(e)),
+                _ => Err(ProxyError::body_timeout()),
+            }
+        }
     }
 }
 
@@ -85,17 +90,20 @@ fn body_allowed(status: StatusCode) -> bool {
         || status == StatusCode::NOT_MODIFIED)
 }
 
+/// What [`buffer_up_to`] read.
 enum Buffered {
+    /// The whole body.
     Whole(Bytes),
-    Prefix(Bytes, ResponseBody),
+    /// The first part of a longer body; the rest is still to be read.
+    Prefix(Bytes),
 }
 
 /// Reads `body` until it ends or exceeds `limit` bytes.
-async fn buffer_up_to(mut body: ResponseBody, limit: usize) -> Result<Buffered, BodyError> {
+async fn buffer_up_to(body: &mut ResponseBody, limit: usize) -> Result<Buffered, BodyError> {
     let mut buffer = BytesMut::new();
     loop {
         if buffer.len() > limit {
-            return Ok(Buffered::Prefix(buffer.freeze(), body));
+            return Ok(Buffered::Prefix(buffer.freeze()));
         }
         match body.frame().await {
             None => return Ok(Buffered::Whole(buffer.freeze())),

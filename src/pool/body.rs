@@ -16,6 +16,9 @@ use bytes::{Bytes, BytesMut};
 use http_body::{Body, Frame, SizeHint};
 use hyper::body::Incoming;
 
+use super::exchange::BodyReader;
+use super::h1::Conn;
+
 /// What a body's `poll_frame` returns, for every body on the request path.
 pub type FramePoll = Poll<Option<Result<Frame<Bytes>, BodyError>>>;
 
@@ -102,6 +105,20 @@ impl UpstreamBody {
             flag.store(true, Ordering::Release);
         }
         self.sent = Some(flag);
+    }
+
+    /// The first frame's data, when it is in memory: what a send writes with
+    /// the head, before taking it off with [`Self::drop_front`].
+    pub(crate) fn front_data(&self) -> Option<&Bytes> {
+        self.buffered.front().and_then(Frame::data_ref)
+    }
+
+    /// Takes off the first frame, written with the head.
+    pub(crate) fn drop_front(&mut self) {
+        self.buffered.pop_front();
+        if self.buffered.is_empty() && self.rest.is_none() {
+            self.mark_sent();
+        }
     }
 
     /// Raised when the client's side of the body failed (as opposed to the upstream).
@@ -191,17 +208,67 @@ pub(crate) fn hint_plus(hint: SizeHint, extra: u64) -> SizeHint {
 /// The response body of an exchange on a pooled connection, as the pool hands
 /// it out. Its failures are [`BodyError::Upstream`].
 ///
-/// It says nothing about the connection's return to the pool: whoever holds
-/// the [`Lease`](super::Lease) releases it once this body has ended.
+/// An HTTP/1.1 body holds its connection while it is read (the request's
+/// task reads it from the socket itself). Whoever holds the
+/// [`Lease`](super::Lease) gives the body to [`Lease::release`] once it has
+/// ended, or to [`Lease::take_back`] before dropping the lease, which
+/// discards the connection; a body dropped still holding its connection
+/// resets it.
+///
+/// [`Lease::release`]: super::Lease::release
+/// [`Lease::take_back`]: super::Lease::take_back
 pub struct ResponseBody {
-    inner: Incoming,
+    inner: Inner,
+}
+
+// One per exchange, never moved in bulk: boxing the exchange would cost an
+// allocation per response.
+#[allow(clippy::large_enum_variant)]
+enum Inner {
+    /// An HTTP/2 stream's body, as hyper receives it.
+    Stream(Incoming),
+    /// An HTTP/1.1 body, read from its connection by its reader.
+    Exchange {
+        conn: Option<Conn>,
+        reader: BodyReader,
+    },
+    /// Nothing.
+    Empty,
 }
 
 impl ResponseBody {
-    /// Wraps the body hyper received.
+    /// Wraps the body hyper received on an HTTP/2 stream.
     #[inline]
-    pub(crate) fn new(inner: Incoming) -> Self {
-        Self { inner }
+    pub(crate) fn stream(inner: Incoming) -> Self {
+        Self {
+            inner: Inner::Stream(inner),
+        }
+    }
+
+    /// The body `reader` reads from `conn`.
+    #[inline]
+    pub(crate) fn exchange(conn: Conn, reader: BodyReader) -> Self {
+        Self {
+            inner: Inner::Exchange {
+                conn: Some(conn),
+                reader,
+            },
+        }
+    }
+
+    /// No body.
+    pub(crate) fn empty() -> Self {
+        Self {
+            inner: Inner::Empty,
+        }
+    }
+
+    /// The connection the body was read from, taken back.
+    pub(crate) fn take_conn(&mut self) -> Option<Conn> {
+        match &mut self.inner {
+            Inner::Exchange { conn, .. } => conn.take(),
+            Inner::Stream(_) | Inner::Empty => None,
+        }
     }
 }
 
@@ -211,18 +278,65 @@ impl Body for ResponseBody {
 
     #[inline]
     fn poll_frame(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> FramePoll {
-        Pin::new(&mut self.inner)
-            .poll_frame(cx)
-            .map_err(|e| BodyError::Upstream(e.into()))
+        let (conn, reader) = match &mut self.inner {
+            Inner::Stream(inner) => {
+                return Pin::new(inner)
+                    .poll_frame(cx)
+                    .map_err(|e| BodyError::Upstream(e.into()))
+            }
+            Inner::Empty => return Poll::Ready(None),
+            Inner::Exchange { conn, reader } => (conn, reader),
+        };
+        let Some(conn) = conn.as_mut() else {
+            return Poll::Ready(None);
+        };
+        match reader.poll_frame(conn.io_mut(), cx) {
+            Poll::Pending => Poll::Pending,
+            Poll::Ready(Some(Err(e))) => {
+                conn.mark_broken();
+                Poll::Ready(Some(Err(BodyError::Upstream(e.into()))))
+            }
+            Poll::Ready(None) => {
+                conn.body_ended(reader);
+                Poll::Ready(None)
+            }
+            Poll::Ready(Some(Ok(frame))) => {
+                if reader.is_done() {
+                    conn.body_ended(reader);
+                }
+                Poll::Ready(Some(Ok(frame)))
+            }
+        }
     }
 
     #[inline]
     fn is_end_stream(&self) -> bool {
-        self.inner.is_end_stream()
+        match &self.inner {
+            Inner::Stream(inner) => inner.is_end_stream(),
+            Inner::Exchange { reader, .. } => reader.is_done(),
+            Inner::Empty => true,
+        }
     }
 
     #[inline]
     fn size_hint(&self) -> SizeHint {
-        self.inner.size_hint()
+        match &self.inner {
+            Inner::Stream(inner) => inner.size_hint(),
+            Inner::Exchange { reader, .. } => reader
+                .remaining()
+                .map_or_else(SizeHint::default, SizeHint::with_exact),
+            Inner::Empty => SizeHint::with_exact(0),
+        }
+    }
+}
+
+impl Drop for ResponseBody {
+    fn drop(&mut self) {
+        // Every path that gives the connection back takes it first; one
+        // still here was abandoned mid-body, and is reset, never closed
+        // with a FIN that would leave TIME_WAIT.
+        if let Some(conn) = self.take_conn() {
+            conn.abandon();
+        }
     }
 }

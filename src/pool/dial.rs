@@ -10,7 +10,7 @@ use tokio::time::Instant;
 use tracing::Instrument;
 
 use super::endpoint::Endpoint;
-use super::h1::{self, Conn};
+use super::h1::Conn;
 use super::h2::{self, H2Conn};
 use super::io::{UpstreamIo, Wire};
 use super::lease::Slot;
@@ -98,12 +98,12 @@ async fn establish(
             )
         }
     };
-    let received = io.received();
     let dialled = match settings.protocol {
+        // HTTP/1.1 has no handshake, and no task: each exchange is run by
+        // the task of the request that holds the connection.
         Protocol::Http1 => {
-            let (sender, connection) = h1::handshake(addr, io).await?;
-            drive(endpoint, &span, connection);
-            let conn = Conn::new(sender, wire, received, expires, slot, record.clone());
+            let max_head = settings.max_response_header_bytes.as_usize();
+            let conn = Conn::new(io, wire, max_head, expires, slot, record.clone());
             Dialled::Http1(conn)
         }
         Protocol::Http2 => {
@@ -119,8 +119,8 @@ async fn establish(
     Ok(dialled)
 }
 
-/// Drives hyper's connection future for the connection's life; when it ends,
-/// the pool hears of it at once rather than at its next tick.
+/// Drives hyper's HTTP/2 connection future for the connection's life; when
+/// it ends, the pool hears of it at once rather than at its next tick.
 fn drive(
     endpoint: &Arc<Endpoint>,
     span: &tracing::Span,

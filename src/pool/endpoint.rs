@@ -9,6 +9,7 @@
 use std::net::SocketAddr;
 use std::sync::atomic::{AtomicBool, AtomicU32, AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard, Weak};
+use std::task::{Wake, Waker};
 use std::time::Duration;
 
 use tokio::sync::{Notify, Semaphore};
@@ -104,6 +105,10 @@ pub struct Endpoint {
     pub(super) available: Notify,
     /// Signalled when the maintenance task should look at this endpoint now.
     pub(super) maintenance: Arc<Notify>,
+    /// Wakes the maintenance task; registered on the socket of each idle
+    /// connection, so whatever arrives on one (the backend's FIN, RST or
+    /// stray bytes) is looked at at once, as a connection task would.
+    idle_watch: Waker,
     pub(super) removed: AtomicBool,
     pub(super) refilling: AtomicBool,
     pub(super) refill_failures: AtomicU32,
@@ -151,6 +156,19 @@ pub(super) struct IdleConn {
     probe_at: Option<Instant>,
 }
 
+/// The waker of the idle watch: it signals the maintenance task.
+struct WakeMaintenance(Arc<Notify>);
+
+impl Wake for WakeMaintenance {
+    fn wake(self: Arc<Self>) {
+        self.0.notify_one();
+    }
+
+    fn wake_by_ref(self: &Arc<Self>) {
+        self.0.notify_one();
+    }
+}
+
 /// Takes a lock whose data a panic cannot leave inconsistent.
 fn lock<T>(mutex: &Mutex<T>) -> MutexGuard<'_, T> {
     mutex.lock().unwrap_or_else(|e| e.into_inner())
@@ -174,6 +192,7 @@ impl Endpoint {
             established: AtomicUsize::new(0),
             outstanding: AtomicUsize::new(0),
             available: Notify::new(),
+            idle_watch: Waker::from(Arc::new(WakeMaintenance(maintenance.clone()))),
             maintenance,
             removed: AtomicBool::new(false),
             refilling: AtomicBool::new(false),
@@ -335,8 +354,11 @@ impl Endpoint {
         loop {
             let mut entry = self.lock_idle().pop()?;
             let now = Instant::now();
-            // The peek costs a syscall: only for connections that sat.
-            let alive = if retire::worth_peeking(entry.since, now) {
+            // The peek costs a syscall: only for connections that sat, or on
+            // whose socket something arrived.
+            let alive = if retire::worth_peeking(entry.since, now)
+                || entry.conn.arrived(&self.idle_watch)
+            {
                 entry.conn.is_usable()
             } else {
                 entry.conn.is_open()
@@ -364,6 +386,9 @@ impl Endpoint {
 
     /// Returns a connection after a complete exchange.
     pub(super) fn put_idle(self: &Arc<Self>, conn: Conn) {
+        if !conn.is_open() {
+            return self.discard(conn);
+        }
         let now = Instant::now();
         let probe = &self.settings().keepalive.probe;
         let entry = IdleConn {
@@ -383,6 +408,8 @@ impl Endpoint {
         );
         if let Verdict::Keep { .. } = verdict {
             entry.conn.record().idle(now);
+            // Watched from now on; what already arrived, the checkout peeks at.
+            entry.conn.arrived(&self.idle_watch);
             self.lock_idle().push(entry);
             self.available.notify_one();
         } else {
@@ -455,7 +482,9 @@ impl Endpoint {
             let count = idle.len();
             let mut kept = Vec::with_capacity(count);
             for (position, entry) in idle.drain(..).enumerate() {
-                let facts = self.facts(&entry, entry.conn.is_open());
+                // A peek each: no task watches an idle connection, so this is
+                // where a backend's close of one is found.
+                let facts = self.facts(&entry, entry.conn.is_usable());
                 let at = self.endpoint_facts(open, Some(count - position - 1));
                 match retire::decide(&facts, &at, Moment::Swept, &self.settings().pool, now) {
                     Verdict::Keep { recheck } => {

@@ -1,45 +1,40 @@
-//! One pooled HTTP/1.1 upstream connection: hyper's sender, the shared socket,
-//! what the backend announced about it (`Keep-Alive`, `Connection: close`), and
-//! how it ends (RST, FIN, or waiting for the backend's FIN).
+//! One pooled HTTP/1.1 upstream connection: its IO (the shared socket, or
+//! the TLS session over it), the exchanges it carries (`exchange`, run by
+//! the task of the request that holds it), what the backend announced
+//! about it (`Keep-Alive`, `Connection: close`), and how it ends (RST, FIN,
+//! or waiting for the backend's FIN).
 
-use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::Arc;
+use std::future::poll_fn;
 
-use hyper::client::conn::http1::SendRequest;
+use bytes::BytesMut;
+use http::Method;
 use tokio::time::Instant;
 
-use super::body::{ResponseBody, UpstreamBody};
+use super::body::UpstreamBody;
+use super::exchange::{self, HeadFacts, ResponseStart, WriteFailure, Written};
 use super::io::{UpstreamIo, Wire};
-use super::lease::Slot;
+use super::lease::{SendError, SendFailure, Slot};
 use super::retire::{close_manner, Close};
 use super::view::{ConnRecord, Ending};
-use super::PoolError;
 use crate::config::{Retire, RetirePolicy, RetireReason};
 use crate::sock::PeerState;
 
-/// Runs the HTTP/1.1 client handshake over `io`: the sender, and the
-/// connection future hyper needs driven for the connection's life.
-pub(crate) async fn handshake(
-    addr: std::net::SocketAddr,
-    io: UpstreamIo,
-) -> Result<
-    (
-        SendRequest<UpstreamBody>,
-        hyper::client::conn::http1::Connection<hyper_util::rt::TokioIo<UpstreamIo>, UpstreamBody>,
-    ),
-    PoolError,
-> {
-    hyper::client::conn::http1::Builder::new()
-        .handshake(hyper_util::rt::TokioIo::new(io))
-        .await
-        .map_err(|source| PoolError::Handshake { addr, source })
-}
+/// What an exchange's buffer starts with: room for a request head and
+/// the response head with the start of its body.
+const EXCHANGE_BUFFER: usize = 16 * 1024;
 
-/// A live upstream connection owned by the pool (idle) or by a [`Lease`] (busy).
+/// A live upstream connection owned by the pool (idle), by a [`Lease`]
+/// (busy), or, while its response body is read, by that body.
+///
+/// [`Lease`]: super::Lease
 pub(crate) struct Conn {
-    pub(super) sender: SendRequest<UpstreamBody>,
+    io: UpstreamIo,
     wire: Wire,
-    received: Arc<AtomicU64>,
+    /// The largest response head it reads (`max_response_header_bytes`).
+    max_head: usize,
+    /// An exchange on it failed, or left it in a state no next request can
+    /// start from: it must not be reused.
+    broken: bool,
     expires: Instant,
     /// Requests sent on it.
     requests: u64,
@@ -50,7 +45,7 @@ pub(crate) struct Conn {
     /// Retiring peer-first: its next request says `Connection: close`.
     goodbye: bool,
     /// What `/pools` shows of it.
-    record: Arc<ConnRecord>,
+    record: std::sync::Arc<ConnRecord>,
     /// Held for the connection's whole life: counts it against
     /// `pool.max_connections` and wakes waiters when it is gone.
     _slot: Slot,
@@ -93,22 +88,24 @@ impl KeepAliveHint {
 const PEER_CLOSE_WAIT: std::time::Duration = std::time::Duration::from_secs(1);
 
 impl Conn {
-    /// A connection over `socket` whose HTTP/1 handshake gave `sender`: it
-    /// holds `slot` as an established connection.
+    /// A connection over `io` (whose socket `wire` holds too): it holds
+    /// `slot` as an established connection, and reads response heads of up
+    /// to `max_head` bytes.
     pub(crate) fn new(
-        sender: SendRequest<UpstreamBody>,
+        io: UpstreamIo,
         wire: Wire,
-        received: Arc<AtomicU64>,
+        max_head: usize,
         expires: Instant,
         mut slot: Slot,
-        record: Arc<ConnRecord>,
+        record: std::sync::Arc<ConnRecord>,
     ) -> Self {
         slot.established();
         Self {
             record,
-            sender,
+            io,
             wire,
-            received,
+            max_head,
+            broken: false,
             expires,
             requests: 0,
             announced: KeepAliveHint::default(),
@@ -123,14 +120,28 @@ impl Conn {
         &self.record
     }
 
-    /// Whether hyper still has the connection open. Costs no syscall; a FIN
-    /// or RST that hyper has not read yet goes unnoticed (see [`Self::is_usable`]).
+    /// Whether no exchange on it failed. Costs no syscall; a FIN or RST that
+    /// arrived while it was idle goes unnoticed (see [`Self::is_usable`]).
     pub(crate) fn is_open(&self) -> bool {
-        !self.sender.is_closed()
+        !self.broken
     }
 
-    /// Whether an idle connection can carry another request: hyper still has it
-    /// open and nothing arrived on it unasked (no FIN, no stray bytes, no RST).
+    /// Whether something arrived on the socket since it was last read dry,
+    /// as far as the runtime has seen (no syscall); otherwise `watch` is
+    /// woken when something does.
+    pub(crate) fn arrived(&self, watch: &std::task::Waker) -> bool {
+        self.wire
+            .poll_arrival(&mut std::task::Context::from_waker(watch))
+    }
+
+    /// Marks it unusable for another request.
+    pub(crate) fn mark_broken(&mut self) {
+        self.broken = true;
+    }
+
+    /// Whether an idle connection can carry another request: no exchange on
+    /// it failed and nothing arrived on it unasked (no FIN, no stray bytes,
+    /// no RST).
     pub(crate) fn is_usable(&self) -> bool {
         self.is_open() && self.wire.peer_state() == PeerState::Quiet
     }
@@ -188,35 +199,118 @@ impl Conn {
         self.goodbye = true;
     }
 
-    /// Sends a request of the pool's own (a probe) once hyper is ready for
-    /// it. Such a request is never sent anywhere else, so a failure does not
-    /// give it back (a client's request goes through [`Lease::send`], which
-    /// does). On a connection ending after this request
-    /// ([`Self::end_after_next_request`]) the request says `Connection: close`.
-    pub(crate) async fn send(
+    /// Writes `request` and reads its response head; the body is the
+    /// returned reader's to read, over [`Self::io_mut`]. Counts the request,
+    /// and makes it say `Connection: close` when it is the connection's last
+    /// ([`Self::end_after_next_request`]). `Unsent` gives the request back
+    /// when none of it reached the socket.
+    pub(crate) async fn exchange(
         &mut self,
-        request: http::Request<UpstreamBody>,
-    ) -> Result<http::Response<ResponseBody>, hyper::Error> {
-        let mut request = request;
-        self.sender.ready().await?;
-        self.prepare(&mut request);
-        let response = self.sender.send_request(request).await?;
-        Ok(response.map(ResponseBody::new))
+        mut request: http::Request<UpstreamBody>,
+    ) -> Result<ResponseStart, SendError> {
+        if self.broken {
+            return Err(SendError::Unsent(
+                Box::new(request),
+                Some(SendFailure::Closed),
+            ));
+        }
+        let last = self.goodbye;
+        let head_request = request.method() == Method::HEAD;
+        let mut buf = BytesMut::with_capacity(EXCHANGE_BUFFER);
+        let written = exchange::write_request(&mut self.io, &mut request, last, &mut buf).await;
+        match written {
+            Ok(Written::Whole) => {}
+            // The rest of the body stays unsent: the connection is done.
+            Ok(Written::AnsweredEarly) => self.broken = true,
+            Err(WriteFailure::Unsent(e)) => {
+                self.broken = true;
+                return Err(SendError::Unsent(
+                    Box::new(request),
+                    Some(SendFailure::Io(e)),
+                ));
+            }
+            Err(WriteFailure::Failed(e)) => {
+                self.count_request(last);
+                self.broken = true;
+                return Err(SendError::Failed(e));
+            }
+        }
+        self.count_request(last);
+        drop(request);
+        match exchange::read_response(&mut self.io, buf, head_request, self.max_head).await {
+            Ok(start) => {
+                self.note_head(&start.facts);
+                Ok(start)
+            }
+            Err(e) => {
+                self.broken = true;
+                Err(SendError::Failed(e))
+            }
+        }
     }
 
-    /// Counts a request about to be sent, and makes it say `Connection: close`
-    /// when it is the connection's last: what every send does first.
+    /// Counts a request that reached the socket; `last` when it said
+    /// `Connection: close`.
     #[inline]
-    pub(super) fn prepare(&mut self, request: &mut http::Request<UpstreamBody>) {
+    fn count_request(&mut self, last: bool) {
         self.requests += 1;
         self.record.served(self.requests);
-        if self.goodbye {
-            request.headers_mut().insert(
-                http::header::CONNECTION,
-                http::HeaderValue::from_static("close"),
-            );
-            self.closing = true;
+        self.closing |= last;
+    }
+
+    /// Sends a request of the pool's own (a probe) and reads its response
+    /// to the end, discarding at most `body_limit` bytes of body. Such a
+    /// request is never sent anywhere else, so a failure does not give it
+    /// back. Returns the status.
+    pub(crate) async fn probe(
+        &mut self,
+        request: http::Request<UpstreamBody>,
+        body_limit: usize,
+    ) -> Result<u16, super::BoxError> {
+        let start = match self.exchange(request).await {
+            Ok(start) => start,
+            Err(SendError::Unsent(_, e)) => {
+                return Err(e.map_or_else(|| "connection closed".into(), Into::into))
+            }
+            Err(SendError::Failed(e)) => return Err(e.into()),
+        };
+        let status = start.head.status.as_u16();
+        let mut reader = start.body;
+        let mut read = 0usize;
+        while let Some(frame) = poll_fn(|cx| reader.poll_frame(&mut self.io, cx)).await {
+            let frame = frame.inspect_err(|_| self.broken = true)?;
+            read += frame.data_ref().map_or(0, bytes::Bytes::len);
+            if read > body_limit {
+                self.broken = true;
+                return Err("probe response body too large".into());
+            }
         }
+        self.body_ended(&reader);
+        Ok(status)
+    }
+
+    /// Records what the response head said of the connection's future.
+    fn note_head(&mut self, facts: &HeadFacts) {
+        if facts.keep_alive.timeout.is_some() {
+            self.announced.timeout = facts.keep_alive.timeout;
+        }
+        if facts.keep_alive.max.is_some() {
+            self.announced.max = facts.keep_alive.max;
+        }
+        self.closing |= !facts.reusable;
+    }
+
+    /// The exchange's response body was read to its end (or its close):
+    /// bytes after its end leave the connection unusable.
+    pub(crate) fn body_ended(&mut self, reader: &exchange::BodyReader) {
+        if !reader.ended_clean() {
+            self.broken = true;
+        }
+    }
+
+    /// The IO a response body is read from.
+    pub(crate) fn io_mut(&mut self) -> &mut UpstreamIo {
+        &mut self.io
     }
 
     /// The socket, for tests that check its options.
@@ -225,24 +319,9 @@ impl Conn {
         self.wire.socket()
     }
 
-    /// Records `Keep-Alive: timeout=N, max=M` and `Connection: close`.
-    pub(crate) fn note_response(&mut self, headers: &http::HeaderMap) {
-        const KEEP_ALIVE: http::HeaderName = http::HeaderName::from_static("keep-alive");
-        if let Some(value) = headers.get(KEEP_ALIVE).and_then(|v| v.to_str().ok()) {
-            let hint = KeepAliveHint::parse(value);
-            if hint.timeout.is_some() {
-                self.announced.timeout = hint.timeout;
-            }
-            if hint.max.is_some() {
-                self.announced.max = hint.max;
-            }
-        }
-        self.closing |= crate::connection_header::has_token(headers, "close");
-    }
-
     /// Bytes received so far on this connection.
     pub(crate) fn received(&self) -> u64 {
-        self.received.load(Ordering::Relaxed)
+        self.io.received_bytes()
     }
 
     /// Closes the connection the way the retire policy for `reason` calls for.
@@ -266,8 +345,16 @@ impl Conn {
             Close::Passive => {}
             Close::Reset => self.wire.reset(),
         }
-        // Dropping the sender ends hyper's connection task, which drops its half
-        // of the socket; the last drop closes it.
+        // The last handle to the socket closes it: its IO's and the wire's
+        // go with the connection.
+    }
+
+    /// Resets a connection abandoned mid-exchange outside the pool's hands
+    /// (its response body dropped holding it).
+    pub(crate) fn abandon(self) {
+        self.record
+            .ended(Ending::by_tether("RST", RetireReason::Error));
+        self.wire.reset();
     }
 
     /// Closes a connection whose last exchange said `Connection: close`: the

@@ -222,7 +222,10 @@ impl Drop for H2Stream {
 /// Whether an HTTP/2 failure means the peer never processed the request: it
 /// refused the stream, or its GOAWAY covered it. Such a request may be sent
 /// again whatever its method (RFC 9113 §8.7).
-pub(crate) fn refused_by_peer(error: &hyper::Error) -> bool {
+pub(crate) fn refused_by_peer(error: &super::SendFailure) -> bool {
+    let super::SendFailure::Http2(error) = error else {
+        return false;
+    };
     let mut source: Option<&(dyn std::error::Error + 'static)> = Some(error);
     while let Some(e) = source {
         if let Some(h2) = e.downcast_ref::<h2::Error>() {

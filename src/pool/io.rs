@@ -1,18 +1,18 @@
-//! The IO object hyper drives for an upstream connection: reads and writes
-//! through the socket the pool shares, over TLS when the upstream has it,
-//! counting bytes received.
+//! The IO of an upstream connection: reads and writes through the socket the
+//! pool shares, over TLS when the upstream has it, counting bytes received.
 //!
-//! The socket is shared (`Arc<TcpStream>`) between hyper's connection task and
-//! the pool, so the pool can peek at an idle connection for staleness and choose
-//! how it ends (RST via linger 0, or FIN) without going through hyper's shutdown,
-//! which would always send FIN and leave TIME_WAIT on tether. A TLS session is
-//! shared the same way ([`Wire`]): hyper reads and writes through it, and the
-//! pool reads through it when an idle connection has bytes waiting (a session
-//! ticket is not stray data) and writes `close_notify` when it ends one.
+//! The socket is shared (`Arc<TcpStream>`) between the connection's IO (the
+//! HTTP/1.1 exchanges', or hyper's HTTP/2 connection task) and the pool, so
+//! the pool can peek at an idle connection for staleness and choose how it
+//! ends (RST via linger 0, or FIN) without a shutdown through the IO, which
+//! would always send FIN and leave TIME_WAIT on tether. A TLS session is
+//! shared the same way ([`Wire`]): the IO reads and writes through it, and
+//! the pool reads through it when an idle connection has bytes waiting (a
+//! session ticket is not stray data) and writes `close_notify` when it ends
+//! one.
 
 use std::io;
 use std::pin::Pin;
-use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::task::{ready, Context, Poll};
 use std::time::Duration;
@@ -88,6 +88,13 @@ impl Wire {
     /// The socket.
     pub(crate) fn socket(&self) -> &TcpStream {
         &self.socket
+    }
+
+    /// Whether the runtime has seen the socket readable since it was last
+    /// read dry (bytes, a FIN or an error arrived); otherwise the waker of
+    /// `cx` is woken when it does.
+    pub(crate) fn poll_arrival(&self, cx: &mut Context<'_>) -> bool {
+        self.socket.poll_read_ready(cx).is_ready()
     }
 
     /// What an idle connection's peer did: the raw peek, and where it shows
@@ -230,18 +237,19 @@ enum Transport {
     Tls(SharedTls),
 }
 
-/// The IO object handed to hyper: reads and writes through the shared socket
+/// The IO of an upstream connection (an HTTP/1.1 connection's own, or the one
+/// handed to hyper for HTTP/2): reads and writes through the shared socket
 /// (or the TLS session over it) and counts bytes received, so a failed
 /// request can tell whether any response byte arrived (only then is a retry
 /// unsafe). Under TLS the count is of plaintext: a session ticket is no
 /// response byte.
 pub(crate) struct UpstreamIo {
     transport: Transport,
-    received: Arc<AtomicU64>,
+    received: u64,
 }
 
 impl UpstreamIo {
-    /// An IO over `socket` with a fresh received-bytes counter.
+    /// An IO over `socket`, nothing received yet.
     pub(crate) fn new(socket: Arc<TcpStream>) -> Self {
         Self::over(Transport::Plain(RawIo::new(socket)))
     }
@@ -254,14 +262,22 @@ impl UpstreamIo {
     fn over(transport: Transport) -> Self {
         Self {
             transport,
-            received: Arc::new(AtomicU64::new(0)),
+            received: 0,
         }
     }
 
-    /// The counter of bytes received, shared with the connection that owns
-    /// this IO.
-    pub(crate) fn received(&self) -> Arc<AtomicU64> {
-        self.received.clone()
+    /// Bytes received so far.
+    pub(crate) fn received_bytes(&self) -> u64 {
+        self.received
+    }
+
+    /// Ready when the socket has something to read, or its peer closed or
+    /// failed (under TLS that may be a session ticket: read to tell).
+    pub(crate) fn poll_read_ready(&self, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        match &self.transport {
+            Transport::Plain(raw) => raw.socket.poll_read_ready(cx),
+            Transport::Tls(tls) => lock(tls).get_ref().0.socket.poll_read_ready(cx),
+        }
     }
 }
 
@@ -277,7 +293,7 @@ impl AsyncRead for UpstreamIo {
             Transport::Tls(tls) => Pin::new(&mut *lock(tls)).poll_read(cx, buf),
         };
         let read = buf.filled().len() - before;
-        self.received.fetch_add(read as u64, Ordering::Relaxed);
+        self.received += read as u64;
         polled
     }
 }

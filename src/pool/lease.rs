@@ -8,6 +8,8 @@ use std::sync::Arc;
 use hyper::body::Incoming;
 use tokio::sync::OwnedSemaphorePermit;
 
+use crate::h1::H1Error;
+
 use super::body::{ResponseBody, UpstreamBody};
 use super::endpoint::Endpoint;
 use super::h1::Conn;
@@ -67,6 +69,9 @@ pub struct Lease {
     stream: Option<H2Stream>,
     endpoint: Arc<Endpoint>,
     reused: bool,
+    /// The connection's id and which request on it this is, kept at the
+    /// send: the connection itself is with the response body from then on.
+    sent_on: Option<(u64, u64)>,
     /// Connect and handshake, when the connection was dialled for this request.
     connect: Option<std::time::Duration>,
     request_sent: Arc<AtomicBool>,
@@ -129,6 +134,7 @@ impl Lease {
             stream,
             endpoint,
             reused,
+            sent_on: None,
             connect: None,
             _outstanding: outstanding,
         }
@@ -148,20 +154,22 @@ impl Lease {
 
     /// The connection's id, as `/pools` and the connection log show it.
     pub fn connection_id(&self) -> Option<u64> {
-        match (&self.conn, &self.stream) {
-            (Some(conn), _) => Some(conn.id()),
-            (None, Some(stream)) => Some(stream.connection_id()),
-            (None, None) => None,
+        match (&self.conn, &self.stream, self.sent_on) {
+            (_, _, Some((id, _))) => Some(id),
+            (Some(conn), _, None) => Some(conn.id()),
+            (None, Some(stream), None) => Some(stream.connection_id()),
+            (None, None, None) => None,
         }
     }
 
     /// Which request on the connection this is, from 1, once it was sent
     /// (HTTP/2: which stream).
     pub fn request_number(&self) -> Option<u64> {
-        match (&self.conn, &self.stream) {
-            (Some(conn), _) => Some(conn.requests()),
-            (None, Some(stream)) => Some(stream.number),
-            (None, None) => None,
+        match (&self.conn, &self.stream, self.sent_on) {
+            (_, _, Some((_, number))) => Some(number),
+            (Some(conn), _, None) => Some(conn.requests()),
+            (None, Some(stream), None) => Some(stream.number),
+            (None, None, None) => None,
         }
     }
 
@@ -203,28 +211,29 @@ impl Lease {
         if let Some(stream) = &self.stream {
             return Box::pin(stream.send(request)).await;
         }
+        // The connection stays the lease's while the exchange runs: a
+        // request abandoned meanwhile drops the lease, which discards it.
         let Some(conn) = self.conn.as_mut() else {
             return Err(SendError::Unsent(Box::new(request), None));
         };
-        // Written here rather than as a connection method: awaited as a
-        // future of its own, it would cost every request a move of the
-        // request into that future's state.
-        let mut request = request;
-        if let Err(e) = conn.sender.ready().await {
-            return Err(SendError::Unsent(Box::new(request), Some(e)));
+        let start = conn.exchange(request).await?;
+        if let Some(timeout) = conn.announced_idle() {
+            self.endpoint.note_announced_idle(timeout);
         }
-        conn.prepare(&mut request);
-        sent(conn.sender.try_send_request(request).await)
+        self.sent_on = Some((conn.id(), conn.requests()));
+        let (head, reader) = (start.head, start.body);
+        let body = match self.conn.take() {
+            Some(conn) => ResponseBody::exchange(conn, reader),
+            None => ResponseBody::empty(),
+        };
+        Ok(http::Response::from_parts(head, body))
     }
 
-    /// Takes note of what the response's headers say about the connection's
-    /// future: `Keep-Alive: timeout=N, max=M`, or `Connection: close`.
-    pub fn note_response(&mut self, headers: &http::HeaderMap) {
-        if let Some(conn) = self.conn.as_mut() {
-            conn.note_response(headers);
-            if let Some(timeout) = conn.announced_idle() {
-                self.endpoint.note_announced_idle(timeout);
-            }
+    /// Takes the connection back from the response body that was reading
+    /// on it, so that the lease's end (release or drop) decides its fate.
+    pub fn take_back(&mut self, body: &mut ResponseBody) {
+        if let Some(conn) = body.take_conn() {
+            self.conn = Some(conn);
         }
     }
 
@@ -233,13 +242,15 @@ impl Lease {
         self.endpoint.record(success);
     }
 
-    /// Returns the connection to the pool: call once the response body ended.
-    /// Only a connection whose request body was also sent whole is reused.
-    pub fn release(mut self) {
+    /// Returns the connection to the pool: call once the response `body`
+    /// ended. Only a connection whose request body was also sent whole, and
+    /// whose exchange left it usable, is reused.
+    pub fn release(mut self, body: &mut ResponseBody) {
+        self.take_back(body);
         let Some(conn) = self.conn.take() else {
             return;
         };
-        if self.request_sent.load(Ordering::Acquire) {
+        if self.request_sent.load(Ordering::Acquire) && conn.is_open() {
             self.endpoint.put_idle(conn);
         } else {
             self.endpoint.discard(conn);
@@ -255,6 +266,23 @@ impl Drop for Lease {
     }
 }
 
+/// What failed when a request was sent.
+#[derive(Debug, thiserror::Error)]
+pub enum SendFailure {
+    /// hyper's HTTP/2 client failed.
+    #[error(transparent)]
+    Http2(#[from] hyper::Error),
+    /// The socket failed.
+    #[error("{0}")]
+    Io(std::io::Error),
+    /// The backend closed the connection before a response byte.
+    #[error("the backend closed the connection before responding")]
+    Closed,
+    /// The response could not be read: its head or framing was broken.
+    #[error(transparent)]
+    Response(H1Error),
+}
+
 /// hyper's failure to send a request on a connection, with the request when it
 /// was never written.
 type TrySendError = hyper::client::conn::TrySendError<http::Request<UpstreamBody>>;
@@ -266,7 +294,7 @@ pub(crate) fn sent(
     result: Result<http::Response<Incoming>, TrySendError>,
 ) -> Result<http::Response<ResponseBody>, SendError> {
     match result {
-        Ok(response) => Ok(response.map(ResponseBody::new)),
+        Ok(response) => Ok(response.map(ResponseBody::stream)),
         Err(e) => Err(send_error(e)),
     }
 }
@@ -275,15 +303,15 @@ pub(crate) fn sent(
 #[cold]
 fn send_error(mut e: TrySendError) -> SendError {
     match e.take_message() {
-        Some(request) => SendError::Unsent(Box::new(request), Some(e.into_error())),
-        None => SendError::Failed(e.into_error()),
+        Some(request) => SendError::Unsent(Box::new(request), Some(e.into_error().into())),
+        None => SendError::Failed(e.into_error().into()),
     }
 }
 
 /// A failed send.
 pub(crate) enum SendError {
     /// The request was never written; it can be sent elsewhere whatever its method.
-    Unsent(Box<http::Request<UpstreamBody>>, Option<hyper::Error>),
+    Unsent(Box<http::Request<UpstreamBody>>, Option<SendFailure>),
     /// The request may have reached the backend.
-    Failed(hyper::Error),
+    Failed(SendFailure),
 }

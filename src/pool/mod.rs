@@ -4,8 +4,8 @@
 //! Invariants:
 //! - an endpoint never has more than `pool.max_connections` connections open
 //!   (idle, busy or being dialled): each holds a slot for its life;
-//! - an idle connection is checked for staleness (hyper closed it, or a peek
-//!   shows FIN, RST or stray bytes) before it is handed out;
+//! - an idle connection is checked for staleness (an exchange on it failed,
+//!   or a peek shows FIN, RST or stray bytes) before it is handed out;
 //! - a connection goes back to the idle list only when its exchange is known to
 //!   be complete and its request body was sent whole ([`Lease::release`]);
 //!   every other path discards it, closed as `pool.retire.error` says (RST
@@ -19,7 +19,9 @@
 //!
 //! Files: `endpoint` (slots, idle list, health), `acquire` (the one acquire
 //! loop), `dial` (the one dial path), `h1` and `h2` (a connection of each
-//! protocol), `io` (the socket hyper drives), `lease`, `retire`, `probe`,
+//! protocol), `exchange` (an HTTP/1.1 exchange: the request written, the
+//! response head read, the body decoded), `io` (the socket, plain or under
+//! TLS), `lease`, `retire`, `probe`,
 //! `maintain`, `balance`, `body`, `metrics`, `observe` (histograms and the
 //! connection log), `tls` (rustls settings, handshake, read-through and
 //! `close_notify`), `view` (`/pools`),
@@ -31,16 +33,22 @@
 //! next look (socket options and HTTP/2 pings, set at the dial, apply to
 //! connections dialled after it).
 //!
-//! The pool is built on `hyper::client::conn` rather than hyper-util's client:
-//! that pool has no warm floor, always closes with FIN, and needs a timer for
-//! its idle timeout to fire at all. hyper stays inside the pool: requests go up
-//! as [`UpstreamBody`] and responses come back as [`ResponseBody`].
+//! HTTP/1.1 is tether's own (`h1`, `exchange`, on the `crate::h1` codec):
+//! the request's task writes the request and reads the response on the
+//! socket itself, with no connection task, channel or task hop between
+//! them. HTTP/2 is `hyper::client::conn`'s, whose connection task
+//! multiplexes the streams (the work hyper and h2 do well); hyper-util's
+//! client pool is not used, as it has no warm floor, always closes with
+//! FIN, and needs a timer for its idle timeout to fire at all. Requests go
+//! up as [`UpstreamBody`] and responses come back as [`ResponseBody`], the
+//! pool's own types for both protocols.
 
 mod acquire;
 mod balance;
 mod body;
 mod dial;
 mod endpoint;
+mod exchange;
 mod h1;
 mod h2;
 mod io;
@@ -74,6 +82,7 @@ pub(crate) use h2::refused_by_peer;
 pub use lease::Lease;
 use lease::Outstanding;
 pub(crate) use lease::SendError;
+pub use lease::SendFailure;
 pub use observe::PoolObservers;
 pub use reconfigure::Reconfigured;
 pub use registry::{Registry, Shares};

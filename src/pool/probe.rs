@@ -34,15 +34,16 @@ pub(super) async fn probe(endpoint: Arc<Endpoint>, mut conn: Conn) {
         .header(http::header::USER_AGENT, "tether-probe")
         .body(UpstreamBody::from_bytes(None));
     let outcome = match request {
-        Ok(request) => tokio::time::timeout(settings.timeout, probe_exchange(&mut conn, request))
-            .await
-            .map_err(|_| "timed out".to_owned())
-            .and_then(|r| r.map_err(|e| e.to_string())),
+        Ok(request) => {
+            tokio::time::timeout(settings.timeout, conn.probe(request, PROBE_BODY_LIMIT))
+                .await
+                .map_err(|_| "timed out".to_owned())
+                .and_then(|r| r.map_err(|e| e.to_string()))
+        }
         Err(e) => Err(e.to_string()),
     };
     match outcome {
-        Ok((status, headers)) if settings.accepts(status) => {
-            conn.note_response(&headers);
+        Ok(status) if settings.accepts(status) && conn.is_open() => {
             if let Some(timeout) = conn.announced_idle() {
                 endpoint.note_announced_idle(timeout);
             }
@@ -54,21 +55,8 @@ pub(super) async fn probe(endpoint: Arc<Endpoint>, mut conn: Conn) {
                 .stats
                 .probe_failures
                 .fetch_add(1, Ordering::Relaxed);
-            tracing::info!(upstream = %endpoint.addr, outcome = ?other.map(|(status, _)| status), "probe failed; discarding the connection");
+            tracing::info!(upstream = %endpoint.addr, outcome = ?other, "probe failed; discarding the connection");
             conn.close(RetireReason::Error, &endpoint.settings().pool.retire);
         }
     }
-}
-
-async fn probe_exchange(
-    conn: &mut Conn,
-    request: http::Request<UpstreamBody>,
-) -> Result<(u16, http::HeaderMap), Box<dyn std::error::Error + Send + Sync>> {
-    let response = conn.send(request).await?;
-    let status = response.status().as_u16();
-    let headers = response.headers().clone();
-    // Read the body to its end so the connection stays reusable; bounded.
-    let body = http_body_util::Limited::new(response.into_body(), PROBE_BODY_LIMIT);
-    http_body_util::BodyExt::collect(body).await?;
-    Ok((status, headers))
 }

@@ -1,0 +1,636 @@
+//! One HTTP/1.1 exchange on a pooled connection, run by the task of the
+//! request that holds the connection: no connection task, no channel and no
+//! task hop between the request and its socket.
+//!
+//! The request head is encoded straight from the request's `http` parts and
+//! written with the first body bytes in one vectored write. The response head
+//! is parsed (`crate::h1`, on `httparse`) where it lands in a buffer lent for
+//! the exchange, its header values kept as slices of that buffer, and the
+//! body is decoded from the same buffer, its data handed on as slices too.
+//! The buffer goes with the response body and is freed when the body is done
+//! with: an idle pooled connection holds none.
+
+use std::future::poll_fn;
+use std::io::{self, IoSlice};
+use std::pin::Pin;
+use std::task::{ready, Context, Poll};
+
+use bytes::{Buf, BufMut, Bytes, BytesMut};
+use http::header::{HeaderName, HeaderValue, CONTENT_LENGTH, TRANSFER_ENCODING};
+use http::{HeaderMap, Request, StatusCode};
+use http_body::{Body, Frame};
+use tokio::io::AsyncWrite;
+
+use super::body::UpstreamBody;
+use super::io::UpstreamIo;
+use super::lease::SendFailure;
+use crate::h1::{
+    self, parse_response, BodyFramer, ChunkLimits, Field, H1Error, HeadLimits, Parsed,
+    ResponseFraming, ResponseHead,
+};
+
+/// What a read asks the socket for at least: the lent buffer grows by this
+/// much when it runs short, so a 16 KiB body takes one or two reads.
+const READ_CHUNK: usize = 16 * 1024;
+/// Below this much room left, the buffer grows before a read.
+const READ_ROOM: usize = 1024;
+/// Header fields a response head may have (hyper's client allowed 100).
+const MAX_RESPONSE_FIELDS: usize = 100;
+
+/// What an exchange's write found.
+pub(crate) enum Written {
+    /// The request went out whole.
+    Whole,
+    /// The backend answered before the request body was all sent: the rest
+    /// is not sent, and the connection is not reused.
+    AnsweredEarly,
+}
+
+/// A write that failed.
+pub(crate) enum WriteFailure {
+    /// Nothing of the request reached the socket.
+    Unsent(io::Error),
+    /// Part of it may have reached the backend.
+    Failed(SendFailure),
+}
+
+/// Writes `request` on `io`: its head (saying `Connection: close` when
+/// `last`), then its body, framed by Content-Length when the length is
+/// known and chunked otherwise. `buf` is the exchange's lent buffer; it is
+/// left holding what the backend sent while the request was being written
+/// (an early answer), usually nothing.
+pub(crate) async fn write_request(
+    io: &mut UpstreamIo,
+    request: &mut Request<UpstreamBody>,
+    last: bool,
+    buf: &mut BytesMut,
+) -> Result<Written, WriteFailure> {
+    let framing = encode_head(buf, request, last);
+    let body = request.body_mut();
+    // The head leaves with the body's first bytes when they are in memory.
+    let first = body.front_data().cloned();
+    let mut prefix = ChunkPrefix::default();
+    let mut parts: [&[u8]; 4] = [buf, &[], &[], &[]];
+    if let Some(data) = &first {
+        parts[2] = data;
+        if framing == Framing::Chunked && !data.is_empty() {
+            parts[1] = prefix.of(data.len());
+            parts[3] = b"\r\n";
+        }
+    }
+    let mut early = BytesMut::new();
+    let wrote = write_all(io, &parts, &mut early).await;
+    buf.clear();
+    match wrote {
+        Ok(Some(())) => {}
+        Ok(None) => {
+            *buf = early;
+            return Ok(Written::AnsweredEarly);
+        }
+        Err((0, e)) => return Err(WriteFailure::Unsent(e)),
+        Err((_, e)) => return Err(WriteFailure::Failed(SendFailure::Io(e))),
+    }
+    if first.is_some() {
+        body.drop_front();
+    }
+    write_body(io, body, framing, buf)
+        .await
+        .map_err(|e| WriteFailure::Failed(SendFailure::Io(e)))
+}
+
+/// How the request body is delimited on the wire.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Framing {
+    /// By Content-Length, or there is no body.
+    Length,
+    /// Chunked.
+    Chunked,
+}
+
+/// Encodes the request line and fields into `buf`, adding the framing the
+/// body needs: its own Content-Length when it has one, else Content-Length
+/// for a body of known size, chunked for one of unknown size, nothing for no
+/// body (as hyper's client did).
+fn encode_head(buf: &mut BytesMut, request: &Request<UpstreamBody>, last: bool) -> Framing {
+    let target = request
+        .uri()
+        .path_and_query()
+        .map_or("/", |target| target.as_str());
+    buf.put_slice(request.method().as_str().as_bytes());
+    buf.put_u8(b' ');
+    buf.put_slice(target.as_bytes());
+    buf.put_slice(b" HTTP/1.1\r\n");
+    for (name, value) in request.headers() {
+        buf.put_slice(name.as_str().as_bytes());
+        buf.put_slice(b": ");
+        buf.put_slice(value.as_bytes());
+        buf.put_slice(b"\r\n");
+    }
+    let headers = request.headers();
+    let body = request.body();
+    let framing = if headers.contains_key(CONTENT_LENGTH) || body.is_end_stream() {
+        Framing::Length
+    } else if let Some(length) = body.size_hint().exact() {
+        buf.put_slice(b"content-length: ");
+        put_decimal(buf, length);
+        buf.put_slice(b"\r\n");
+        Framing::Length
+    } else {
+        buf.put_slice(b"transfer-encoding: chunked\r\n");
+        Framing::Chunked
+    };
+    if last {
+        buf.put_slice(b"connection: close\r\n");
+    }
+    buf.put_slice(b"\r\n");
+    framing
+}
+
+/// Appends `n` in decimal.
+fn put_decimal(buf: &mut BytesMut, n: u64) {
+    let mut digits = [0u8; 20];
+    let mut at = digits.len();
+    let mut rest = n;
+    loop {
+        at -= 1;
+        digits[at] = b'0' + (rest % 10) as u8;
+        rest /= 10;
+        if rest == 0 {
+            break;
+        }
+    }
+    buf.put_slice(&digits[at..]);
+}
+
+/// A chunk's size line, built on the stack.
+#[derive(Default)]
+struct ChunkPrefix([u8; 18]);
+
+impl ChunkPrefix {
+    /// The size line of a chunk of `len` bytes: hex digits and CRLF.
+    fn of(&mut self, len: usize) -> &[u8] {
+        const HEX: &[u8; 16] = b"0123456789abcdef";
+        let mut at = 16;
+        let mut rest = len;
+        loop {
+            at -= 1;
+            self.0[at] = HEX[rest & 0xf];
+            rest >>= 4;
+            if rest == 0 {
+                break;
+            }
+        }
+        self.0[16] = b'\r';
+        self.0[17] = b'\n';
+        &self.0[at..]
+    }
+}
+
+/// Writes the rest of the body as its frames arrive. Stops early, leaving
+/// the rest unsent, when the backend answers meanwhile (what it sent is then
+/// in `early`).
+async fn write_body(
+    io: &mut UpstreamIo,
+    body: &mut UpstreamBody,
+    framing: Framing,
+    early: &mut BytesMut,
+) -> io::Result<Written> {
+    let mut prefix = ChunkPrefix::default();
+    loop {
+        let frame = poll_fn(|cx| poll_frame_or_answer(io, body, early, cx)).await;
+        match frame {
+            Next::Answered => return Ok(Written::AnsweredEarly),
+            Next::End => {
+                if framing == Framing::Chunked
+                    && write_all(io, &[b"0\r\n\r\n"], early)
+                        .await
+                        .map_err(|(_, e)| e)?
+                        .is_none()
+                {
+                    return Ok(Written::AnsweredEarly);
+                }
+                return Ok(Written::Whole);
+            }
+            Next::Failed(e) => return Err(io::Error::other(e)),
+            Next::Frame(frame) => match frame.into_data() {
+                Ok(data) if data.is_empty() => continue,
+                Ok(data) if framing == Framing::Chunked => {
+                    let chunk = [prefix.of(data.len()), &data, b"\r\n"];
+                    if write_all(io, &chunk, early)
+                        .await
+                        .map_err(|(_, e)| e)?
+                        .is_none()
+                    {
+                        return Ok(Written::AnsweredEarly);
+                    }
+                    continue;
+                }
+                Ok(data) => {
+                    if write_all(io, &[&data], early)
+                        .await
+                        .map_err(|(_, e)| e)?
+                        .is_none()
+                    {
+                        return Ok(Written::AnsweredEarly);
+                    }
+                    continue;
+                }
+                Err(frame) => {
+                    // Trailers end a chunked body; a body framed by length
+                    // cannot carry them, and they are dropped.
+                    let Ok(trailers) = frame.into_trailers() else {
+                        continue;
+                    };
+                    if framing != Framing::Chunked {
+                        continue;
+                    }
+                    let trailer_block = encode_trailers(&trailers);
+                    if write_all(io, &[&trailer_block], early)
+                        .await
+                        .map_err(|(_, e)| e)?
+                        .is_none()
+                    {
+                        return Ok(Written::AnsweredEarly);
+                    }
+                    return Ok(Written::Whole);
+                }
+            },
+        }
+    }
+}
+
+/// The last chunk with `trailers` and the empty line.
+fn encode_trailers(trailers: &HeaderMap) -> BytesMut {
+    let mut block = BytesMut::with_capacity(64);
+    block.put_slice(b"0\r\n");
+    for (name, value) in trailers {
+        block.put_slice(name.as_str().as_bytes());
+        block.put_slice(b": ");
+        block.put_slice(value.as_bytes());
+        block.put_slice(b"\r\n");
+    }
+    block.put_slice(b"\r\n");
+    block
+}
+
+/// The next thing the body writer does.
+enum Next {
+    Frame(Frame<Bytes>),
+    End,
+    Failed(super::body::BodyError),
+    /// The backend sent something while the body was still coming.
+    Answered,
+}
+
+/// The body's next frame, unless the backend answers before it comes.
+fn poll_frame_or_answer(
+    io: &mut UpstreamIo,
+    body: &mut UpstreamBody,
+    early: &mut BytesMut,
+    cx: &mut Context<'_>,
+) -> Poll<Next> {
+    match Pin::new(&mut *body).poll_frame(cx) {
+        Poll::Ready(Some(Ok(frame))) => Poll::Ready(Next::Frame(frame)),
+        Poll::Ready(Some(Err(e))) => Poll::Ready(Next::Failed(e)),
+        Poll::Ready(None) => Poll::Ready(Next::End),
+        Poll::Pending => poll_answer(io, early, cx).map(|()| Next::Answered),
+    }
+}
+
+/// Ready when the backend has sent something (read into `early`), closed
+/// or failed while the request is still being written. Under TLS a session
+/// ticket is read and is no answer.
+fn poll_answer(io: &mut UpstreamIo, early: &mut BytesMut, cx: &mut Context<'_>) -> Poll<()> {
+    // Readiness first, so no buffer is grown for a quiet socket.
+    if io.poll_read_ready(cx).is_pending() {
+        return Poll::Pending;
+    }
+    // A close or an error is found again by the response's read.
+    poll_read(io, early, cx).map(|_| ())
+}
+
+/// Writes every byte of `parts`, then flushes (TLS holds records until
+/// then). `Ok(None)` when the backend answered (into `early`) while the
+/// socket would not take more; `Err` carries how many bytes were written
+/// before the error.
+async fn write_all(
+    io: &mut UpstreamIo,
+    parts: &[&[u8]],
+    early: &mut BytesMut,
+) -> Result<Option<()>, (usize, io::Error)> {
+    let mut slices: Vec<IoSlice<'_>> = parts
+        .iter()
+        .filter(|p| !p.is_empty())
+        .map(|p| IoSlice::new(p))
+        .collect();
+    let mut slices = &mut slices[..];
+    let mut written = 0;
+    while !slices.is_empty() {
+        let wrote = poll_fn(
+            |cx| match Pin::new(&mut *io).poll_write_vectored(cx, slices) {
+                Poll::Ready(result) => Poll::Ready(Some(result)),
+                Poll::Pending => poll_answer(io, early, cx).map(|()| None),
+            },
+        )
+        .await;
+        match wrote {
+            None => return Ok(None),
+            Some(Ok(0)) => return Err((written, io::ErrorKind::WriteZero.into())),
+            Some(Ok(n)) => {
+                written += n;
+                IoSlice::advance_slices(&mut slices, n);
+            }
+            Some(Err(e)) => return Err((written, e)),
+        }
+    }
+    poll_fn(|cx| Pin::new(&mut *io).poll_flush(cx))
+        .await
+        .map_err(|e| (written, e))?;
+    Ok(Some(()))
+}
+
+/// The response head of an exchange, and the reader of its body.
+pub(crate) struct ResponseStart {
+    /// The head as the layers above take it.
+    pub(crate) head: http::response::Parts,
+    /// What the codec read of it.
+    pub(crate) facts: HeadFacts,
+    /// The body, from the bytes that came with the head.
+    pub(crate) body: BodyReader,
+}
+
+/// What the pool keeps of a response head.
+#[derive(Debug, Clone, Copy)]
+pub(crate) struct HeadFacts {
+    /// The backend keeps the connection open after this response.
+    pub(crate) reusable: bool,
+    /// `Keep-Alive: timeout=N, max=M`.
+    pub(crate) keep_alive: h1::KeepAlive,
+}
+
+/// Reads the response head into `buf` (skipping interim 1xx responses) and
+/// returns it with the reader of the body that follows. `max_head` bounds
+/// the head.
+pub(crate) async fn read_response(
+    io: &mut UpstreamIo,
+    mut buf: BytesMut,
+    head_request: bool,
+    max_head: usize,
+) -> Result<ResponseStart, SendFailure> {
+    let limits = HeadLimits {
+        max_head_bytes: max_head,
+        max_headers: MAX_RESPONSE_FIELDS,
+    };
+    loop {
+        if !buf.is_empty() {
+            match parse_response(&buf, limits, head_request).map_err(SendFailure::Response)? {
+                // Interim answers (100 Continue, 103 Early Hints) are not the
+                // response; 101 would be an upgrade, which tether never asks
+                // for, and is taken as final.
+                Parsed::Complete(head)
+                    if (100..200).contains(&head.status) && head.status != 101 =>
+                {
+                    buf.advance(head.len);
+                    continue;
+                }
+                Parsed::Complete(head) => return start(head, buf),
+                Parsed::Partial => {}
+            }
+        }
+        let read = poll_fn(|cx| poll_read(io, &mut buf, cx))
+            .await
+            .map_err(SendFailure::Io)?;
+        if read == 0 {
+            return Err(if buf.is_empty() {
+                SendFailure::Closed
+            } else {
+                SendFailure::Response(H1Error::BadResponse("closed inside the head"))
+            });
+        }
+    }
+}
+
+/// Reads more into `buf`, growing it when it runs short.
+fn poll_read(
+    io: &mut UpstreamIo,
+    buf: &mut BytesMut,
+    cx: &mut Context<'_>,
+) -> Poll<io::Result<usize>> {
+    if buf.capacity() - buf.len() < READ_ROOM {
+        buf.reserve(READ_CHUNK);
+    }
+    tokio_util::io::poll_read_buf(Pin::new(io), cx, buf)
+}
+
+/// The head parsed at the start of `buf` as `http` parts, its values slices
+/// of the buffer; what follows it starts the body.
+fn start(head: ResponseHead, mut buf: BytesMut) -> Result<ResponseStart, SendFailure> {
+    let bytes = buf.split_to(head.len).freeze();
+    let bad = |_| SendFailure::Response(H1Error::BadResponse("fields"));
+    let (mut parts, ()) = http::Response::new(()).into_parts();
+    parts.status = StatusCode::from_u16(head.status)
+        .map_err(|_| SendFailure::Response(H1Error::BadResponse("status")))?;
+    parts.version = match head.version {
+        h1::Version::Http10 => http::Version::HTTP_10,
+        h1::Version::Http11 => http::Version::HTTP_11,
+    };
+    parts.headers = header_map(&bytes, &head.fields).map_err(bad)?;
+    if head.conflicting_lengths {
+        // Transfer-Encoding frames it (RFC 9112 §6.3): the length is wrong.
+        parts.headers.remove(CONTENT_LENGTH);
+    }
+    if head.framing == ResponseFraming::None {
+        parts.headers.remove(TRANSFER_ENCODING);
+    }
+    let facts = HeadFacts {
+        reusable: head.reusable(),
+        keep_alive: head.keep_alive,
+    };
+    let body = BodyReader {
+        buf,
+        framer: BodyFramer::for_response(head.framing, ChunkLimits::default()),
+        trailers_max: ChunkLimits::default().max_trailers,
+    };
+    Ok(ResponseStart {
+        head: parts,
+        facts,
+        body,
+    })
+}
+
+/// A header map of `fields`, their values slices of `bytes`.
+fn header_map(bytes: &Bytes, fields: &[Field]) -> Result<HeaderMap, http::Error> {
+    let mut headers = HeaderMap::with_capacity(fields.len());
+    for field in fields {
+        let name = HeaderName::from_bytes(field.name.of(bytes))?;
+        let value =
+            HeaderValue::from_maybe_shared(bytes.slice(field.value.start..field.value.end))?;
+        headers.append(name, value);
+    }
+    Ok(headers)
+}
+
+/// The reader of a response body: the exchange's lent buffer, and the
+/// framer that finds the body's end in it.
+pub(crate) struct BodyReader {
+    buf: BytesMut,
+    framer: BodyFramer,
+    trailers_max: usize,
+}
+
+/// How a body read ended badly.
+#[derive(Debug, thiserror::Error)]
+pub(crate) enum BodyReadError {
+    /// The socket failed.
+    #[error("{0}")]
+    Io(#[from] io::Error),
+    /// The framing was broken, or the stream ended inside the body.
+    #[error(transparent)]
+    Framing(#[from] H1Error),
+}
+
+impl BodyReader {
+    /// Whether the body is complete.
+    pub(crate) fn is_done(&self) -> bool {
+        self.framer.is_done()
+    }
+
+    /// Whether the body ended with nothing after it: bytes past a response's
+    /// end are a broken backend, and its connection must not be reused.
+    pub(crate) fn ended_clean(&self) -> bool {
+        self.framer.is_done() && self.buf.is_empty()
+    }
+
+    /// The exact size of the rest, when the framing tells.
+    pub(crate) fn remaining(&self) -> Option<u64> {
+        self.framer.remaining()
+    }
+
+    /// The next frame of the body, read from `io` when the buffer holds none.
+    pub(crate) fn poll_frame(
+        &mut self,
+        io: &mut UpstreamIo,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<Frame<Bytes>, BodyReadError>>> {
+        loop {
+            if self.framer.is_done() {
+                return Poll::Ready(None);
+            }
+            if !self.buf.is_empty() {
+                match self.take_frame() {
+                    Ok(Some(frame)) => return Poll::Ready(Some(Ok(frame))),
+                    Ok(None) => {}
+                    Err(e) => return Poll::Ready(Some(Err(e.into()))),
+                }
+                if self.framer.is_done() {
+                    return Poll::Ready(None);
+                }
+            }
+            let read = match ready!(poll_read(io, &mut self.buf, cx)) {
+                Ok(read) => read,
+                Err(e) => return Poll::Ready(Some(Err(e.into()))),
+            };
+            if read == 0 {
+                // A close-delimited body ends here; any other is cut short.
+                return match self.framer.finish() {
+                    Ok(()) => Poll::Ready(None),
+                    Err(e) => Poll::Ready(Some(Err(e.into()))),
+                };
+            }
+        }
+    }
+
+    /// The next frame among the bytes in the buffer, consuming the framing
+    /// around it; `None` when they hold no data (more must be read, or the
+    /// body just ended).
+    fn take_frame(&mut self) -> Result<Option<Frame<Bytes>>, H1Error> {
+        loop {
+            let decoded = self.framer.decode(&self.buf)?;
+            if decoded.trailers {
+                self.buf.advance(decoded.used);
+                return self.take_trailers();
+            }
+            if let Some((start, end)) = decoded.data {
+                self.buf.advance(start);
+                return Ok(Some(Frame::data(self.buf.split_to(end - start).freeze())));
+            }
+            self.buf.advance(decoded.used);
+            if decoded.done || self.buf.is_empty() {
+                return Ok(None);
+            }
+        }
+    }
+
+    /// The trailer section at the start of the buffer, when it is all there.
+    fn take_trailers(&mut self) -> Result<Option<Frame<Bytes>>, H1Error> {
+        match h1::parse_trailers(&self.buf, self.trailers_max)? {
+            Parsed::Partial => Ok(None),
+            Parsed::Complete((len, fields)) => {
+                let block = self.buf.split_to(len).freeze();
+                self.framer.trailers_read();
+                let trailers =
+                    header_map(&block, &fields).map_err(|_| H1Error::BadChunk("trailer"))?;
+                Ok(Some(Frame::trailers(trailers)))
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn head_of(request: &Request<UpstreamBody>, last: bool) -> (String, Framing) {
+        let mut buf = BytesMut::new();
+        let framing = encode_head(&mut buf, request, last);
+        (String::from_utf8(buf.to_vec()).unwrap(), framing)
+    }
+
+    #[test]
+    fn heads_carry_the_framing_their_body_needs() {
+        let get = Request::get("/a?b=1")
+            .header("host", "backend")
+            .body(UpstreamBody::from_bytes(None))
+            .unwrap();
+        assert_eq!(
+            head_of(&get, false),
+            (
+                "GET /a?b=1 HTTP/1.1\r\nhost: backend\r\n\r\n".to_owned(),
+                Framing::Length
+            )
+        );
+        let post = Request::post("/form")
+            .body(UpstreamBody::from_bytes(Some(Bytes::from_static(b"hello"))))
+            .unwrap();
+        assert_eq!(
+            head_of(&post, true),
+            (
+                "POST /form HTTP/1.1\r\ncontent-length: 5\r\nconnection: close\r\n\r\n".to_owned(),
+                Framing::Length
+            )
+        );
+        // The client's own Content-Length is what frames it.
+        let declared = Request::put("/")
+            .header("content-length", "5")
+            .body(UpstreamBody::from_bytes(Some(Bytes::from_static(b"hello"))))
+            .unwrap();
+        assert_eq!(
+            head_of(&declared, false).0,
+            "PUT / HTTP/1.1\r\ncontent-length: 5\r\n\r\n"
+        );
+    }
+
+    #[test]
+    fn sizes_are_written_in_decimal_and_chunk_sizes_in_hex() {
+        let mut buf = BytesMut::new();
+        for n in [0, 7, 10, 1234, u64::MAX] {
+            buf.clear();
+            put_decimal(&mut buf, n);
+            assert_eq!(&buf[..], n.to_string().as_bytes());
+        }
+        let mut prefix = ChunkPrefix::default();
+        assert_eq!(prefix.of(0x1a2b), b"1a2b\r\n");
+        assert_eq!(prefix.of(0), b"0\r\n");
+        assert_eq!(prefix.of(usize::MAX), b"ffffffffffffffff\r\n");
+    }
+}
