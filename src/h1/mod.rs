@@ -6,6 +6,7 @@
 
 mod body;
 mod error;
+mod parts;
 mod request;
 mod response;
 mod rewrite;
@@ -19,6 +20,7 @@ pub use request::{
     parse_request, Authority, ConnectionInfo, Field, HeadLimits, HostInfo, Parsed, RequestFraming,
     RequestHead, Scheme, TargetForm, Version,
 };
+pub use parts::{parse_response_parts, ResponseParts};
 pub use response::{parse_response, KeepAlive, ResponseFraming, ResponseHead};
 pub use rewrite::{
     client_response, upstream_request, ClientResponseOptions, Part, RewriteOptions, Upstream,

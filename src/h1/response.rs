@@ -62,12 +62,28 @@ impl ResponseHead {
     /// response: HTTP/1.1 without `close` (HTTP/1.0 with `keep-alive`), a
     /// body with an end the codec can find, and no conflicting lengths.
     pub fn reusable(&self) -> bool {
-        let persistent = match self.version {
-            Version::Http11 => !self.connection.close,
-            Version::Http10 => self.connection.keep_alive && !self.connection.close,
-        };
-        persistent && self.framing != ResponseFraming::Close && !self.conflicting_lengths
+        reusable(
+            self.version,
+            &self.connection,
+            self.framing,
+            self.conflicting_lengths,
+        )
     }
+}
+
+/// Whether a response of `version`, whose `Connection` tokens are
+/// `connection`, leaves its connection open for another request.
+pub(super) fn reusable(
+    version: Version,
+    connection: &ConnectionInfo,
+    framing: ResponseFraming,
+    conflicting_lengths: bool,
+) -> bool {
+    let persistent = match version {
+        Version::Http11 => !connection.close,
+        Version::Http10 => connection.keep_alive && !connection.close,
+    };
+    persistent && framing != ResponseFraming::Close && !conflicting_lengths
 }
 
 /// Parses the response head at the start of `buf`, the answer to a HEAD
@@ -121,46 +137,94 @@ fn scan_response_fields(
     head: &mut ResponseHead,
     head_request: bool,
 ) -> Result<(), H1Error> {
-    let (mut length, mut encoding, mut chunked) = (None, false, false);
+    let mut scan = FieldScan::default();
     for field in &head.fields {
-        let (name, value) = (field.name.of(buf), field.value.of(buf));
-        if name.eq_ignore_ascii_case(b"content-length") {
-            let this = content_length(value).ok_or(H1Error::BadResponse("content-length"))?;
-            if length.is_some_and(|prior| prior != this) {
-                return Err(H1Error::BadResponse("differing content-lengths"));
+        scan.field(buf, field.name.of(buf), field.value.of(buf))?;
+    }
+    let framed = scan.finish(head.status, head_request);
+    head.framing = framed.framing;
+    head.conflicting_lengths = framed.conflicting_lengths;
+    head.connection = framed.connection;
+    head.keep_alive = framed.keep_alive;
+    Ok(())
+}
+
+/// What a response's fields say of its framing and its connection, read
+/// one field at a time.
+#[derive(Default)]
+pub(super) struct FieldScan {
+    length: Option<u64>,
+    encoding: bool,
+    chunked: bool,
+    connection: ConnectionInfo,
+    keep_alive: KeepAlive,
+}
+
+/// What [`FieldScan::finish`] concludes.
+pub(super) struct Framed {
+    pub(super) framing: ResponseFraming,
+    pub(super) conflicting_lengths: bool,
+    pub(super) connection: ConnectionInfo,
+    pub(super) keep_alive: KeepAlive,
+}
+
+impl FieldScan {
+    /// Takes note of one field, `name` (any case) and `value` slices of
+    /// `buf`. Names are told apart by length first: most fields are none
+    /// of the four that matter.
+    pub(super) fn field(&mut self, buf: &[u8], name: &[u8], value: &[u8]) -> Result<(), H1Error> {
+        match name.len() {
+            14 if name.eq_ignore_ascii_case(b"content-length") => {
+                let this = content_length(value).ok_or(H1Error::BadResponse("content-length"))?;
+                if self.length.is_some_and(|prior| prior != this) {
+                    return Err(H1Error::BadResponse("differing content-lengths"));
+                }
+                self.length = Some(this);
             }
-            length = Some(this);
-        } else if name.eq_ignore_ascii_case(b"transfer-encoding") {
-            encoding = true;
-            let last = value.rsplit(|&b| b == b',').next().map(trim_ows);
-            chunked = last.is_some_and(|c| c.eq_ignore_ascii_case(b"chunked"));
-        } else if name.eq_ignore_ascii_case(b"connection") {
-            for token in list_tokens(value) {
-                let info = &mut head.connection;
-                if token.eq_ignore_ascii_case(b"close") {
-                    info.close = true;
-                } else if token.eq_ignore_ascii_case(b"keep-alive") {
-                    info.keep_alive = true;
-                } else if let Some(span) = Span::within(buf, token) {
-                    info.upgrade |= token.eq_ignore_ascii_case(b"upgrade");
-                    info.named.push(span);
+            17 if name.eq_ignore_ascii_case(b"transfer-encoding") => {
+                self.encoding = true;
+                let last = value.rsplit(|&b| b == b',').next().map(trim_ows);
+                self.chunked = last.is_some_and(|c| c.eq_ignore_ascii_case(b"chunked"));
+            }
+            10 if name.eq_ignore_ascii_case(b"connection") => {
+                for token in list_tokens(value) {
+                    let info = &mut self.connection;
+                    if token.eq_ignore_ascii_case(b"close") {
+                        info.close = true;
+                    } else if token.eq_ignore_ascii_case(b"keep-alive") {
+                        info.keep_alive = true;
+                    } else if let Some(span) = Span::within(buf, token) {
+                        info.upgrade |= token.eq_ignore_ascii_case(b"upgrade");
+                        info.named.push(span);
+                    }
                 }
             }
-        } else if name.eq_ignore_ascii_case(b"keep-alive") {
-            head.keep_alive = keep_alive_params(value, head.keep_alive);
+            10 if name.eq_ignore_ascii_case(b"keep-alive") => {
+                self.keep_alive = keep_alive_params(value, self.keep_alive);
+            }
+            _ => {}
+        }
+        Ok(())
+    }
+
+    /// The framing of a response with `status` (to a HEAD request when
+    /// `head_request`), RFC 9112 §6.3.
+    pub(super) fn finish(self, status: u16, head_request: bool) -> Framed {
+        let bodiless = head_request || (100..200).contains(&status) || matches!(status, 204 | 304);
+        let framing = match (bodiless, self.encoding, self.length) {
+            (true, _, _) => ResponseFraming::None,
+            (false, true, _) if self.chunked => ResponseFraming::Chunked,
+            (false, true, _) => ResponseFraming::Close,
+            (false, false, Some(length)) => ResponseFraming::Length(length),
+            (false, false, None) => ResponseFraming::Close,
+        };
+        Framed {
+            framing,
+            conflicting_lengths: self.encoding && self.length.is_some(),
+            connection: self.connection,
+            keep_alive: self.keep_alive,
         }
     }
-    let bodiless =
-        head_request || (100..200).contains(&head.status) || matches!(head.status, 204 | 304);
-    head.conflicting_lengths = encoding && length.is_some();
-    head.framing = match (bodiless, encoding, length) {
-        (true, _, _) => ResponseFraming::None,
-        (false, true, _) if chunked => ResponseFraming::Chunked,
-        (false, true, _) => ResponseFraming::Close,
-        (false, false, Some(length)) => ResponseFraming::Length(length),
-        (false, false, None) => ResponseFraming::Close,
-    };
-    Ok(())
 }
 
 /// `timeout=` (seconds) and `max=` of a `Keep-Alive` value, over `prior`;

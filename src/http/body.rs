@@ -31,17 +31,21 @@ use crate::pool::{hint_plus, Lease, ResponseBody, UpstreamBody};
 pub async fn prefetch(mut body: Incoming, limit: usize) -> Result<UpstreamBody, hyper::Error> {
     let mut buffered = VecDeque::new();
     let mut total = 0usize;
-    while total < limit && !body.is_end_stream() {
+    // A chunked body says it has ended only by yielding nothing more:
+    // `is_end_stream` stays false after its last frame.
+    let mut ended = body.is_end_stream();
+    while total < limit && !ended {
         match body.frame().await {
-            None => break,
+            None => ended = true,
             Some(frame) => {
                 let frame = frame?;
                 total += frame.data_ref().map_or(0, Bytes::len);
                 buffered.push_back(frame);
+                ended = body.is_end_stream();
             }
         }
     }
-    let rest = (!body.is_end_stream()).then_some(body);
+    let rest = (!ended).then_some(body);
     Ok(UpstreamBody::new(buffered, rest))
 }
 

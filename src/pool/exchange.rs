@@ -25,8 +25,8 @@ use super::body::UpstreamBody;
 use super::io::UpstreamIo;
 use super::lease::SendFailure;
 use crate::h1::{
-    self, parse_response, BodyFramer, ChunkLimits, Field, H1Error, HeadLimits, Parsed,
-    ResponseFraming, ResponseHead,
+    self, BodyFramer, ChunkLimits, Field, H1Error, HeadLimits, Parsed, ResponseFraming,
+    ResponseParts,
 };
 
 /// What a read asks the socket for at least: the lent buffer grows by this
@@ -297,16 +297,49 @@ fn poll_frame_or_answer(
     }
 }
 
-/// Ready when the backend has sent something (read into `early`), closed
-/// or failed while the request is still being written. Under TLS a session
+/// Ready when the backend has answered (the start of a final response read
+/// into `early`), closed or failed while the request is still being
+/// written. Interim answers (`100 Continue`, `103 Early Hints`) are read and
+/// dropped: the backend waits for the rest of the body. Under TLS a session
 /// ticket is read and is no answer.
 fn poll_answer(io: &mut UpstreamIo, early: &mut BytesMut, cx: &mut Context<'_>) -> Poll<()> {
-    // Readiness first, so no buffer is grown for a quiet socket.
-    if io.poll_read_ready(cx).is_pending() {
-        return Poll::Pending;
+    loop {
+        // Readiness first, so no buffer is grown for a quiet socket.
+        if io.poll_read_ready(cx).is_pending() {
+            return Poll::Pending;
+        }
+        match ready!(poll_read(io, early, cx)) {
+            Ok(read) if read > 0 => {}
+            // A close or an error is found again by the response's read.
+            _ => return Poll::Ready(()),
+        }
+        if !drop_interim(early) {
+            return Poll::Ready(());
+        }
     }
-    // A close or an error is found again by the response's read.
-    poll_read(io, early, cx).map(|_| ())
+}
+
+/// Drops the interim responses at the front of `early`; false once it
+/// starts with a final response (or with bytes that are none), which is
+/// the backend's answer.
+fn drop_interim(early: &mut BytesMut) -> bool {
+    let limits = HeadLimits {
+        max_head_bytes: READ_CHUNK,
+        max_headers: MAX_RESPONSE_FIELDS,
+    };
+    loop {
+        if early.is_empty() {
+            return true;
+        }
+        match h1::parse_response(early, limits, false) {
+            Ok(Parsed::Complete(head)) if (100..200).contains(&head.status) && head.status != 101 => {
+                early.advance(head.len);
+            }
+            // The rest of an interim head is still to come.
+            Ok(Parsed::Partial) => return true,
+            _ => return false,
+        }
+    }
 }
 
 /// Writes every byte of `parts`, then flushes (TLS holds records until
@@ -383,18 +416,27 @@ pub(crate) async fn read_response(
     };
     loop {
         if !buf.is_empty() {
-            match parse_response(&buf, limits, head_request).map_err(SendFailure::Response)? {
+            // Frozen, so the header values can be slices of it; given back
+            // whole when the head is not all there yet.
+            let frozen = std::mem::take(&mut buf).freeze();
+            match h1::parse_response_parts(&frozen, limits, head_request) {
                 // Interim answers (100 Continue, 103 Early Hints) are not the
                 // response; 101 would be an upgrade, which tether never asks
                 // for, and is taken as final.
-                Parsed::Complete(head)
-                    if (100..200).contains(&head.status) && head.status != 101 =>
+                Ok(Parsed::Complete(head))
+                    if head.parts.status.is_informational()
+                        && head.parts.status != StatusCode::SWITCHING_PROTOCOLS =>
                 {
-                    buf.advance(head.len);
+                    buf = BytesMut::from(&frozen[head.len..]);
                     continue;
                 }
-                Parsed::Complete(head) => return start(head, buf),
-                Parsed::Partial => {}
+                Ok(Parsed::Complete(head)) => return Ok(start(head, frozen)),
+                Ok(Parsed::Partial) => {
+                    buf = frozen
+                        .try_into_mut()
+                        .unwrap_or_else(|shared| BytesMut::from(&shared[..]));
+                }
+                Err(e) => return Err(SendFailure::Response(e)),
             }
         }
         let read = poll_fn(|cx| poll_read(io, &mut buf, cx))
@@ -422,40 +464,28 @@ fn poll_read(
     tokio_util::io::poll_read_buf(Pin::new(io), cx, buf)
 }
 
-/// The head parsed at the start of `buf` as `http` parts, its values slices
-/// of the buffer; what follows it starts the body.
-fn start(head: ResponseHead, mut buf: BytesMut) -> Result<ResponseStart, SendFailure> {
-    let bytes = buf.split_to(head.len).freeze();
-    let bad = |_| SendFailure::Response(H1Error::BadResponse("fields"));
-    let (mut parts, ()) = http::Response::new(()).into_parts();
-    parts.status = StatusCode::from_u16(head.status)
-        .map_err(|_| SendFailure::Response(H1Error::BadResponse("status")))?;
-    parts.version = match head.version {
-        h1::Version::Http10 => http::Version::HTTP_10,
-        h1::Version::Http11 => http::Version::HTTP_11,
-    };
-    parts.headers = header_map(&bytes, &head.fields).map_err(bad)?;
-    if head.conflicting_lengths {
-        // Transfer-Encoding frames it (RFC 9112 §6.3): the length is wrong.
-        parts.headers.remove(CONTENT_LENGTH);
-    }
+/// The exchange's start from the head parsed at the front of `frozen`;
+/// what follows the head starts the body.
+fn start(head: ResponseParts, frozen: Bytes) -> ResponseStart {
+    let mut parts = head.parts;
     if head.framing == ResponseFraming::None {
         parts.headers.remove(TRANSFER_ENCODING);
     }
     let facts = HeadFacts {
-        reusable: head.reusable(),
+        reusable: head.reusable,
         keep_alive: head.keep_alive,
     };
     let body = BodyReader {
-        buf,
+        pending: frozen.slice(head.len..),
+        buf: BytesMut::new(),
         framer: BodyFramer::for_response(head.framing, ChunkLimits::default()),
         trailers_max: ChunkLimits::default().max_trailers,
     };
-    Ok(ResponseStart {
+    ResponseStart {
         head: parts,
         facts,
         body,
-    })
+    }
 }
 
 /// A header map of `fields`, their values slices of `bytes`.
@@ -470,9 +500,12 @@ fn header_map(bytes: &Bytes, fields: &[Field]) -> Result<HeaderMap, http::Error>
     Ok(headers)
 }
 
-/// The reader of a response body: the exchange's lent buffer, and the
-/// framer that finds the body's end in it.
+/// The reader of a response body: the bytes already read that are still
+/// to be framed (the rest of the read that brought the head, at first),
+/// the buffer further reads go to, and the framer that finds the body's
+/// end.
 pub(crate) struct BodyReader {
+    pending: Bytes,
     buf: BytesMut,
     framer: BodyFramer,
     trailers_max: usize,
@@ -498,7 +531,7 @@ impl BodyReader {
     /// Whether the body ended with nothing after it: bytes past a response's
     /// end are a broken backend, and its connection must not be reused.
     pub(crate) fn ended_clean(&self) -> bool {
-        self.framer.is_done() && self.buf.is_empty()
+        self.framer.is_done() && self.pending.is_empty() && self.buf.is_empty()
     }
 
     /// The exact size of the rest, when the framing tells.
@@ -506,7 +539,8 @@ impl BodyReader {
         self.framer.remaining()
     }
 
-    /// The next frame of the body, read from `io` when the buffer holds none.
+    /// The next frame of the body, read from `io` when the bytes at hand
+    /// hold none.
     pub(crate) fn poll_frame(
         &mut self,
         io: &mut UpstreamIo,
@@ -516,7 +550,7 @@ impl BodyReader {
             if self.framer.is_done() {
                 return Poll::Ready(None);
             }
-            if !self.buf.is_empty() {
+            if !self.pending.is_empty() {
                 match self.take_frame() {
                     Ok(Some(frame)) => return Poll::Ready(Some(Ok(frame))),
                     Ok(None) => {}
@@ -524,6 +558,12 @@ impl BodyReader {
                 }
                 if self.framer.is_done() {
                     return Poll::Ready(None);
+                }
+                // A chunk-size line or trailers cut short: framed again
+                // once the rest has been read behind them.
+                if !self.pending.is_empty() {
+                    self.buf.extend_from_slice(&self.pending);
+                    self.pending = Bytes::new();
                 }
             }
             let read = match ready!(poll_read(io, &mut self.buf, cx)) {
@@ -537,36 +577,39 @@ impl BodyReader {
                     Err(e) => Poll::Ready(Some(Err(e.into()))),
                 };
             }
+            self.pending = self.buf.split().freeze();
         }
     }
 
-    /// The next frame among the bytes in the buffer, consuming the framing
+    /// The next frame among the pending bytes, consuming the framing
     /// around it; `None` when they hold no data (more must be read, or the
     /// body just ended).
     fn take_frame(&mut self) -> Result<Option<Frame<Bytes>>, H1Error> {
         loop {
-            let decoded = self.framer.decode(&self.buf)?;
+            let decoded = self.framer.decode(&self.pending)?;
             if decoded.trailers {
-                self.buf.advance(decoded.used);
+                self.pending.advance(decoded.used);
                 return self.take_trailers();
             }
             if let Some((start, end)) = decoded.data {
-                self.buf.advance(start);
-                return Ok(Some(Frame::data(self.buf.split_to(end - start).freeze())));
+                let data = self.pending.slice(start..end);
+                self.pending.advance(decoded.used);
+                return Ok(Some(Frame::data(data)));
             }
-            self.buf.advance(decoded.used);
-            if decoded.done || self.buf.is_empty() {
+            self.pending.advance(decoded.used);
+            if decoded.done || self.pending.is_empty() {
                 return Ok(None);
             }
         }
     }
 
-    /// The trailer section at the start of the buffer, when it is all there.
+    /// The trailer section at the front of the pending bytes, when it is
+    /// all there.
     fn take_trailers(&mut self) -> Result<Option<Frame<Bytes>>, H1Error> {
-        match h1::parse_trailers(&self.buf, self.trailers_max)? {
+        match h1::parse_trailers(&self.pending, self.trailers_max)? {
             Parsed::Partial => Ok(None),
             Parsed::Complete((len, fields)) => {
-                let block = self.buf.split_to(len).freeze();
+                let block = self.pending.split_to(len);
                 self.framer.trailers_read();
                 let trailers =
                     header_map(&block, &fields).map_err(|_| H1Error::BadChunk("trailer"))?;
