@@ -2,22 +2,23 @@
 //! ([`backend`]), a raw-socket client that tells FIN from RST ([`client`]),
 //! tether in-process and as a binary ([`tether`]), what the kernel says about
 //! sockets, processes and namespaces ([`kernel`]), the repository's files
-//! ([`repo`]), and certificates for HTTPS backends ([`tls`]). Here: the one
-//! [`PATIENCE`] that bounds every wait, polling, temporary directories and
-//! running commands.
+//! ([`repo`]), certificates for HTTPS backends ([`tls`]), and a backend that
+//! writes exact bytes ([`raw`]). Here: the one [`PATIENCE`] that bounds every
+//! wait, polling, temporary directories and running commands.
 
 #![allow(dead_code)]
 
 mod backend;
 mod client;
 mod kernel;
+mod raw;
 mod repo;
 mod tether;
 mod tls;
 
 // Each test file uses some of these.
 #[allow(unused_imports)]
-pub use self::{backend::*, client::*, kernel::*, repo::*, tether::*, tls::*};
+pub use self::{backend::*, client::*, kernel::*, raw::*, repo::*, tether::*, tls::*};
 
 use std::process::{Command, Output};
 use std::time::Duration;
