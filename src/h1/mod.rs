@@ -16,11 +16,11 @@ mod tests;
 
 pub use body::{parse_trailers, BodyFramer, ChunkLimits, ChunkedBody, Decoded, Progress};
 pub use error::H1Error;
+pub use parts::{parse_response_parts, ResponseParts};
 pub use request::{
     parse_request, Authority, ConnectionInfo, Field, HeadLimits, HostInfo, Parsed, RequestFraming,
     RequestHead, Scheme, TargetForm, Version,
 };
-pub use parts::{parse_response_parts, ResponseParts};
 pub use response::{parse_response, KeepAlive, ResponseFraming, ResponseHead};
 pub use rewrite::{
     client_response, upstream_request, ClientResponseOptions, Part, RewriteOptions, Upstream,

@@ -181,10 +181,10 @@ impl ProxyError {
                     .map_or_else(|| "connection closed".to_owned(), ToString::to_string),
                 true,
             ),
-            SendError::Failed(_) if client_body_failed => {
+            SendError::Failed(..) if client_body_failed => {
                 return Self::bad_request_body("the client's request body failed")
             }
-            SendError::Failed(source) => (source.to_string(), resend_safe),
+            SendError::Failed(source, _) => (source.to_string(), resend_safe),
         };
         Self {
             retry_allowed,

@@ -13,14 +13,19 @@ use tokio::time::Instant;
 
 use super::error::ProxyError;
 use crate::accesslog::UpstreamFacts;
+use crate::config::Protocol;
 use crate::pool::{refused_by_peer, Lease, Pool, ResponseBody, SendError, UpstreamBody};
 
 /// What the access log is told of the upstream side, when it is on.
 type Facts<'a> = Option<&'a mut UpstreamFacts>;
 
-/// What a first attempt keeps to send its request again: the head, and the
-/// body when it is wholly in memory.
-type Replay = Option<(Parts, Option<Bytes>)>;
+/// What a first attempt keeps to send its request again: the body, when it
+/// is wholly in memory, and a copy of the head when the sender does not
+/// give the head back on failure (HTTP/2; an HTTP/1.1 exchange does).
+struct Replay {
+    body: Option<Bytes>,
+    head: Option<Parts>,
+}
 
 /// Sends the request, retrying once on a fresh connection when that is safe:
 /// the request was never written (any method), the HTTP/2 peer refused it
@@ -34,7 +39,11 @@ pub(super) async fn forward(
     mut body: UpstreamBody,
     mut facts: Facts<'_>,
 ) -> Result<(Response<ResponseBody>, Lease), ProxyError> {
-    let replay = body.replayable().map(|bytes| (copy_head(&parts), bytes));
+    let gives_head_back = pool.settings().protocol == Protocol::Http1;
+    let replay = body.replayable().map(|bytes| Replay {
+        body: bytes,
+        head: (!gives_head_back).then(|| copy_head(&parts)),
+    });
     let client_failed = body.client_failed_flag();
     let mut lease = timed(&mut facts, pool.acquire()).await?;
     body.notify_sent(lease.request_sent_flag());
@@ -92,7 +101,7 @@ async fn retry(
     pool: &Pool,
     lease: Lease,
     failure: SendError,
-    replay: Replay,
+    replay: Option<Replay>,
     received_before: u64,
     client_failed: Arc<AtomicBool>,
     mut facts: Facts<'_>,
@@ -100,11 +109,18 @@ async fn retry(
     let addr = lease.addr();
     // An HTTP/2 peer that refused the stream (or whose GOAWAY covered it) did
     // not process the request.
-    let refused = matches!(&failure, SendError::Failed(source) if refused_by_peer(source));
+    let refused = matches!(&failure, SendError::Failed(source, _) if refused_by_peer(source));
     let clean = lease.reused() && lease.received() == received_before;
-    let idempotent = replay
-        .as_ref()
-        .is_some_and(|(head, _)| idempotent(&head.method));
+    let (replay_body, replay_head) = match (replay, &failure) {
+        (Some(replay), SendError::Failed(_, Some(_))) => (Some(replay.body), None),
+        (Some(replay), _) => (Some(replay.body), replay.head),
+        (None, _) => (None, None),
+    };
+    let method = match &failure {
+        SendError::Failed(_, Some(head)) => Some(&head.method),
+        _ => replay_head.as_ref().map(|head| &head.method),
+    };
+    let idempotent = replay_body.is_some() && method.is_some_and(idempotent);
     let client_failed = || client_failed.load(Ordering::Acquire);
     let error = ProxyError::send_failed(
         &failure,
@@ -121,11 +137,13 @@ async fn retry(
             tracing::debug!(upstream = %addr, error = ?reason, "request was not sent; retrying on a new connection");
             *request
         }
-        SendError::Failed(source) => {
+        SendError::Failed(source, returned) => {
             if refused {
                 lease.drain_connection();
             }
-            let Some((head, bytes)) = replay else {
+            let (Some(head), Some(bytes)) =
+                (returned.map(|head| *head).or(replay_head), replay_body)
+            else {
                 return Err(error);
             };
             tracing::debug!(upstream = %addr, error = %source, refused, "request failed before a response; retrying once");

@@ -332,7 +332,9 @@ fn drop_interim(early: &mut BytesMut) -> bool {
             return true;
         }
         match h1::parse_response(early, limits, false) {
-            Ok(Parsed::Complete(head)) if (100..200).contains(&head.status) && head.status != 101 => {
+            Ok(Parsed::Complete(head))
+                if (100..200).contains(&head.status) && head.status != 101 =>
+            {
                 early.advance(head.len);
             }
             // The rest of an interim head is still to come.

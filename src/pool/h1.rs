@@ -232,11 +232,15 @@ impl Conn {
             Err(WriteFailure::Failed(e)) => {
                 self.count_request(last);
                 self.broken = true;
-                return Err(SendError::Failed(e));
+                let (head, _) = request.into_parts();
+                return Err(SendError::Failed(e, Some(Box::new(head))));
             }
         }
         self.count_request(last);
-        drop(request);
+        // The head is kept until the response's head arrives, so that a
+        // retry can send it again without a copy made for every request.
+        let (head, body) = request.into_parts();
+        drop(body);
         match exchange::read_response(&mut self.io, buf, head_request, self.max_head).await {
             Ok(start) => {
                 self.note_head(&start.facts);
@@ -244,7 +248,7 @@ impl Conn {
             }
             Err(e) => {
                 self.broken = true;
-                Err(SendError::Failed(e))
+                Err(SendError::Failed(e, Some(Box::new(head))))
             }
         }
     }
@@ -272,7 +276,7 @@ impl Conn {
             Err(SendError::Unsent(_, e)) => {
                 return Err(e.map_or_else(|| "connection closed".into(), Into::into))
             }
-            Err(SendError::Failed(e)) => return Err(e.into()),
+            Err(SendError::Failed(e, _)) => return Err(e.into()),
         };
         let status = start.head.status.as_u16();
         let mut reader = start.body;

@@ -304,7 +304,7 @@ pub(crate) fn sent(
 fn send_error(mut e: TrySendError) -> SendError {
     match e.take_message() {
         Some(request) => SendError::Unsent(Box::new(request), Some(e.into_error().into())),
-        None => SendError::Failed(e.into_error().into()),
+        None => SendError::Failed(e.into_error().into(), None),
     }
 }
 
@@ -312,6 +312,7 @@ fn send_error(mut e: TrySendError) -> SendError {
 pub(crate) enum SendError {
     /// The request was never written; it can be sent elsewhere whatever its method.
     Unsent(Box<http::Request<UpstreamBody>>, Option<SendFailure>),
-    /// The request may have reached the backend.
-    Failed(SendFailure),
+    /// The request may have reached the backend. The head comes back
+    /// when the sender kept it (HTTP/1.1 does, hyper's HTTP/2 does not).
+    Failed(SendFailure, Option<Box<http::request::Parts>>),
 }
