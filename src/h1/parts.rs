@@ -7,7 +7,7 @@
 use std::mem::MaybeUninit;
 
 use bytes::Bytes;
-use http::header::{HeaderName, HeaderValue, CONTENT_LENGTH};
+use http::header::{HeaderName, HeaderValue, CONNECTION, CONTENT_LENGTH, TRANSFER_ENCODING};
 use http::{HeaderMap, StatusCode};
 
 use super::error::H1Error;
@@ -16,6 +16,8 @@ use super::response::{reusable, FieldScan, KeepAlive, ResponseFraming};
 
 /// Header slots on the stack: hyper's limit, and the most a response may have.
 const MAX_FIELDS: usize = 100;
+/// `Keep-Alive`, which the `http` crate has no constant for.
+const KEEP_ALIVE: HeaderName = HeaderName::from_static("keep-alive");
 
 /// A response head as `http` parts, with what the codec learned of it.
 #[derive(Debug)]
@@ -76,9 +78,17 @@ pub fn parse_response_parts(
     let mut headers = HeaderMap::with_capacity(response.headers.len());
     let mut scan = FieldScan::default();
     for field in response.headers.iter() {
-        let name = field.name.as_bytes();
-        scan.field(buf, name, field.value)?;
-        let name = HeaderName::from_bytes(name).map_err(|_| H1Error::BadResponse("field name"))?;
+        let name = HeaderName::from_bytes(field.name.as_bytes())
+            .map_err(|_| H1Error::BadResponse("field name"))?;
+        // Told apart as names, which for standard ones costs a compare of
+        // two small numbers: most fields are none of these four.
+        if name == CONTENT_LENGTH
+            || name == TRANSFER_ENCODING
+            || name == CONNECTION
+            || name == KEEP_ALIVE
+        {
+            scan.field(buf, name.as_str().as_bytes(), field.value)?;
+        }
         let value = HeaderValue::from_maybe_shared(buf.slice_ref(field.value))
             .map_err(|_| H1Error::BadResponse("field value"))?;
         headers.append(name, value);

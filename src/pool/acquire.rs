@@ -52,6 +52,10 @@ async fn checkout(
     let endpoint = outstanding.endpoint().clone();
     let waited = endpoint.settings().pool.acquire_timeout;
     let deadline = started + waited;
+    // The common case, an idle connection at hand, needs no waiting set up.
+    if let Some(ready) = take_ready(&endpoint, fresh) {
+        return Ok(Lease::new(ready, outstanding));
+    }
     loop {
         let notified = endpoint.available.notified();
         tokio::pin!(notified);
