@@ -36,7 +36,7 @@ struct Replay {
 pub(super) async fn forward(
     pool: &Pool,
     parts: Parts,
-    mut body: UpstreamBody,
+    body: UpstreamBody,
     mut facts: Facts<'_>,
 ) -> Result<(Response<ResponseBody>, Lease), ProxyError> {
     let gives_head_back = pool.settings().protocol == Protocol::Http1;
@@ -46,7 +46,6 @@ pub(super) async fn forward(
     });
     let client_failed = body.client_failed_flag();
     let mut lease = timed(&mut facts, pool.acquire()).await?;
-    body.notify_sent(lease.request_sent_flag());
     let received_before = lease.received();
     let sent = lease.send(Request::from_parts(parts, body)).await;
     note_attempt(&mut facts, &lease);
@@ -158,9 +157,7 @@ async fn retry(
     };
     drop(lease);
     let mut lease = timed(&mut facts, pool.acquire_fresh(addr)).await?;
-    let (head, mut body) = request.into_parts();
-    body.notify_sent(lease.request_sent_flag());
-    let sent = lease.send(Request::from_parts(head, body)).await;
+    let sent = lease.send(request).await;
     note_attempt(&mut facts, &lease);
     match sent {
         Ok(response) => Ok((response, lease)),

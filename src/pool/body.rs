@@ -40,14 +40,11 @@ pub enum BodyError {
 /// The request body as sent upstream: frames already in memory, then, when the
 /// body did not fit in them, the rest streamed from the client.
 ///
-/// It raises the flag given to [`UpstreamBody::notify_sent`] once it has been
-/// sent whole (a connection is reused only then), and its
-/// [`client_failed_flag`](UpstreamBody::client_failed_flag) when the client's
-/// side of the body failed.
+/// It raises its [`client_failed_flag`](UpstreamBody::client_failed_flag)
+/// when the client's side of the body failed.
 pub struct UpstreamBody {
     buffered: VecDeque<Frame<Bytes>>,
     rest: Option<Incoming>,
-    sent: Option<Arc<AtomicBool>>,
     client_failed: Arc<AtomicBool>,
     /// Counts the body's bytes for the access log, when it is on.
     counted: Option<Arc<AtomicU64>>,
@@ -61,7 +58,6 @@ impl UpstreamBody {
         Self {
             buffered,
             rest,
-            sent: None,
             client_failed: Arc::new(AtomicBool::new(false)),
             counted: None,
         }
@@ -99,14 +95,6 @@ impl UpstreamBody {
         Some((!whole.is_empty()).then(|| whole.freeze()))
     }
 
-    /// Sets the flag raised once the body has been sent whole.
-    pub fn notify_sent(&mut self, flag: Arc<AtomicBool>) {
-        if self.buffered.is_empty() && self.rest.is_none() {
-            flag.store(true, Ordering::Release);
-        }
-        self.sent = Some(flag);
-    }
-
     /// The first frame's data, when it is in memory: what a send writes with
     /// the head, before taking it off with [`Self::drop_front`].
     pub(crate) fn front_data(&self) -> Option<&Bytes> {
@@ -116,20 +104,11 @@ impl UpstreamBody {
     /// Takes off the first frame, written with the head.
     pub(crate) fn drop_front(&mut self) {
         self.buffered.pop_front();
-        if self.buffered.is_empty() && self.rest.is_none() {
-            self.mark_sent();
-        }
     }
 
     /// Raised when the client's side of the body failed (as opposed to the upstream).
     pub fn client_failed_flag(&self) -> Arc<AtomicBool> {
         self.client_failed.clone()
-    }
-
-    fn mark_sent(&self) {
-        if let Some(flag) = &self.sent {
-            flag.store(true, Ordering::Release);
-        }
     }
 }
 
@@ -139,20 +118,15 @@ impl Body for UpstreamBody {
 
     fn poll_frame(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> FramePoll {
         if let Some(frame) = self.buffered.pop_front() {
-            if self.buffered.is_empty() && self.rest.is_none() {
-                self.mark_sent();
-            }
             return Poll::Ready(Some(Ok(frame)));
         }
         let Some(rest) = self.rest.as_mut() else {
-            self.mark_sent();
             return Poll::Ready(None);
         };
         match Pin::new(rest).poll_frame(cx) {
             Poll::Pending => Poll::Pending,
             Poll::Ready(None) => {
                 self.rest = None;
-                self.mark_sent();
                 Poll::Ready(None)
             }
             Poll::Ready(Some(Ok(frame))) => {
@@ -161,7 +135,6 @@ impl Body for UpstreamBody {
                 }
                 if self.rest.as_ref().is_some_and(Body::is_end_stream) {
                     self.rest = None;
-                    self.mark_sent();
                 }
                 Poll::Ready(Some(Ok(frame)))
             }
@@ -174,11 +147,7 @@ impl Body for UpstreamBody {
     }
 
     fn is_end_stream(&self) -> bool {
-        let end = self.buffered.is_empty() && self.rest.as_ref().is_none_or(Body::is_end_stream);
-        if end {
-            self.mark_sent();
-        }
-        end
+        self.buffered.is_empty() && self.rest.as_ref().is_none_or(Body::is_end_stream)
     }
 
     fn size_hint(&self) -> SizeHint {

@@ -2,7 +2,7 @@
 //! (or of an HTTP/2 stream), the [`Outstanding`] count `least_outstanding`
 //! balances on, and the connection [`Slot`] every open connection holds.
 
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::Ordering;
 use std::sync::Arc;
 
 use hyper::body::Incoming;
@@ -74,7 +74,6 @@ pub struct Lease {
     sent_on: Option<(u64, u64)>,
     /// Connect and handshake, when the connection was dialled for this request.
     connect: Option<std::time::Duration>,
-    request_sent: Arc<AtomicBool>,
     _outstanding: Outstanding,
 }
 
@@ -128,9 +127,6 @@ impl Lease {
         };
         Self {
             conn,
-            // A stream's request body end is the stream's business, not the
-            // connection's: nothing to guard on release.
-            request_sent: Arc::new(AtomicBool::new(stream.is_some())),
             stream,
             endpoint,
             reused,
@@ -193,11 +189,6 @@ impl Lease {
         self.endpoint.addr
     }
 
-    /// Flag the request body sets once it has been sent whole.
-    pub(crate) fn request_sent_flag(&self) -> Arc<AtomicBool> {
-        self.request_sent.clone()
-    }
-
     /// Bytes received so far on the connection.
     pub(crate) fn received(&self) -> u64 {
         self.conn.as_ref().map_or(0, Conn::received)
@@ -243,14 +234,15 @@ impl Lease {
     }
 
     /// Returns the connection to the pool: call once the response `body`
-    /// ended. Only a connection whose request body was also sent whole, and
-    /// whose exchange left it usable, is reused.
+    /// ended. Only a connection whose exchange left it usable is reused: one
+    /// whose request body was not sent whole (the backend answered early,
+    /// or the client's body failed) is not.
     pub fn release(mut self, body: &mut ResponseBody) {
         self.take_back(body);
         let Some(conn) = self.conn.take() else {
             return;
         };
-        if self.request_sent.load(Ordering::Acquire) && conn.is_open() {
+        if conn.is_open() {
             self.endpoint.put_idle(conn);
         } else {
             self.endpoint.discard(conn);
