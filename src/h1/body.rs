@@ -256,3 +256,67 @@ impl ChunkedBody {
         Ok(())
     }
 }
+
+/// What one [`ChunkedBody::decode`] found: the framing it consumed, and how
+/// much chunk data follows it in the input.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Decoded {
+    /// Framing bytes consumed from the start of the input.
+    pub used: usize,
+    /// Chunk data available right after them (not consumed: the caller
+    /// takes it with [`ChunkedBody::consume_data`]).
+    pub data: usize,
+    /// Whether the body is complete.
+    pub done: bool,
+}
+
+impl ChunkedBody {
+    /// Decodes rather than forwards: consumes framing (size lines,
+    /// extensions, CRLFs, trailers) up to the next chunk data or the body's
+    /// end, and says how much data follows, so a caller can hand the data on
+    /// without its framing. The bytes of the trailer fields, line ends
+    /// included, are appended to `trailers`.
+    pub fn decode(&mut self, input: &[u8], trailers: &mut Vec<u8>) -> Result<Decoded, H1Error> {
+        let mut at = 0;
+        loop {
+            match self.state {
+                State::Done => break,
+                State::Data(left) => {
+                    let data = (input.len() - at).min(usize::try_from(left).unwrap_or(usize::MAX));
+                    return Ok(Decoded {
+                        used: at,
+                        data,
+                        done: false,
+                    });
+                }
+                _ if at == input.len() => break,
+                before => {
+                    let b = input[at];
+                    self.state = self.step(b)?;
+                    let in_trailers = |s| matches!(s, State::TrailerStart | State::Trailer | State::TrailerLf);
+                    if in_trailers(before) && in_trailers(self.state) {
+                        trailers.push(b);
+                    }
+                    at += 1;
+                }
+            }
+        }
+        Ok(Decoded {
+            used: at,
+            data: 0,
+            done: self.state == State::Done,
+        })
+    }
+
+    /// Takes `n` bytes of the chunk data [`decode`](Self::decode) found.
+    pub fn consume_data(&mut self, n: usize) {
+        if let State::Data(left) = self.state {
+            let left = left.saturating_sub(n as u64);
+            self.state = if left == 0 {
+                State::DataCr
+            } else {
+                State::Data(left)
+            };
+        }
+    }
+}

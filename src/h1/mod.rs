@@ -13,7 +13,7 @@ mod span;
 #[cfg(test)]
 mod tests;
 
-pub use body::{BodyFramer, ChunkLimits, ChunkedBody, Progress};
+pub use body::{BodyFramer, ChunkLimits, ChunkedBody, Decoded, Progress};
 pub use error::H1Error;
 pub use request::{
     parse_request, Authority, ConnectionInfo, Field, HeadLimits, HostInfo, Parsed, RequestFraming,

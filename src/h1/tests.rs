@@ -452,3 +452,48 @@ fn malformed_chunked_framing_is_refused() {
     assert_eq!(cut.feed(b"3\r\nab").map(|p| p.done), Ok(false));
     assert_eq!(cut.finish(), Err(H1Error::Truncated));
 }
+
+/// Decodes `stream` fed in pieces of `step` bytes: the data, the trailer
+/// bytes, and how many bytes of the stream the body took.
+fn decode_all(stream: &[u8], step: usize) -> Result<(Vec<u8>, Vec<u8>, usize), H1Error> {
+    let mut decoder = ChunkedBody::new(ChunkLimits::default());
+    let (mut data, mut trailers, mut taken) = (Vec::new(), Vec::new(), 0);
+    // What has arrived and is not consumed yet, as a reader's buffer holds it.
+    let mut pending: Vec<u8> = Vec::new();
+    for piece in stream.chunks(step.max(1)) {
+        pending.extend_from_slice(piece);
+        loop {
+            let found = decoder.decode(&pending, &mut trailers)?;
+            let took = found.used + found.data;
+            data.extend_from_slice(&pending[found.used..took]);
+            decoder.consume_data(found.data);
+            pending.drain(..took);
+            taken += took;
+            if found.done {
+                return Ok((data, trailers, taken));
+            }
+            if took == 0 {
+                break;
+            }
+        }
+    }
+    Err(H1Error::Truncated)
+}
+
+#[test]
+fn chunked_decoding_yields_the_data_and_trailers_without_framing_across_every_split() {
+    let stream: &[u8] =
+        b"A;name=\"v\"\r\n0123456789\r\n1 ; x\r\nz\r\n0\r\nTrailer-A: 1\r\nB: \t2\r\n\r\nNEXT";
+    for step in 1..=stream.len() {
+        let (data, trailers, taken) = decode_all(stream, step).unwrap();
+        assert_eq!(data, b"0123456789z", "by {step}");
+        assert_eq!(trailers, b"Trailer-A: 1\r\nB: \t2\r\n", "by {step}");
+        assert_eq!(taken, stream.len() - 4, "by {step}");
+    }
+    let (data, trailers, _) = decode_all(b"0\r\n\r\n", 1).unwrap();
+    assert!(data.is_empty() && trailers.is_empty());
+    assert_eq!(
+        decode_all(b"2\r\nabc\r\n0\r\n\r\n", 3),
+        Err(H1Error::BadChunk("chunk data longer than its size"))
+    );
+}
