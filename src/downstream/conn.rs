@@ -199,7 +199,10 @@ impl<S: Socket> Connection<S> {
             head_request: head.is_head(&bytes),
             closing: false,
         };
-        let has_body = !matches!(head.framing, RequestFraming::None | RequestFraming::Length(0));
+        let has_body = !matches!(
+            head.framing,
+            RequestFraming::None | RequestFraming::Length(0)
+        );
         let body = if has_body {
             let wire = self.io.wire();
             let expect = head.expect_continue && head.version == Version::Http11;
@@ -300,11 +303,11 @@ impl<S: Socket> Connection<S> {
 /// What the client's side of `wire` shows, without taking any byte: its
 /// readiness is cleared when nothing is there, so the next look waits.
 fn client_side<S: Socket>(wire: &Wire<S>) -> sock::PeerState {
-    let looked = wire
-        .socket
-        .try_io(tokio::io::Interest::READABLE, || match sock::peer_state(&wire.socket) {
+    let looked = wire.socket.try_io(tokio::io::Interest::READABLE, || {
+        match sock::peer_state(&wire.socket) {
             sock::PeerState::Quiet => Err(std::io::ErrorKind::WouldBlock.into()),
             seen => Ok(seen),
-        });
+        }
+    });
     looked.unwrap_or(sock::PeerState::Quiet)
 }

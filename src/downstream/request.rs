@@ -11,7 +11,11 @@ use http::{Method, Request, Uri};
 use crate::h1::{H1Error, RequestHead, Version};
 
 /// `head`, parsed from `bytes`, as a request with `body`.
-pub(super) fn to_request<B>(head: &RequestHead, bytes: &Bytes, body: B) -> Result<Request<B>, H1Error> {
+pub(super) fn to_request<B>(
+    head: &RequestHead,
+    bytes: &Bytes,
+    body: B,
+) -> Result<Request<B>, H1Error> {
     let method = Method::from_bytes(head.method(bytes)).map_err(|_| H1Error::Syntax("method"))?;
     let uri = Uri::from_maybe_shared(bytes.slice(head.target.start..head.target.end))
         .map_err(|_| H1Error::BadTarget)?;

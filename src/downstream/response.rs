@@ -135,7 +135,9 @@ pub(super) async fn write<S: Socket>(
 }
 
 /// The body's next frame if it is ready now, without waiting.
-async fn poll_now(body: &mut ProxyBody) -> Option<Option<Result<http_body::Frame<Bytes>, crate::pool::BodyError>>> {
+async fn poll_now(
+    body: &mut ProxyBody,
+) -> Option<Option<Result<http_body::Frame<Bytes>, crate::pool::BodyError>>> {
     std::future::poll_fn(|cx| match Pin::new(&mut *body).poll_frame(cx) {
         Poll::Ready(frame) => Poll::Ready(Some(frame)),
         Poll::Pending => Poll::Ready(None),
@@ -234,7 +236,13 @@ fn status_line(out: &mut Vec<u8>, parts: &http::response::Parts, http10: bool) {
     match custom {
         Some(reason) => out.extend_from_slice(reason.as_bytes()),
         // A reason must be there: many parsers expect one.
-        None => out.extend_from_slice(parts.status.canonical_reason().unwrap_or("<none>").as_bytes()),
+        None => out.extend_from_slice(
+            parts
+                .status
+                .canonical_reason()
+                .unwrap_or("<none>")
+                .as_bytes(),
+        ),
     }
     out.extend_from_slice(b"\r\n");
 }
@@ -349,7 +357,12 @@ impl Output {
 
     /// Queues body data as `framing` writes it; `remaining` counts down a
     /// Content-Length, which the body may not overrun.
-    fn data(&mut self, data: Bytes, framing: Framing, remaining: &mut u64) -> Result<(), ClientError> {
+    fn data(
+        &mut self,
+        data: Bytes,
+        framing: Framing,
+        remaining: &mut u64,
+    ) -> Result<(), ClientError> {
         if data.is_empty() {
             return Ok(());
         }

@@ -293,7 +293,8 @@ impl ChunkedBody {
                 before => {
                     let b = input[at];
                     self.state = self.step(b)?;
-                    let in_trailers = |s| matches!(s, State::TrailerStart | State::Trailer | State::TrailerLf);
+                    let in_trailers =
+                        |s| matches!(s, State::TrailerStart | State::Trailer | State::TrailerLf);
                     if in_trailers(before) && in_trailers(self.state) {
                         trailers.push(b);
                     }
