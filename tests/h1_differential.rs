@@ -2,9 +2,16 @@
 //! request heads: whatever hyper refuses, the codec refuses too (it may refuse
 //! more: those are counted by reason and printed), and whatever both take
 //! parses the same (method, target, version, fields in order, body framing).
+//! Then each head both take goes through the running proxy, with a body as
+//! its framing says, to a recording backend: it must arrive as hyper's server
+//! read it (method, target in origin form, Host, the fields tether neither
+//! adds nor removes, X-Forwarded-For with the client appended, the body).
 //! `PROPTEST_CASES` sets the number of heads (2000 by default).
 
+mod common;
+
 use std::collections::BTreeMap;
+use std::net::SocketAddr;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
@@ -16,7 +23,7 @@ use hyper_util::rt::TokioIo;
 use proptest::prelude::*;
 use proptest::test_runner::{Config, TestCaseError, TestRunner};
 use tether::h1::{self, HeadLimits, Parsed, RequestFraming, RequestHead, TargetForm};
-use tokio::io::AsyncWriteExt;
+use tokio::io::{AsyncWriteExt, BufReader};
 
 const LIMITS: HeadLimits = HeadLimits {
     max_head_bytes: 8192,
@@ -271,13 +278,18 @@ fn codec_seen(raw: &[u8], head: &RequestHead) -> Seen {
 }
 
 /// What hyper's HTTP/1 server takes: the request its service was called
-/// with, or `None` when it answered with an error or closed.
-async fn hyper_seen(raw: &[u8]) -> Option<Seen> {
+/// with, and how it must arrive at a backend through tether (its body left
+/// empty), or `None` when it answered with an error or closed.
+async fn hyper_seen(raw: &[u8], fallback_host: &str) -> Option<(Seen, Arrival)> {
     let (mut client, server) = tokio::io::duplex(1 << 20);
     let captured = Arc::new(Mutex::new(None));
     let sink = captured.clone();
+    let fallback_host = fallback_host.to_owned();
     let service = hyper::service::service_fn(move |request: Request<Incoming>| {
-        *sink.lock().unwrap() = Some(hyper_parts(&request));
+        *sink.lock().unwrap() = Some((
+            hyper_parts(&request),
+            expected_arrival(&request, &fallback_host),
+        ));
         async {
             Ok::<_, std::convert::Infallible>(Response::new(http_body_util::Empty::<Bytes>::new()))
         }
@@ -321,10 +333,244 @@ fn hyper_parts(request: &Request<Incoming>) -> Seen {
     }
 }
 
+/// A request as a backend behind tether sees it, in terms hyper's server
+/// also gives for the request tether was sent: method, target in origin
+/// form, Host, X-Forwarded-For, the other fields by name (values in order),
+/// and the body.
+#[derive(Debug, Clone, PartialEq, Eq)]
+struct Arrival {
+    method: String,
+    origin: String,
+    host: Option<Vec<u8>>,
+    forwarded_for: Option<Vec<u8>>,
+    fields: BTreeMap<String, Vec<Vec<u8>>>,
+    body: Vec<u8>,
+}
+
+/// What tether removes or writes anew, apart from the Host and
+/// X-Forwarded-For compared on their own: hop-by-hop fields, and the
+/// framing, which the upstream leg writes for the body it sends.
+const NOT_PASSED: &[&str] = &[
+    "connection",
+    "keep-alive",
+    "proxy-connection",
+    "te",
+    "trailer",
+    "transfer-encoding",
+    "upgrade",
+    "content-length",
+    "host",
+    "x-forwarded-for",
+];
+
+/// The fields of `headers` a backend gets as they are: all but
+/// [`NOT_PASSED`], those `Connection` names (never Host or Content-Length),
+/// and names with `_` (dropped by default).
+fn passed_fields(headers: &http::HeaderMap) -> BTreeMap<String, Vec<Vec<u8>>> {
+    let named: Vec<String> = headers
+        .get_all(http::header::CONNECTION)
+        .iter()
+        .filter_map(|v| v.to_str().ok())
+        .flat_map(|v| v.split(','))
+        .map(|t| t.trim().to_ascii_lowercase())
+        .collect();
+    let mut fields = BTreeMap::new();
+    for name in headers.keys() {
+        let name = name.as_str();
+        if NOT_PASSED.contains(&name) || named.iter().any(|n| n == name) || name.contains('_') {
+            continue;
+        }
+        let values = headers.get_all(name).iter().map(|v| v.as_bytes().to_vec());
+        fields.insert(name.to_owned(), values.collect());
+    }
+    fields
+}
+
+/// How `request`, as hyper's server read it from a client, must reach a
+/// backend through tether: origin form, Host from an absolute target's
+/// authority (userinfo left out) or the request's own or `fallback_host`,
+/// and the client (loopback) appended to X-Forwarded-For.
+fn expected_arrival(request: &Request<Incoming>, fallback_host: &str) -> Arrival {
+    let uri = request.uri();
+    let headers = request.headers();
+    let host = match uri.authority() {
+        Some(authority) => authority
+            .as_str()
+            .rsplit('@')
+            .next()
+            .unwrap_or("")
+            .as_bytes()
+            .to_vec(),
+        None => headers
+            .get(http::header::HOST)
+            .map_or(fallback_host.as_bytes().to_vec(), |h| h.as_bytes().to_vec()),
+    };
+    let prior: Vec<&str> = headers
+        .get_all("x-forwarded-for")
+        .iter()
+        .filter_map(|v| v.to_str().ok())
+        .collect();
+    let forwarded_for = match prior.is_empty() {
+        true => "127.0.0.1".to_owned(),
+        false => format!("{}, 127.0.0.1", prior.join(", ")),
+    };
+    Arrival {
+        method: request.method().as_str().to_owned(),
+        origin: uri
+            .path_and_query()
+            .map_or("/", |pq| pq.as_str())
+            .to_owned(),
+        host: Some(host),
+        forwarded_for: Some(forwarded_for.into_bytes()),
+        fields: passed_fields(headers),
+        body: Vec::new(),
+    }
+}
+
+/// What the recording backend saw of the last request.
+type Recorded = Arc<Mutex<Option<Arrival>>>;
+
+/// A backend that records each request it gets and answers `200 ok`.
+async fn recording_backend() -> (SocketAddr, Recorded) {
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    let recorded: Recorded = Arc::default();
+    let sink = recorded.clone();
+    tokio::spawn(async move {
+        while let Ok((stream, _)) = listener.accept().await {
+            let sink = sink.clone();
+            let service = hyper::service::service_fn(move |request: Request<Incoming>| {
+                let sink = sink.clone();
+                async move {
+                    use http_body_util::BodyExt;
+                    let (parts, body) = request.into_parts();
+                    let body = body
+                        .collect()
+                        .await
+                        .map(|b| b.to_bytes())
+                        .unwrap_or_default();
+                    let headers = &parts.headers;
+                    let field = |name| {
+                        headers
+                            .get(name)
+                            .map(|v: &http::HeaderValue| v.as_bytes().to_vec())
+                    };
+                    *sink.lock().unwrap() = Some(Arrival {
+                        method: parts.method.as_str().to_owned(),
+                        origin: parts
+                            .uri
+                            .path_and_query()
+                            .map_or("/", |pq| pq.as_str())
+                            .to_owned(),
+                        host: field("host"),
+                        forwarded_for: field("x-forwarded-for"),
+                        fields: passed_fields(headers),
+                        body: body.to_vec(),
+                    });
+                    Ok::<_, std::convert::Infallible>(Response::new(http_body_util::Full::new(
+                        Bytes::from_static(b"ok"),
+                    )))
+                }
+            });
+            tokio::spawn(
+                hyper::server::conn::http1::Builder::new()
+                    .serve_connection(TokioIo::new(stream), service),
+            );
+        }
+    });
+    (addr, recorded)
+}
+
+/// The head of `raw` followed by a body as its framing says, and that
+/// body's data; `None` for a length too long to send.
+fn with_body(raw: &[u8], head: &RequestHead) -> Option<(Vec<u8>, Vec<u8>)> {
+    let mut wire = raw[..head.len].to_vec();
+    let data = match head.framing {
+        RequestFraming::None => Vec::new(),
+        RequestFraming::Length(n) if n <= 64 * 1024 => vec![b'x'; n as usize],
+        RequestFraming::Length(_) => return None,
+        RequestFraming::Chunked => b"abc".to_vec(),
+    };
+    match head.framing {
+        RequestFraming::Chunked => wire.extend_from_slice(b"3;e=1\r\nabc\r\n0\r\nX-T: 1\r\n\r\n"),
+        _ => wire.extend_from_slice(&data),
+    }
+    Some((wire, data))
+}
+
+/// Sends `wire` to the proxy on a connection of its own: the answer's
+/// status and tether's reason, if it gave one. `to_head`: the request is
+/// HEAD, and its answer has no body.
+async fn through_proxy(
+    proxy: SocketAddr,
+    wire: &[u8],
+    to_head: bool,
+) -> Result<(u16, Option<String>), String> {
+    let mut stream = tokio::net::TcpStream::connect(proxy).await.unwrap();
+    stream.write_all(wire).await.unwrap();
+    let mut reader = BufReader::new(stream);
+    loop {
+        let answer = tokio::time::timeout(
+            Duration::from_secs(5),
+            tether::tools::load::read_response(&mut reader, to_head),
+        )
+        .await
+        .map_err(|_| "no answer from the proxy".to_owned())?
+        .map_err(|e| format!("no readable answer from the proxy: {e}"))?;
+        if answer.status != 100 {
+            let reason = answer.header("x-tether-error").map(str::to_owned);
+            return Ok((answer.status, reason));
+        }
+    }
+}
+
+/// Sends the head both parsers took through the proxy, with a body, and
+/// checks what the backend got against `expected`.
+fn check_through_proxy(
+    runtime: &tokio::runtime::Runtime,
+    proxy: SocketAddr,
+    recorded: &Recorded,
+    raw: &[u8],
+    mut expected: Arrival,
+    tally: &mut Tally,
+) -> Result<(), TestCaseError> {
+    let Ok(Parsed::Complete(head)) = h1::parse_request(raw, LIMITS) else {
+        return Err(TestCaseError::fail("the codec took it a moment ago"));
+    };
+    let Some((wire, body)) = with_body(raw, &head) else {
+        tally.too_long += 1;
+        return Ok(());
+    };
+    expected.body = body;
+    *recorded.lock().unwrap() = None;
+    let shown = String::from_utf8_lossy(&wire).into_owned();
+    let answer = runtime.block_on(through_proxy(proxy, &wire, head.is_head(raw)));
+    match answer.map_err(|e| TestCaseError::fail(format!("{e}: {shown:?}")))? {
+        (200, None) => {
+            let arrived = recorded.lock().unwrap().take();
+            prop_assert_eq!(arrived, Some(expected), "arrived otherwise: {:?}", shown);
+            tally.proxied += 1;
+        }
+        // Refused by the rewrite's rule, which the parse does not apply.
+        (400, Some(reason)) if head.underscore_framing && reason == "underscore-framing-header" => {
+            tally.refused_by_proxy += 1;
+        }
+        other => {
+            return Err(TestCaseError::fail(format!(
+                "the proxy answered {other:?}: {shown:?}"
+            )));
+        }
+    }
+    Ok(())
+}
+
 #[derive(Default)]
 struct Tally {
     cases: u64,
     both: u64,
+    proxied: u64,
+    refused_by_proxy: u64,
+    too_long: u64,
     neither: u64,
     only_hyper: BTreeMap<String, u64>,
     example: BTreeMap<String, Vec<u8>>,
@@ -341,22 +587,30 @@ fn the_codec_refuses_all_hyper_refuses_and_parses_the_rest_alike() {
         failure_persistence: None,
         ..Config::default()
     };
-    let runtime = tokio::runtime::Builder::new_current_thread()
+    let runtime = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
         .enable_all()
         .build()
         .unwrap();
+    let (backend, recorded) = runtime.block_on(recording_backend());
+    let mut tether_config = common::config_for(backend);
+    tether_config.upstreams[0].pool.min_idle = 1;
+    let proxy = runtime.block_on(tether::start(tether_config)).unwrap();
+    let proxy_addr = proxy.tcp_addr("app").unwrap();
+    let fallback_host = backend.to_string();
     let tally = Mutex::new(Tally::default());
     let mut runner = TestRunner::new(config);
     let result = runner.run(&input(), |raw| {
-        let theirs = runtime.block_on(hyper_seen(&raw));
+        let theirs = runtime.block_on(hyper_seen(&raw, &fallback_host));
         let ours = codec(&raw);
         let mut tally = tally.lock().unwrap();
         tally.cases += 1;
         let shown = String::from_utf8_lossy(&raw);
         match (theirs, ours) {
-            (Some(theirs), Ok(ours)) => {
+            (Some((theirs, arrival)), Ok(ours)) => {
                 tally.both += 1;
                 prop_assert_eq!(ours, theirs, "parsed differently: {:?}", shown);
+                check_through_proxy(&runtime, proxy_addr, &recorded, &raw, arrival, &mut tally)?;
             }
             (None, Ok(ours)) => {
                 return Err(TestCaseError::fail(format!(
@@ -371,11 +625,16 @@ fn the_codec_refuses_all_hyper_refuses_and_parses_the_rest_alike() {
         }
         Ok(())
     });
+    runtime.block_on(proxy.drain());
     let tally = tally.into_inner().unwrap();
     println!(
-        "{} heads: both took {}, both refused {}, only hyper took {}",
+        "{} heads: both took {} (through the proxy alike {}, refused by its rewrite {}, \
+         bodies too long to send {}), both refused {}, only hyper took {}",
         tally.cases,
         tally.both,
+        tally.proxied,
+        tally.refused_by_proxy,
+        tally.too_long,
         tally.neither,
         tally.only_hyper.values().sum::<u64>()
     );
@@ -389,5 +648,9 @@ fn the_codec_refuses_all_hyper_refuses_and_parses_the_rest_alike() {
     assert!(
         tally.both > cases as u64 / 20,
         "too few heads both took: the test would prove little"
+    );
+    assert!(
+        tally.proxied > tally.both / 2,
+        "too few heads went through the proxy: the test would prove little"
     );
 }

@@ -1,25 +1,31 @@
-//! The client socket as hyper sees it. [`ClientIo`] resets the connection
+//! The client socket. [`ClientIo`] owns it and resets the connection
 //! (SO_LINGER 0) when dropped unless a path chose an orderly close, so every
 //! path nobody thought about ends in RST, never in a FIN that would leave
-//! TIME_WAIT behind. On the way it feeds the connection's clock and head scan,
-//! and it sends tether's FIN in the flush that ends the last response.
+//! TIME_WAIT behind.
+//!
+//! The socket sits in a [`Wire`], shared with the request body the exchange
+//! lends it: tokio's sockets read and write through `&self`, so the body can
+//! read the client's bytes in whichever task polls it (the pool's connection
+//! task, for a body that streams) without a task or channel between them. A
+//! body holds the wire weakly: the connection's end closes the socket
+//! whatever a body still in the pool thinks.
 //!
 //! TCP and unix sockets are told apart once, when a connection is served:
-//! [`ClientIo`] is generic over its [`Socket`], so the per-read and per-write
-//! paths carry no dispatch.
+//! everything here is generic over the [`Socket`], so the per-read and
+//! per-write paths carry no dispatch.
 
-use std::io;
-use std::pin::Pin;
-use std::sync::Arc;
-use std::task::{Context, Poll};
+use std::io::{self, IoSlice};
+use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
+use std::task::{ready, Context, Poll};
 use std::time::Duration;
 
-use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, ReadBuf};
+use bytes::BytesMut;
+use tokio::io::Interest;
 use tokio::net::{TcpStream, UnixStream};
 use tokio::time::Instant;
 
+use super::body::Inbound;
 use super::close::{Ending, ResetReason};
-use super::head_scan::HeadScan;
 use super::state::ClientState;
 use crate::sock;
 
@@ -31,45 +37,165 @@ pub enum ClientStream {
     Unix(UnixStream),
 }
 
-/// A stream socket a client connection is served on.
-pub(super) trait Socket:
-    AsyncRead + AsyncWrite + std::os::fd::AsFd + Unpin + Send + 'static
-{
+/// A stream socket a client connection is served on: tokio's own, through
+/// `&self`.
+pub(super) trait Socket: std::os::fd::AsFd + Send + Sync + 'static {
     /// The TCP stream, for what only TCP has: RST, MSG_MORE and the count of
     /// unacknowledged bytes.
     fn tcp(&self) -> Option<&TcpStream>;
+    /// Waits for readability (or the peer's end).
+    fn poll_read_ready(&self, cx: &mut Context<'_>) -> Poll<io::Result<()>>;
+    /// Waits for writability.
+    fn poll_write_ready(&self, cx: &mut Context<'_>) -> Poll<io::Result<()>>;
+    /// Runs `io` if the socket is ready for `interest`; its `WouldBlock`
+    /// clears the readiness.
+    fn try_io<R>(&self, interest: Interest, io: impl FnOnce() -> io::Result<R>) -> io::Result<R>;
+    /// Reads into the spare capacity of `buf`.
+    fn try_read_buf(&self, buf: &mut BytesMut) -> io::Result<usize>;
+    /// Reads into `buf`.
+    fn try_read(&self, buf: &mut [u8]) -> io::Result<usize>;
+    /// Writes what it can of `bufs`.
+    fn try_write_vectored(&self, bufs: &[IoSlice<'_>]) -> io::Result<usize>;
 }
 
-impl Socket for TcpStream {
-    fn tcp(&self) -> Option<&TcpStream> {
-        Some(self)
+macro_rules! socket {
+    ($type:ty, $tcp:expr) => {
+        impl Socket for $type {
+            fn tcp(&self) -> Option<&TcpStream> {
+                $tcp(self)
+            }
+            fn poll_read_ready(&self, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+                <$type>::poll_read_ready(self, cx)
+            }
+            fn poll_write_ready(&self, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+                <$type>::poll_write_ready(self, cx)
+            }
+            fn try_io<R>(
+                &self,
+                interest: Interest,
+                io: impl FnOnce() -> io::Result<R>,
+            ) -> io::Result<R> {
+                <$type>::try_io(self, interest, io)
+            }
+            fn try_read_buf(&self, buf: &mut BytesMut) -> io::Result<usize> {
+                <$type>::try_read_buf(self, buf)
+            }
+            fn try_read(&self, buf: &mut [u8]) -> io::Result<usize> {
+                <$type>::try_read(self, buf)
+            }
+            fn try_write_vectored(&self, bufs: &[IoSlice<'_>]) -> io::Result<usize> {
+                <$type>::try_write_vectored(self, bufs)
+            }
+        }
+    };
+}
+
+socket!(TcpStream, Some);
+socket!(UnixStream, |_| None);
+
+/// The client socket, shared by the connection's task and the request body
+/// being read, and what that body reads by.
+pub(super) struct Wire<S> {
+    pub(super) socket: S,
+    inbound: Mutex<Inbound>,
+}
+
+impl<S: Socket> Wire<S> {
+    pub(super) fn new(socket: S) -> Self {
+        Self {
+            socket,
+            inbound: Mutex::new(Inbound::default()),
+        }
+    }
+
+    /// The state of the request body being read.
+    pub(super) fn inbound(&self) -> MutexGuard<'_, Inbound> {
+        // A panic elsewhere leaves at worst a body that fails: no invariant
+        // spans the lock.
+        self.inbound.lock().unwrap_or_else(PoisonError::into_inner)
+    }
+
+    /// Reads what has arrived into the spare capacity of `buf` (`WouldBlock`
+    /// when nothing has). A read that leaves room clears the socket's
+    /// readiness, as tokio's own `poll_read` does: the socket is drained, so
+    /// waiting for the next request costs no `recv` that returns EAGAIN.
+    pub(super) fn read_into(&self, buf: &mut BytesMut) -> io::Result<usize> {
+        let room = buf.capacity() - buf.len();
+        let mut got = 0;
+        let read = self.socket.try_io(Interest::READABLE, || {
+            got = self.socket.try_read_buf(buf)?;
+            if got > 0 && got < room {
+                // Reported as WouldBlock, so tokio clears the readiness.
+                return Err(io::ErrorKind::WouldBlock.into());
+            }
+            Ok(got)
+        });
+        match read {
+            Err(e) if e.kind() == io::ErrorKind::WouldBlock && got > 0 => Ok(got),
+            other => other,
+        }
+    }
+
+    /// [`read_into`](Self::read_into), waiting for the socket.
+    pub(super) fn poll_read_into(
+        &self,
+        cx: &mut Context<'_>,
+        buf: &mut BytesMut,
+    ) -> Poll<io::Result<usize>> {
+        loop {
+            match self.read_into(buf) {
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock => {
+                    ready!(self.socket.poll_read_ready(cx))?;
+                }
+                other => return Poll::Ready(other),
+            }
+        }
+    }
+
+    /// Writes what it can of `bufs`, waiting for the socket. With `more`, on
+    /// TCP, the kernel holds the bytes for what follows: the FIN that comes
+    /// next then leaves with them (see [`sock::poll_send_more`]).
+    pub(super) fn poll_write(
+        &self,
+        cx: &mut Context<'_>,
+        bufs: &[IoSlice<'_>],
+        more: bool,
+    ) -> Poll<io::Result<usize>> {
+        if let (true, Some(tcp)) = (more, self.socket.tcp()) {
+            return sock::poll_send_more(tcp, cx, bufs);
+        }
+        loop {
+            match self.socket.try_write_vectored(bufs) {
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock => {
+                    ready!(self.socket.poll_write_ready(cx))?;
+                }
+                other => return Poll::Ready(other),
+            }
+        }
     }
 }
 
-impl Socket for UnixStream {
-    fn tcp(&self) -> Option<&TcpStream> {
-        None
-    }
-}
-
-/// The client socket as hyper sees it; resets on drop unless an orderly close
-/// was chosen.
+/// The client connection's socket, owned: resets on drop unless an orderly
+/// close was chosen.
 pub(super) struct ClientIo<S: Socket> {
-    socket: S,
+    wire: Arc<Wire<S>>,
     state: Arc<ClientState>,
-    scan: HeadScan,
     reset_on_drop: bool,
 }
 
 impl<S: Socket> ClientIo<S> {
-    /// Wraps an accepted socket; `max_head` bounds the head scan.
-    pub(super) fn new(socket: S, state: Arc<ClientState>, max_head: usize) -> Self {
+    /// Takes an accepted socket.
+    pub(super) fn new(socket: S, state: Arc<ClientState>) -> Self {
         Self {
-            socket,
+            wire: Arc::new(Wire::new(socket)),
             state,
-            scan: HeadScan::new(max_head),
             reset_on_drop: true,
         }
+    }
+
+    /// The socket, shared with the request body being read.
+    pub(super) fn wire(&self) -> &Arc<Wire<S>> {
+        &self.wire
     }
 
     /// The connection's shared state.
@@ -79,17 +205,17 @@ impl<S: Socket> ClientIo<S> {
 
     /// Whether the client has closed its side (its FIN or RST is queued).
     pub(super) fn peer_closed(&self) -> bool {
-        sock::peer_state(&self.socket) == sock::PeerState::Closed
+        sock::peer_state(&self.wire.socket) == sock::PeerState::Closed
     }
 
     /// Sends tether's FIN.
     pub(super) fn send_fin(&self) -> io::Result<()> {
-        sock::send_fin(&self.socket)
+        sock::send_fin(&self.wire.socket)
     }
 
     /// Waits up to `grace` for the client's FIN: then the close is passive
     /// and orderly; otherwise RST, for `why`.
-    pub(super) async fn close_on_client_fin(mut self, grace: Duration, why: ResetReason) -> Ending {
+    pub(super) async fn close_on_client_fin(self, grace: Duration, why: ResetReason) -> Ending {
         if self.await_peer_fin(grace).await {
             self.close_orderly()
         } else {
@@ -98,25 +224,31 @@ impl<S: Socket> ClientIo<S> {
     }
 
     /// Reads and discards until the client's FIN, for at most `grace`.
-    async fn await_peer_fin(&mut self, grace: Duration) -> bool {
+    async fn await_peer_fin(&self, grace: Duration) -> bool {
         // Whatever a closing client still sends is discarded: a small buffer does.
         let mut scratch = [0u8; 512];
-        let wait = async {
-            loop {
-                match self.read(&mut scratch).await {
-                    Ok(0) => return true,
-                    Ok(_) => continue,
-                    Err(_) => return false,
+        let socket = &self.wire.socket;
+        let wait = std::future::poll_fn(|cx| loop {
+            match socket.try_read(&mut scratch) {
+                Ok(0) => return Poll::Ready(true),
+                Ok(_) => continue,
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock => {
+                    if ready!(socket.poll_read_ready(cx)).is_err() {
+                        return Poll::Ready(false);
+                    }
                 }
+                Err(_) => return Poll::Ready(false),
             }
-        };
+        });
         tokio::time::timeout(grace, wait).await.unwrap_or(false)
     }
 
     /// Waits until the client has acknowledged every byte sent, for at most
     /// `grace` (at once on a unix socket, which has no acknowledgements).
     pub(super) async fn await_acknowledged(&self, grace: Duration) {
-        let Some(tcp) = self.socket.tcp() else { return };
+        let Some(tcp) = self.wire.socket.tcp() else {
+            return;
+        };
         let deadline = Instant::now() + grace;
         let mut pause = Duration::from_micros(200);
         while Instant::now() < deadline {
@@ -142,90 +274,16 @@ impl<S: Socket> ClientIo<S> {
         drop(self);
         Ending::Reset(why)
     }
-
-    /// The TCP socket while the last bytes of a connection's last response
-    /// are being written: they go with MSG_MORE, so they leave with the FIN
-    /// that the flush will send.
-    fn writing_last_response(&self) -> Option<&TcpStream> {
-        self.socket.tcp().filter(|_| self.state.fin_ready())
-    }
 }
 
 impl<S: Socket> Drop for ClientIo<S> {
     fn drop(&mut self) {
+        // Linger 0 is set on the socket itself: should a body in the pool
+        // hold the wire for a moment longer, its close is a reset all the same.
         if self.reset_on_drop {
-            if let Some(tcp) = self.socket.tcp() {
+            if let Some(tcp) = self.wire.socket.tcp() {
                 sock::reset_on_close(tcp);
             }
         }
-    }
-}
-
-impl<S: Socket> AsyncRead for ClientIo<S> {
-    fn poll_read(
-        mut self: Pin<&mut Self>,
-        cx: &mut Context<'_>,
-        buf: &mut ReadBuf<'_>,
-    ) -> Poll<io::Result<()>> {
-        let this = &mut *self;
-        let before = buf.filled().len();
-        let polled = Pin::new(&mut this.socket).poll_read(cx, buf);
-        if matches!(polled, Poll::Ready(Ok(()))) && buf.filled().len() > before {
-            this.state.clock.bytes_arrived();
-            if this.state.take_rescan() {
-                this.scan.restart();
-            }
-            if this.scan.feed(&buf.filled()[before..]) == Some(true) {
-                this.state.flag_ambiguous_framing();
-            }
-        }
-        polled
-    }
-}
-
-impl<S: Socket> AsyncWrite for ClientIo<S> {
-    fn poll_write(
-        mut self: Pin<&mut Self>,
-        cx: &mut Context<'_>,
-        buf: &[u8],
-    ) -> Poll<io::Result<usize>> {
-        if let Some(tcp) = self.writing_last_response() {
-            return sock::poll_send_more(tcp, cx, &[io::IoSlice::new(buf)]);
-        }
-        Pin::new(&mut self.socket).poll_write(cx, buf)
-    }
-
-    fn poll_write_vectored(
-        mut self: Pin<&mut Self>,
-        cx: &mut Context<'_>,
-        bufs: &[io::IoSlice<'_>],
-    ) -> Poll<io::Result<usize>> {
-        if let Some(tcp) = self.writing_last_response() {
-            return sock::poll_send_more(tcp, cx, bufs);
-        }
-        Pin::new(&mut self.socket).poll_write_vectored(cx, bufs)
-    }
-
-    fn is_write_vectored(&self) -> bool {
-        true
-    }
-
-    /// hyper flushes once its buffer is written out; after the last response of
-    /// a gracefully closed connection, that is where the FIN goes.
-    fn poll_flush(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
-        let flushed = Pin::new(&mut self.socket).poll_flush(cx);
-        if matches!(flushed, Poll::Ready(Ok(())))
-            && self.state.take_fin_ready()
-            && self.send_fin().is_ok()
-        {
-            self.state.note_fin_sent();
-        }
-        flushed
-    }
-
-    /// Never called by the serving path (it uses `poll_without_shutdown`); kept
-    /// inert so nothing can send a FIN behind the close policy's back.
-    fn poll_shutdown(self: Pin<&mut Self>, _cx: &mut Context<'_>) -> Poll<io::Result<()>> {
-        Poll::Ready(Ok(()))
     }
 }

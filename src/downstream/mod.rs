@@ -1,55 +1,79 @@
 //! The client side of tether: one task per accepted connection, serving HTTP/1.0
-//! and HTTP/1.1 with hyper, and deciding how the connection ends.
+//! and HTTP/1.1 with tether's own HTTP/1 codec ([`crate::h1`]), and deciding
+//! how the connection ends.
 //!
-//! hyper would close with FIN on every path; tether wants FIN only where the
-//! close discipline allows it. So the connection is served with
-//! `poll_without_shutdown`, the socket is taken back afterwards on every path,
-//! and the IO wrapper (`io`) resets (SO_LINGER 0) on drop unless a path has
-//! explicitly chosen an orderly close (`close`). Timeouts (header, idle) are
-//! tether's own, driven by a per-connection clock (`clock`) that the IO and
-//! the service update through the connection's shared state (`state`), which
-//! is also what the proxy service knows of the connection.
+//! The task reads each request head into a buffer it lends and gives back
+//! (`conn`), hands the request to the proxy service in place, and writes the
+//! response itself (`response`); the request body is read from the same
+//! socket by whoever polls it (`body`). tether sends FIN only where the
+//! close discipline allows it: the socket's owner (`io`) resets (SO_LINGER 0)
+//! on drop unless a path has explicitly chosen an orderly close (`close`).
+//! Timeouts (header, idle) are tether's own, driven by a per-connection clock
+//! (`clock`) that the task and the service update through the connection's
+//! shared state (`state`), which is also what the proxy service knows of the
+//! connection.
 
+mod body;
 mod clock;
 mod close;
-mod head_scan;
+mod conn;
 mod io;
 mod registry;
+mod request;
+mod response;
 mod state;
 
 use std::net::SocketAddr;
 use std::os::fd::{AsRawFd, RawFd};
-use std::pin::Pin;
 use std::sync::Arc;
 
-use hyper_util::rt::TokioIo;
 use tokio_util::sync::CancellationToken;
 use tracing::Instrument;
 
 use crate::drain::Shutdown;
+use crate::h1::H1Error;
 use crate::http::{Binding, BindingSlot, ProxyService};
 use crate::metrics::{Name, ReasonLabels};
+use crate::pool::BodyError;
 use crate::sock;
 use clock::Clock;
 use close::close_by_policy;
 pub use close::{Ending, ResetReason};
+use conn::{Connection, Served};
 pub use io::ClientStream;
 use io::{ClientIo, Socket};
 use registry::Membership;
 pub use registry::{Admitted, Registry, Waiting};
 use state::ClientState;
 
-/// hyper's side of one client connection.
-type HyperConnection<S> =
-    hyper::server::conn::http1::Connection<TokioIo<ClientIo<S>>, ProxyService<ClientState>>;
-
-/// Why hyper stopped serving a connection.
-enum Served {
-    Finished(hyper::Result<()>),
-    TimedOut(ResetReason),
-    Forced,
-    /// Asked to make room at the listener's cap while idle.
-    Evicted,
+/// What goes wrong on a client connection.
+#[derive(Debug, thiserror::Error)]
+pub enum ClientError {
+    /// The socket failed.
+    #[error("client connection failed: {0}")]
+    Io(#[from] std::io::Error),
+    /// The request (its head, or its body's framing) is refused.
+    #[error(transparent)]
+    Refused(H1Error),
+    /// The client closed in the middle of a request head.
+    #[error("the client closed the connection in the middle of a request head")]
+    ClosedMidHead,
+    /// The client closed before its request body ended.
+    #[error("the client closed the connection before its request body ended")]
+    ClosedMidBody,
+    /// The client reset the connection while its request was served, or a
+    /// body was read after the connection had ended.
+    #[error("the client connection is gone")]
+    Gone,
+    /// The response body failed while it was written.
+    #[error("response body failed: {0}")]
+    ResponseBody(BodyError),
+    /// The response body ended before its Content-Length.
+    #[error("the response body ended before its Content-Length")]
+    ResponseTooShort,
+    /// The response body ran past its Content-Length.
+    #[error("the response body ran past its Content-Length")]
+    ResponseTooLong,
 }
 
 /// Serves one client connection to its end, then closes it by the listener's
@@ -123,29 +147,30 @@ async fn serve_socket<S: Socket>(
     ));
     let member = admitted.join(&state, &force);
     let fd = SocketFd(socket.as_fd().as_raw_fd());
-    let max_head = listener.max_header_bytes.as_usize();
-    let io = ClientIo::new(socket, state.clone(), max_head);
+    let io = ClientIo::new(socket, state.clone());
     let service = ProxyService::new(slot.clone(), state.clone(), client);
-    let connection = hyper::server::conn::http1::Builder::new()
-        .half_close(true)
-        .header_read_timeout(None)
-        .max_header_size(max_head)
-        .max_buf_size(max_head.max(8192 + 1) * 2)
-        .serve_connection(TokioIo::new(io), service);
+    let mut connection = Connection::new(
+        io,
+        state.clone(),
+        service,
+        drain.clone(),
+        binding.clone(),
+        client,
+    );
     let stop = Stop {
         force,
         shutdown: &shutdown.force,
         member: &member,
         fd,
     };
-    let (served, io) = drive(connection, &state.clock, &drain, stop).await;
-    let ending = close(served, io, client, &binding).await;
+    let served = drive(&mut connection, &state.clock, &drain, stop).await;
+    let ending = close(served, connection.io, &binding).await;
     state.log_end(ending, &listener.name, client);
     ending
 }
 
 /// The connection's socket by number, for the one `ioctl` of an eviction
-/// while hyper owns the socket (and keeps it open).
+/// while the serving loop borrows the socket (and keeps it open).
 struct SocketFd(RawFd);
 
 impl AsRawFd for SocketFd {
@@ -192,76 +217,54 @@ impl Stop<'_> {
     }
 }
 
-/// Lets hyper serve until it is done, a client timeout expires, the drain
-/// deadline passes or the connection makes room at the listener's cap; then
-/// takes the socket back from it.
+/// Serves the connection until it is done, a client timeout expires, the
+/// drain deadline passes or the connection makes room at the listener's cap.
 async fn drive<S: Socket>(
-    mut connection: HyperConnection<S>,
+    connection: &mut Connection<S>,
     clock: &Clock,
     drain: &CancellationToken,
     mut stop: Stop<'_>,
-) -> (Served, ClientIo<S>) {
+) -> Served {
     let expired = clock.expired();
-    tokio::pin!(expired);
+    let drained = drain.cancelled();
+    let serving = connection.serve();
+    tokio::pin!(expired, drained, serving);
     let mut draining = false;
-    let served = loop {
-        // Biased, hyper first: when a request to make room is looked at, hyper
-        // has read and written all it could, so the clock and the socket's
-        // send queue tell the truth about the connection.
+    loop {
+        // Biased, the connection first: when a request to make room is looked
+        // at, the connection has read and written all it could, so the clock
+        // and the socket's send queue tell the truth about it.
         tokio::select! {
             biased;
-            result = std::future::poll_fn(|cx| connection.poll_without_shutdown(cx)) => {
-                break Served::Finished(result);
-            }
-            reason = &mut expired => break Served::TimedOut(reason),
+            served = &mut serving => return served,
+            reason = &mut expired => return Served::TimedOut(reason),
             _ = stop.force.cancelled() => match stop.fired(clock) {
-                Some(served) => break served,
+                Some(served) => return served,
                 None => continue,
             },
-            _ = drain.cancelled(), if !draining => draining = true,
+            // Only the wake-up: an idle connection then ends at once, a busy
+            // one after a response carrying `Connection: close`, as the
+            // serving loop reads the drain itself.
+            _ = &mut drained, if !draining => draining = true,
         }
-        // Idle connections end now; a busy one ends after its response, which
-        // carries `Connection: close`.
-        Pin::new(&mut connection).graceful_shutdown();
-    };
-    let parts = connection.into_parts();
-    drop(parts.service);
-    (served, parts.io.into_inner())
+    }
 }
 
-/// Ends the connection hyper has let go of, by why it stopped.
-async fn close<S: Socket>(
-    served: Served,
-    io: ClientIo<S>,
-    client: Option<SocketAddr>,
-    binding: &Binding,
-) -> Ending {
+/// Ends the connection once it is no longer served, by why.
+async fn close<S: Socket>(served: Served, io: ClientIo<S>, binding: &Binding) -> Ending {
     let listener = &binding.listener;
     match served {
-        Served::Finished(Ok(())) if io.state().misbehaved() => {
+        Served::Finished if io.state().misbehaved() => {
             io.close_on_client_fin(listener.close_grace, ResetReason::Misbehaved)
                 .await
         }
-        Served::Finished(Ok(())) => {
-            close_by_policy(io, listener.client_close, listener.close_grace).await
-        }
-        Served::Finished(Err(e))
-            if e.is_parse() || e.is_parse_too_large() || e.is_parse_status() =>
-        {
-            // hyper has answered with a 4xx (and Connection: close). `info`,
-            // so seen where the connection's span is off: it names the client.
-            tracing::info!(listener = %listener.name, ?client, error = %e, "malformed request refused");
-            let status = if e.is_parse_too_large() {
-                http::StatusCode::REQUEST_HEADER_FIELDS_TOO_LARGE
-            } else {
-                http::StatusCode::BAD_REQUEST
-            };
-            binding.record(status, Some("malformed-request"), None);
-            io.state().note_malformed(status);
+        Served::Finished => close_by_policy(io, listener.client_close, listener.close_grace).await,
+        // Answered with a 4xx and `Connection: close`; no FIN for it.
+        Served::Malformed => {
             io.close_on_client_fin(listener.close_grace, ResetReason::Misbehaved)
                 .await
         }
-        Served::Finished(Err(e)) => {
+        Served::Failed(e) => {
             tracing::debug!(error = %e, "client connection failed");
             io.reset(ResetReason::ConnectionError)
         }

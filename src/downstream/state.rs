@@ -1,11 +1,11 @@
-//! The state one client connection shares between its IO, its proxy service
-//! and its task: the clock, the request count, and the flags of the close
-//! discipline. Each is an atomic that one side sets and another reads later,
-//! so nobody wakes anybody.
+//! The state one client connection shares between its task, its proxy
+//! service and the response bodies it hands out: the clock, the request
+//! count, and the flags of the close discipline. Each is an atomic that one
+//! side sets and another reads later, so nobody wakes anybody.
 
 use std::net::SocketAddr;
-use std::sync::atomic::{AtomicBool, AtomicU16, AtomicU64, Ordering};
-use std::sync::Mutex;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::{Mutex, OnceLock};
 use std::time::Duration;
 
 use tokio_util::sync::CancellationToken;
@@ -16,21 +16,16 @@ use crate::accesslog::{AccessRecord, Sink};
 use crate::http::body::ExchangeDone;
 use crate::http::ClientConnection;
 
-/// Per-connection state shared by the IO, the service and the connection task.
+/// Per-connection state shared by the connection task, its service and the
+/// response bodies.
 pub(super) struct ClientState {
     /// The header and idle timeouts.
     pub(super) clock: Clock,
     misbehaved: AtomicBool,
     requests: AtomicU64,
-    /// The head just read carried both Content-Length and Transfer-Encoding.
-    ambiguous_framing: AtomicBool,
-    /// Set when an exchange ends: the next bytes start a new head to scan.
-    rescan: AtomicBool,
     /// The exchange in flight is the connection's last and the listener closes
-    /// gracefully: FIN as soon as its response is flushed.
-    fin_when_flushed: AtomicBool,
-    /// The last response is complete; the next flush ends with a FIN.
-    fin_ready: AtomicBool,
+    /// gracefully: FIN right behind its response's last byte.
+    fin_after_response: AtomicBool,
     /// tether has already sent its FIN.
     fin_sent: AtomicBool,
     /// Cancelled when the process starts draining.
@@ -40,8 +35,8 @@ pub(super) struct ClientState {
     /// The line of the exchange that ended the connection, written with the
     /// connection's end.
     held: Mutex<Option<Box<AccessRecord>>>,
-    /// The status hyper answered a malformed request with (0: none).
-    malformed: AtomicU16,
+    /// The status and reason a malformed request was answered with.
+    malformed: OnceLock<(u16, &'static str)>,
 }
 
 impl ClientState {
@@ -57,21 +52,18 @@ impl ClientState {
             clock: Clock::new(header_timeout, idle_timeout),
             misbehaved: AtomicBool::new(false),
             requests: AtomicU64::new(0),
-            ambiguous_framing: AtomicBool::new(false),
-            rescan: AtomicBool::new(false),
-            fin_when_flushed: AtomicBool::new(false),
-            fin_ready: AtomicBool::new(false),
+            fin_after_response: AtomicBool::new(false),
             fin_sent: AtomicBool::new(false),
             drain,
             log,
             held: Mutex::new(None),
-            malformed: AtomicU16::new(0),
+            malformed: OnceLock::new(),
         }
     }
 
-    /// hyper refused a request as malformed and answered `status`.
-    pub(super) fn note_malformed(&self, status: http::StatusCode) {
-        self.malformed.store(status.as_u16(), Ordering::Relaxed);
+    /// A request was refused as malformed, answered `status` for `reason`.
+    pub(super) fn note_malformed(&self, status: http::StatusCode, reason: &'static str) {
+        let _ = self.malformed.set((status.as_u16(), reason));
     }
 
     /// Writes the access-log line that carries the connection's end: the
@@ -82,13 +74,13 @@ impl ClientState {
         };
         let held = self.held.lock().unwrap_or_else(|e| e.into_inner()).take();
         let mut record = held.unwrap_or_else(|| {
-            let malformed = self.malformed.load(Ordering::Relaxed);
+            let malformed = self.malformed.get();
             Box::new(AccessRecord {
                 kind: "connection",
                 listener: listener.to_owned(),
                 client,
-                status: (malformed != 0).then_some(malformed),
-                error: (malformed != 0).then(|| "malformed-request".to_owned()),
+                status: malformed.map(|(status, _)| *status),
+                error: malformed.map(|(_, reason)| (*reason).to_owned()),
                 ..AccessRecord::default()
             })
         });
@@ -106,27 +98,11 @@ impl ClientState {
         self.misbehaved.load(Ordering::Relaxed)
     }
 
-    /// Whether an exchange ended since the last call: the next bytes read
-    /// start a new head.
-    pub(super) fn take_rescan(&self) -> bool {
-        self.rescan.swap(false, Ordering::Relaxed)
-    }
-
-    /// The head just read declared both Content-Length and Transfer-Encoding.
-    pub(super) fn flag_ambiguous_framing(&self) {
-        self.ambiguous_framing.store(true, Ordering::Relaxed);
-    }
-
-    /// Whether the bytes being written end the connection's last response,
-    /// which a FIN is to follow.
-    pub(super) fn fin_ready(&self) -> bool {
-        self.fin_ready.load(Ordering::Relaxed)
-    }
-
-    /// Whether the flush that just completed is the one to send the FIN
-    /// after; asks once.
-    pub(super) fn take_fin_ready(&self) -> bool {
-        self.fin_ready.swap(false, Ordering::Relaxed)
+    /// Whether the response being written ends the connection and the
+    /// service asked for tether's FIN right behind it: a last exchange, on a
+    /// listener that closes gracefully, with a client that behaved.
+    pub(super) fn wants_fin(&self) -> bool {
+        self.fin_after_response.load(Ordering::Relaxed) && !self.misbehaved()
     }
 
     /// tether's FIN went out.
@@ -141,16 +117,10 @@ impl ClientState {
 }
 
 impl ExchangeDone for ClientState {
-    fn exchange_done(&self, complete: bool) {
-        // Only a response handed over whole may be followed by a FIN: after a
-        // truncated one, a FIN would make a close-delimited body look complete.
-        if complete
-            && self.fin_when_flushed.load(Ordering::Relaxed)
-            && !self.misbehaved.load(Ordering::Relaxed)
-        {
-            self.fin_ready.store(true, Ordering::Relaxed);
-        }
-        self.rescan.store(true, Ordering::Relaxed);
+    fn exchange_done(&self, _complete: bool) {
+        // Whether a FIN may follow is the writer's to know: it sends one only
+        // after a response written whole (after a truncated one, a FIN would
+        // make a close-delimited body look complete).
         self.clock.set_idle();
     }
 
@@ -186,12 +156,8 @@ impl ClientConnection for ClientState {
         self.drain.is_cancelled()
     }
 
-    fn take_ambiguous_framing(&self) -> bool {
-        self.ambiguous_framing.swap(false, Ordering::Relaxed)
-    }
-
     fn fin_after_response(&self) {
-        self.fin_when_flushed.store(true, Ordering::Relaxed);
+        self.fin_after_response.store(true, Ordering::Relaxed);
     }
 
     fn mark_misbehaved(&self) {

@@ -36,8 +36,8 @@ impl Default for ChunkLimits {
     }
 }
 
-/// The framer of one body.
-#[derive(Debug, Clone, PartialEq, Eq)]
+/// The framer of one body; by default, of a complete one.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub enum BodyFramer {
     /// So many bytes more.
     Length(u64),
@@ -46,6 +46,7 @@ pub enum BodyFramer {
     /// Until the stream ends (responses only).
     Close,
     /// Complete.
+    #[default]
     Done,
 }
 

@@ -11,7 +11,7 @@ use http::header::{HeaderName, HeaderValue, CONNECTION, CONTENT_LENGTH, TRANSFER
 use http::{HeaderMap, StatusCode};
 
 use super::error::H1Error;
-use super::request::{HeadLimits, Parsed, Version};
+use super::request::{Field, HeadLimits, Parsed, Version};
 use super::response::{reusable, FieldScan, KeepAlive, ResponseFraming};
 
 /// Header slots on the stack: hyper's limit, and the most a response may have.
@@ -34,6 +34,20 @@ pub struct ResponseParts {
     pub reusable: bool,
     /// The `Keep-Alive` parameters.
     pub keep_alive: KeepAlive,
+}
+
+/// A header map of `fields` (from [`parse_trailers`](super::parse_trailers),
+/// say), their values slices of `bytes`, the buffer they were parsed in.
+pub fn field_map(bytes: &Bytes, fields: &[Field]) -> Result<HeaderMap, H1Error> {
+    let mut map = HeaderMap::with_capacity(fields.len());
+    for field in fields {
+        let name = HeaderName::from_bytes(field.name.of(bytes))
+            .map_err(|_| H1Error::BadChunk("trailer name"))?;
+        let value = HeaderValue::from_maybe_shared(bytes.slice(field.value.start..field.value.end))
+            .map_err(|_| H1Error::BadChunk("trailer value"))?;
+        map.append(name, value);
+    }
+    Ok(map)
 }
 
 /// Parses the response head at the start of `buf`, the answer to a HEAD

@@ -533,4 +533,9 @@ fn chunked_bodies_decode_to_their_data_and_trailers_across_every_split() {
         parse_trailers(&[b'x'; 40], 16),
         Err(H1Error::BadChunk(_))
     ));
+    let mut long = BodyFramer::for_response(ResponseFraming::Chunked, ChunkLimits::default());
+    assert_eq!(
+        decode_by(&mut long, b"2\r\nabc\r\n0\r\n\r\n", 3),
+        Err(H1Error::BadChunk("chunk data longer than its size"))
+    );
 }

@@ -17,7 +17,6 @@ use std::task::{Context, Poll};
 use bytes::Bytes;
 use http_body::{Body, Frame, SizeHint};
 use http_body_util::BodyExt;
-use hyper::body::Incoming;
 
 use tokio::time::Instant;
 
@@ -27,8 +26,12 @@ use crate::pool::{hint_plus, Lease, ResponseBody, UpstreamBody};
 
 /// Reads the client's request `body` until it ends or `limit` bytes are in
 /// memory, before anything is forwarded: framing errors in that part are the
-/// client's 400, and a body that fits whole can be replayed.
-pub async fn prefetch(mut body: Incoming, limit: usize) -> Result<UpstreamBody, hyper::Error> {
+/// client's 400, and a body that fits whole can be replayed. What is left of
+/// a longer body is boxed for the pool, which streams it.
+pub async fn prefetch<B>(mut body: B, limit: usize) -> Result<UpstreamBody, BodyError>
+where
+    B: Body<Data = Bytes, Error = BodyError> + Send + Unpin + 'static,
+{
     let mut buffered = VecDeque::new();
     let mut total = 0usize;
     // A chunked body says it has ended only by yielding nothing more:
@@ -45,7 +48,7 @@ pub async fn prefetch(mut body: Incoming, limit: usize) -> Result<UpstreamBody, 
             }
         }
     }
-    let rest = (!ended).then_some(body);
+    let rest = (!ended).then(|| Box::pin(body) as crate::pool::ClientBody);
     Ok(UpstreamBody::new(buffered, rest))
 }
 

@@ -22,11 +22,6 @@ pub trait ClientConnection: ExchangeDone + 'static {
     /// connection's last.
     fn draining(&self) -> bool;
 
-    /// Whether the request now being served declared both Content-Length and
-    /// Transfer-Encoding (hyper reads it as chunked; tether refuses it, as a
-    /// request-smuggling attempt or a broken client). Clears the flag.
-    fn take_ambiguous_framing(&self) -> bool;
-
     /// The exchange being served ends the connection and its client may be
     /// closed gracefully: tether sends its FIN right behind the last response
     /// byte, in the same flush, so a client that closes as soon as it has read

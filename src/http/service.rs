@@ -1,30 +1,28 @@
-//! The hyper service of one client connection: for each request it decides
+//! The proxy service of one client connection: for each request it decides
 //! whether the exchange is the connection's last, refuses what must not be
 //! forwarded, reads the request body ahead, forwards it, and turns any failure
-//! into the client's answer.
+//! into the client's answer. The client connection's task awaits it in place,
+//! one request at a time, so a request costs no task and no channel.
 
-use std::convert::Infallible;
-use std::future::Future;
 use std::net::{IpAddr, SocketAddr};
-use std::pin::Pin;
 use std::sync::atomic::AtomicU64;
 use std::sync::Arc;
 
+use bytes::Bytes;
 use http::header::HeaderValue;
 use http::{Method, Request, Response, StatusCode, Version};
-use http_body::Body as _;
-use hyper::body::Incoming;
+use http_body::Body;
 use tokio::time::Instant;
 
-use super::body::{prefetch, ProxyBody};
+use super::body::{prefetch, ExchangeDone, ProxyBody};
 use super::error::{Failure, ProxyError, Side, ERROR_HEADER};
 use super::response::{respond, Exchange};
 use super::{forward, headers, request_host, Binding, BindingSlot, ClientConnection, Target};
 use crate::accesslog::{ms, truncate_target, AccessLog, AccessRecord};
 use crate::config::{ClientClose, Protocol};
-use crate::pool::UpstreamBody;
+use crate::pool::{BodyError, UpstreamBody};
 
-/// The hyper service of one client connection.
+/// The proxy service of one client connection.
 pub struct ProxyService<C> {
     /// The listener's binding as it is now: a reload swaps it, and each
     /// request takes the one current when it starts.
@@ -39,63 +37,11 @@ pub struct ProxyService<C> {
     forwarded_for: Option<HeaderValue>,
 }
 
-// Written out: a derive would require `C: Clone`, and only the `Arc` is cloned.
-impl<C> Clone for ProxyService<C> {
-    fn clone(&self) -> Self {
-        Self {
-            slot: self.slot.clone(),
-            binding: self.binding.clone(),
-            client: self.client.clone(),
-            client_ip: self.client_ip,
-            client_addr: self.client_addr,
-            forwarded_for: self.forwarded_for.clone(),
-        }
-    }
-}
-
-type ServiceFuture = Pin<Box<dyn Future<Output = Result<Response<ProxyBody>, Infallible>> + Send>>;
-
 /// An access-log line while its request is served: the record, and the
 /// counter its request body adds to.
 struct Logging {
     record: Box<AccessRecord>,
     bytes_in: Arc<AtomicU64>,
-}
-
-impl<C: ClientConnection> hyper::service::Service<Request<Incoming>> for ProxyService<C> {
-    type Response = Response<ProxyBody>;
-    type Error = Infallible;
-    type Future = ServiceFuture;
-
-    fn call(&self, request: Request<Incoming>) -> Self::Future {
-        self.client.exchange_started();
-        let mut this = self.clone();
-        // One load a request, not one a connection: a keep-alive client's
-        // next request after a reload follows the new settings and pool.
-        if !Arc::ptr_eq(&this.binding, &self.slot.load()) {
-            this.binding = self.slot.load_full();
-        }
-        Box::pin(async move {
-            let started = Instant::now();
-            let done = this.client.clone();
-            let binding = this.binding.clone();
-            let mut logging = binding
-                .access_log
-                .as_ref()
-                .map(|log| this.begin_line(&request, log));
-            let response = this.handle(request, started, logging.as_mut()).await;
-            let reason = response
-                .headers()
-                .get(ERROR_HEADER)
-                .and_then(|v| v.to_str().ok());
-            binding.record(response.status(), reason, Some(started));
-            let Some(logging) = logging else {
-                return Ok(response.map(|body| body.on_done(done)));
-            };
-            let record = finish_head(logging.record, &response, reason, started);
-            Ok(response.map(|body| body.on_done(done).logged(record, started, logging.bytes_in)))
-        })
-    }
 }
 
 /// The line once the response head is known: status, tether's reason, the
@@ -128,6 +74,40 @@ fn version_label(version: Version) -> &'static str {
 }
 
 impl<C: ClientConnection> ProxyService<C> {
+    /// Serves one request to the head of its response (the body streams
+    /// after): tether's own answer when it refuses or fails, else the
+    /// upstream's. Counted, timed and logged here.
+    pub async fn call<B>(&mut self, request: Request<B>) -> Response<ProxyBody>
+    where
+        B: Body<Data = Bytes, Error = BodyError> + Send + Unpin + 'static,
+    {
+        self.client.exchange_started();
+        // One load a request, not one a connection: a keep-alive client's
+        // next request after a reload follows the new settings and pool.
+        if !Arc::ptr_eq(&self.binding, &self.slot.load()) {
+            self.binding = self.slot.load_full();
+        }
+        let started = Instant::now();
+        let done: Arc<dyn ExchangeDone> = self.client.clone();
+        let mut logging = self
+            .binding
+            .access_log
+            .as_ref()
+            .map(|log| self.begin_line(&request, log));
+        let response = self.handle(request, started, logging.as_mut()).await;
+        let reason = response
+            .headers()
+            .get(ERROR_HEADER)
+            .and_then(|v| v.to_str().ok());
+        self.binding
+            .record(response.status(), reason, Some(started));
+        let Some(logging) = logging else {
+            return response.map(|body| body.on_done(done));
+        };
+        let record = finish_head(logging.record, &response, reason, started);
+        response.map(|body| body.on_done(done).logged(record, started, logging.bytes_in))
+    }
+
     /// A service for one accepted connection, from `addr` (none on a unix
     /// socket).
     pub fn new(slot: Arc<BindingSlot>, client: Arc<C>, addr: Option<SocketAddr>) -> Self {
@@ -143,7 +123,7 @@ impl<C: ClientConnection> ProxyService<C> {
     }
 
     /// The access-log line of `request`, as far as its head tells.
-    fn begin_line(&self, request: &Request<Incoming>, log: &AccessLog) -> Logging {
+    fn begin_line<B>(&self, request: &Request<B>, log: &AccessLog) -> Logging {
         let uri = request.uri();
         // Origin form (nearly every request) is cut from the head's own text;
         // only an absolute-form target is rendered first.
@@ -166,12 +146,15 @@ impl<C: ClientConnection> ProxyService<C> {
         }
     }
 
-    async fn handle(
-        self,
-        request: Request<Incoming>,
+    async fn handle<B>(
+        &self,
+        request: Request<B>,
         started: Instant,
         mut logging: Option<&mut Logging>,
-    ) -> Response<ProxyBody> {
+    ) -> Response<ProxyBody>
+    where
+        B: Body<Data = Bytes, Error = BodyError> + Send + Unpin + 'static,
+    {
         let last = self.is_last_exchange(&request);
         let target = match self.admit(&request, last) {
             Ok(target) => target,
@@ -189,14 +172,7 @@ impl<C: ClientConnection> ProxyService<C> {
 
     /// What is decided from the request head alone: refusals, the graceful
     /// close of a last exchange, and the upstream the request goes to.
-    fn admit(&self, request: &Request<Incoming>, last: bool) -> Result<&Target, ProxyError> {
-        if self.client.take_ambiguous_framing() {
-            return Err(ProxyError::refused(
-                StatusCode::BAD_REQUEST,
-                "ambiguous-framing",
-                "Content-Length together with Transfer-Encoding",
-            ));
-        }
+    fn admit<B>(&self, request: &Request<B>, last: bool) -> Result<&Target, ProxyError> {
         if last && self.binding.listener.client_close == ClientClose::Graceful {
             self.client.fin_after_response();
         }
@@ -213,7 +189,7 @@ impl<C: ClientConnection> ProxyService<C> {
     /// Counts the request and says whether its exchange ends the connection:
     /// the client asked, the connection has carried
     /// `max_requests_per_connection`, or the process is draining.
-    fn is_last_exchange(&self, request: &Request<Incoming>) -> bool {
+    fn is_last_exchange<B>(&self, request: &Request<B>) -> bool {
         let served = self.client.count_request();
         let limit = self.binding.listener.max_requests_per_connection;
         headers::client_ends_connection(request)
@@ -221,14 +197,17 @@ impl<C: ClientConnection> ProxyService<C> {
             || self.client.draining()
     }
 
-    async fn proxy(
+    async fn proxy<B>(
         &self,
-        request: Request<Incoming>,
+        request: Request<B>,
         started: Instant,
         last: bool,
         target: &Target,
         logging: Option<&mut Logging>,
-    ) -> Result<Response<ProxyBody>, ProxyError> {
+    ) -> Result<Response<ProxyBody>, ProxyError>
+    where
+        B: Body<Data = Bytes, Error = BodyError> + Send + Unpin + 'static,
+    {
         let listener = &self.binding.listener;
         let exchange = Exchange {
             client_version: request.version(),
@@ -309,14 +288,16 @@ impl<C: ClientConnection> ProxyService<C> {
 
 /// The request body as it goes upstream, its first `limit` bytes read ahead
 /// by `deadline` (see [`prefetch`]).
-async fn read_request_body(
-    body: Incoming,
+async fn read_request_body<B>(
+    body: B,
     limit: usize,
     deadline: Instant,
-) -> Result<UpstreamBody, ProxyError> {
+) -> Result<UpstreamBody, ProxyError>
+where
+    B: Body<Data = Bytes, Error = BodyError> + Send + Unpin + 'static,
+{
     // Most requests have no body: no timer and no read for them. The read of a
-    // body is boxed so its state does not enlarge every request's future
-    // (which is copied whole when hyper boxes it).
+    // body is boxed so its state does not enlarge every request's future.
     if body.is_end_stream() {
         return Ok(UpstreamBody::from_bytes(None));
     }

@@ -4,7 +4,9 @@
 //! Both belong to the pool, so the layers above use the pool's types, not the
 //! HTTP client's: `ResponseBody` wraps hyper's `Incoming`, and another HTTP/1
 //! implementation can hand out the same type. It polls straight through, with
-//! no allocation per frame.
+//! no allocation per frame. The client's side of a request body is a
+//! [`ClientBody`]: the pool sits below the client leg that reads it, so it
+//! knows that body only as a boxed [`Body`].
 
 use std::collections::VecDeque;
 use std::pin::Pin;
@@ -21,6 +23,11 @@ use super::h1::Conn;
 
 /// What a body's `poll_frame` returns, for every body on the request path.
 pub type FramePoll = Poll<Option<Result<Frame<Bytes>, BodyError>>>;
+
+/// The rest of a client's request body that did not fit in memory, as the
+/// client leg reads it from the client's socket. Boxed once per request that
+/// streams, never per frame.
+pub type ClientBody = Pin<Box<dyn Body<Data = Bytes, Error = BodyError> + Send>>;
 
 /// What a body's failure carries: the error of whichever HTTP implementation
 /// read it (hyper's, or tether's own HTTP/1 codec's).
@@ -44,7 +51,7 @@ pub enum BodyError {
 /// when the client's side of the body failed.
 pub struct UpstreamBody {
     buffered: VecDeque<Frame<Bytes>>,
-    rest: Option<Incoming>,
+    rest: Option<ClientBody>,
     client_failed: Arc<AtomicBool>,
     /// Counts the body's bytes for the access log, when it is on.
     counted: Option<Arc<AtomicU64>>,
@@ -54,7 +61,7 @@ impl UpstreamBody {
     /// A body made of `buffered` (already read from the client), followed by
     /// `rest` when the client's body has not ended yet.
     #[inline]
-    pub fn new(buffered: VecDeque<Frame<Bytes>>, rest: Option<Incoming>) -> Self {
+    pub fn new(buffered: VecDeque<Frame<Bytes>>, rest: Option<ClientBody>) -> Self {
         Self {
             buffered,
             rest,
@@ -123,7 +130,7 @@ impl Body for UpstreamBody {
         let Some(rest) = self.rest.as_mut() else {
             return Poll::Ready(None);
         };
-        match Pin::new(rest).poll_frame(cx) {
+        match rest.as_mut().poll_frame(cx) {
             Poll::Pending => Poll::Pending,
             Poll::Ready(None) => {
                 self.rest = None;
@@ -141,7 +148,7 @@ impl Body for UpstreamBody {
             Poll::Ready(Some(Err(e))) => {
                 self.rest = None;
                 self.client_failed.store(true, Ordering::Release);
-                Poll::Ready(Some(Err(BodyError::Client(e.into()))))
+                Poll::Ready(Some(Err(e)))
             }
         }
     }

@@ -16,7 +16,7 @@ use std::pin::Pin;
 use std::task::{ready, Context, Poll};
 
 use bytes::{Buf, BufMut, Bytes, BytesMut};
-use http::header::{HeaderName, HeaderValue, CONTENT_LENGTH, TRANSFER_ENCODING};
+use http::header::{CONTENT_LENGTH, TRANSFER_ENCODING};
 use http::{HeaderMap, Request, StatusCode};
 use http_body::{Body, Frame};
 use tokio::io::AsyncWrite;
@@ -25,8 +25,7 @@ use super::body::UpstreamBody;
 use super::io::UpstreamIo;
 use super::lease::SendFailure;
 use crate::h1::{
-    self, BodyFramer, ChunkLimits, Field, H1Error, HeadLimits, Parsed, ResponseFraming,
-    ResponseParts,
+    self, BodyFramer, ChunkLimits, H1Error, HeadLimits, Parsed, ResponseFraming, ResponseParts,
 };
 
 /// What a read asks the socket for at least: the lent buffer grows by this
@@ -490,18 +489,6 @@ fn start(head: ResponseParts, frozen: Bytes) -> ResponseStart {
     }
 }
 
-/// A header map of `fields`, their values slices of `bytes`.
-fn header_map(bytes: &Bytes, fields: &[Field]) -> Result<HeaderMap, http::Error> {
-    let mut headers = HeaderMap::with_capacity(fields.len());
-    for field in fields {
-        let name = HeaderName::from_bytes(field.name.of(bytes))?;
-        let value =
-            HeaderValue::from_maybe_shared(bytes.slice(field.value.start..field.value.end))?;
-        headers.append(name, value);
-    }
-    Ok(headers)
-}
-
 /// The reader of a response body: the bytes already read that are still
 /// to be framed (the rest of the read that brought the head, at first),
 /// the buffer further reads go to, and the framer that finds the body's
@@ -613,8 +600,7 @@ impl BodyReader {
             Parsed::Complete((len, fields)) => {
                 let block = self.pending.split_to(len);
                 self.framer.trailers_read();
-                let trailers =
-                    header_map(&block, &fields).map_err(|_| H1Error::BadChunk("trailer"))?;
+                let trailers = h1::field_map(&block, &fields)?;
                 Ok(Some(Frame::trailers(trailers)))
             }
         }

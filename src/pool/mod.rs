@@ -75,7 +75,7 @@ use tokio_util::sync::CancellationToken;
 use crate::config::UpstreamConfig;
 use acquire::acquire_on;
 pub(crate) use body::hint_plus;
-pub use body::{BodyError, BoxError, FramePoll, ResponseBody, UpstreamBody};
+pub use body::{BodyError, BoxError, ClientBody, FramePoll, ResponseBody, UpstreamBody};
 pub use endpoint::{Endpoint, EndpointStats};
 pub use h1::KeepAliveHint;
 pub(crate) use h2::refused_by_peer;

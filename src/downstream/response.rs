@@ -1,0 +1,451 @@
+//! The response as the client gets it, written by tether itself: the status
+//! line in the client's version, the fields as the proxy service left them
+//! (lowercase, as `HeaderMap` holds them), the framing tether chooses, and
+//! the body, with the head and the body's first bytes in one vectored write
+//! when the body is ready.
+//!
+//! What hyper's server did and clients may count on is kept: `HTTP/1.0` in
+//! the status line for an HTTP/1.0 client; a `date` field when the response
+//! has none; Content-Length from the field or from an exact body size,
+//! chunked for HTTP/1.1 clients otherwise, and no body for HEAD, 1xx, 204 and
+//! 304; `connection: keep-alive` for an HTTP/1.0 client that keeps its
+//! connection. Where hyper was loose, tether is not: a close-delimited body
+//! always says `connection: close`.
+
+use std::cell::RefCell;
+use std::io::IoSlice;
+use std::ops::Range;
+use std::pin::Pin;
+use std::task::Poll;
+use std::time::{SystemTime, UNIX_EPOCH};
+
+use bytes::{Buf, Bytes};
+use http::header::{self, HeaderValue};
+use http::{Response, StatusCode};
+use http_body::Body;
+
+use super::io::{Socket, Wire};
+use super::state::ClientState;
+use super::ClientError;
+use crate::http::body::ProxyBody;
+
+/// Pieces queued for one write at most: beyond, the queue is written first.
+const MAX_PIECES: usize = 16;
+/// Body bytes queued before they are written, however ready the body is.
+const MAX_QUEUED: usize = 256 * 1024;
+
+/// What the response must fit, from the request it answers.
+pub(super) struct Answering {
+    /// The client spoke HTTP/1.0.
+    pub http10: bool,
+    /// The request was HEAD: its response carries no body.
+    pub head_request: bool,
+    /// The connection ends after this response, whatever it says (the
+    /// process began draining after the service looked).
+    pub closing: bool,
+}
+
+/// How the body is delimited on the wire.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Framing {
+    /// No body.
+    Empty,
+    /// So many bytes.
+    Length(u64),
+    /// Chunked.
+    Chunked,
+    /// Until tether closes the connection (an HTTP/1.0 client, a body of
+    /// unknown length beyond `http10_buffer`).
+    Close,
+}
+
+/// A response head ready to write.
+struct Head {
+    bytes: Vec<u8>,
+    framing: Framing,
+    /// The connection ends after this response.
+    last: bool,
+}
+
+/// Writes `response` to the client. `prelude` goes first (the rest of a
+/// `100 Continue` already begun). The last bytes of a connection's last
+/// response are written with MSG_MORE and followed at once by tether's FIN
+/// when the service asked for it (see [`ClientState::wants_fin`]), so both
+/// leave in one segment. Returns whether the connection ends after it.
+pub(super) async fn write<S: Socket>(
+    wire: &Wire<S>,
+    response: Response<ProxyBody>,
+    answering: &Answering,
+    prelude: &'static [u8],
+    state: &ClientState,
+) -> Result<bool, ClientError> {
+    let (parts, mut body) = response.into_parts();
+    let head = encode_head(&parts, &body, answering);
+    drop(parts);
+    let mut out = Output::new(prelude, head.bytes);
+    let mut remaining = match head.framing {
+        Framing::Length(n) => n,
+        Framing::Empty => 0,
+        Framing::Chunked | Framing::Close => u64::MAX,
+    };
+    if head.framing != Framing::Empty && remaining > 0 {
+        loop {
+            let frame = match poll_now(&mut body).await {
+                Some(frame) => frame,
+                None => {
+                    // Not ready: what is queued goes now, and the wait
+                    // starts with nothing held back.
+                    out.flush(wire, false).await?;
+                    std::future::poll_fn(|cx| Pin::new(&mut body).poll_frame(cx)).await
+                }
+            };
+            let ended = match frame {
+                None => true,
+                Some(Err(e)) => return Err(ClientError::ResponseBody(e)),
+                Some(Ok(frame)) => {
+                    if let Ok(data) = frame.into_data() {
+                        out.data(data, head.framing, &mut remaining)?;
+                    }
+                    body.is_end_stream() || remaining == 0
+                }
+            };
+            if ended {
+                break;
+            }
+            if out.full() {
+                out.flush(wire, false).await?;
+            }
+        }
+        if matches!(head.framing, Framing::Length(_)) && remaining > 0 {
+            return Err(ClientError::ResponseTooShort);
+        }
+    }
+    if head.framing == Framing::Chunked {
+        out.push(Piece::Static(b"0\r\n\r\n"));
+    }
+    // Done with: the upstream connection goes back to the pool now, and the
+    // exchange is over for the clock and the access log.
+    drop(body);
+    let fin = head.last && state.wants_fin();
+    out.flush(wire, fin).await?;
+    if fin && crate::sock::send_fin(&wire.socket).is_ok() {
+        state.note_fin_sent();
+    }
+    Ok(head.last)
+}
+
+/// The body's next frame if it is ready now, without waiting.
+async fn poll_now(
+    body: &mut ProxyBody,
+) -> Option<Option<Result<http_body::Frame<Bytes>, crate::pool::BodyError>>> {
+    std::future::poll_fn(|cx| match Pin::new(&mut *body).poll_frame(cx) {
+        Poll::Ready(frame) => Poll::Ready(Some(frame)),
+        Poll::Pending => Poll::Ready(None),
+    })
+    .await
+}
+
+/// The head of `parts`, answering as `answering` says, for `body`.
+fn encode_head(parts: &http::response::Parts, body: &ProxyBody, answering: &Answering) -> Head {
+    let status = parts.status;
+    let mut out = Vec::with_capacity(64 + parts.headers.len() * 32);
+    status_line(&mut out, parts, answering.http10);
+    let may_have_length = !(status.is_informational()
+        || status == StatusCode::NO_CONTENT
+        || status == StatusCode::NOT_MODIFIED);
+    let bodiless = answering.head_request || !may_have_length;
+    let says_close = crate::connection_header::has_token(&parts.headers, "close");
+    let (mut length, mut dated) = (None, false);
+    for (name, value) in &parts.headers {
+        if *name == header::CONTENT_LENGTH {
+            // One, and only where a length may be: it is the framing.
+            match content_length(value) {
+                Some(n) if may_have_length && length.is_none() => length = Some(n),
+                _ => continue,
+            }
+        } else if *name == header::TRANSFER_ENCODING || *name == header::TRAILER {
+            // The framing is tether's own (the service strips these).
+            continue;
+        } else if *name == header::DATE {
+            dated = true;
+        }
+        field(&mut out, name.as_str().as_bytes(), value.as_bytes());
+    }
+    let mut last = answering.closing || says_close;
+    let framing = match length {
+        Some(n) => Framing::Length(n),
+        None => {
+            let exact = if body.is_end_stream() {
+                Some(0)
+            } else {
+                body.size_hint().exact()
+            };
+            match exact {
+                Some(0) if may_have_length && !answering.head_request => {
+                    out.extend_from_slice(b"content-length: 0\r\n");
+                    Framing::Length(0)
+                }
+                Some(n) if n > 0 && may_have_length => {
+                    out.extend_from_slice(b"content-length: ");
+                    decimal(&mut out, n);
+                    out.extend_from_slice(b"\r\n");
+                    Framing::Length(n)
+                }
+                Some(n) => Framing::Length(n),
+                None if bodiless => Framing::Empty,
+                None if answering.http10 => {
+                    last = true;
+                    Framing::Close
+                }
+                None => {
+                    out.extend_from_slice(b"transfer-encoding: chunked\r\n");
+                    Framing::Chunked
+                }
+            }
+        }
+    };
+    if last && !says_close {
+        out.extend_from_slice(b"connection: close\r\n");
+    } else if !last && answering.http10 {
+        out.extend_from_slice(b"connection: keep-alive\r\n");
+    }
+    if !dated {
+        out.extend_from_slice(b"date: ");
+        date(&mut out);
+        out.extend_from_slice(b"\r\n");
+    }
+    out.extend_from_slice(b"\r\n");
+    Head {
+        bytes: out,
+        framing: if bodiless { Framing::Empty } else { framing },
+        last,
+    }
+}
+
+/// `HTTP/1.x <code> <reason>`: the upstream's own reason phrase when hyper
+/// kept it, else the canonical one.
+fn status_line(out: &mut Vec<u8>, parts: &http::response::Parts, http10: bool) {
+    let custom = parts.extensions.get::<hyper::ext::ReasonPhrase>();
+    if !http10 && parts.status == StatusCode::OK && custom.is_none() {
+        out.extend_from_slice(b"HTTP/1.1 200 OK\r\n");
+        return;
+    }
+    out.extend_from_slice(if http10 { b"HTTP/1.0 " } else { b"HTTP/1.1 " });
+    out.extend_from_slice(parts.status.as_str().as_bytes());
+    out.push(b' ');
+    match custom {
+        Some(reason) => out.extend_from_slice(reason.as_bytes()),
+        // A reason must be there: many parsers expect one.
+        None => out.extend_from_slice(
+            parts
+                .status
+                .canonical_reason()
+                .unwrap_or("<none>")
+                .as_bytes(),
+        ),
+    }
+    out.extend_from_slice(b"\r\n");
+}
+
+fn field(out: &mut Vec<u8>, name: &[u8], value: &[u8]) {
+    out.extend_from_slice(name);
+    out.extend_from_slice(b": ");
+    out.extend_from_slice(value);
+    out.extend_from_slice(b"\r\n");
+}
+
+/// A Content-Length value as a number (digits only).
+fn content_length(value: &HeaderValue) -> Option<u64> {
+    let digits = value.as_bytes();
+    if digits.is_empty() || !digits.iter().all(u8::is_ascii_digit) {
+        return None;
+    }
+    std::str::from_utf8(digits).ok()?.parse().ok()
+}
+
+/// `n` in decimal.
+fn decimal(out: &mut Vec<u8>, n: u64) {
+    let mut digits = [0u8; 20];
+    let mut at = digits.len();
+    let mut rest = n;
+    loop {
+        at -= 1;
+        digits[at] = b'0' + (rest % 10) as u8;
+        rest /= 10;
+        if rest == 0 {
+            break;
+        }
+    }
+    out.extend_from_slice(&digits[at..]);
+}
+
+/// `n` in hexadecimal, a chunk-size.
+fn hex(out: &mut Vec<u8>, n: u64) {
+    let mut digits = [0u8; 16];
+    let mut at = digits.len();
+    let mut rest = n;
+    loop {
+        at -= 1;
+        digits[at] = b"0123456789abcdef"[(rest & 0xf) as usize];
+        rest >>= 4;
+        if rest == 0 {
+            break;
+        }
+    }
+    out.extend_from_slice(&digits[at..]);
+}
+
+thread_local! {
+    /// The `date` value of the current second: formatted once a second per
+    /// worker, as hyper does.
+    static DATE: RefCell<(u64, String)> = const { RefCell::new((u64::MAX, String::new())) };
+}
+
+/// The current time as an IMF-fixdate (RFC 9110 §5.6.7).
+fn date(out: &mut Vec<u8>) {
+    let now = SystemTime::now();
+    let second = now.duration_since(UNIX_EPOCH).map_or(0, |d| d.as_secs());
+    DATE.with(|cached| {
+        let mut cached = cached.borrow_mut();
+        if cached.0 != second {
+            *cached = (second, httpdate::fmt_http_date(now));
+        }
+        out.extend_from_slice(cached.1.as_bytes());
+    });
+}
+
+/// One piece of what is to be written.
+enum Piece {
+    /// A range of the output's own bytes (head, chunk-size lines).
+    Own(Range<usize>),
+    /// Body data, as the body gave it.
+    Data(Bytes),
+    /// Fixed text.
+    Static(&'static [u8]),
+}
+
+/// Bytes queued for a vectored write: the head and framing in one owned
+/// buffer, body data as it came.
+struct Output {
+    own: Vec<u8>,
+    pieces: Vec<Piece>,
+    queued: usize,
+}
+
+impl Output {
+    fn new(prelude: &'static [u8], head: Vec<u8>) -> Self {
+        let mut pieces = Vec::with_capacity(4);
+        if !prelude.is_empty() {
+            pieces.push(Piece::Static(prelude));
+        }
+        pieces.push(Piece::Own(0..head.len()));
+        Self {
+            queued: head.len(),
+            own: head,
+            pieces,
+        }
+    }
+
+    fn push(&mut self, piece: Piece) {
+        self.queued += match &piece {
+            Piece::Own(range) => range.len(),
+            Piece::Data(data) => data.len(),
+            Piece::Static(text) => text.len(),
+        };
+        self.pieces.push(piece);
+    }
+
+    /// Queues body data as `framing` writes it; `remaining` counts down a
+    /// Content-Length, which the body may not overrun.
+    fn data(
+        &mut self,
+        data: Bytes,
+        framing: Framing,
+        remaining: &mut u64,
+    ) -> Result<(), ClientError> {
+        if data.is_empty() {
+            return Ok(());
+        }
+        match framing {
+            Framing::Length(_) => {
+                let len = data.len() as u64;
+                if len > *remaining {
+                    return Err(ClientError::ResponseTooLong);
+                }
+                *remaining -= len;
+                self.push(Piece::Data(data));
+            }
+            Framing::Chunked => {
+                let start = self.own.len();
+                hex(&mut self.own, data.len() as u64);
+                self.own.extend_from_slice(b"\r\n");
+                self.push(Piece::Own(start..self.own.len()));
+                self.push(Piece::Data(data));
+                self.push(Piece::Static(b"\r\n"));
+            }
+            Framing::Close => self.push(Piece::Data(data)),
+            Framing::Empty => {}
+        }
+        Ok(())
+    }
+
+    /// Whether the queue should be written before more is added.
+    fn full(&self) -> bool {
+        self.pieces.len() + 3 > MAX_PIECES || self.queued >= MAX_QUEUED
+    }
+
+    /// Writes everything queued; with `more`, each write says more follows
+    /// (MSG_MORE), so the FIN sent next joins the last bytes.
+    async fn flush<S: Socket>(&mut self, wire: &Wire<S>, more: bool) -> Result<(), ClientError> {
+        while self.queued > 0 {
+            let written = std::future::poll_fn(|cx| {
+                let mut slices = [IoSlice::new(&[]); MAX_PIECES];
+                let mut count = 0;
+                for piece in self.pieces.iter().take(MAX_PIECES) {
+                    slices[count] = IoSlice::new(match piece {
+                        Piece::Own(range) => &self.own[range.clone()],
+                        Piece::Data(data) => data,
+                        Piece::Static(text) => text,
+                    });
+                    count += 1;
+                }
+                wire.poll_write(cx, &slices[..count], more)
+            })
+            .await?;
+            if written == 0 {
+                return Err(ClientError::Io(std::io::ErrorKind::WriteZero.into()));
+            }
+            self.advance(written);
+        }
+        // Kept for the next pieces: chunk-size lines are written into it.
+        self.own.clear();
+        Ok(())
+    }
+
+    /// Drops the first `written` bytes of the queue.
+    fn advance(&mut self, mut written: usize) {
+        self.queued -= written;
+        let mut done = 0;
+        for piece in &mut self.pieces {
+            let len = match piece {
+                Piece::Own(range) => range.len(),
+                Piece::Data(data) => data.len(),
+                Piece::Static(text) => text.len(),
+            };
+            if written < len {
+                match piece {
+                    Piece::Own(range) => range.start += written,
+                    Piece::Data(data) => data.advance(written),
+                    Piece::Static(text) => *text = &text[written..],
+                }
+                break;
+            }
+            written -= len;
+            done += 1;
+            if written == 0 {
+                break;
+            }
+        }
+        self.pieces.drain(..done);
+    }
+}
