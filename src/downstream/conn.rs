@@ -108,7 +108,7 @@ impl<S: Socket> Connection<S> {
             let read = match self.read_head().await {
                 Ok(Some(read)) => read,
                 Ok(None) => return Served::Finished,
-                Err(ClientError::Refused(error)) => return self.refuse(error).await,
+                Err(ClientError::Refused(error)) => return Box::pin(self.refuse(error)).await,
                 Err(e) => return Served::Failed(e),
             };
             // Boxed: the exchange's state (the service's included) is held
@@ -116,7 +116,7 @@ impl<S: Socket> Connection<S> {
             match Box::pin(self.exchange(read)).await {
                 Ok(true) => continue,
                 Ok(false) => return Served::Finished,
-                Err(ClientError::Refused(error)) => return self.refuse(error).await,
+                Err(ClientError::Refused(error)) => return Box::pin(self.refuse(error)).await,
                 Err(e) => return Served::Failed(e),
             }
         }
