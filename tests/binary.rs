@@ -288,8 +288,8 @@ async fn ten_thousand_idle_and_in_flight_connections_fit_in_bounded_memory() {
         idle_rss.0, idle_rss.1, in_flight_rss.0, in_flight_rss.1
     );
     // Measured: about 4 KiB per idle connection (its task and state: no
-    // buffer is held between requests), 13 KiB per queued request (its read
-    // buffer, head and exchange). These bounds catch anything that grows with
+    // buffer is held between requests), 9 KiB per queued request (its head,
+    // request and exchange). These bounds catch anything that grows with
     // traffic (a buffer kept at its peak, a leaked lease), not the last
     // kilobyte; `client_h1` holds idle connections to 8 KiB.
     assert!(
