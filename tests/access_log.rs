@@ -322,7 +322,7 @@ async fn a_client_connection_end_is_on_its_last_exchange_or_on_a_line_of_its_own
         assert!(refused["upstream_conn"].is_null(), "never sent: {refused}");
         assert!(refused["client_end"].is_string(), "{refused}");
 
-        // A request hyper could not parse: the connection's line says so.
+        // A request that could not be parsed: the connection's line says so.
         let (bytes, _) = exchange_raw(t.addr(), b"BAD\r\n\r\n").await;
         assert_eq!(parse(&bytes).await.status, 400);
         let malformed = lines_with(&access, "error", "malformed-request", 1)

@@ -14,7 +14,8 @@ use serde::{Deserialize, Deserializer, Serialize, Serializer};
 
 use super::{defaults, route, AdminConfig, Problem, Problems, RouteConfig, Size, UpstreamConfig};
 
-/// hyper refuses read buffers below 8 KiB, so a smaller head limit cannot be honoured.
+/// Real clients' heads (cookies, tokens) run to several KiB, and common servers
+/// take at least 8 KiB: a smaller limit would refuse requests they serve.
 const MIN_HEADER_BYTES: Size = Size::kib(8);
 
 /// Where a listener accepts connections.

@@ -25,7 +25,8 @@ pub enum ResetReason {
     HeaderTimeout,
     /// Silent between requests for `idle_timeout`.
     IdleTimeout,
-    /// The socket failed under hyper (not a parse error).
+    /// The socket failed, the client left in the middle of a request, or a
+    /// response body failed while it was written.
     ConnectionError,
     /// Still open at the drain deadline.
     DrainDeadline,

@@ -3,12 +3,12 @@
 //! and go on while the connection is kept.
 //!
 //! Buffers are lent, not kept: between requests the connection holds no
-//! buffer at all, only a wait for readability. When bytes arrive, a small
-//! read buffer is taken (grown up to `max_header_bytes` for a long head);
-//! the head is parsed in place ([`crate::h1::parse_request`]), the request
-//! takes its pieces as slices of it, and the bytes after the head go to the
-//! request body. Bytes that follow the exchange (a pipelined request) stay
-//! for the next one; without them the buffer is given up.
+//! buffer at all, only a wait for readability. When bytes arrive, they are
+//! read into a buffer of their size (grown up to `max_header_bytes` for a
+//! long head); the head is parsed in place ([`crate::h1::parse_request`]),
+//! the request takes its pieces as slices of it, and the bytes after the
+//! head go to the request body. Bytes that follow the exchange (a pipelined
+//! request) stay for the next one; without them the buffer is given up.
 
 use std::future::Future;
 use std::net::SocketAddr;
@@ -30,9 +30,8 @@ use crate::http::body::ProxyBody;
 use crate::http::{Binding, ClientConnection, ProxyError, ProxyService};
 use crate::sock;
 
-/// The first read buffer of a request: most heads, and small bodies with
-/// them, fit; a longer head grows it.
-const FIRST_READ: usize = 4 * 1024;
+/// The least a head's buffer grows by when its first read did not hold it.
+const MIN_GROWTH: usize = 1024;
 /// Header fields a request may have, as hyper's server allows.
 const MAX_HEADERS: usize = 100;
 
@@ -108,7 +107,7 @@ impl<S: Socket> Connection<S> {
             let read = match self.read_head().await {
                 Ok(Some(read)) => read,
                 Ok(None) => return Served::Finished,
-                Err(ClientError::Refused(error)) => return self.refuse(error).await,
+                Err(ClientError::Refused(error)) => return Box::pin(self.refuse(error)).await,
                 Err(e) => return Served::Failed(e),
             };
             // Boxed: the exchange's state (the service's included) is held
@@ -116,7 +115,7 @@ impl<S: Socket> Connection<S> {
             match Box::pin(self.exchange(read)).await {
                 Ok(true) => continue,
                 Ok(false) => return Served::Finished,
-                Err(ClientError::Refused(error)) => return self.refuse(error).await,
+                Err(ClientError::Refused(error)) => return Box::pin(self.refuse(error)).await,
                 Err(e) => return Served::Failed(e),
             }
         }
@@ -149,29 +148,29 @@ impl<S: Socket> Connection<S> {
     async fn fill(&mut self) -> Result<bool, ClientError> {
         let wire = self.io.wire().clone();
         loop {
-            if self.pending.as_ref().is_none_or(BytesMut::is_empty) {
+            let Some(buf) = self.pending.as_mut().filter(|buf| !buf.is_empty()) else {
                 // Idle: nothing held while the client is silent.
                 self.pending = None;
-                let drain = &self.drain;
-                let drained = std::future::poll_fn(|cx| {
-                    if drain.is_cancelled() {
-                        return Poll::Ready(true);
-                    }
-                    wire.socket.poll_read_ready(cx).map(|_| false)
-                })
-                .await;
-                if drained {
+                if self.await_request(&wire).await {
                     return Ok(false);
                 }
-            }
-            let buf = self
-                .pending
-                .get_or_insert_with(|| BytesMut::with_capacity(FIRST_READ));
+                match wire.read_first() {
+                    Ok(first) if first.is_empty() => return Ok(false),
+                    Ok(first) => {
+                        self.pending = Some(first);
+                        self.state.clock.bytes_arrived();
+                        return Ok(true);
+                    }
+                    // The readiness was stale: wait again.
+                    Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => continue,
+                    Err(e) => return Err(ClientError::Io(e)),
+                }
+            };
             if buf.len() == buf.capacity() {
                 // Room for the rest of a long head, up to the limit, which
                 // the parser enforces.
                 let room = self.limits.max_head_bytes.saturating_sub(buf.len());
-                buf.reserve(buf.capacity().min(room).max(1));
+                buf.reserve(buf.capacity().max(MIN_GROWTH).min(room).max(1));
             }
             match wire.read_into(buf) {
                 Ok(0) if buf.is_empty() => return Ok(false),
@@ -181,13 +180,23 @@ impl<S: Socket> Connection<S> {
                     return Ok(true);
                 }
                 Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => {
-                    if !buf.is_empty() {
-                        std::future::poll_fn(|cx| wire.socket.poll_read_ready(cx)).await?;
-                    }
+                    std::future::poll_fn(|cx| wire.socket.poll_read_ready(cx)).await?;
                 }
                 Err(e) => return Err(ClientError::Io(e)),
             }
         }
+    }
+
+    /// Waits, holding nothing, for the next request's first bytes; `true`
+    /// when the drain came first.
+    async fn await_request(&self, wire: &Wire<S>) -> bool {
+        std::future::poll_fn(|cx| {
+            if self.drain.is_cancelled() {
+                return Poll::Ready(true);
+            }
+            wire.socket.poll_read_ready(cx).map(|_| false)
+        })
+        .await
     }
 
     /// Serves one request whose head has been read: whether the connection

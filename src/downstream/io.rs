@@ -14,6 +14,7 @@
 //! everything here is generic over the [`Socket`], so the per-read and
 //! per-write paths carry no dispatch.
 
+use std::cell::RefCell;
 use std::io::{self, IoSlice};
 use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
 use std::task::{ready, Context, Poll};
@@ -93,6 +94,18 @@ macro_rules! socket {
 socket!(TcpStream, Some);
 socket!(UnixStream, |_| None);
 
+/// Bytes a request's first read may take: most heads, and small bodies with
+/// them.
+const FIRST_READ: usize = 4 * 1024;
+
+thread_local! {
+    /// Where requests' first bytes are read on this thread, to be copied
+    /// into a buffer of their own size: a request then costs an allocation
+    /// the size of its head (small enough, mostly, for malloc's per-thread
+    /// cache), not one of the largest head it could have.
+    static FIRST: RefCell<Box<[u8]>> = RefCell::new(vec![0; FIRST_READ].into_boxed_slice());
+}
+
 /// The client socket, shared by the connection's task and the request body
 /// being read, and what that body reads by.
 pub(super) struct Wire<S> {
@@ -134,6 +147,28 @@ impl<S: Socket> Wire<S> {
             Err(e) if e.kind() == io::ErrorKind::WouldBlock && got > 0 => Ok(got),
             other => other,
         }
+    }
+
+    /// The first bytes of a request, read as [`read_into`](Self::read_into)
+    /// reads, into a buffer of their size; empty at the client's end.
+    pub(super) fn read_first(&self) -> io::Result<BytesMut> {
+        FIRST.with_borrow_mut(|scratch| {
+            let mut got = 0;
+            let read = self.socket.try_io(Interest::READABLE, || {
+                got = self.socket.try_read(scratch)?;
+                if got > 0 && got < scratch.len() {
+                    return Err(io::ErrorKind::WouldBlock.into());
+                }
+                Ok(got)
+            });
+            match read {
+                Ok(n) => Ok(BytesMut::from(&scratch[..n])),
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock && got > 0 => {
+                    Ok(BytesMut::from(&scratch[..got]))
+                }
+                Err(e) => Err(e),
+            }
+        })
     }
 
     /// [`read_into`](Self::read_into), waiting for the socket.

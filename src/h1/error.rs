@@ -1,6 +1,6 @@
 //! Why a head or a body is refused, with the answer tether gives for it: the
-//! same status and `x-tether-error` reason as the hyper-served path, so the
-//! fast path can take over without changing what a client sees.
+//! same status and reason the client leg gave when hyper's server parsed for
+//! it, so moving to this codec changed nothing a client sees.
 
 use http::StatusCode;
 

@@ -125,7 +125,7 @@ pub fn client_ends_connection<B>(request: &Request<B>) -> bool {
     }
 }
 
-/// Why a request hyper has parsed is not forwarded.
+/// Why a parsed request is not forwarded.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Rejection {
     /// More than one Host header: which one the upstream would use is unknown.
@@ -185,7 +185,7 @@ impl Rejection {
     }
 }
 
-/// Checks a request hyper has parsed for what hyper lets through but a proxy
+/// Checks a parsed request for what HTTP/1 syntax lets through but a proxy
 /// must not forward.
 pub fn rejection<B>(request: &Request<B>) -> Option<Rejection> {
     let hosts = request.headers().get_all(header::HOST).iter().count();
