@@ -397,7 +397,7 @@ impl Body for RequestBody {
         let (polled, ended) = source.poll_body(cx, self.generation);
         self.done = ended;
         if let (Some(remaining), Poll::Ready(Some(Ok(frame)))) = (&mut self.remaining, &polled) {
-            *remaining -= frame.data_ref().map_or(0, |d| d.len() as u64);
+            *remaining = remaining.saturating_sub(frame.data_ref().map_or(0, |d| d.len() as u64));
         }
         polled
     }

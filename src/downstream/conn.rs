@@ -173,7 +173,6 @@ impl<S: Socket> Connection<S> {
                 buf.reserve(buf.capacity().max(MIN_GROWTH).min(room).max(1));
             }
             match wire.read_into(buf) {
-                Ok(0) if buf.is_empty() => return Ok(false),
                 Ok(0) => return Err(ClientError::ClosedMidHead),
                 Ok(_) => {
                     self.state.clock.bytes_arrived();
