@@ -265,34 +265,12 @@ fn content_length(value: &HeaderValue) -> Option<u64> {
 
 /// `n` in decimal.
 fn decimal(out: &mut Vec<u8>, n: u64) {
-    let mut digits = [0u8; 20];
-    let mut at = digits.len();
-    let mut rest = n;
-    loop {
-        at -= 1;
-        digits[at] = b'0' + (rest % 10) as u8;
-        rest /= 10;
-        if rest == 0 {
-            break;
-        }
-    }
-    out.extend_from_slice(&digits[at..]);
+    out.extend_from_slice(crate::h1::digits::decimal(n, &mut [0; 20]));
 }
 
 /// `n` in hexadecimal, a chunk-size.
 fn hex(out: &mut Vec<u8>, n: u64) {
-    let mut digits = [0u8; 16];
-    let mut at = digits.len();
-    let mut rest = n;
-    loop {
-        at -= 1;
-        digits[at] = b"0123456789abcdef"[(rest & 0xf) as usize];
-        rest >>= 4;
-        if rest == 0 {
-            break;
-        }
-    }
-    out.extend_from_slice(&digits[at..]);
+    out.extend_from_slice(crate::h1::digits::hex(n, &mut [0; 16]));
 }
 
 thread_local! {

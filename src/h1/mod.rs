@@ -5,6 +5,7 @@
 //! A leaf: it knows tether's header rules but nothing of sockets or pools.
 
 mod body;
+pub mod digits;
 mod error;
 mod parts;
 mod request;

@@ -147,18 +147,7 @@ fn encode_head(buf: &mut BytesMut, request: &Request<UpstreamBody>, last: bool) 
 
 /// Appends `n` in decimal.
 fn put_decimal(buf: &mut BytesMut, n: u64) {
-    let mut digits = [0u8; 20];
-    let mut at = digits.len();
-    let mut rest = n;
-    loop {
-        at -= 1;
-        digits[at] = b'0' + (rest % 10) as u8;
-        rest /= 10;
-        if rest == 0 {
-            break;
-        }
-    }
-    buf.put_slice(&digits[at..]);
+    buf.put_slice(h1::digits::decimal(n, &mut [0; 20]));
 }
 
 /// A chunk's size line, built on the stack.
@@ -168,20 +157,12 @@ struct ChunkPrefix([u8; 18]);
 impl ChunkPrefix {
     /// The size line of a chunk of `len` bytes: hex digits and CRLF.
     fn of(&mut self, len: usize) -> &[u8] {
-        const HEX: &[u8; 16] = b"0123456789abcdef";
-        let mut at = 16;
-        let mut rest = len;
-        loop {
-            at -= 1;
-            self.0[at] = HEX[rest & 0xf];
-            rest >>= 4;
-            if rest == 0 {
-                break;
-            }
-        }
-        self.0[16] = b'\r';
-        self.0[17] = b'\n';
-        &self.0[at..]
+        let mut digits = [0; 16];
+        let digits = h1::digits::hex(len as u64, &mut digits);
+        let end = digits.len();
+        self.0[..end].copy_from_slice(digits);
+        self.0[end..end + 2].copy_from_slice(b"\r\n");
+        &self.0[..end + 2]
     }
 }
 
