@@ -12,7 +12,9 @@ use http::{HeaderMap, StatusCode};
 
 use super::error::H1Error;
 use super::request::{Field, HeadLimits, Parsed, Version};
-use super::response::{reusable, FieldScan, KeepAlive, ResponseFraming};
+use super::response::{
+    head_len, response_version, reusable, FieldScan, KeepAlive, ResponseFraming,
+};
 
 /// Header slots on the stack: hyper's limit, and the most a response may have.
 const MAX_FIELDS: usize = 100;
@@ -66,22 +68,10 @@ pub fn parse_response_parts(
         buf,
         &mut slots[..fields],
     );
-    let len = match parsed {
-        Ok(httparse::Status::Complete(len)) if len <= limits.max_head_bytes => len,
-        Ok(httparse::Status::Partial) if buf.len() < limits.max_head_bytes => {
-            return Ok(Parsed::Partial)
-        }
-        Ok(_) => return Err(H1Error::BadResponse("head too large")),
-        Err(httparse::Error::TooManyHeaders) => {
-            return Err(H1Error::BadResponse("too many headers"))
-        }
-        Err(_) => return Err(H1Error::BadResponse("syntax")),
+    let Some(len) = head_len(parsed, buf.len(), limits)? else {
+        return Ok(Parsed::Partial);
     };
-    let version = match response.version {
-        Some(0) => Version::Http10,
-        Some(1) => Version::Http11,
-        _ => return Err(H1Error::BadResponse("version")),
-    };
+    let version = response_version(response.version)?;
     let code = response.code.ok_or(H1Error::BadResponse("status"))?;
     let (mut parts, ()) = http::Response::new(()).into_parts();
     parts.status = StatusCode::from_u16(code).map_err(|_| H1Error::BadResponse("status"))?;

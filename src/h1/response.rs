@@ -71,6 +71,31 @@ impl ResponseHead {
     }
 }
 
+/// The length of a response head `httparse` read from a buffer of
+/// `buffered` bytes, or `None` while it is incomplete within the limit.
+pub(super) fn head_len(
+    parsed: httparse::Result<usize>,
+    buffered: usize,
+    limits: HeadLimits,
+) -> Result<Option<usize>, H1Error> {
+    match parsed {
+        Ok(httparse::Status::Complete(len)) if len <= limits.max_head_bytes => Ok(Some(len)),
+        Ok(httparse::Status::Partial) if buffered < limits.max_head_bytes => Ok(None),
+        Ok(_) => Err(H1Error::BadResponse("head too large")),
+        Err(httparse::Error::TooManyHeaders) => Err(H1Error::BadResponse("too many headers")),
+        Err(_) => Err(H1Error::BadResponse("syntax")),
+    }
+}
+
+/// The version `httparse` read in a response's status line.
+pub(super) fn response_version(minor: Option<u8>) -> Result<Version, H1Error> {
+    match minor {
+        Some(0) => Ok(Version::Http10),
+        Some(1) => Ok(Version::Http11),
+        _ => Err(H1Error::BadResponse("version")),
+    }
+}
+
 /// Whether a response of `version`, whose `Connection` tokens are
 /// `connection`, leaves its connection open for another request.
 pub(super) fn reusable(
@@ -95,22 +120,10 @@ pub fn parse_response(
 ) -> Result<Parsed<ResponseHead>, H1Error> {
     let mut slots = vec![httparse::EMPTY_HEADER; limits.max_headers];
     let mut response = httparse::Response::new(&mut slots);
-    let len = match response.parse(buf) {
-        Ok(httparse::Status::Complete(len)) if len <= limits.max_head_bytes => len,
-        Ok(httparse::Status::Partial) if buf.len() < limits.max_head_bytes => {
-            return Ok(Parsed::Partial)
-        }
-        Ok(_) => return Err(H1Error::BadResponse("head too large")),
-        Err(httparse::Error::TooManyHeaders) => {
-            return Err(H1Error::BadResponse("too many headers"))
-        }
-        Err(_) => return Err(H1Error::BadResponse("syntax")),
+    let Some(len) = head_len(response.parse(buf), buf.len(), limits)? else {
+        return Ok(Parsed::Partial);
     };
-    let version = match response.version {
-        Some(0) => Version::Http10,
-        Some(1) => Version::Http11,
-        _ => return Err(H1Error::BadResponse("version")),
-    };
+    let version = response_version(response.version)?;
     let status = response.code.ok_or(H1Error::BadResponse("status"))?;
     let reason = response
         .reason
