@@ -5,8 +5,10 @@
 //! upload before reading it; bytes after a response's end; a response head
 //! over `max_response_header_bytes`; backends that close after answering
 //! (HTTP/1.0, `Connection: close`) and the TIME_WAIT that must not land on
-//! tether; how each kind of request body is framed toward the backend; and a
-//! backend's FIN on an idle pooled connection racing a POST.
+//! tether; how each kind of request body is framed toward the backend; a
+//! backend's FIN on an idle pooled connection racing a POST; and a response
+//! head relayed as the backend wrote it (case, order, reason phrase), less
+//! its hop-by-hop fields.
 
 mod common;
 
@@ -669,6 +671,45 @@ async fn a_post_just_after_the_backend_closed_the_idle_connection_is_sent_once_o
                 .collect();
             assert_eq!(posts, [round + 2], "round {round}: connections the POST went on");
         }
+    })
+    .await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_response_head_is_relayed_as_the_backend_wrote_it_less_its_hop_by_hop_fields() {
+    // Broken by rebuilding the head from a header map: names come out
+    // lowercased, repeated fields move next to each other, and a reason
+    // phrase of the backend's own is replaced by the canonical one (or none).
+    let backend = RawBackend::start(|mut conn| async move {
+        while conn.read_request().await.is_some() {
+            conn.write(
+                b"HTTP/1.1 299 Fine Thanks\r\nContent-Type: text/plain\r\nSet-Cookie: a=1\r\n\
+                  Connection: X-Private, keep-alive\r\nX-Private: secret\r\n\
+                  Keep-Alive: timeout=30\r\nset-cookie: b=2\r\nX-MiXeD-Case: Yes\r\n\
+                  Content-Length: 5\r\n\r\nhello",
+            )
+            .await;
+        }
+    })
+    .await;
+    with_tether(cold(backend.addr), |t| async move {
+        let (bytes, _) = within(exchange_raw(
+            t.addr(),
+            b"GET / HTTP/1.1\r\nHost: t\r\nConnection: close\r\n\r\n",
+        ))
+        .await;
+        let text = String::from_utf8_lossy(&bytes).into_owned();
+        let kept = "HTTP/1.1 299 Fine Thanks\r\nContent-Type: text/plain\r\nSet-Cookie: a=1\r\n\
+                    set-cookie: b=2\r\nX-MiXeD-Case: Yes\r\nContent-Length: 5\r\n";
+        assert!(text.starts_with(kept), "{text}");
+        for gone in ["X-Private", "secret", "Keep-Alive", "keep-alive"] {
+            assert!(!text.contains(gone), "{gone} crossed: {text}");
+        }
+        let head_end = text.find("\r\n\r\n").unwrap();
+        let added = &text[kept.len()..head_end];
+        assert!(added.contains("connection: close"), "{text}");
+        assert!(added.contains("date: "), "{text}");
+        assert!(text.ends_with("\r\n\r\nhello"), "{text}");
     })
     .await;
 }

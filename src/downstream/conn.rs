@@ -16,7 +16,7 @@ use std::sync::{Arc, Weak};
 use std::task::Poll;
 
 use bytes::{Bytes, BytesMut};
-use http::{Request, Response};
+use http::Request;
 use tokio_util::sync::CancellationToken;
 
 use super::body::{BodySource, RequestBody};
@@ -26,8 +26,7 @@ use super::response::{self, Answering};
 use super::state::ClientState;
 use super::ClientError;
 use crate::h1::{parse_request, H1Error, HeadLimits, Parsed, RequestFraming, RequestHead, Version};
-use crate::http::body::ProxyBody;
-use crate::http::{Binding, ClientConnection, ProxyError, ProxyService};
+use crate::http::{Binding, ClientConnection, ProxyError, ProxyResponse, ProxyService};
 use crate::sock;
 
 /// The least a head's buffer grows by when its first read did not hold it.
@@ -258,7 +257,7 @@ impl<S: Socket> Connection<S> {
         &mut self,
         request: Request<RequestBody>,
         watch: bool,
-    ) -> Result<Response<ProxyBody>, ClientError> {
+    ) -> Result<ProxyResponse, ClientError> {
         let wire = self.io.wire().clone();
         let serving = self.service.call(request);
         tokio::pin!(serving);
@@ -294,7 +293,9 @@ impl<S: Socket> Connection<S> {
         self.binding.record(status, Some(reason), None);
         self.state.note_malformed(status, reason);
         self.state.mark_misbehaved();
-        let response = ProxyError::refused(status, reason, error.to_string()).into_response(true);
+        let response = ProxyError::refused(status, reason, error.to_string())
+            .into_response(true)
+            .into();
         let answering = Answering {
             http10: false,
             head_request: false,

@@ -1,8 +1,8 @@
 //! The response as the client gets it, written by tether itself: the status
 //! line in the client's version, the fields as the proxy service left them
-//! (lowercase, as `HeaderMap` holds them), the framing tether chooses, and
-//! the body, with the head and the body's first bytes in one vectored write
-//! when the body is ready.
+//! (an HTTP/1.x upstream's end-to-end fields as they came, or a header map's,
+//! lowercase), the framing tether chooses, and the body, with the head and
+//! the body's first bytes in one vectored write when the body is ready.
 //!
 //! What hyper's server did and clients may count on is kept: `HTTP/1.0` in
 //! the status line for an HTTP/1.0 client; a `date` field when the response
@@ -20,14 +20,14 @@ use std::task::Poll;
 use std::time::{SystemTime, UNIX_EPOCH};
 
 use bytes::{Buf, Bytes};
-use http::header::{self, HeaderValue};
-use http::{Response, StatusCode};
+use http::StatusCode;
 use http_body::Body;
 
 use super::io::{Socket, Wire};
 use super::state::ClientState;
 use super::ClientError;
 use crate::http::body::ProxyBody;
+use crate::http::{ClientHead, ProxyResponse};
 
 /// Pieces queued for one write at most: beyond, the queue is written first.
 const MAX_PIECES: usize = 16;
@@ -74,14 +74,13 @@ struct Head {
 /// leave in one segment. Returns whether the connection ends after it.
 pub(super) async fn write<S: Socket>(
     wire: &Wire<S>,
-    response: Response<ProxyBody>,
+    response: ProxyResponse,
     answering: &Answering,
     prelude: &'static [u8],
     state: &ClientState,
 ) -> Result<bool, ClientError> {
-    let (parts, mut body) = response.into_parts();
-    let head = encode_head(&parts, &body, answering);
-    drop(parts);
+    let ProxyResponse { head, mut body } = response;
+    let head = head_of(&head, &body, answering);
     let mut out = Output::new(prelude, head.bytes);
     let mut remaining = match head.framing {
         Framing::Length(n) => n,
@@ -145,66 +144,94 @@ async fn poll_now(
     .await
 }
 
-/// The head of `parts`, answering as `answering` says, for `body`.
-fn encode_head(parts: &http::response::Parts, body: &ProxyBody, answering: &Answering) -> Head {
-    let status = parts.status;
-    let mut out = Vec::with_capacity(64 + parts.headers.len() * 32);
-    status_line(&mut out, parts, answering.http10);
+/// The head to write for `head`: a header map's fields, or an upstream's
+/// relayed as they came.
+fn head_of(head: &ClientHead, body: &ProxyBody, answering: &Answering) -> Head {
+    match head {
+        ClientHead::Parts(parts) => {
+            let fields = parts
+                .headers
+                .iter()
+                .map(|(name, value)| (name.as_str().as_bytes(), value.as_bytes()));
+            let says_close = crate::connection_header::has_token(&parts.headers, "close");
+            let line = StatusLine {
+                status: parts.status,
+                reason: None,
+            };
+            let close = Close {
+                asked: says_close,
+                written: says_close,
+            };
+            encode_head(line, fields, close, body, answering)
+        }
+        ClientHead::Relay { head, last } => {
+            let line = StatusLine {
+                status: head.status,
+                reason: Some(head.reason()).filter(|reason| !reason.is_empty()),
+            };
+            let close = Close {
+                asked: *last,
+                written: false,
+            };
+            encode_head(line, head.end_to_end(), close, body, answering)
+        }
+    }
+}
+
+/// A status line's status and, when the upstream sent one, its reason.
+struct StatusLine<'a> {
+    status: StatusCode,
+    reason: Option<&'a [u8]>,
+}
+
+/// Whether the service asked for `Connection: close`, and whether `fields`
+/// carry it already.
+#[derive(Clone, Copy)]
+struct Close {
+    asked: bool,
+    written: bool,
+}
+
+/// The head of a response with `fields` (the connection's already gone),
+/// closing as `close` says, answering as `answering` says, for `body`.
+fn encode_head<'a>(
+    line: StatusLine<'_>,
+    fields: impl Iterator<Item = (&'a [u8], &'a [u8])>,
+    close: Close,
+    body: &ProxyBody,
+    answering: &Answering,
+) -> Head {
+    let status = line.status;
+    let mut out = Vec::with_capacity(512);
+    status_line(&mut out, &line, answering.http10);
     let may_have_length = !(status.is_informational()
         || status == StatusCode::NO_CONTENT
         || status == StatusCode::NOT_MODIFIED);
     let bodiless = answering.head_request || !may_have_length;
-    let says_close = crate::connection_header::has_token(&parts.headers, "close");
     let (mut length, mut dated) = (None, false);
-    for (name, value) in &parts.headers {
-        if *name == header::CONTENT_LENGTH {
+    for (name, value) in fields {
+        if name.eq_ignore_ascii_case(b"content-length") {
             // One, and only where a length may be: it is the framing.
             match content_length(value) {
                 Some(n) if may_have_length && length.is_none() => length = Some(n),
                 _ => continue,
             }
-        } else if *name == header::TRANSFER_ENCODING || *name == header::TRAILER {
+        } else if name.eq_ignore_ascii_case(b"transfer-encoding")
+            || name.eq_ignore_ascii_case(b"trailer")
+        {
             // The framing is tether's own (the service strips these).
             continue;
-        } else if *name == header::DATE {
+        } else if name.eq_ignore_ascii_case(b"date") {
             dated = true;
         }
-        field(&mut out, name.as_str().as_bytes(), value.as_bytes());
+        field(&mut out, name, value);
     }
-    let mut last = answering.closing || says_close;
     let framing = match length {
         Some(n) => Framing::Length(n),
-        None => {
-            let exact = if body.is_end_stream() {
-                Some(0)
-            } else {
-                body.size_hint().exact()
-            };
-            match exact {
-                Some(0) if may_have_length && !answering.head_request => {
-                    out.extend_from_slice(b"content-length: 0\r\n");
-                    Framing::Length(0)
-                }
-                Some(n) if n > 0 && may_have_length => {
-                    out.extend_from_slice(b"content-length: ");
-                    decimal(&mut out, n);
-                    out.extend_from_slice(b"\r\n");
-                    Framing::Length(n)
-                }
-                Some(n) => Framing::Length(n),
-                None if bodiless => Framing::Empty,
-                None if answering.http10 => {
-                    last = true;
-                    Framing::Close
-                }
-                None => {
-                    out.extend_from_slice(b"transfer-encoding: chunked\r\n");
-                    Framing::Chunked
-                }
-            }
-        }
+        None => framing_of(&mut out, body, may_have_length, answering),
     };
-    if last && !says_close {
+    let last = answering.closing || close.asked || framing == Framing::Close;
+    if last && !close.written {
         out.extend_from_slice(b"connection: close\r\n");
     } else if !last && answering.http10 {
         out.extend_from_slice(b"connection: keep-alive\r\n");
@@ -222,23 +249,57 @@ fn encode_head(parts: &http::response::Parts, body: &ProxyBody, answering: &Answ
     }
 }
 
-/// `HTTP/1.x <code> <reason>`: the upstream's own reason phrase when hyper
-/// kept it, else the canonical one.
-fn status_line(out: &mut Vec<u8>, parts: &http::response::Parts, http10: bool) {
-    let custom = parts.extensions.get::<hyper::ext::ReasonPhrase>();
-    if !http10 && parts.status == StatusCode::OK && custom.is_none() {
+/// The framing of a body whose head gave no length, its field written to
+/// `out`: the body's exact size when known, else chunked (delimited by the
+/// close for an HTTP/1.0 client).
+fn framing_of(
+    out: &mut Vec<u8>,
+    body: &ProxyBody,
+    may_have_length: bool,
+    answering: &Answering,
+) -> Framing {
+    let bodiless = answering.head_request || !may_have_length;
+    let exact = if body.is_end_stream() {
+        Some(0)
+    } else {
+        body.size_hint().exact()
+    };
+    match exact {
+        Some(0) if may_have_length && !answering.head_request => {
+            out.extend_from_slice(b"content-length: 0\r\n");
+            Framing::Length(0)
+        }
+        Some(n) if n > 0 && may_have_length => {
+            out.extend_from_slice(b"content-length: ");
+            decimal(out, n);
+            out.extend_from_slice(b"\r\n");
+            Framing::Length(n)
+        }
+        Some(n) => Framing::Length(n),
+        None if bodiless => Framing::Empty,
+        None if answering.http10 => Framing::Close,
+        None => {
+            out.extend_from_slice(b"transfer-encoding: chunked\r\n");
+            Framing::Chunked
+        }
+    }
+}
+
+/// `HTTP/1.x <code> <reason>`: the upstream's own reason phrase when it
+/// sent one, else the canonical one.
+fn status_line(out: &mut Vec<u8>, line: &StatusLine<'_>, http10: bool) {
+    if !http10 && line.status == StatusCode::OK && line.reason.is_none_or(|r| r == b"OK") {
         out.extend_from_slice(b"HTTP/1.1 200 OK\r\n");
         return;
     }
     out.extend_from_slice(if http10 { b"HTTP/1.0 " } else { b"HTTP/1.1 " });
-    out.extend_from_slice(parts.status.as_str().as_bytes());
+    out.extend_from_slice(line.status.as_str().as_bytes());
     out.push(b' ');
-    match custom {
-        Some(reason) => out.extend_from_slice(reason.as_bytes()),
+    match line.reason {
+        Some(reason) => out.extend_from_slice(reason),
         // A reason must be there: many parsers expect one.
         None => out.extend_from_slice(
-            parts
-                .status
+            line.status
                 .canonical_reason()
                 .unwrap_or("<none>")
                 .as_bytes(),
@@ -255,8 +316,7 @@ fn field(out: &mut Vec<u8>, name: &[u8], value: &[u8]) {
 }
 
 /// A Content-Length value as a number (digits only).
-fn content_length(value: &HeaderValue) -> Option<u64> {
-    let digits = value.as_bytes();
+fn content_length(digits: &[u8]) -> Option<u64> {
     if digits.is_empty() || !digits.iter().all(u8::is_ascii_digit) {
         return None;
     }

@@ -17,7 +17,7 @@ mod tests;
 
 pub use body::{parse_trailers, BodyFramer, ChunkLimits, ChunkedBody, Decoded, Progress};
 pub use error::H1Error;
-pub use parts::{field_map, parse_response_parts, ResponseParts};
+pub use parts::field_map;
 pub use request::{
     parse_request, Authority, ConnectionInfo, Field, HeadLimits, HostInfo, Parsed, RequestFraming,
     RequestHead, Scheme, TargetForm, Version,

@@ -2,6 +2,7 @@
 //! (RFC 9112 §6.3): HEAD, 1xx, 204 and 304 have no body, Transfer-Encoding
 //! beats Content-Length, and without either the body runs to the close.
 
+use std::mem::MaybeUninit;
 use std::time::Duration;
 
 use super::error::H1Error;
@@ -10,6 +11,9 @@ use super::request::{
 };
 use super::span::Span;
 use super::{list_tokens, trim_ows};
+
+/// Header slots on the stack: hyper's limit, and the most a response may have.
+const MAX_FIELDS: usize = 100;
 
 /// How a response body is delimited.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -58,6 +62,30 @@ pub struct ResponseHead {
 }
 
 impl ResponseHead {
+    /// The fields that cross a proxy, as `(name, value)` slices of `buf`
+    /// (the buffer the head was parsed from), in order: hop-by-hop fields
+    /// and those the `Connection` field names are left out (never Host or
+    /// Content-Length, whose removal would change what the message means),
+    /// and so is Content-Length when Transfer-Encoding frames the body too.
+    pub fn end_to_end<'a>(&'a self, buf: &'a [u8]) -> impl Iterator<Item = (&'a [u8], &'a [u8])> {
+        self.fields.iter().filter_map(move |field| {
+            let name = field.name.of(buf);
+            let length = name.eq_ignore_ascii_case(b"content-length");
+            let dropped = if length {
+                self.conflicting_lengths
+            } else {
+                super::hop_by_hop_index(name).is_some()
+                    || (!name.eq_ignore_ascii_case(b"host")
+                        && self
+                            .connection
+                            .named
+                            .iter()
+                            .any(|token| token.of(buf).eq_ignore_ascii_case(name)))
+            };
+            (!dropped).then(|| (name, field.value.of(buf)))
+        })
+    }
+
     /// Whether the upstream connection may carry another request after this
     /// response: HTTP/1.1 without `close` (HTTP/1.0 with `keep-alive`), a
     /// body with an end the codec can find, and no conflicting lengths.
@@ -73,7 +101,7 @@ impl ResponseHead {
 
 /// The length of a response head `httparse` read from a buffer of
 /// `buffered` bytes, or `None` while it is incomplete within the limit.
-pub(super) fn head_len(
+fn head_len(
     parsed: httparse::Result<usize>,
     buffered: usize,
     limits: HeadLimits,
@@ -88,7 +116,7 @@ pub(super) fn head_len(
 }
 
 /// The version `httparse` read in a response's status line.
-pub(super) fn response_version(minor: Option<u8>) -> Result<Version, H1Error> {
+fn response_version(minor: Option<u8>) -> Result<Version, H1Error> {
     match minor {
         Some(0) => Ok(Version::Http10),
         Some(1) => Ok(Version::Http11),
@@ -98,7 +126,7 @@ pub(super) fn response_version(minor: Option<u8>) -> Result<Version, H1Error> {
 
 /// Whether a response of `version`, whose `Connection` tokens are
 /// `connection`, leaves its connection open for another request.
-pub(super) fn reusable(
+fn reusable(
     version: Version,
     connection: &ConnectionInfo,
     framing: ResponseFraming,
@@ -118,9 +146,15 @@ pub fn parse_response(
     limits: HeadLimits,
     head_request: bool,
 ) -> Result<Parsed<ResponseHead>, H1Error> {
-    let mut slots = vec![httparse::EMPTY_HEADER; limits.max_headers];
-    let mut response = httparse::Response::new(&mut slots);
-    let Some(len) = head_len(response.parse(buf), buf.len(), limits)? else {
+    // Slots on the stack, left uninitialised: httparse writes those it uses.
+    let mut slots = [const { MaybeUninit::<httparse::Header<'_>>::uninit() }; MAX_FIELDS];
+    let mut response = httparse::Response::new(&mut []);
+    let parsed = httparse::ParserConfig::default().parse_response_with_uninit_headers(
+        &mut response,
+        buf,
+        &mut slots[..limits.max_headers.min(MAX_FIELDS)],
+    );
+    let Some(len) = head_len(parsed, buf.len(), limits)? else {
         return Ok(Parsed::Partial);
     };
     let version = response_version(response.version)?;
@@ -165,7 +199,7 @@ fn scan_response_fields(
 /// What a response's fields say of its framing and its connection, read
 /// one field at a time.
 #[derive(Default)]
-pub(super) struct FieldScan {
+struct FieldScan {
     length: Option<u64>,
     encoding: bool,
     chunked: bool,
@@ -174,18 +208,18 @@ pub(super) struct FieldScan {
 }
 
 /// What [`FieldScan::finish`] concludes.
-pub(super) struct Framed {
-    pub(super) framing: ResponseFraming,
-    pub(super) conflicting_lengths: bool,
-    pub(super) connection: ConnectionInfo,
-    pub(super) keep_alive: KeepAlive,
+struct Framed {
+    framing: ResponseFraming,
+    conflicting_lengths: bool,
+    connection: ConnectionInfo,
+    keep_alive: KeepAlive,
 }
 
 impl FieldScan {
     /// Takes note of one field, `name` (any case) and `value` slices of
     /// `buf`. Names are told apart by length first: most fields are none
     /// of the four that matter.
-    pub(super) fn field(&mut self, buf: &[u8], name: &[u8], value: &[u8]) -> Result<(), H1Error> {
+    fn field(&mut self, buf: &[u8], name: &[u8], value: &[u8]) -> Result<(), H1Error> {
         match name.len() {
             14 if name.eq_ignore_ascii_case(b"content-length") => {
                 let this = content_length(value).ok_or(H1Error::BadResponse("content-length"))?;
@@ -222,7 +256,7 @@ impl FieldScan {
 
     /// The framing of a response with `status` (to a HEAD request when
     /// `head_request`), RFC 9112 §6.3.
-    pub(super) fn finish(self, status: u16, head_request: bool) -> Framed {
+    fn finish(self, status: u16, head_request: bool) -> Framed {
         let bodiless = head_request || (100..200).contains(&status) || matches!(status, 204 | 304);
         let framing = match (bodiless, self.encoding, self.length) {
             (true, _, _) => ResponseFraming::None,

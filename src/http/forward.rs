@@ -7,14 +7,14 @@ use std::sync::Arc;
 
 use bytes::Bytes;
 use http::request::Parts;
-use http::{Method, Request, Response};
+use http::{Method, Request};
 
 use tokio::time::Instant;
 
 use super::error::ProxyError;
 use crate::accesslog::UpstreamFacts;
 use crate::config::Protocol;
-use crate::pool::{refused_by_peer, Lease, Pool, ResponseBody, SendError, UpstreamBody};
+use crate::pool::{refused_by_peer, Lease, Pool, SendError, UpstreamBody, UpstreamResponse};
 
 /// What the access log is told of the upstream side, when it is on.
 type Facts<'a> = Option<&'a mut UpstreamFacts>;
@@ -38,7 +38,7 @@ pub(super) async fn forward(
     parts: Parts,
     body: UpstreamBody,
     mut facts: Facts<'_>,
-) -> Result<(Response<ResponseBody>, Lease), ProxyError> {
+) -> Result<(UpstreamResponse, Lease), ProxyError> {
     let gives_head_back = pool.settings().protocol == Protocol::Http1;
     let replay = body.replayable().map(|bytes| Replay {
         body: bytes,
@@ -104,7 +104,7 @@ async fn retry(
     received_before: u64,
     client_failed: Arc<AtomicBool>,
     mut facts: Facts<'_>,
-) -> Result<(Response<ResponseBody>, Lease), ProxyError> {
+) -> Result<(UpstreamResponse, Lease), ProxyError> {
     let addr = lease.addr();
     // An HTTP/2 peer that refused the stream (or whose GOAWAY covered it) did
     // not process the request.

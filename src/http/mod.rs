@@ -25,6 +25,7 @@ use crate::config::ListenerConfig;
 use crate::metrics::{ListenerLabel, Metrics, Name, ReasonLabels, RequestLabels};
 pub use client::ClientConnection;
 pub use error::{Failure, ProxyError, Side, ERROR_HEADER};
+pub use response::{ClientHead, ProxyResponse};
 pub use route::{request_host, Routes, Target};
 pub use service::ProxyService;
 

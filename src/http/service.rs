@@ -10,13 +10,13 @@ use std::sync::Arc;
 
 use bytes::Bytes;
 use http::header::HeaderValue;
-use http::{Method, Request, Response, StatusCode, Version};
+use http::{Method, Request, StatusCode, Version};
 use http_body::Body;
 use tokio::time::Instant;
 
-use super::body::{prefetch, ExchangeDone, ProxyBody};
-use super::error::{Failure, ProxyError, Side, ERROR_HEADER};
-use super::response::{respond, Exchange};
+use super::body::{prefetch, ExchangeDone};
+use super::error::{Failure, ProxyError, Side};
+use super::response::{respond, Exchange, ProxyResponse};
 use super::{forward, headers, request_host, Binding, BindingSlot, ClientConnection, Target};
 use crate::accesslog::{ms, truncate_target, AccessLog, AccessRecord};
 use crate::config::{ClientClose, Protocol};
@@ -48,14 +48,14 @@ struct Logging {
 /// time to the head, and whether it waits for the connection's end.
 fn finish_head(
     mut record: Box<AccessRecord>,
-    response: &Response<ProxyBody>,
+    response: &ProxyResponse,
     reason: Option<&str>,
     started: Instant,
 ) -> Box<AccessRecord> {
     record.ttfb_ms = ms(started.elapsed());
     record.status = Some(response.status().as_u16());
     record.error = reason.map(str::to_owned);
-    record.last = crate::connection_header::has_token(response.headers(), "close");
+    record.last = response.says_close();
     record.pool_wait_ms = ms(record.upstream.pool_wait);
     record.connect_ms = ms(record.upstream.connect);
     record
@@ -77,7 +77,7 @@ impl<C: ClientConnection> ProxyService<C> {
     /// Serves one request to the head of its response (the body streams
     /// after): tether's own answer when it refuses or fails, else the
     /// upstream's. Counted, timed and logged here.
-    pub async fn call<B>(&mut self, request: Request<B>) -> Response<ProxyBody>
+    pub async fn call<B>(&mut self, request: Request<B>) -> ProxyResponse
     where
         B: Body<Data = Bytes, Error = BodyError> + Send + Unpin + 'static,
     {
@@ -95,17 +95,14 @@ impl<C: ClientConnection> ProxyService<C> {
             .as_ref()
             .map(|log| self.begin_line(&request, log));
         let response = self.handle(request, started, logging.as_mut()).await;
-        let reason = response
-            .headers()
-            .get(ERROR_HEADER)
-            .and_then(|v| v.to_str().ok());
+        let reason = response.error_reason();
         self.binding
             .record(response.status(), reason, Some(started));
         let Some(logging) = logging else {
-            return response.map(|body| body.on_done(done));
+            return response.map_body(|body| body.on_done(done));
         };
         let record = finish_head(logging.record, &response, reason, started);
-        response.map(|body| body.on_done(done).logged(record, started, logging.bytes_in))
+        response.map_body(|body| body.on_done(done).logged(record, started, logging.bytes_in))
     }
 
     /// A service for one accepted connection, from `addr` (none on a unix
@@ -151,7 +148,7 @@ impl<C: ClientConnection> ProxyService<C> {
         request: Request<B>,
         started: Instant,
         mut logging: Option<&mut Logging>,
-    ) -> Response<ProxyBody>
+    ) -> ProxyResponse
     where
         B: Body<Data = Bytes, Error = BodyError> + Send + Unpin + 'static,
     {
@@ -204,7 +201,7 @@ impl<C: ClientConnection> ProxyService<C> {
         last: bool,
         target: &Target,
         logging: Option<&mut Logging>,
-    ) -> Result<Response<ProxyBody>, ProxyError>
+    ) -> Result<ProxyResponse, ProxyError>
     where
         B: Body<Data = Bytes, Error = BodyError> + Send + Unpin + 'static,
     {
@@ -244,17 +241,12 @@ impl<C: ClientConnection> ProxyService<C> {
     /// The client's answer to a request tether could not forward or complete.
     /// A client that misbehaved is marked, so its connection ends without a
     /// graceful close.
-    fn answer(
-        &self,
-        error: ProxyError,
-        last: bool,
-        target: Option<&Target>,
-    ) -> Response<ProxyBody> {
+    fn answer(&self, error: ProxyError, last: bool, target: Option<&Target>) -> ProxyResponse {
         self.report(&error, target);
         if error.side() == Side::Client {
             self.client.mark_misbehaved();
         }
-        error.into_response(last)
+        error.into_response(last).into()
     }
 
     /// The event of a request tether answered itself; `target` is the

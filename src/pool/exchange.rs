@@ -16,17 +16,16 @@ use std::pin::Pin;
 use std::task::{ready, Context, Poll};
 
 use bytes::{Buf, BufMut, Bytes, BytesMut};
-use http::header::{CONTENT_LENGTH, TRANSFER_ENCODING};
-use http::{HeaderMap, Request, StatusCode};
+use http::header::CONTENT_LENGTH;
+use http::{HeaderMap, Request};
 use http_body::{Body, Frame};
 use tokio::io::AsyncWrite;
 
 use super::body::UpstreamBody;
 use super::io::UpstreamIo;
 use super::lease::SendFailure;
-use crate::h1::{
-    self, BodyFramer, ChunkLimits, H1Error, HeadLimits, Parsed, ResponseFraming, ResponseParts,
-};
+use super::response::Http1Head;
+use crate::h1::{self, BodyFramer, ChunkLimits, H1Error, HeadLimits, Parsed, ResponseHead};
 
 /// What a read asks the socket for at least: the lent buffer grows by this
 /// much when it runs short, so a 16 KiB body takes one or two reads.
@@ -366,8 +365,8 @@ async fn write_all(
 
 /// The response head of an exchange, and the reader of its body.
 pub(crate) struct ResponseStart {
-    /// The head as the layers above take it.
-    pub(crate) head: http::response::Parts,
+    /// The head, its fields where they arrived.
+    pub(crate) head: Http1Head,
     /// What the codec read of it.
     pub(crate) facts: HeadFacts,
     /// The body, from the bytes that came with the head.
@@ -398,26 +397,20 @@ pub(crate) async fn read_response(
     };
     loop {
         if !buf.is_empty() {
-            // Frozen, so the header values can be slices of it; given back
-            // whole when the head is not all there yet.
-            let frozen = std::mem::take(&mut buf).freeze();
-            match h1::parse_response_parts(&frozen, limits, head_request) {
+            match h1::parse_response(&buf, limits, head_request) {
                 // Interim answers (100 Continue, 103 Early Hints) are not the
                 // response; 101 would be an upgrade, which tether never asks
                 // for, and is taken as final.
                 Ok(Parsed::Complete(head))
-                    if head.parts.status.is_informational()
-                        && head.parts.status != StatusCode::SWITCHING_PROTOCOLS =>
+                    if (100..200).contains(&head.status) && head.status != 101 =>
                 {
-                    buf = BytesMut::from(&frozen[head.len..]);
+                    let _ = buf.split_to(head.len);
                     continue;
                 }
-                Ok(Parsed::Complete(head)) => return Ok(start(head, frozen)),
-                Ok(Parsed::Partial) => {
-                    buf = frozen
-                        .try_into_mut()
-                        .unwrap_or_else(|shared| BytesMut::from(&shared[..]));
-                }
+                // Frozen, so that the head's fields and the body's first
+                // bytes are slices of it.
+                Ok(Parsed::Complete(head)) => return start(head, buf.freeze()),
+                Ok(Parsed::Partial) => {}
                 Err(e) => return Err(SendFailure::Response(e)),
             }
         }
@@ -448,13 +441,9 @@ fn poll_read(
 
 /// The exchange's start from the head parsed at the front of `frozen`;
 /// what follows the head starts the body.
-fn start(head: ResponseParts, frozen: Bytes) -> ResponseStart {
-    let mut parts = head.parts;
-    if head.framing == ResponseFraming::None {
-        parts.headers.remove(TRANSFER_ENCODING);
-    }
+fn start(head: ResponseHead, frozen: Bytes) -> Result<ResponseStart, SendFailure> {
     let facts = HeadFacts {
-        reusable: head.reusable,
+        reusable: head.reusable(),
         keep_alive: head.keep_alive,
     };
     let body = BodyReader {
@@ -463,11 +452,9 @@ fn start(head: ResponseParts, frozen: Bytes) -> ResponseStart {
         framer: BodyFramer::for_response(head.framing, ChunkLimits::default()),
         trailers_max: ChunkLimits::default().max_trailers,
     };
-    ResponseStart {
-        head: parts,
-        facts,
-        body,
-    }
+    let bytes = frozen.slice(..head.len);
+    let head = Http1Head::new(head, bytes).map_err(SendFailure::Response)?;
+    Ok(ResponseStart { head, facts, body })
 }
 
 /// The reader of a response body: the bytes already read that are still

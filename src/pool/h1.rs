@@ -26,8 +26,29 @@ const EXCHANGE_BUFFER: usize = 16 * 1024;
 /// A live upstream connection owned by the pool (idle), by a [`Lease`]
 /// (busy), or, while its response body is read, by that body.
 ///
+/// Boxed once, when it is dialled: it passes from the idle list to a lease,
+/// to a response body and back on every request, and each of those moves
+/// then copies a pointer, not its state.
+///
 /// [`Lease`]: super::Lease
-pub(crate) struct Conn {
+pub(crate) struct Conn(Box<ConnState>);
+
+impl std::ops::Deref for Conn {
+    type Target = ConnState;
+
+    fn deref(&self) -> &ConnState {
+        &self.0
+    }
+}
+
+impl std::ops::DerefMut for Conn {
+    fn deref_mut(&mut self) -> &mut ConnState {
+        &mut self.0
+    }
+}
+
+/// What a [`Conn`] is.
+pub(crate) struct ConnState {
     io: UpstreamIo,
     wire: Wire,
     /// The largest response head it reads (`max_response_header_bytes`).
@@ -100,7 +121,7 @@ impl Conn {
         record: std::sync::Arc<ConnRecord>,
     ) -> Self {
         slot.established();
-        Self {
+        Self(Box::new(ConnState {
             record,
             io,
             wire,
@@ -112,7 +133,7 @@ impl Conn {
             closing: false,
             goodbye: false,
             _slot: slot,
-        }
+        }))
     }
 
     /// What `/pools` shows of it.
@@ -241,7 +262,8 @@ impl Conn {
         // retry can send it again without a copy made for every request.
         let (head, body) = request.into_parts();
         drop(body);
-        match exchange::read_response(&mut self.io, buf, head_request, self.max_head).await {
+        let max_head = self.max_head;
+        match exchange::read_response(&mut self.io, buf, head_request, max_head).await {
             Ok(start) => {
                 self.note_head(&start.facts);
                 Ok(start)

@@ -16,7 +16,7 @@ use hyper::client::conn::http2::SendRequest;
 use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
 use tokio::time::Instant;
 
-use super::body::{ResponseBody, UpstreamBody};
+use super::body::UpstreamBody;
 use super::endpoint::Endpoint;
 use super::io::{UpstreamIo, Wire};
 use super::lease::{sent, SendError, Slot};
@@ -186,7 +186,7 @@ impl H2Stream {
     pub(crate) async fn send(
         &self,
         request: http::Request<UpstreamBody>,
-    ) -> Result<http::Response<ResponseBody>, SendError> {
+    ) -> Result<super::UpstreamResponse, SendError> {
         let mut sender = self.conn.sender.clone();
         sent(sender.try_send_request(request).await)
     }

@@ -14,6 +14,7 @@ use super::body::{ResponseBody, UpstreamBody};
 use super::endpoint::Endpoint;
 use super::h1::Conn;
 use super::h2::H2Stream;
+use super::response::{UpstreamHead, UpstreamResponse};
 
 /// A connection slot of an endpoint; dropping it frees the slot.
 pub(crate) struct Slot {
@@ -198,7 +199,7 @@ impl Lease {
     pub(crate) async fn send(
         &mut self,
         request: http::Request<UpstreamBody>,
-    ) -> Result<http::Response<ResponseBody>, SendError> {
+    ) -> Result<UpstreamResponse, SendError> {
         if let Some(stream) = &self.stream {
             return Box::pin(stream.send(request)).await;
         }
@@ -217,7 +218,10 @@ impl Lease {
             Some(conn) => ResponseBody::exchange(conn, reader),
             None => ResponseBody::empty(),
         };
-        Ok(http::Response::from_parts(head, body))
+        Ok(UpstreamResponse {
+            head: UpstreamHead::Http1(head),
+            body,
+        })
     }
 
     /// Takes the connection back from the response body that was reading
@@ -284,9 +288,15 @@ type TrySendError = hyper::client::conn::TrySendError<http::Request<UpstreamBody
 #[inline]
 pub(crate) fn sent(
     result: Result<http::Response<Incoming>, TrySendError>,
-) -> Result<http::Response<ResponseBody>, SendError> {
+) -> Result<UpstreamResponse, SendError> {
     match result {
-        Ok(response) => Ok(response.map(ResponseBody::stream)),
+        Ok(response) => {
+            let (head, body) = response.into_parts();
+            Ok(UpstreamResponse {
+                head: UpstreamHead::Parts(head),
+                body: ResponseBody::stream(body),
+            })
+        }
         Err(e) => Err(send_error(e)),
     }
 }

@@ -59,6 +59,7 @@ mod observe;
 mod probe;
 mod reconfigure;
 mod registry;
+mod response;
 mod retire;
 mod rotation;
 mod tls;
@@ -86,6 +87,7 @@ pub use lease::SendFailure;
 pub use observe::PoolObservers;
 pub use reconfigure::Reconfigured;
 pub use registry::{Registry, Shares};
+pub use response::{Http1Head, UpstreamHead, UpstreamResponse};
 // For `tether doctor --tls`, which labels and dates certificates as the pool does.
 pub(crate) use tls::{certificate_reason, days_left};
 pub use tls::{warn_unverified, TlsSetupError};
