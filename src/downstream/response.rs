@@ -26,6 +26,7 @@ use http_body::Body;
 use super::io::{Socket, Wire};
 use super::state::ClientState;
 use super::ClientError;
+use crate::h1::FieldText;
 use crate::http::body::ProxyBody;
 use crate::http::{ClientHead, ProxyResponse};
 
@@ -149,10 +150,11 @@ async fn poll_now(
 fn head_of(head: &ClientHead, body: &ProxyBody, answering: &Answering) -> Head {
     match head {
         ClientHead::Parts(parts) => {
-            let fields = parts
-                .headers
-                .iter()
-                .map(|(name, value)| (name.as_str().as_bytes(), value.as_bytes()));
+            let fields = parts.headers.iter().map(|(name, value)| FieldText {
+                name: name.as_str().as_bytes(),
+                value: value.as_bytes(),
+                line: None,
+            });
             let says_close = crate::connection_header::has_token(&parts.headers, "close");
             let line = StatusLine {
                 status: parts.status,
@@ -196,7 +198,7 @@ struct Close {
 /// closing as `close` says, answering as `answering` says, for `body`.
 fn encode_head<'a>(
     line: StatusLine<'_>,
-    fields: impl Iterator<Item = (&'a [u8], &'a [u8])>,
+    fields: impl Iterator<Item = FieldText<'a>>,
     close: Close,
     body: &ProxyBody,
     answering: &Answering,
@@ -209,10 +211,11 @@ fn encode_head<'a>(
         || status == StatusCode::NOT_MODIFIED);
     let bodiless = answering.head_request || !may_have_length;
     let (mut length, mut dated) = (None, false);
-    for (name, value) in fields {
+    for text in fields {
+        let name = text.name;
         if name.eq_ignore_ascii_case(b"content-length") {
             // One, and only where a length may be: it is the framing.
-            match content_length(value) {
+            match content_length(text.value) {
                 Some(n) if may_have_length && length.is_none() => length = Some(n),
                 _ => continue,
             }
@@ -224,7 +227,11 @@ fn encode_head<'a>(
         } else if name.eq_ignore_ascii_case(b"date") {
             dated = true;
         }
-        field(&mut out, name, value);
+        match text.line {
+            // A relayed line goes as it came, in one copy.
+            Some(line) => out.extend_from_slice(line),
+            None => field(&mut out, name, text.value),
+        }
     }
     let framing = match length {
         Some(n) => Framing::Length(n),

@@ -22,7 +22,7 @@ pub use request::{
     parse_request, Authority, ConnectionInfo, Field, HeadLimits, HostInfo, Parsed, RequestFraming,
     RequestHead, Scheme, TargetForm, Version,
 };
-pub use response::{parse_response, KeepAlive, ResponseFraming, ResponseHead};
+pub use response::{parse_response, FieldText, KeepAlive, ResponseFraming, ResponseHead};
 pub use rewrite::{
     client_response, upstream_request, ClientResponseOptions, Part, RewriteOptions, Upstream,
     WireHead,

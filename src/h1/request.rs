@@ -308,12 +308,13 @@ pub(crate) fn fields_of(
     for header in headers {
         let name =
             Span::within(buf, header.name.as_bytes()).ok_or(H1Error::Syntax("header name"))?;
-        let line_end = memchr::memchr(b'\n', &buf[name.end..])
-            .map(|at| name.end + at + 1)
-            .ok_or(H1Error::Syntax("line end"))?;
         let value = Span::within(buf, header.value)
-            .filter(|v| !header.value.is_empty() && v.end <= line_end)
+            .filter(|v| !header.value.is_empty() && v.start >= name.end)
             .unwrap_or(Span::new(name.end, name.end));
+        // The line ends after the value: only its trailing space is searched.
+        let line_end = memchr::memchr(b'\n', &buf[value.end..])
+            .map(|at| value.end + at + 1)
+            .ok_or(H1Error::Syntax("line end"))?;
         let crlf = line_end >= 2 && buf[line_end - 2] == b'\r';
         fields.push(Field {
             name,

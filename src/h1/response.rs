@@ -37,6 +37,18 @@ pub struct KeepAlive {
     pub max: Option<u64>,
 }
 
+/// One field of a head as text: its name, its value and, when it can be
+/// passed on as it came, its whole line.
+#[derive(Debug, Clone, Copy)]
+pub struct FieldText<'a> {
+    /// The name, as sent.
+    pub name: &'a [u8],
+    /// The value, without surrounding whitespace.
+    pub value: &'a [u8],
+    /// The line from the name to its CRLF, when it ends in one.
+    pub line: Option<&'a [u8]>,
+}
+
 /// A parsed response head.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct ResponseHead {
@@ -62,12 +74,13 @@ pub struct ResponseHead {
 }
 
 impl ResponseHead {
-    /// The fields that cross a proxy, as `(name, value)` slices of `buf`
-    /// (the buffer the head was parsed from), in order: hop-by-hop fields
+    /// The fields that cross a proxy, as `(name, value, line)` slices of
+    /// `buf` (the buffer the head was parsed from; `line` is the whole line
+    /// with its CRLF, none when it ended in a bare LF), in order: hop-by-hop fields
     /// and those the `Connection` field names are left out (never Host or
     /// Content-Length, whose removal would change what the message means),
     /// and so is Content-Length when Transfer-Encoding frames the body too.
-    pub fn end_to_end<'a>(&'a self, buf: &'a [u8]) -> impl Iterator<Item = (&'a [u8], &'a [u8])> {
+    pub fn end_to_end<'a>(&'a self, buf: &'a [u8]) -> impl Iterator<Item = FieldText<'a>> {
         self.fields.iter().filter_map(move |field| {
             let name = field.name.of(buf);
             let length = name.eq_ignore_ascii_case(b"content-length");
@@ -82,7 +95,11 @@ impl ResponseHead {
                             .iter()
                             .any(|token| token.of(buf).eq_ignore_ascii_case(name)))
             };
-            (!dropped).then(|| (name, field.value.of(buf)))
+            (!dropped).then(|| FieldText {
+                name,
+                value: field.value.of(buf),
+                line: field.crlf.then(|| field.line.of(buf)),
+            })
         })
     }
 

@@ -54,7 +54,7 @@ impl Http1Head {
     }
 
     /// The fields that cross a proxy (see [`h1::ResponseHead::end_to_end`]).
-    pub fn end_to_end(&self) -> impl Iterator<Item = (&[u8], &[u8])> {
+    pub fn end_to_end(&self) -> impl Iterator<Item = h1::FieldText<'_>> {
         self.head.end_to_end(&self.bytes)
     }
 
