@@ -81,7 +81,11 @@ pub(super) async fn write<S: Socket>(
     state: &ClientState,
 ) -> Result<bool, ClientError> {
     let ProxyResponse { head, mut body } = response;
-    let head = head_of(&head, &body, answering);
+    let encoded = head_of(&head, &body, answering);
+    // The upstream's head holds the buffer it was read into: let it go
+    // before the body streams.
+    drop(head);
+    let head = encoded;
     let mut out = Output::new(prelude, head.bytes);
     let mut remaining = match head.framing {
         Framing::Length(n) => n,
