@@ -219,7 +219,7 @@ fn encode_head<'a>(
         let name = text.name;
         if name.eq_ignore_ascii_case(b"content-length") {
             // One, and only where a length may be: it is the framing.
-            match content_length(text.value) {
+            match crate::h1::content_length(text.value) {
                 Some(n) if may_have_length && length.is_none() => length = Some(n),
                 _ => continue,
             }
@@ -324,14 +324,6 @@ fn field(out: &mut Vec<u8>, name: &[u8], value: &[u8]) {
     out.extend_from_slice(b": ");
     out.extend_from_slice(value);
     out.extend_from_slice(b"\r\n");
-}
-
-/// A Content-Length value as a number (digits only).
-fn content_length(digits: &[u8]) -> Option<u64> {
-    if digits.is_empty() || !digits.iter().all(u8::is_ascii_digit) {
-        return None;
-    }
-    std::str::from_utf8(digits).ok()?.parse().ok()
 }
 
 /// `n` in decimal.

@@ -29,6 +29,8 @@ pub use rewrite::{
 };
 pub use span::Span;
 
+pub(crate) use request::content_length;
+
 /// Headers that describe one connection, not the message (RFC 9110 §7.6.1),
 /// plus the legacy `Keep-Alive` and `Proxy-Connection`, lowercase. The one
 /// table of them: `http::headers` builds its `HeaderName`s from it.
