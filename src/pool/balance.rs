@@ -26,6 +26,16 @@ impl Pool {
                 upstream: self.inner.name.clone(),
             });
         }
+        if let [only] = all.as_slice() {
+            // Nothing to choose between (a sidecar's usual backend): no
+            // list is built for it.
+            if excluded.contains(&only.addr) || only.is_ejected() {
+                return Err(PoolError::AllEjected {
+                    upstream: self.inner.name.clone(),
+                });
+            }
+            return Ok(only.clone());
+        }
         let endpoints: Vec<Arc<Endpoint>> = all
             .iter()
             .filter(|e| !excluded.contains(&e.addr) && !e.is_ejected())
