@@ -16,17 +16,17 @@ use std::sync::{Arc, Weak};
 use std::task::Poll;
 
 use bytes::{Bytes, BytesMut};
-use http::Request;
 use tokio_util::sync::CancellationToken;
 
 use super::body::{BodySource, RequestBody};
 use super::io::{ClientIo, Socket, Wire};
-use super::request::to_request;
 use super::response::{self, Answering};
 use super::state::ClientState;
 use super::ClientError;
 use crate::h1::{parse_request, H1Error, HeadLimits, Parsed, RequestFraming, RequestHead, Version};
-use crate::http::{Binding, ClientConnection, ProxyError, ProxyResponse, ProxyService};
+use crate::http::{
+    Binding, ClientConnection, ClientRequest, ProxyError, ProxyResponse, ProxyService,
+};
 use crate::sock;
 
 /// The least a head's buffer grows by when its first read did not hold it.
@@ -220,8 +220,7 @@ impl<S: Socket> Connection<S> {
         } else {
             RequestBody::empty()
         };
-        let request = to_request(&head, &bytes, body).map_err(ClientError::Refused)?;
-        drop((head, bytes));
+        let request = ClientRequest { head, bytes, body };
         let response = self.call(request, !has_body).await?;
         let wire = self.io.wire().clone();
         let prelude = if has_body {
@@ -255,7 +254,7 @@ impl<S: Socket> Connection<S> {
     /// that only half-closes still gets its answer.
     async fn call(
         &mut self,
-        request: Request<RequestBody>,
+        request: ClientRequest<RequestBody>,
         watch: bool,
     ) -> Result<ProxyResponse, ClientError> {
         let wire = self.io.wire().clone();

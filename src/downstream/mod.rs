@@ -19,7 +19,6 @@ mod close;
 mod conn;
 mod io;
 mod registry;
-mod request;
 mod response;
 mod state;
 

@@ -24,8 +24,8 @@ pub use request::{
 };
 pub use response::{parse_response, FieldText, KeepAlive, ResponseFraming, ResponseHead};
 pub use rewrite::{
-    client_response, upstream_request, ClientResponseOptions, Part, RewriteOptions, Upstream,
-    WireHead,
+    client_response, upstream_request, upstream_request_into, ClientResponseOptions, HeadSink,
+    Part, RewriteOptions, Rewritten, Upstream, WireHead,
 };
 pub use span::Span;
 

@@ -186,6 +186,17 @@ impl RequestHead {
         }
     }
 
+    /// The host the request is for, as routing reads it: an absolute-form
+    /// target's `host[:port]` (RFC 9112 §3.2.2: it wins over Host), else the
+    /// Host field; `None` for a request without either (HTTP/1.0).
+    pub fn authority<'a>(&self, buf: &'a [u8]) -> Option<&'a [u8]> {
+        match self.form {
+            TargetForm::Absolute { authority, .. } => Some(authority.host.of(buf)),
+            TargetForm::Authority => Some(self.target.of(buf)),
+            _ => self.host.value.map(|host| host.of(buf)),
+        }
+    }
+
     /// Whether the client asked for this to be the connection's last
     /// exchange: `Connection: close`, or HTTP/1.0 without `keep-alive`.
     pub fn client_ends_connection(&self) -> bool {

@@ -5,9 +5,17 @@
 //!
 //! Chunked bodies are forwarded as they came, framing and all, so the
 //! `Transfer-Encoding` fields of a chunked message are kept, though hop-by-hop:
-//! the next hop reads the same chunks the client (or upstream) wrote.
+//! the next hop reads the same chunks the client (or upstream) wrote. The
+//! one exception is a head for a writer that frames the body itself
+//! ([`upstream_request_into`]), which leaves out every framing field but the
+//! one Content-Length and leaves the head open for the writer's own.
+//!
+//! One rewrite fills either form of the head: a [`WireHead`] of slices, or a
+//! flat copy in a `BytesMut` (a [`HeadSink`] each).
 
 use std::io::IoSlice;
+
+use bytes::{BufMut, BytesMut};
 
 use super::error::H1Error;
 use super::hop_by_hop_index;
@@ -83,8 +91,34 @@ impl WireHead {
             Part::Static(text) => text,
         }
     }
+}
 
-    /// Adds a span of the buffer, joined to the previous one if adjacent.
+/// Where a rewritten head goes, piece by piece.
+pub trait HeadSink {
+    /// Adds a span of the buffer the head was parsed from.
+    fn buf(&mut self, span: Span);
+    /// Adds fixed text.
+    fn text(&mut self, text: &'static [u8]);
+    /// Adds bytes the rewrite made.
+    fn own(&mut self, bytes: &[u8]);
+
+    /// A kept field: its line as it came, or rebuilt with CRLF if it ended
+    /// in a bare LF (never passed on: a next hop might read it otherwise).
+    fn field(&mut self, field: &Field) {
+        if field.crlf {
+            self.buf(field.line);
+        } else {
+            self.buf(field.name);
+            self.text(b": ");
+            self.buf(field.value);
+            self.text(b"\r\n");
+        }
+    }
+}
+
+impl HeadSink for WireHead {
+    /// Joined to the previous piece when adjacent, so that a run of kept
+    /// lines is one slice.
     fn buf(&mut self, span: Span) {
         if let Some(Part::Buf(last)) = self.parts.last_mut() {
             if last.end == span.start {
@@ -105,18 +139,25 @@ impl WireHead {
         self.parts
             .push(Part::Owned(Span::new(start, self.owned.len())));
     }
+}
 
-    /// A kept field: its line as it came, or rebuilt with CRLF if it ended
-    /// in a bare LF (never passed on: a next hop might read it otherwise).
-    fn field(&mut self, field: &Field) {
-        if field.crlf {
-            self.buf(field.line);
-        } else {
-            self.buf(field.name);
-            self.text(b": ");
-            self.buf(field.value);
-            self.text(b"\r\n");
-        }
+/// A head copied flat into `out` as it is rewritten from `src`.
+struct Flat<'a> {
+    src: &'a [u8],
+    out: &'a mut BytesMut,
+}
+
+impl HeadSink for Flat<'_> {
+    fn buf(&mut self, span: Span) {
+        self.out.put_slice(span.of(self.src));
+    }
+
+    fn text(&mut self, text: &'static [u8]) {
+        self.out.put_slice(text);
+    }
+
+    fn own(&mut self, bytes: &[u8]) {
+        self.out.put_slice(bytes);
     }
 }
 
@@ -153,13 +194,60 @@ pub fn upstream_request(
     head: &RequestHead,
     options: &RewriteOptions<'_>,
 ) -> Result<Upstream, H1Error> {
+    let mut wire = WireHead::default();
+    let dropped_underscored = rewrite_request(&mut wire, buf, head, options, false)?;
+    wire.text(b"\r\n");
+    Ok(Upstream {
+        head: wire,
+        dropped_underscored,
+    })
+}
+
+/// What a request head's rewrite learnt besides the head.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Rewritten {
+    /// How many fields were dropped for a `_` in their name.
+    pub dropped_underscored: u64,
+    /// Whether the head kept a Content-Length, which then frames the body.
+    pub has_length: bool,
+}
+
+/// The upstream form of `head`, as [`upstream_request`] writes it, copied
+/// into `out` for a writer that frames the body itself: no
+/// Transfer-Encoding (the writer decides the framing of what it sends), and
+/// the head left open, without its empty line, for the writer's framing and
+/// `Connection` fields.
+pub fn upstream_request_into(
+    out: &mut BytesMut,
+    buf: &[u8],
+    head: &RequestHead,
+    options: &RewriteOptions<'_>,
+) -> Result<Rewritten, H1Error> {
+    let mut flat = Flat { src: buf, out };
+    let dropped_underscored = rewrite_request(&mut flat, buf, head, options, true)?;
+    Ok(Rewritten {
+        dropped_underscored,
+        has_length: matches!(head.framing, RequestFraming::Length(_)),
+    })
+}
+
+/// The rewrite of [`upstream_request`] into `sink`, up to the empty line;
+/// `writer_frames`: Transfer-Encoding is left out whatever the framing.
+/// Returns how many fields were dropped for their `_`.
+fn rewrite_request(
+    sink: &mut impl HeadSink,
+    buf: &[u8],
+    head: &RequestHead,
+    options: &RewriteOptions<'_>,
+    writer_frames: bool,
+) -> Result<u64, H1Error> {
     if head.underscore_framing {
         return Err(H1Error::UnderscoreFraming);
     }
     if options.underscores == UnderscoresInHeaders::Reject && !head.underscored.is_empty() {
         return Err(H1Error::UnderscoreInHeader);
     }
-    let mut wire = WireHead::default();
+    let wire = sink;
     wire.buf(head.method);
     wire.text(b" ");
     match head.form {
@@ -182,7 +270,7 @@ pub fn upstream_request(
         wire.own(options.fallback_host);
         wire.text(b"\r\n");
     }
-    let keep_chunked = head.framing == RequestFraming::Chunked;
+    let keep_chunked = !writer_frames && head.framing == RequestFraming::Chunked;
     let mut dropped_underscored = 0;
     let mut forwarded = Vec::new();
     let mut length_seen = false;
@@ -213,13 +301,9 @@ pub fn upstream_request(
         }
     }
     if let Some(client) = options.forwarded_for {
-        forwarded_for(&mut wire, buf, &forwarded, client);
+        forwarded_for(wire, buf, &forwarded, client);
     }
-    wire.text(b"\r\n");
-    Ok(Upstream {
-        head: wire,
-        dropped_underscored,
-    })
+    Ok(dropped_underscored)
 }
 
 /// Whether `name` is a Content-Length after the first: the parser has
@@ -248,7 +332,7 @@ fn named_by_connection(buf: &[u8], name: &[u8], named: &[Span], keep_chunked: bo
 
 /// One X-Forwarded-For: the prior values (those that are visible ASCII, as
 /// the hyper path reads them) joined by `, `, then the client.
-fn forwarded_for(wire: &mut WireHead, buf: &[u8], prior: &[Span], client: &[u8]) {
+fn forwarded_for(wire: &mut impl HeadSink, buf: &[u8], prior: &[Span], client: &[u8]) {
     wire.text(b"X-Forwarded-For: ");
     for value in prior {
         let bytes = value.of(buf);

@@ -152,14 +152,19 @@ fn a_valid_head_yields_its_facts_in_one_pass() {
     assert!(head.underscore_framing);
     assert_eq!(head.fields[7].value.of(raw), b"");
     assert!(!head.client_ends_connection());
+    // The target's authority, less its userinfo, wins over Host.
+    assert_eq!(head.authority(raw), Some(&b"Example.com:8080"[..]));
 
     let lf: &[u8] = b"GET /\"a\"?b={c}&d=\xc3\xa9 HTTP/1.0\nConnection: close\n\n";
     let head = admit(lf).unwrap();
     assert!(!head.fields[0].crlf);
     assert_eq!(head.form, TargetForm::Origin);
     assert!(head.client_ends_connection());
+    assert_eq!(head.authority(lf), None);
     let options: &[u8] = b"OPTIONS * HTTP/1.1\r\nHost: [::1]:80\r\n\r\n";
-    assert_eq!(admit(options).unwrap().form, TargetForm::Asterisk);
+    let head = admit(options).unwrap();
+    assert_eq!(head.form, TargetForm::Asterisk);
+    assert_eq!(head.authority(options), Some(&b"[::1]:80"[..]));
 }
 
 /// Response heads, whether they answer HEAD, their framing, and whether the

@@ -16,6 +16,7 @@ use http::{Response, StatusCode};
 
 use super::body::ProxyBody;
 use super::headers::Rejection;
+use crate::h1::H1Error;
 use crate::pool::{PoolError, SendError};
 
 /// Header carrying the reason of every response tether makes itself.
@@ -105,6 +106,19 @@ impl ProxyError {
     pub fn rejected(rejection: Rejection) -> Self {
         let (status, reason) = rejection.answer();
         Self::refused(status, reason, rejection.detail())
+    }
+
+    /// A request head refused by the codec's checks or its rewrite: as a
+    /// [`Rejection`] where it is one (so that its detail says what to do
+    /// instead), else with the codec's own answer.
+    pub fn from_head(error: H1Error) -> Self {
+        match Rejection::from_h1(&error) {
+            Some(rejection) => Self::rejected(rejection),
+            None => {
+                let (status, reason) = error.answer();
+                Self::refused(status, reason, error.to_string())
+            }
+        }
     }
 
     /// No route of the listener matches `host`, and it has no default

@@ -6,15 +6,16 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 
 use bytes::Bytes;
-use http::request::Parts;
-use http::{Method, Request};
+use http::Method;
 
 use tokio::time::Instant;
 
 use super::error::ProxyError;
 use crate::accesslog::UpstreamFacts;
-use crate::config::Protocol;
-use crate::pool::{refused_by_peer, Lease, Pool, SendError, UpstreamBody, UpstreamResponse};
+use crate::pool::{
+    refused_by_peer, Lease, OutboundHead, Pool, SendError, UpstreamBody, UpstreamRequest,
+    UpstreamResponse,
+};
 
 /// What the access log is told of the upstream side, when it is on.
 type Facts<'a> = Option<&'a mut UpstreamFacts>;
@@ -24,7 +25,7 @@ type Facts<'a> = Option<&'a mut UpstreamFacts>;
 /// give the head back on failure (HTTP/2; an HTTP/1.1 exchange does).
 struct Replay {
     body: Option<Bytes>,
-    head: Option<Parts>,
+    head: Option<OutboundHead>,
 }
 
 /// Sends the request, retrying once on a fresh connection when that is safe:
@@ -35,19 +36,18 @@ struct Replay {
 /// the pool wait, the connection and the attempts.
 pub(super) async fn forward(
     pool: &Pool,
-    parts: Parts,
-    body: UpstreamBody,
+    request: UpstreamRequest,
     mut facts: Facts<'_>,
 ) -> Result<(UpstreamResponse, Lease), ProxyError> {
-    let gives_head_back = pool.settings().protocol == Protocol::Http1;
-    let replay = body.replayable().map(|bytes| Replay {
+    let gives_head_back = matches!(request.head, OutboundHead::Http1(_));
+    let replay = request.body.replayable().map(|bytes| Replay {
         body: bytes,
-        head: (!gives_head_back).then(|| copy_head(&parts)),
+        head: (!gives_head_back).then(|| request.head.replay_copy()),
     });
-    let client_failed = body.client_failed_flag();
+    let client_failed = request.body.client_failed_flag();
     let mut lease = timed(&mut facts, pool.acquire()).await?;
     let received_before = lease.received();
-    let sent = lease.send(Request::from_parts(parts, body)).await;
+    let sent = lease.send(request).await;
     note_attempt(&mut facts, &lease);
     let failure = match sent {
         Ok(response) => return Ok((response, lease)),
@@ -116,8 +116,8 @@ async fn retry(
         (None, _) => (None, None),
     };
     let method = match &failure {
-        SendError::Failed(_, Some(head)) => Some(&head.method),
-        _ => replay_head.as_ref().map(|head| &head.method),
+        SendError::Failed(_, Some(head)) => Some(head.method()),
+        _ => replay_head.as_ref().map(OutboundHead::method),
     };
     let idempotent = replay_body.is_some() && method.is_some_and(idempotent);
     let client_failed = || client_failed.load(Ordering::Acquire);
@@ -152,7 +152,10 @@ async fn retry(
                 "reused-connection-failed"
             };
             set_retry_reason(&mut facts, reason);
-            Request::from_parts(head, UpstreamBody::from_bytes(bytes))
+            UpstreamRequest {
+                head,
+                body: UpstreamBody::from_bytes(bytes),
+            }
         }
     };
     drop(lease);
@@ -181,14 +184,4 @@ fn idempotent(method: &Method) -> bool {
         *method,
         Method::GET | Method::HEAD | Method::OPTIONS | Method::TRACE | Method::PUT | Method::DELETE
     )
-}
-
-/// The head of a request, without its extensions, for a replay.
-fn copy_head(parts: &Parts) -> Parts {
-    let (mut head, ()) = Request::new(()).into_parts();
-    head.method = parts.method.clone();
-    head.uri = parts.uri.clone();
-    head.version = parts.version;
-    head.headers = parts.headers.clone();
-    head
 }

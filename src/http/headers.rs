@@ -6,7 +6,7 @@
 use std::net::IpAddr;
 
 use http::header::{self, HeaderMap, HeaderName, HeaderValue};
-use http::{Method, Request, StatusCode, Uri, Version};
+use http::{StatusCode, Uri, Version};
 
 use crate::config::UnderscoresInHeaders;
 
@@ -115,16 +115,6 @@ fn apply_underscore_rule(
     }
 }
 
-/// Whether the client asked for this to be the connection's last exchange:
-/// `Connection: close`, or HTTP/1.0 without `Connection: keep-alive`.
-pub fn client_ends_connection<B>(request: &Request<B>) -> bool {
-    let has_token = |token| crate::connection_header::has_token(request.headers(), token);
-    match request.version() {
-        Version::HTTP_10 | Version::HTTP_09 => !has_token("keep-alive"),
-        _ => has_token("close"),
-    }
-}
-
 /// Why a parsed request is not forwarded.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Rejection {
@@ -166,6 +156,22 @@ impl Rejection {
         }
     }
 
+    /// The rejection a codec error of the same meaning stands for.
+    pub fn from_h1(error: &crate::h1::H1Error) -> Option<Self> {
+        use crate::h1::H1Error;
+        Some(match error {
+            H1Error::DuplicateHost => Self::DuplicateHost,
+            H1Error::InvalidHost => Self::InvalidHost,
+            H1Error::MissingHost => Self::MissingHost,
+            H1Error::Connect => Self::Connect,
+            H1Error::InvalidTarget => Self::InvalidTarget,
+            H1Error::HttpsTarget => Self::HttpsTarget,
+            H1Error::UnderscoreFraming => Self::UnderscoreFraming,
+            H1Error::UnderscoreInHeader => Self::UnderscoreInHeader,
+            _ => return None,
+        })
+    }
+
     /// What the client is told, after the status and reason: why, and what
     /// to do instead where there is something.
     pub fn detail(self) -> &'static str {
@@ -182,39 +188,6 @@ impl Rejection {
             }
             _ => "request rejected before forwarding",
         }
-    }
-}
-
-/// Checks a parsed request for what HTTP/1 syntax lets through but a proxy
-/// must not forward.
-pub fn rejection<B>(request: &Request<B>) -> Option<Rejection> {
-    let hosts = request.headers().get_all(header::HOST).iter().count();
-    if hosts > 1 {
-        return Some(Rejection::DuplicateHost);
-    }
-    if let Some(host) = request.headers().get(header::HOST) {
-        if host
-            .to_str()
-            .ok()
-            .and_then(|h| h.parse::<http::uri::Authority>().ok())
-            .is_none()
-        {
-            return Some(Rejection::InvalidHost);
-        }
-    } else if request.version() == Version::HTTP_11 && request.uri().authority().is_none() {
-        // RFC 9112 §3.2: a server MUST answer 400 to an HTTP/1.1 request without
-        // Host; an absolute-form target carries the host itself (§3.2.2).
-        return Some(Rejection::MissingHost);
-    }
-    if request.method() == Method::CONNECT {
-        return Some(Rejection::Connect);
-    }
-    match request.uri().scheme() {
-        None => None,
-        Some(scheme) if *scheme == http::uri::Scheme::HTTPS => Some(Rejection::HttpsTarget),
-        Some(scheme) if *scheme != http::uri::Scheme::HTTP => Some(Rejection::InvalidTarget),
-        Some(_) if request.uri().path_and_query().is_none() => Some(Rejection::InvalidTarget),
-        Some(_) => None,
     }
 }
 
@@ -358,7 +331,7 @@ mod tests {
     }
 
     fn request_with(names: &[&str]) -> http::request::Parts {
-        let mut request = Request::builder().header(header::HOST, "t");
+        let mut request = http::Request::builder().header(header::HOST, "t");
         for name in names {
             request = request.header(*name, "1");
         }
@@ -446,25 +419,5 @@ mod tests {
             let ip: IpAddr = ip.parse().unwrap();
             assert_eq!(forwarded_for_value(ip).unwrap(), ip.to_string().as_str());
         }
-    }
-
-    #[test]
-    fn http10_closes_unless_keep_alive() {
-        let r = Request::builder()
-            .version(Version::HTTP_10)
-            .body(())
-            .unwrap();
-        assert!(client_ends_connection(&r));
-        let r = Request::builder()
-            .version(Version::HTTP_10)
-            .header("connection", "Keep-Alive")
-            .body(())
-            .unwrap();
-        assert!(!client_ends_connection(&r));
-        let r = Request::builder()
-            .header("connection", "keep-alive, Close")
-            .body(())
-            .unwrap();
-        assert!(client_ends_connection(&r));
     }
 }

@@ -12,6 +12,7 @@ mod client;
 mod error;
 mod forward;
 pub mod headers;
+mod request;
 mod response;
 mod route;
 mod service;
@@ -25,8 +26,9 @@ use crate::config::ListenerConfig;
 use crate::metrics::{ListenerLabel, Metrics, Name, ReasonLabels, RequestLabels};
 pub use client::ClientConnection;
 pub use error::{Failure, ProxyError, Side, ERROR_HEADER};
+pub use request::ClientRequest;
 pub use response::{ClientHead, ProxyResponse};
-pub use route::{request_host, Routes, Target};
+pub use route::{Routes, Target};
 pub use service::ProxyService;
 
 /// A listener bound to its upstreams' pools: what it forwards to, shared by

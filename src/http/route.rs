@@ -7,9 +7,6 @@
 //! listener has a handful of routes, so a scan is cheaper than any map; a
 //! listener without routes skips the host entirely.
 
-use http::header;
-use http::Request;
-
 use crate::config::{split_authority, HostPattern};
 use crate::pool::Pool;
 
@@ -36,7 +33,7 @@ impl Routes {
     }
 
     /// The upstream serving a request for `host` (an authority, as
-    /// [`request_host`] gives it): the first route that matches, else the
+    /// [`crate::h1::RequestHead::authority`] gives it): the first route that matches, else the
     /// default. `None`: nothing serves it (403 `no-route`).
     pub fn pick(&self, host: Option<&str>) -> Option<&Target> {
         if self.routes.is_empty() {
@@ -49,39 +46,5 @@ impl Routes {
                 .find(|(pattern, _)| pattern.matches(name, port))
         });
         chosen.map(|(_, target)| target).or(self.default.as_ref())
-    }
-}
-
-/// The host a request is for: an absolute-form target's authority (RFC 9112
-/// §3.2.2: it wins over Host), else its Host header; `None` for an HTTP/1.0
-/// request without either.
-pub fn request_host<B>(request: &Request<B>) -> Option<&str> {
-    match request.uri().authority() {
-        Some(authority) => Some(authority.as_str()),
-        None => request
-            .headers()
-            .get(header::HOST)
-            .and_then(|host| host.to_str().ok()),
-    }
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn the_target_authority_wins_over_host() {
-        let absolute = Request::get("http://api.internal:81/x")
-            .header(header::HOST, "other")
-            .body(())
-            .unwrap();
-        assert_eq!(request_host(&absolute), Some("api.internal:81"));
-        let origin = Request::get("/x")
-            .header(header::HOST, "web.internal")
-            .body(())
-            .unwrap();
-        assert_eq!(request_host(&origin), Some("web.internal"));
-        let bare = Request::get("/x").body(()).unwrap();
-        assert_eq!(request_host(&bare), None);
     }
 }

@@ -8,19 +8,21 @@ use std::net::{IpAddr, SocketAddr};
 use std::sync::atomic::AtomicU64;
 use std::sync::Arc;
 
-use bytes::Bytes;
+use bytes::{Bytes, BytesMut};
 use http::header::HeaderValue;
-use http::{Method, Request, StatusCode, Version};
+use http::{Method, StatusCode, Version};
 use http_body::Body;
 use tokio::time::Instant;
 
 use super::body::{prefetch, ExchangeDone};
 use super::error::{Failure, ProxyError, Side};
+use super::request::{to_request, ClientRequest};
 use super::response::{respond, Exchange, ProxyResponse};
-use super::{forward, headers, request_host, Binding, BindingSlot, ClientConnection, Target};
+use super::{forward, headers, Binding, BindingSlot, ClientConnection, Target};
 use crate::accesslog::{ms, truncate_target, AccessLog, AccessRecord};
-use crate::config::{ClientClose, Protocol};
-use crate::pool::{BodyError, UpstreamBody};
+use crate::config::{ClientClose, ListenerConfig, Protocol};
+use crate::h1::{self, RewriteOptions};
+use crate::pool::{BodyError, Http1Request, OutboundHead, UpstreamBody, UpstreamRequest};
 
 /// The proxy service of one client connection.
 pub struct ProxyService<C> {
@@ -77,7 +79,7 @@ impl<C: ClientConnection> ProxyService<C> {
     /// Serves one request to the head of its response (the body streams
     /// after): tether's own answer when it refuses or fails, else the
     /// upstream's. Counted, timed and logged here.
-    pub async fn call<B>(&mut self, request: Request<B>) -> ProxyResponse
+    pub async fn call<B>(&mut self, request: ClientRequest<B>) -> ProxyResponse
     where
         B: Body<Data = Bytes, Error = BodyError> + Send + Unpin + 'static,
     {
@@ -119,20 +121,16 @@ impl<C: ClientConnection> ProxyService<C> {
         }
     }
 
-    /// The access-log line of `request`, as far as its head tells.
-    fn begin_line<B>(&self, request: &Request<B>, log: &AccessLog) -> Logging {
-        let uri = request.uri();
-        // Origin form (nearly every request) is cut from the head's own text;
-        // only an absolute-form target is rendered first.
-        let target = match (uri.scheme(), uri.path_and_query()) {
-            (None, Some(origin)) => truncate_target(origin.as_str(), log.max_target_bytes),
-            _ => truncate_target(&uri.to_string(), log.max_target_bytes),
-        };
+    /// The access-log line of `request`, as far as its head tells: the
+    /// target as the client sent it.
+    fn begin_line<B>(&self, request: &ClientRequest<B>, log: &AccessLog) -> Logging {
+        let target = request.head.target.of(&request.bytes);
+        let target = truncate_target(&String::from_utf8_lossy(target), log.max_target_bytes);
         let record = Box::new(AccessRecord {
             kind: "request",
             listener: self.binding.listener.name.clone(),
             client: self.client_addr,
-            method: Some(request.method().as_str().to_owned()),
+            method: Some(String::from_utf8_lossy(request.method()).into_owned()),
             target: Some(target),
             version: Some(version_label(request.version())),
             ..AccessRecord::default()
@@ -145,7 +143,7 @@ impl<C: ClientConnection> ProxyService<C> {
 
     async fn handle<B>(
         &self,
-        request: Request<B>,
+        request: ClientRequest<B>,
         started: Instant,
         mut logging: Option<&mut Logging>,
     ) -> ProxyResponse
@@ -169,14 +167,15 @@ impl<C: ClientConnection> ProxyService<C> {
 
     /// What is decided from the request head alone: refusals, the graceful
     /// close of a last exchange, and the upstream the request goes to.
-    fn admit<B>(&self, request: &Request<B>, last: bool) -> Result<&Target, ProxyError> {
+    fn admit<B>(&self, request: &ClientRequest<B>, last: bool) -> Result<&Target, ProxyError> {
         if last && self.binding.listener.client_close == ClientClose::Graceful {
             self.client.fin_after_response();
         }
-        if let Some(rejection) = headers::rejection(request) {
-            return Err(ProxyError::rejected(rejection));
-        }
-        let host = request_host(request);
+        let ClientRequest { head, bytes, .. } = request;
+        head.check(bytes).map_err(ProxyError::from_head)?;
+        let host = head
+            .authority(bytes)
+            .and_then(|host| std::str::from_utf8(host).ok());
         self.binding
             .routes
             .pick(host)
@@ -186,17 +185,17 @@ impl<C: ClientConnection> ProxyService<C> {
     /// Counts the request and says whether its exchange ends the connection:
     /// the client asked, the connection has carried
     /// `max_requests_per_connection`, or the process is draining.
-    fn is_last_exchange<B>(&self, request: &Request<B>) -> bool {
+    fn is_last_exchange<B>(&self, request: &ClientRequest<B>) -> bool {
         let served = self.client.count_request();
         let limit = self.binding.listener.max_requests_per_connection;
-        headers::client_ends_connection(request)
+        request.head.client_ends_connection()
             || (limit > 0 && served >= limit)
             || self.client.draining()
     }
 
     async fn proxy<B>(
         &self,
-        request: Request<B>,
+        request: ClientRequest<B>,
         started: Instant,
         last: bool,
         target: &Target,
@@ -208,34 +207,70 @@ impl<C: ClientConnection> ProxyService<C> {
         let listener = &self.binding.listener;
         let exchange = Exchange {
             client_version: request.version(),
-            head_request: request.method() == Method::HEAD,
+            head_request: request.head.is_head(&request.bytes),
             last,
             deadline: started + listener.request_timeout,
         };
-        let (mut parts, body) = request.into_parts();
-        let dropped = headers::prepare_upstream(
-            &mut parts,
-            self.forwarded_for.as_ref(),
-            listener.forwarded_for,
-            &target.fallback_host,
-            listener.underscores_in_headers,
-        )?;
+        let (upstream_head, dropped) = self.upstream_head(&request, target)?;
         self.binding.record_dropped_underscore(dropped);
-        if target.pool.settings().protocol == Protocol::Http2 {
-            headers::to_http2_form(&mut parts);
-        }
+        // The client's head is done with: its buffer is not held while the
+        // body is read and the exchange runs.
+        let ClientRequest { head, bytes, body } = request;
+        drop((head, bytes));
         let limit = listener.request_buffer.as_usize();
         let mut body = read_request_body(body, limit, exchange.deadline).await?;
         let facts = logging.map(|logging| {
             body.count_into(logging.bytes_in.clone());
             &mut logging.record.upstream
         });
-        let forwarding = forward::forward(&target.pool, parts, body, facts);
+        let upstream = UpstreamRequest {
+            head: upstream_head,
+            body,
+        };
+        let forwarding = forward::forward(&target.pool, upstream, facts);
         let (response, lease) = match tokio::time::timeout_at(exchange.deadline, forwarding).await {
             Ok(forwarded) => forwarded?,
             Err(_) => return Err(ProxyError::response_timeout(listener.request_timeout)),
         };
         respond(&self.binding, target, response, lease, &exchange).await
+    }
+
+    /// The head `request` goes upstream with, in the form `target`'s pool
+    /// sends, and how many fields were dropped for a `_` in their name.
+    fn upstream_head<B>(
+        &self,
+        request: &ClientRequest<B>,
+        target: &Target,
+    ) -> Result<(OutboundHead, u64), ProxyError> {
+        let listener = &self.binding.listener;
+        let ClientRequest { head, bytes, .. } = request;
+        if target.pool.settings().protocol == Protocol::Http2 {
+            let (mut parts, ()) = to_request(head, bytes, ())
+                .map_err(ProxyError::from_head)?
+                .into_parts();
+            let dropped = headers::prepare_upstream(
+                &mut parts,
+                self.forwarded_for.as_ref(),
+                listener.forwarded_for,
+                &target.fallback_host,
+                listener.underscores_in_headers,
+            )?;
+            headers::to_http2_form(&mut parts);
+            return Ok((OutboundHead::Parts(parts), dropped));
+        }
+        let method = Method::from_bytes(request.method())
+            .map_err(|_| ProxyError::from_head(h1::H1Error::Syntax("method")))?;
+        let options = rewrite_options(listener, target, self.forwarded_for.as_ref());
+        // Room for what the rewrite adds: Host, X-Forwarded-For.
+        let mut out = BytesMut::with_capacity(head.len + 64);
+        let rewritten = h1::upstream_request_into(&mut out, bytes, head, &options)
+            .map_err(ProxyError::from_head)?;
+        let head = Http1Request {
+            method,
+            head: out.freeze(),
+            has_length: rewritten.has_length,
+        };
+        Ok((OutboundHead::Http1(head), rewritten.dropped_underscored))
     }
 
     /// The client's answer to a request tether could not forward or complete.
@@ -275,6 +310,21 @@ impl<C: ClientConnection> ProxyService<C> {
             // upstream body that fails while it streams to the client.
             Failure::Body(_) | Failure::BodyTimeout => {}
         }
+    }
+}
+
+/// What the HTTP/1.1 rewrite of a request for `target` depends on.
+fn rewrite_options<'a>(
+    listener: &ListenerConfig,
+    target: &'a Target,
+    client: Option<&'a HeaderValue>,
+) -> RewriteOptions<'a> {
+    RewriteOptions {
+        underscores: listener.underscores_in_headers,
+        fallback_host: target.fallback_host.as_bytes(),
+        forwarded_for: client
+            .filter(|_| listener.forwarded_for)
+            .map(HeaderValue::as_bytes),
     }
 }
 

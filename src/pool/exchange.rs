@@ -2,8 +2,10 @@
 //! request that holds the connection: no connection task, no channel and no
 //! task hop between the request and its socket.
 //!
-//! The request head is encoded straight from the request's `http` parts and
-//! written with the first body bytes in one vectored write. The response head
+//! The request head goes out as the bytes the proxy rewrote it into
+//! (`pool::Http1Request`), or, for a head in `http` parts (a probe's),
+//! encoded straight from them; either way with its framing, and the first
+//! body bytes, in one vectored write. The response head
 //! is parsed (`crate::h1`, on `httparse`) where it lands in a buffer lent for
 //! the exchange, its header values kept as slices of that buffer, and the
 //! body is decoded from the same buffer, its data handed on as slices too.
@@ -17,13 +19,14 @@ use std::task::{ready, Context, Poll};
 
 use bytes::{Buf, BufMut, Bytes, BytesMut};
 use http::header::CONTENT_LENGTH;
-use http::{HeaderMap, Request};
+use http::HeaderMap;
 use http_body::{Body, Frame};
 use tokio::io::AsyncWrite;
 
 use super::body::UpstreamBody;
 use super::io::UpstreamIo;
 use super::lease::SendFailure;
+use super::request::{OutboundHead, UpstreamRequest};
 use super::response::Http1Head;
 use crate::h1::{self, BodyFramer, ChunkLimits, H1Error, HeadLimits, Parsed, ResponseHead};
 
@@ -59,21 +62,24 @@ pub(crate) enum WriteFailure {
 /// (an early answer), usually nothing.
 pub(crate) async fn write_request(
     io: &mut UpstreamIo,
-    request: &mut Request<UpstreamBody>,
+    request: &mut UpstreamRequest,
     last: bool,
     buf: &mut BytesMut,
 ) -> Result<Written, WriteFailure> {
-    let framing = encode_head(buf, request, last);
-    let body = request.body_mut();
+    let UpstreamRequest { head, body } = request;
+    let (written_head, framing): (&[u8], Framing) = match head {
+        OutboundHead::Http1(head) => (&head.head, end_head(buf, head.has_length, body, last)),
+        OutboundHead::Parts(parts) => (&[], encode_head(buf, parts, body, last)),
+    };
     // The head leaves with the body's first bytes when they are in memory.
     let first = body.front_data().cloned();
     let mut prefix = ChunkPrefix::default();
-    let mut parts: [&[u8]; 4] = [buf, &[], &[], &[]];
+    let mut parts: [&[u8]; 5] = [written_head, buf, &[], &[], &[]];
     if let Some(data) = &first {
-        parts[2] = data;
+        parts[3] = data;
         if framing == Framing::Chunked && !data.is_empty() {
-            parts[1] = prefix.of(data.len());
-            parts[3] = b"\r\n";
+            parts[2] = prefix.of(data.len());
+            parts[4] = b"\r\n";
         }
     }
     let mut early = BytesMut::new();
@@ -105,28 +111,38 @@ enum Framing {
     Chunked,
 }
 
-/// Encodes the request line and fields into `buf`, adding the framing the
-/// body needs: its own Content-Length when it has one, else Content-Length
-/// for a body of known size, chunked for one of unknown size, nothing for no
-/// body (as hyper's client did).
-fn encode_head(buf: &mut BytesMut, request: &Request<UpstreamBody>, last: bool) -> Framing {
-    let target = request
-        .uri()
+/// Encodes the request line and fields of `parts` into `buf`, then ends
+/// the head as [`end_head`] does.
+fn encode_head(
+    buf: &mut BytesMut,
+    parts: &http::request::Parts,
+    body: &UpstreamBody,
+    last: bool,
+) -> Framing {
+    let target = parts
+        .uri
         .path_and_query()
         .map_or("/", |target| target.as_str());
-    buf.put_slice(request.method().as_str().as_bytes());
+    buf.put_slice(parts.method.as_str().as_bytes());
     buf.put_u8(b' ');
     buf.put_slice(target.as_bytes());
     buf.put_slice(b" HTTP/1.1\r\n");
-    for (name, value) in request.headers() {
+    for (name, value) in &parts.headers {
         buf.put_slice(name.as_str().as_bytes());
         buf.put_slice(b": ");
         buf.put_slice(value.as_bytes());
         buf.put_slice(b"\r\n");
     }
-    let headers = request.headers();
-    let body = request.body();
-    let framing = if headers.contains_key(CONTENT_LENGTH) || body.is_end_stream() {
+    end_head(buf, parts.headers.contains_key(CONTENT_LENGTH), body, last)
+}
+
+/// Ends a head whose fields are written into `buf`, adding the framing the
+/// body needs: none when the head has its own Content-Length
+/// (`has_length`), else Content-Length for a body of known size, chunked
+/// for one of unknown size, nothing for no body (as hyper's client did);
+/// then `Connection: close` when `last`, and the empty line.
+fn end_head(buf: &mut BytesMut, has_length: bool, body: &UpstreamBody, last: bool) -> Framing {
+    let framing = if has_length || body.is_end_stream() {
         Framing::Length
     } else if let Some(length) = body.size_hint().exact() {
         buf.put_slice(b"content-length: ");
@@ -327,17 +343,19 @@ fn drop_interim(early: &mut BytesMut) -> bool {
 /// then). `Ok(None)` when the backend answered (into `early`) while the
 /// socket would not take more; `Err` carries how many bytes were written
 /// before the error.
-async fn write_all(
+async fn write_all<const N: usize>(
     io: &mut UpstreamIo,
-    parts: &[&[u8]],
+    parts: &[&[u8]; N],
     early: &mut BytesMut,
 ) -> Result<Option<()>, (usize, io::Error)> {
-    let mut slices: Vec<IoSlice<'_>> = parts
-        .iter()
-        .filter(|p| !p.is_empty())
-        .map(|p| IoSlice::new(p))
-        .collect();
-    let mut slices = &mut slices[..];
+    // On the stack: a request's few pieces need no list of their own.
+    let mut slices = [IoSlice::new(&[]); N];
+    let mut count = 0;
+    for part in parts.iter().filter(|p| !p.is_empty()) {
+        slices[count] = IoSlice::new(part);
+        count += 1;
+    }
+    let mut slices = &mut slices[..count];
     let mut written = 0;
     while !slices.is_empty() {
         let wrote = poll_fn(
@@ -579,9 +597,16 @@ impl BodyReader {
 mod tests {
     use super::*;
 
+    use http::Request;
+
     fn head_of(request: &Request<UpstreamBody>, last: bool) -> (String, Framing) {
         let mut buf = BytesMut::new();
-        let framing = encode_head(&mut buf, request, last);
+        let (parts, ()) = Request::new(()).into_parts();
+        let mut parts = parts;
+        parts.method = request.method().clone();
+        parts.uri = request.uri().clone();
+        parts.headers = request.headers().clone();
+        let framing = encode_head(&mut buf, &parts, request.body(), last);
         (String::from_utf8(buf.to_vec()).unwrap(), framing)
     }
 

@@ -14,6 +14,7 @@ use super::body::UpstreamBody;
 use super::exchange::{self, HeadFacts, ResponseStart, WriteFailure, Written};
 use super::io::{UpstreamIo, Wire};
 use super::lease::{SendError, SendFailure, Slot};
+use super::request::UpstreamRequest;
 use super::retire::{close_manner, Close};
 use super::view::{ConnRecord, Ending};
 use crate::config::{Retire, RetirePolicy, RetireReason};
@@ -227,7 +228,7 @@ impl Conn {
     /// when none of it reached the socket.
     pub(crate) async fn exchange(
         &mut self,
-        mut request: http::Request<UpstreamBody>,
+        mut request: UpstreamRequest,
     ) -> Result<ResponseStart, SendError> {
         if self.broken {
             return Err(SendError::Unsent(
@@ -236,7 +237,7 @@ impl Conn {
             ));
         }
         let last = self.goodbye;
-        let head_request = request.method() == Method::HEAD;
+        let head_request = request.head.method() == Method::HEAD;
         let mut buf = BytesMut::with_capacity(EXCHANGE_BUFFER);
         let written = exchange::write_request(&mut self.io, &mut request, last, &mut buf).await;
         match written {
@@ -253,14 +254,13 @@ impl Conn {
             Err(WriteFailure::Failed(e)) => {
                 self.count_request(last);
                 self.broken = true;
-                let (head, _) = request.into_parts();
-                return Err(SendError::Failed(e, Some(Box::new(head))));
+                return Err(SendError::Failed(e, Some(Box::new(request.head))));
             }
         }
         self.count_request(last);
         // The head is kept until the response's head arrives, so that a
         // retry can send it again without a copy made for every request.
-        let (head, body) = request.into_parts();
+        let UpstreamRequest { head, body } = request;
         drop(body);
         let max_head = self.max_head;
         match exchange::read_response(&mut self.io, buf, head_request, max_head).await {
@@ -293,7 +293,7 @@ impl Conn {
         request: http::Request<UpstreamBody>,
         body_limit: usize,
     ) -> Result<u16, super::BoxError> {
-        let start = match self.exchange(request).await {
+        let start = match self.exchange(request.into()).await {
             Ok(start) => start,
             Err(SendError::Unsent(_, e)) => {
                 return Err(e.map_or_else(|| "connection closed".into(), Into::into))

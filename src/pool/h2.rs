@@ -20,6 +20,7 @@ use super::body::UpstreamBody;
 use super::endpoint::Endpoint;
 use super::io::{UpstreamIo, Wire};
 use super::lease::{sent, SendError, Slot};
+use super::request::{OutboundHead, UpstreamRequest};
 use super::view::ConnRecord;
 use super::PoolError;
 use crate::config::UpstreamConfig;
@@ -185,10 +186,25 @@ impl H2Stream {
     /// Sends the request on a new stream.
     pub(crate) async fn send(
         &self,
-        request: http::Request<UpstreamBody>,
+        request: UpstreamRequest,
     ) -> Result<super::UpstreamResponse, SendError> {
+        let UpstreamRequest { head, body } = request;
+        let parts = match head {
+            OutboundHead::Parts(parts) => parts,
+            head @ OutboundHead::Http1(_) => {
+                let request = UpstreamRequest { head, body };
+                return Err(SendError::Unsent(
+                    Box::new(request),
+                    Some(super::SendFailure::Http1HeadOnHttp2),
+                ));
+            }
+        };
         let mut sender = self.conn.sender.clone();
-        sent(sender.try_send_request(request).await)
+        sent(
+            sender
+                .try_send_request(http::Request::from_parts(parts, body))
+                .await,
+        )
     }
 
     /// The connection's id.

@@ -14,6 +14,7 @@ use super::body::{ResponseBody, UpstreamBody};
 use super::endpoint::Endpoint;
 use super::h1::Conn;
 use super::h2::H2Stream;
+use super::request::{OutboundHead, UpstreamRequest};
 use super::response::{UpstreamHead, UpstreamResponse};
 
 /// A connection slot of an endpoint; dropping it frees the slot.
@@ -198,7 +199,7 @@ impl Lease {
     /// Sends a request; `Err` carries the request back if it was never written.
     pub(crate) async fn send(
         &mut self,
-        request: http::Request<UpstreamBody>,
+        request: UpstreamRequest,
     ) -> Result<UpstreamResponse, SendError> {
         if let Some(stream) = &self.stream {
             return Box::pin(stream.send(request)).await;
@@ -277,6 +278,10 @@ pub enum SendFailure {
     /// The response could not be read: its head or framing was broken.
     #[error(transparent)]
     Response(H1Error),
+    /// An HTTP/1.1 head came for an HTTP/2 stream, which takes `http`
+    /// parts: a caller's mistake, never sent.
+    #[error("an HTTP/1.1 request head cannot go on an HTTP/2 stream")]
+    Http1HeadOnHttp2,
 }
 
 /// hyper's failure to send a request on a connection, with the request when it
@@ -305,7 +310,7 @@ pub(crate) fn sent(
 #[cold]
 fn send_error(mut e: TrySendError) -> SendError {
     match e.take_message() {
-        Some(request) => SendError::Unsent(Box::new(request), Some(e.into_error().into())),
+        Some(request) => SendError::Unsent(Box::new(request.into()), Some(e.into_error().into())),
         None => SendError::Failed(e.into_error().into(), None),
     }
 }
@@ -313,8 +318,8 @@ fn send_error(mut e: TrySendError) -> SendError {
 /// A failed send.
 pub(crate) enum SendError {
     /// The request was never written; it can be sent elsewhere whatever its method.
-    Unsent(Box<http::Request<UpstreamBody>>, Option<SendFailure>),
+    Unsent(Box<UpstreamRequest>, Option<SendFailure>),
     /// The request may have reached the backend. The head comes back
     /// when the sender kept it (HTTP/1.1 does, hyper's HTTP/2 does not).
-    Failed(SendFailure, Option<Box<http::request::Parts>>),
+    Failed(SendFailure, Option<Box<OutboundHead>>),
 }

@@ -59,6 +59,7 @@ mod observe;
 mod probe;
 mod reconfigure;
 mod registry;
+mod request;
 mod response;
 mod retire;
 mod rotation;
@@ -87,6 +88,7 @@ pub use lease::SendFailure;
 pub use observe::PoolObservers;
 pub use reconfigure::Reconfigured;
 pub use registry::{Registry, Shares};
+pub use request::{Http1Request, OutboundHead, UpstreamRequest};
 pub use response::{Http1Head, UpstreamHead, UpstreamResponse};
 // For `tether doctor --tls`, which labels and dates certificates as the pool does.
 pub(crate) use tls::{certificate_reason, days_left};

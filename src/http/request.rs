@@ -1,14 +1,41 @@
-//! A parsed request head as the proxy service takes it: an `http::Request`
-//! whose target and header values are slices of the bytes the head arrived
-//! in (`Bytes`, no copy), as hyper's server builds them. Repeated
-//! Content-Length fields (the parser has made sure they agree) become one,
-//! as in hyper.
+//! A client's request as the proxy service takes it: the head the client
+//! leg parsed, beside the bytes it was parsed from, and the body. An HTTP/1.1
+//! upstream gets the head rewritten from those bytes; only an HTTP/2
+//! upstream needs an `http::Request`, built by [`to_request`] with its
+//! target and header values as slices of the same bytes (`Bytes`, no copy),
+//! as hyper's server builds them. Repeated Content-Length fields (the parser
+//! has made sure they agree) become one, as in hyper.
 
 use bytes::Bytes;
 use http::header::{HeaderMap, HeaderName, HeaderValue, CONTENT_LENGTH};
 use http::{Method, Request, Uri};
 
 use crate::h1::{H1Error, RequestHead, Version};
+
+/// A request from the client leg.
+pub struct ClientRequest<B> {
+    /// The head, as spans of `bytes`.
+    pub head: RequestHead,
+    /// The bytes the head was parsed from, and no more.
+    pub bytes: Bytes,
+    /// The body.
+    pub body: B,
+}
+
+impl<B> ClientRequest<B> {
+    /// The method's bytes.
+    pub fn method(&self) -> &[u8] {
+        self.head.method(&self.bytes)
+    }
+
+    /// The version as `http` names it.
+    pub fn version(&self) -> http::Version {
+        match self.head.version {
+            Version::Http10 => http::Version::HTTP_10,
+            Version::Http11 => http::Version::HTTP_11,
+        }
+    }
+}
 
 /// `head`, parsed from `bytes`, as a request with `body`.
 pub(super) fn to_request<B>(
