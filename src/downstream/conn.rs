@@ -220,8 +220,13 @@ impl<S: Socket> Connection<S> {
         } else {
             RequestBody::empty()
         };
-        let request = ClientRequest { head, bytes, body };
+        let request = ClientRequest {
+            head: &head,
+            bytes: &bytes,
+            body,
+        };
         let response = self.call(request, !has_body).await?;
+        drop((head, bytes));
         let wire = self.io.wire().clone();
         let prelude = if has_body {
             wire.inbound().start_response()
@@ -254,7 +259,7 @@ impl<S: Socket> Connection<S> {
     /// that only half-closes still gets its answer.
     async fn call(
         &mut self,
-        request: ClientRequest<RequestBody>,
+        request: ClientRequest<'_, RequestBody>,
         watch: bool,
     ) -> Result<ProxyResponse, ClientError> {
         let wire = self.io.wire().clone();

@@ -12,20 +12,22 @@ use http::{Method, Request, Uri};
 
 use crate::h1::{H1Error, RequestHead, Version};
 
-/// A request from the client leg.
-pub struct ClientRequest<B> {
+/// A request from the client leg. Its head and bytes are borrowed from the
+/// client connection, which keeps them while the request is served: only
+/// two pointers move with the request from one await point to the next.
+pub struct ClientRequest<'a, B> {
     /// The head, as spans of `bytes`.
-    pub head: RequestHead,
+    pub head: &'a RequestHead,
     /// The bytes the head was parsed from, and no more.
-    pub bytes: Bytes,
+    pub bytes: &'a Bytes,
     /// The body.
     pub body: B,
 }
 
-impl<B> ClientRequest<B> {
+impl<B> ClientRequest<'_, B> {
     /// The method's bytes.
     pub fn method(&self) -> &[u8] {
-        self.head.method(&self.bytes)
+        self.head.method(self.bytes)
     }
 
     /// The version as `http` names it.

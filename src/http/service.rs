@@ -79,7 +79,7 @@ impl<C: ClientConnection> ProxyService<C> {
     /// Serves one request to the head of its response (the body streams
     /// after): tether's own answer when it refuses or fails, else the
     /// upstream's. Counted, timed and logged here.
-    pub async fn call<B>(&mut self, request: ClientRequest<B>) -> ProxyResponse
+    pub async fn call<B>(&mut self, request: ClientRequest<'_, B>) -> ProxyResponse
     where
         B: Body<Data = Bytes, Error = BodyError> + Send + Unpin + 'static,
     {
@@ -123,8 +123,8 @@ impl<C: ClientConnection> ProxyService<C> {
 
     /// The access-log line of `request`, as far as its head tells: the
     /// target as the client sent it.
-    fn begin_line<B>(&self, request: &ClientRequest<B>, log: &AccessLog) -> Logging {
-        let target = request.head.target.of(&request.bytes);
+    fn begin_line<B>(&self, request: &ClientRequest<'_, B>, log: &AccessLog) -> Logging {
+        let target = request.head.target.of(request.bytes);
         let target = truncate_target(&String::from_utf8_lossy(target), log.max_target_bytes);
         let record = Box::new(AccessRecord {
             kind: "request",
@@ -143,7 +143,7 @@ impl<C: ClientConnection> ProxyService<C> {
 
     async fn handle<B>(
         &self,
-        request: ClientRequest<B>,
+        request: ClientRequest<'_, B>,
         started: Instant,
         mut logging: Option<&mut Logging>,
     ) -> ProxyResponse
@@ -167,7 +167,7 @@ impl<C: ClientConnection> ProxyService<C> {
 
     /// What is decided from the request head alone: refusals, the graceful
     /// close of a last exchange, and the upstream the request goes to.
-    fn admit<B>(&self, request: &ClientRequest<B>, last: bool) -> Result<&Target, ProxyError> {
+    fn admit<B>(&self, request: &ClientRequest<'_, B>, last: bool) -> Result<&Target, ProxyError> {
         if last && self.binding.listener.client_close == ClientClose::Graceful {
             self.client.fin_after_response();
         }
@@ -185,7 +185,7 @@ impl<C: ClientConnection> ProxyService<C> {
     /// Counts the request and says whether its exchange ends the connection:
     /// the client asked, the connection has carried
     /// `max_requests_per_connection`, or the process is draining.
-    fn is_last_exchange<B>(&self, request: &ClientRequest<B>) -> bool {
+    fn is_last_exchange<B>(&self, request: &ClientRequest<'_, B>) -> bool {
         let served = self.client.count_request();
         let limit = self.binding.listener.max_requests_per_connection;
         request.head.client_ends_connection()
@@ -195,7 +195,7 @@ impl<C: ClientConnection> ProxyService<C> {
 
     async fn proxy<B>(
         &self,
-        request: ClientRequest<B>,
+        request: ClientRequest<'_, B>,
         started: Instant,
         last: bool,
         target: &Target,
@@ -207,18 +207,14 @@ impl<C: ClientConnection> ProxyService<C> {
         let listener = &self.binding.listener;
         let exchange = Exchange {
             client_version: request.version(),
-            head_request: request.head.is_head(&request.bytes),
+            head_request: request.head.is_head(request.bytes),
             last,
             deadline: started + listener.request_timeout,
         };
         let (upstream_head, dropped) = self.upstream_head(&request, target)?;
         self.binding.record_dropped_underscore(dropped);
-        // The client's head is done with: its buffer is not held while the
-        // body is read and the exchange runs.
-        let ClientRequest { head, bytes, body } = request;
-        drop((head, bytes));
         let limit = listener.request_buffer.as_usize();
-        let mut body = read_request_body(body, limit, exchange.deadline).await?;
+        let mut body = read_request_body(request.body, limit, exchange.deadline).await?;
         let facts = logging.map(|logging| {
             body.count_into(logging.bytes_in.clone());
             &mut logging.record.upstream
@@ -239,7 +235,7 @@ impl<C: ClientConnection> ProxyService<C> {
     /// sends, and how many fields were dropped for a `_` in their name.
     fn upstream_head<B>(
         &self,
-        request: &ClientRequest<B>,
+        request: &ClientRequest<'_, B>,
         target: &Target,
     ) -> Result<(OutboundHead, u64), ProxyError> {
         let listener = &self.binding.listener;
