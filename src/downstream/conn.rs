@@ -6,7 +6,7 @@
 //! buffer at all, only a wait for readability. When bytes arrive, they are
 //! read into a buffer of their size (grown up to `max_header_bytes` for a
 //! long head); the head is parsed in place ([`crate::h1::parse_request`]),
-//! the request takes its pieces as slices of it, and the bytes after the
+//! the service reads it there, and the bytes after the
 //! head go to the request body. Bytes that follow the exchange (a pipelined
 //! request) stay for the next one; without them the buffer is given up.
 
@@ -15,7 +15,7 @@ use std::net::SocketAddr;
 use std::sync::{Arc, Weak};
 use std::task::Poll;
 
-use bytes::{Bytes, BytesMut};
+use bytes::{Buf, BytesMut};
 use tokio_util::sync::CancellationToken;
 
 use super::body::{BodySource, RequestBody};
@@ -68,12 +68,6 @@ pub(super) struct Connection<S: Socket> {
     client: Option<SocketAddr>,
 }
 
-/// A request head read whole, and the bytes it was parsed from.
-struct ReadHead {
-    head: RequestHead,
-    bytes: Bytes,
-}
-
 impl<S: Socket> Connection<S> {
     /// A connection on `io`, answered by `service`.
     pub(super) fn new(
@@ -122,7 +116,8 @@ impl<S: Socket> Connection<S> {
 
     /// The next request head; `None` when the client closed, or the drain
     /// came, between requests.
-    async fn read_head(&mut self) -> Result<Option<ReadHead>, ClientError> {
+    /// The head's bytes stay at the front of `pending`.
+    async fn read_head(&mut self) -> Result<Option<RequestHead>, ClientError> {
         if self.pending.as_ref().is_some_and(|buf| !buf.is_empty()) {
             // A pipelined request's bytes: its head is being read from now.
             self.state.clock.bytes_arrived();
@@ -132,8 +127,7 @@ impl<S: Socket> Connection<S> {
                 if let Parsed::Complete(head) =
                     parse_request(buf, self.limits).map_err(ClientError::Refused)?
                 {
-                    let bytes = buf.split_to(head.len).freeze();
-                    return Ok(Some(ReadHead { head, bytes }));
+                    return Ok(Some(head));
                 }
             }
             if !self.fill().await? {
@@ -199,34 +193,45 @@ impl<S: Socket> Connection<S> {
 
     /// Serves one request whose head has been read: whether the connection
     /// carries another after it.
-    async fn exchange(&mut self, read: ReadHead) -> Result<bool, ClientError> {
-        let ReadHead { head, bytes } = read;
+    async fn exchange(&mut self, head: RequestHead) -> Result<bool, ClientError> {
+        // The head's bytes and what follows them; the connection takes back
+        // what is left when the exchange is done.
+        let mut buf = self.pending.take().unwrap_or_default();
         let answering = Answering {
             http10: head.version == Version::Http10,
-            head_request: head.is_head(&bytes),
+            head_request: head.is_head(&buf),
             closing: false,
         };
         let has_body = !matches!(
             head.framing,
             RequestFraming::None | RequestFraming::Length(0)
         );
-        let body = if has_body {
+        let (body, mut head_bytes) = if has_body {
+            // The body reads on from the bytes after the head, which are
+            // split off (a split shares the buffer) to be lent to it.
+            let head_bytes = buf.split_to(head.len);
             let wire = self.io.wire();
             let expect = head.expect_continue && head.version == Version::Http11;
-            let buf = self.pending.take().unwrap_or_default();
             let generation = wire.inbound().lend(buf, head.framing, expect);
             let source: Weak<dyn BodySource> = Arc::downgrade(wire) as Weak<dyn BodySource>;
-            RequestBody::reading(source, generation, head.framing)
+            let body = RequestBody::reading(source, generation, head.framing);
+            (body, head_bytes)
         } else {
-            RequestBody::empty()
+            // No split, and no allocation a split would need: the head is
+            // read where it lies, and a pipelined request after it stays.
+            (RequestBody::empty(), buf)
         };
         let request = ClientRequest {
             head: &head,
-            bytes: &bytes,
+            bytes: &head_bytes[..head.len],
             body,
         };
         let response = self.call(request, !has_body).await?;
-        drop((head, bytes));
+        head_bytes.advance(head.len);
+        if !head_bytes.is_empty() {
+            self.pending = Some(head_bytes);
+        }
+        drop(head);
         let wire = self.io.wire().clone();
         let prelude = if has_body {
             wire.inbound().start_response()

@@ -11,11 +11,9 @@
 //! one Content-Length and leaves the head open for the writer's own.
 //!
 //! One rewrite fills either form of the head: a [`WireHead`] of slices, or a
-//! flat copy in a `BytesMut` (a [`HeadSink`] each).
+//! flat copy in a `Vec` (a [`HeadSink`] each).
 
 use std::io::IoSlice;
-
-use bytes::{BufMut, BytesMut};
 
 use super::error::H1Error;
 use super::hop_by_hop_index;
@@ -144,20 +142,20 @@ impl HeadSink for WireHead {
 /// A head copied flat into `out` as it is rewritten from `src`.
 struct Flat<'a> {
     src: &'a [u8],
-    out: &'a mut BytesMut,
+    out: &'a mut Vec<u8>,
 }
 
 impl HeadSink for Flat<'_> {
     fn buf(&mut self, span: Span) {
-        self.out.put_slice(span.of(self.src));
+        self.out.extend_from_slice(span.of(self.src));
     }
 
     fn text(&mut self, text: &'static [u8]) {
-        self.out.put_slice(text);
+        self.out.extend_from_slice(text);
     }
 
     fn own(&mut self, bytes: &[u8]) {
-        self.out.put_slice(bytes);
+        self.out.extend_from_slice(bytes);
     }
 }
 
@@ -218,7 +216,7 @@ pub struct Rewritten {
 /// the head left open, without its empty line, for the writer's framing and
 /// `Connection` fields.
 pub fn upstream_request_into(
-    out: &mut BytesMut,
+    out: &mut Vec<u8>,
     buf: &[u8],
     head: &RequestHead,
     options: &RewriteOptions<'_>,

@@ -263,29 +263,68 @@ fn path_and_query(uri: &Uri) -> &str {
     uri.path_and_query().map_or("/", |pq| pq.as_str())
 }
 
-/// The value a client address adds to X-Forwarded-For; made once per
-/// connection, as every request on it appends the same address.
-pub fn forwarded_for_value(ip: IpAddr) -> Option<HeaderValue> {
-    match ip {
-        // Every new client connection pays for this; the formatting machinery
-        // behind `Display` costs several times more than writing four numbers.
-        IpAddr::V4(v4) => {
-            let mut text = Vec::with_capacity(15);
-            for (i, octet) in v4.octets().into_iter().enumerate() {
-                if i > 0 {
-                    text.push(b'.');
+/// The longest text of an IP address: an IPv6 one ending in an IPv4 one.
+const MAX_ADDRESS_TEXT: usize = "ffff:ffff:ffff:ffff:ffff:ffff:255.255.255.255".len();
+
+/// The text a client address adds to X-Forwarded-For, made once per
+/// connection (every request on it appends the same address) and kept
+/// inline: a new connection allocates nothing for it.
+#[derive(Clone, Copy)]
+pub struct AddressText {
+    text: [u8; MAX_ADDRESS_TEXT],
+    len: usize,
+}
+
+impl AddressText {
+    /// The text of `ip`, as `Display` writes it.
+    pub fn of(ip: IpAddr) -> Self {
+        let mut address = Self {
+            text: [0; MAX_ADDRESS_TEXT],
+            len: 0,
+        };
+        match ip {
+            // Every new client connection pays for this; the formatting
+            // machinery behind `Display` costs several times more than
+            // writing four numbers.
+            IpAddr::V4(v4) => {
+                for (i, octet) in v4.octets().into_iter().enumerate() {
+                    if i > 0 {
+                        address.push(b'.');
+                    }
+                    if octet >= 100 {
+                        address.push(b'0' + octet / 100);
+                    }
+                    if octet >= 10 {
+                        address.push(b'0' + octet / 10 % 10);
+                    }
+                    address.push(b'0' + octet % 10);
                 }
-                if octet >= 100 {
-                    text.push(b'0' + octet / 100);
-                }
-                if octet >= 10 {
-                    text.push(b'0' + octet / 10 % 10);
-                }
-                text.push(b'0' + octet % 10);
             }
-            HeaderValue::from_maybe_shared(bytes::Bytes::from(text)).ok()
+            IpAddr::V6(v6) => {
+                use std::io::Write;
+                let mut room = &mut address.text[..];
+                // `Display` never writes more than the room holds.
+                if write!(room, "{v6}").is_ok() {
+                    address.len = MAX_ADDRESS_TEXT - room.len();
+                }
+            }
         }
-        IpAddr::V6(_) => HeaderValue::from_str(&ip.to_string()).ok(),
+        address
+    }
+
+    fn push(&mut self, byte: u8) {
+        self.text[self.len] = byte;
+        self.len += 1;
+    }
+
+    /// The text.
+    pub fn as_bytes(&self) -> &[u8] {
+        &self.text[..self.len]
+    }
+
+    /// The text as a header value, for a request built as a map.
+    pub fn to_header_value(&self) -> Option<HeaderValue> {
+        HeaderValue::from_bytes(self.as_bytes()).ok()
     }
 }
 
@@ -398,7 +437,9 @@ mod tests {
         let mut h = HeaderMap::new();
         h.append("x-forwarded-for", "10.0.0.1".parse().unwrap());
         h.append("x-forwarded-for", "10.0.0.2".parse().unwrap());
-        let address = forwarded_for_value("127.0.0.1".parse().unwrap()).unwrap();
+        let address = AddressText::of("127.0.0.1".parse().unwrap())
+            .to_header_value()
+            .unwrap();
         append_forwarded_for(&mut h, &address);
         assert_eq!(
             h.get("x-forwarded-for").unwrap(),
@@ -415,9 +456,13 @@ mod tests {
             "192.168.9.99",
             "::1",
             "fe80::1",
+            "ffff:ffff:ffff:ffff:ffff:ffff:ffff:ffff",
+            "::ffff:255.255.255.255",
         ] {
             let ip: IpAddr = ip.parse().unwrap();
-            assert_eq!(forwarded_for_value(ip).unwrap(), ip.to_string().as_str());
+            let text = AddressText::of(ip);
+            assert_eq!(text.as_bytes(), ip.to_string().as_bytes());
+            assert_eq!(text.to_header_value().unwrap(), ip.to_string().as_str());
         }
     }
 }

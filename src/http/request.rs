@@ -2,7 +2,7 @@
 //! leg parsed, beside the bytes it was parsed from, and the body. An HTTP/1.1
 //! upstream gets the head rewritten from those bytes; only an HTTP/2
 //! upstream needs an `http::Request`, built by [`to_request`] with its
-//! target and header values as slices of the same bytes (`Bytes`, no copy),
+//! target and header values as slices of one copy of those bytes (`Bytes`),
 //! as hyper's server builds them. Repeated Content-Length fields (the parser
 //! has made sure they agree) become one, as in hyper.
 
@@ -19,7 +19,7 @@ pub struct ClientRequest<'a, B> {
     /// The head, as spans of `bytes`.
     pub head: &'a RequestHead,
     /// The bytes the head was parsed from, and no more.
-    pub bytes: &'a Bytes,
+    pub bytes: &'a [u8],
     /// The body.
     pub body: B,
 }
@@ -39,12 +39,14 @@ impl<B> ClientRequest<'_, B> {
     }
 }
 
-/// `head`, parsed from `bytes`, as a request with `body`.
+/// `head`, parsed from `bytes`, as a request with `body`: the head's bytes
+/// are copied once, and the target and values are slices of the copy.
 pub(super) fn to_request<B>(
     head: &RequestHead,
-    bytes: &Bytes,
+    bytes: &[u8],
     body: B,
 ) -> Result<Request<B>, H1Error> {
+    let bytes = &Bytes::copy_from_slice(bytes);
     let method = Method::from_bytes(head.method(bytes)).map_err(|_| H1Error::Syntax("method"))?;
     let uri = Uri::from_maybe_shared(bytes.slice(head.target.start..head.target.end))
         .map_err(|_| H1Error::BadTarget)?;

@@ -8,8 +8,7 @@ use std::net::{IpAddr, SocketAddr};
 use std::sync::atomic::AtomicU64;
 use std::sync::Arc;
 
-use bytes::{Bytes, BytesMut};
-use http::header::HeaderValue;
+use bytes::Bytes;
 use http::{Method, StatusCode, Version};
 use http_body::Body;
 use tokio::time::Instant;
@@ -36,7 +35,7 @@ pub struct ProxyService<C> {
     /// The client's address and port, for the access log.
     client_addr: Option<SocketAddr>,
     /// The client's address as X-Forwarded-For appends it.
-    forwarded_for: Option<HeaderValue>,
+    forwarded_for: Option<headers::AddressText>,
 }
 
 /// An access-log line while its request is served: the record, and the
@@ -117,7 +116,7 @@ impl<C: ClientConnection> ProxyService<C> {
             client,
             client_ip,
             client_addr: addr,
-            forwarded_for: client_ip.and_then(headers::forwarded_for_value),
+            forwarded_for: client_ip.map(headers::AddressText::of),
         }
     }
 
@@ -244,9 +243,10 @@ impl<C: ClientConnection> ProxyService<C> {
             let (mut parts, ()) = to_request(head, bytes, ())
                 .map_err(ProxyError::from_head)?
                 .into_parts();
+            let client = self.forwarded_for.and_then(|text| text.to_header_value());
             let dropped = headers::prepare_upstream(
                 &mut parts,
-                self.forwarded_for.as_ref(),
+                client.as_ref(),
                 listener.forwarded_for,
                 &target.fallback_host,
                 listener.underscores_in_headers,
@@ -258,12 +258,12 @@ impl<C: ClientConnection> ProxyService<C> {
             .map_err(|_| ProxyError::from_head(h1::H1Error::Syntax("method")))?;
         let options = rewrite_options(listener, target, self.forwarded_for.as_ref());
         // Room for what the rewrite adds: Host, X-Forwarded-For.
-        let mut out = BytesMut::with_capacity(head.len + 64);
+        let mut out = Vec::with_capacity(head.len + 64);
         let rewritten = h1::upstream_request_into(&mut out, bytes, head, &options)
             .map_err(ProxyError::from_head)?;
         let head = Http1Request {
             method,
-            head: out.freeze(),
+            head: out,
             has_length: rewritten.has_length,
         };
         Ok((OutboundHead::Http1(head), rewritten.dropped_underscored))
@@ -313,14 +313,14 @@ impl<C: ClientConnection> ProxyService<C> {
 fn rewrite_options<'a>(
     listener: &ListenerConfig,
     target: &'a Target,
-    client: Option<&'a HeaderValue>,
+    client: Option<&'a headers::AddressText>,
 ) -> RewriteOptions<'a> {
     RewriteOptions {
         underscores: listener.underscores_in_headers,
         fallback_host: target.fallback_host.as_bytes(),
         forwarded_for: client
             .filter(|_| listener.forwarded_for)
-            .map(HeaderValue::as_bytes),
+            .map(headers::AddressText::as_bytes),
     }
 }
 

@@ -3,7 +3,6 @@
 //! out as those bytes, with no header map between; `http` parts carry the
 //! heads of HTTP/2 streams, which hyper encodes, and of the pool's own probes.
 
-use bytes::Bytes;
 use http::Method;
 
 use super::body::UpstreamBody;
@@ -34,8 +33,10 @@ pub struct Http1Request {
     /// The method, for what depends on it: a HEAD's response has no body,
     /// and only an idempotent request may be sent twice.
     pub method: Method,
-    /// The head's bytes.
-    pub head: Bytes,
+    /// The head's bytes: a `Vec`, which freezing into `Bytes` would give a
+    /// second allocation; the exchange hands the head back on failure, so
+    /// it is copied only if the request is sent again elsewhere.
+    pub head: Vec<u8>,
     /// The head carries a Content-Length, which frames the body.
     pub has_length: bool,
 }
@@ -49,8 +50,7 @@ impl OutboundHead {
         }
     }
 
-    /// A copy to send again: the bytes of an HTTP/1.1 head are shared, not
-    /// copied; parts are copied without their extensions.
+    /// A copy to send again; parts are copied without their extensions.
     pub fn replay_copy(&self) -> Self {
         match self {
             Self::Http1(head) => Self::Http1(head.clone()),
