@@ -48,7 +48,7 @@ impl Ending {
     /// The metric label: `fin`, or the reset's reason.
     pub fn label(self) -> &'static str {
         match self {
-            Self::Closed => "fin",
+            Self::Closed => crate::http::FIN,
             Self::Reset(reason) => reason.label(),
         }
     }

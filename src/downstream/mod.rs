@@ -32,7 +32,6 @@ use tracing::Instrument;
 use crate::drain::Shutdown;
 use crate::h1::H1Error;
 use crate::http::{Binding, BindingSlot, ProxyService};
-use crate::metrics::{Name, ReasonLabels};
 use crate::pool::BodyError;
 use crate::sock;
 use clock::Clock;
@@ -111,14 +110,7 @@ pub async fn serve(
         ending
     };
     let ending = served.instrument(span).await;
-    binding
-        .metrics
-        .client_closed
-        .get_or_create(&ReasonLabels {
-            listener: binding.label.clone(),
-            reason: Name::from(ending.label()),
-        })
-        .inc();
+    binding.record_client_closed(ending.label());
     ending
 }
 

@@ -252,7 +252,7 @@ impl<C: ClientConnection> ProxyService<C> {
                 listener.underscores_in_headers,
             )?;
             headers::to_http2_form(&mut parts);
-            return Ok((OutboundHead::Parts(parts), dropped));
+            return Ok((OutboundHead::Parts(Box::new(parts)), dropped));
         }
         let method = Method::from_bytes(request.method())
             .map_err(|_| ProxyError::from_head(h1::H1Error::Syntax("method")))?;

@@ -190,7 +190,7 @@ impl H2Stream {
     ) -> Result<super::UpstreamResponse, SendError> {
         let UpstreamRequest { head, body } = request;
         let parts = match head {
-            OutboundHead::Parts(parts) => parts,
+            OutboundHead::Parts(parts) => *parts,
             head @ OutboundHead::Http1(_) => {
                 let request = UpstreamRequest { head, body };
                 return Err(SendError::Unsent(

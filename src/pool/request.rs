@@ -20,8 +20,10 @@ pub struct UpstreamRequest {
 pub enum OutboundHead {
     /// An HTTP/1.1 head already on the wire's terms.
     Http1(Http1Request),
-    /// `http` parts, encoded where they are sent (by hyper for HTTP/2).
-    Parts(http::request::Parts),
+    /// `http` parts, encoded where they are sent (by hyper for HTTP/2);
+    /// boxed, so that the request of the HTTP/1.1 path, moved between await
+    /// points, does not carry their size.
+    Parts(Box<http::request::Parts>),
 }
 
 /// An HTTP/1.1 request head as the next hop reads it: the request line and
@@ -60,7 +62,7 @@ impl OutboundHead {
                 head.uri = parts.uri.clone();
                 head.version = parts.version;
                 head.headers = parts.headers.clone();
-                Self::Parts(head)
+                Self::Parts(Box::new(head))
             }
         }
     }
@@ -70,7 +72,7 @@ impl From<http::Request<UpstreamBody>> for UpstreamRequest {
     fn from(request: http::Request<UpstreamBody>) -> Self {
         let (parts, body) = request.into_parts();
         Self {
-            head: OutboundHead::Parts(parts),
+            head: OutboundHead::Parts(Box::new(parts)),
             body,
         }
     }
