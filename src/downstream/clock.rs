@@ -1,11 +1,14 @@
 //! The header and idle timeouts of one client connection, kept without a
 //! timer operation per request: the phase and the instant it began live in
-//! one atomic word, and a single lazy timer reads it when it fires.
+//! one atomic word, and a single lazy timer reads it when it fires. The same
+//! timer then times the connection's close ([`super::close`]): a connection
+//! registers one timer in its life.
 
+use std::pin::Pin;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::Duration;
 
-use tokio::time::Instant;
+use tokio::time::{Instant, Sleep};
 
 use super::close::ResetReason;
 
@@ -114,14 +117,23 @@ impl Clock {
         }
     }
 
-    /// Resolves with the reason once a deadline passes in the phase it was set for.
-    pub(super) async fn expired(&self) -> ResetReason {
-        // Any phase entered from now on has a deadline no earlier than this.
-        let horizon = self.header_timeout.min(self.idle_timeout);
-        let soonest = Instant::now() + horizon;
+    /// The connection's one timer, armed no later than the first deadline.
+    pub(super) fn timer(&self) -> Sleep {
+        let soonest = Instant::now() + self.horizon();
         let first = self.deadline().map_or(soonest, |(at, _)| at.min(soonest));
-        let timer = tokio::time::sleep_until(first);
-        tokio::pin!(timer);
+        tokio::time::sleep_until(first)
+    }
+
+    /// Any phase entered from now on has a deadline no earlier than this
+    /// far ahead.
+    fn horizon(&self) -> Duration {
+        self.header_timeout.min(self.idle_timeout)
+    }
+
+    /// Resolves with the reason once a deadline passes in the phase it was
+    /// set for; `timer` is the connection's ([`Self::timer`]).
+    pub(super) async fn expired(&self, mut timer: Pin<&mut Sleep>) -> ResetReason {
+        let horizon = self.horizon();
         loop {
             timer.as_mut().await;
             let now = Instant::now();

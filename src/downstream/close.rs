@@ -3,7 +3,10 @@
 //! policy for a connection whose last exchange said `Connection: close`.
 //! tether's own FIN is a choice made here; every other end is a reset.
 
+use std::pin::Pin;
 use std::time::Duration;
+
+use tokio::time::Sleep;
 
 use super::io::{ClientIo, Socket};
 use crate::config::ClientClose;
@@ -72,11 +75,13 @@ impl ResetReason {
 }
 
 /// Ends a connection whose last exchange said `Connection: close`, by the
-/// listener's `client_close` policy; `grace` is its `close_grace`.
+/// listener's `client_close` policy; `grace` is its `close_grace`, timed by
+/// the connection's `timer`.
 pub(super) async fn close_by_policy<S: Socket>(
     io: ClientIo<S>,
     policy: ClientClose,
     grace: Duration,
+    timer: Pin<&mut Sleep>,
 ) -> Ending {
     let fin_sent = io.state().fin_sent();
     if policy != ClientClose::Abort && !fin_sent && io.peer_closed() {
@@ -88,9 +93,13 @@ pub(super) async fn close_by_policy<S: Socket>(
             if !fin_sent && io.send_fin().is_err() {
                 return io.reset(ResetReason::FinFailed);
             }
-            io.close_on_client_fin(grace, ResetReason::CloseGrace).await
+            io.close_on_client_fin(grace, ResetReason::CloseGrace, timer)
+                .await
         }
-        ClientClose::ClientFirst => io.close_on_client_fin(grace, ResetReason::CloseGrace).await,
+        ClientClose::ClientFirst => {
+            io.close_on_client_fin(grace, ResetReason::CloseGrace, timer)
+                .await
+        }
         ClientClose::Abort => {
             io.await_acknowledged(grace).await;
             io.reset(ResetReason::CloseAbort)

@@ -16,6 +16,7 @@
 
 use std::cell::RefCell;
 use std::io::{self, IoSlice};
+use std::pin::Pin;
 use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
 use std::task::{ready, Context, Poll};
 use std::time::Duration;
@@ -23,7 +24,7 @@ use std::time::Duration;
 use bytes::BytesMut;
 use tokio::io::Interest;
 use tokio::net::{TcpStream, UnixStream};
-use tokio::time::Instant;
+use tokio::time::{Instant, Sleep};
 
 use super::body::Inbound;
 use super::close::{Ending, ResetReason};
@@ -249,9 +250,15 @@ impl<S: Socket> ClientIo<S> {
     }
 
     /// Waits up to `grace` for the client's FIN: then the close is passive
-    /// and orderly; otherwise RST, for `why`.
-    pub(super) async fn close_on_client_fin(self, grace: Duration, why: ResetReason) -> Ending {
-        if self.await_peer_fin(grace).await {
+    /// and orderly; otherwise RST, for `why`. `timer` is the connection's
+    /// own, re-armed for the grace rather than a second one registered.
+    pub(super) async fn close_on_client_fin(
+        self,
+        grace: Duration,
+        why: ResetReason,
+        timer: Pin<&mut Sleep>,
+    ) -> Ending {
+        if self.await_peer_fin(grace, timer).await {
             self.close_orderly()
         } else {
             self.reset(why)
@@ -259,7 +266,7 @@ impl<S: Socket> ClientIo<S> {
     }
 
     /// Reads and discards until the client's FIN, for at most `grace`.
-    async fn await_peer_fin(&self, grace: Duration) -> bool {
+    async fn await_peer_fin(&self, grace: Duration, mut timer: Pin<&mut Sleep>) -> bool {
         // Whatever a closing client still sends is discarded: a small buffer does.
         let mut scratch = [0u8; 512];
         let socket = &self.wire.socket;
@@ -275,7 +282,12 @@ impl<S: Socket> ClientIo<S> {
                 Err(_) => return Poll::Ready(false),
             }
         });
-        tokio::time::timeout(grace, wait).await.unwrap_or(false)
+        timer.as_mut().reset(Instant::now() + grace);
+        tokio::select! {
+            biased;
+            closed = wait => closed,
+            () = timer => false,
+        }
     }
 
     /// Waits until the client has acknowledged every byte sent, for at most

@@ -24,8 +24,10 @@ mod state;
 
 use std::net::SocketAddr;
 use std::os::fd::{AsRawFd, RawFd};
+use std::pin::Pin;
 use std::sync::Arc;
 
+use tokio::time::Sleep;
 use tokio_util::sync::CancellationToken;
 use tracing::Instrument;
 
@@ -154,8 +156,11 @@ async fn serve_socket<S: Socket>(
         member: &member,
         fd,
     };
-    let served = drive(&mut connection, &state.clock, &drain, stop).await;
-    let ending = close(served, connection.io, &binding).await;
+    // The connection's one timer: its client timeouts, then its close.
+    let timer = state.clock.timer();
+    tokio::pin!(timer);
+    let served = drive(&mut connection, &state.clock, &drain, stop, timer.as_mut()).await;
+    let ending = close(served, connection.io, &binding, timer).await;
     state.log_end(ending, &listener.name, client);
     ending
 }
@@ -215,8 +220,9 @@ async fn drive<S: Socket>(
     clock: &Clock,
     drain: &CancellationToken,
     mut stop: Stop<'_>,
+    timer: Pin<&mut Sleep>,
 ) -> Served {
-    let expired = clock.expired();
+    let expired = clock.expired(timer);
     let drained = drain.cancelled();
     let serving = connection.serve();
     tokio::pin!(expired, drained, serving);
@@ -242,17 +248,23 @@ async fn drive<S: Socket>(
 }
 
 /// Ends the connection once it is no longer served, by why.
-async fn close<S: Socket>(served: Served, io: ClientIo<S>, binding: &Binding) -> Ending {
+async fn close<S: Socket>(
+    served: Served,
+    io: ClientIo<S>,
+    binding: &Binding,
+    timer: Pin<&mut Sleep>,
+) -> Ending {
     let listener = &binding.listener;
+    let grace = listener.close_grace;
     match served {
         Served::Finished if io.state().misbehaved() => {
-            io.close_on_client_fin(listener.close_grace, ResetReason::Misbehaved)
+            io.close_on_client_fin(grace, ResetReason::Misbehaved, timer)
                 .await
         }
-        Served::Finished => close_by_policy(io, listener.client_close, listener.close_grace).await,
+        Served::Finished => close_by_policy(io, listener.client_close, grace, timer).await,
         // Answered with a 4xx and `Connection: close`; no FIN for it.
         Served::Malformed => {
-            io.close_on_client_fin(listener.close_grace, ResetReason::Misbehaved)
+            io.close_on_client_fin(grace, ResetReason::Misbehaved, timer)
                 .await
         }
         Served::Failed(e) => {
