@@ -1,6 +1,6 @@
 //! The HTTP/1 codec of the fast path: request and response heads parsed with
-//! `httparse` into byte ranges of the buffer they arrived in, rewritten for the
-//! next hop as a list of slices of that buffer (one vectored write), and bodies
+//! `httparse` into byte ranges of the buffer they arrived in, a request head
+//! rewritten for the next hop from those bytes in one copy, and bodies
 //! framed by state machines that find where a message ends without copying it.
 //! A leaf: it knows tether's header rules but nothing of sockets or pools.
 
@@ -23,10 +23,7 @@ pub use request::{
     RequestHead, Scheme, TargetForm, Version,
 };
 pub use response::{parse_response, FieldText, KeepAlive, ResponseFraming, ResponseHead};
-pub use rewrite::{
-    client_response, upstream_request, upstream_request_into, ClientResponseOptions, HeadSink,
-    Part, RewriteOptions, Rewritten, Upstream, WireHead,
-};
+pub use rewrite::{upstream_request, RewriteOptions, Rewritten};
 pub use span::Span;
 
 pub(crate) use request::content_length;

@@ -259,8 +259,8 @@ impl<C: ClientConnection> ProxyService<C> {
         let options = rewrite_options(listener, target, self.forwarded_for.as_ref());
         // Room for what the rewrite adds: Host, X-Forwarded-For.
         let mut out = Vec::with_capacity(head.len + 64);
-        let rewritten = h1::upstream_request_into(&mut out, bytes, head, &options)
-            .map_err(ProxyError::from_head)?;
+        let rewritten =
+            h1::upstream_request(&mut out, bytes, head, &options).map_err(ProxyError::from_head)?;
         let head = Http1Request {
             method,
             head: out,
