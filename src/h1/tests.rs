@@ -323,16 +323,13 @@ fn a_response_keeps_its_end_to_end_lines_as_they_came() {
     let Ok(Parsed::Complete(head)) = parse_response(raw, LIMITS, false) else {
         panic!()
     };
-    let kept: Vec<_> = head
-        .end_to_end(raw)
-        .map(|field| (field.name, field.value, field.line))
-        .collect();
+    let kept: Vec<_> = head.end_to_end(raw).collect();
+    let names: Vec<_> = kept.iter().map(|field| field.name).collect();
+    assert_eq!(names, [&b"X-Kept"[..], b"Content-Length"]);
+    assert_eq!(kept[0].value, b"yes");
     // A line that ended in a bare LF is not passed on as it came.
-    let expected: &[(&[u8], &[u8], Option<&[u8]>)] = &[
-        (b"X-Kept", b"yes", None),
-        (b"Content-Length", b"2", Some(b"Content-Length: 2\r\n")),
-    ];
-    assert_eq!(kept, expected);
+    assert_eq!(kept[0].line, None);
+    assert_eq!(kept[1].line, Some(&b"Content-Length: 2\r\n"[..]));
     let both: &[u8] =
         b"HTTP/1.1 200 OK\r\nContent-Length: 5\r\nTransfer-Encoding: chunked\r\nX-A: 1\r\n\r\n";
     let Ok(Parsed::Complete(head)) = parse_response(both, LIMITS, false) else {
