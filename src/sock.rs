@@ -41,8 +41,9 @@ pub fn poll_send_more(
     bufs: &[io::IoSlice<'_>],
 ) -> Poll<io::Result<usize>> {
     poll_write_when_ready(socket, cx, |socket| {
-        socket.try_io(Interest::WRITABLE, || {
-            SockRef::from(socket).send_vectored_with_flags(bufs, libc::MSG_MORE)
+        socket.try_io(Interest::WRITABLE, || match bufs {
+            [one] => SockRef::from(socket).send_with_flags(one, libc::MSG_MORE),
+            _ => SockRef::from(socket).send_vectored_with_flags(bufs, libc::MSG_MORE),
         })
     })
 }

@@ -84,6 +84,7 @@ pub struct Drained {
 /// with `runtime.watch_config`, a change to the file reload it.
 pub fn run(config: Config, source: std::path::PathBuf) -> Result<Drained, AppError> {
     open_file_limit(&config);
+    crate::memory::retain(config.runtime.heap_retain.as_u64());
     let workers = workers::Workers::start(workers::count(config.runtime.worker_threads))
         .map_err(AppError::Runtime)?;
     let runtime = tokio::runtime::Builder::new_current_thread()

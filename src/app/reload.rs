@@ -18,7 +18,8 @@
 //! 5. pools nothing uses any more close: their leases finish, their idle
 //!    connections retire by `pool.retire.drain`.
 //!
-//! Keys a running process cannot change (`runtime.worker_threads`, `[admin]`,
+//! Keys a running process cannot change (`runtime.worker_threads`,
+//! `runtime.heap_retain`, `[admin]`,
 //! `log.format`, `[log.access]`, `[log.connections]`) keep their running
 //! values and are reported as needing a restart.
 
@@ -497,6 +498,10 @@ fn keep_restart_keys(running: &Config, mut next: Config) -> (Config, Vec<String>
     if next.runtime.worker_threads != running.runtime.worker_threads {
         keys.push("runtime.worker_threads".to_owned());
         next.runtime.worker_threads = running.runtime.worker_threads;
+    }
+    if next.runtime.heap_retain != running.runtime.heap_retain {
+        keys.push("runtime.heap_retain".to_owned());
+        next.runtime.heap_retain = running.runtime.heap_retain;
     }
     if next.admin != running.admin {
         keys.push("admin".to_owned());

@@ -1,12 +1,13 @@
 //! `[runtime]`: process-wide settings — how many workers, how long the drain
 //! may take, how long start-up (and a reload's new pools) wait for warm
-//! pools, and whether tether watches its configuration file.
+//! pools, whether tether watches its configuration file, and how much freed
+//! heap it keeps.
 
 use std::time::Duration;
 
 use serde::{Deserialize, Serialize};
 
-use super::{defaults, Problems};
+use super::{defaults, Problems, Size};
 
 /// `[runtime]`
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
@@ -38,6 +39,11 @@ pub struct RuntimeConfig {
     /// [`defaults::watch_interval`].
     #[serde(default = "defaults::watch_interval", with = "humantime_serde")]
     pub watch_interval: Duration,
+    /// Free heap each allocator arena keeps for the next burst rather than
+    /// returning it to the kernel (glibc's `M_TRIM_THRESHOLD`). Default:
+    /// [`defaults::heap_retain`].
+    #[serde(default = "defaults::heap_retain")]
+    pub heap_retain: Size,
 }
 
 impl Default for RuntimeConfig {
@@ -48,6 +54,7 @@ impl Default for RuntimeConfig {
             ready_timeout: defaults::ready_timeout(),
             watch_config: defaults::watch_config(),
             watch_interval: defaults::watch_interval(),
+            heap_retain: defaults::heap_retain(),
         }
     }
 }
@@ -57,6 +64,9 @@ impl Default for RuntimeConfig {
 /// overflow the clock.
 pub const MAX_WAIT: Duration = Duration::from_secs(60 * 60);
 
+/// The largest `heap_retain` accepted: what glibc's threshold can hold.
+pub const MAX_HEAP_RETAIN: Size = Size::mib(1024);
+
 /// Checks `[runtime]`: the drain needs some time, and neither wait is absurd.
 pub(super) fn validate(runtime: &RuntimeConfig, mut problems: Problems<'_>) {
     problems.positive("drain_timeout", runtime.drain_timeout);
@@ -64,4 +74,5 @@ pub(super) fn validate(runtime: &RuntimeConfig, mut problems: Problems<'_>) {
     problems.at_most("ready_timeout", runtime.ready_timeout, MAX_WAIT);
     problems.positive("watch_interval", runtime.watch_interval);
     problems.at_most("watch_interval", runtime.watch_interval, MAX_WAIT);
+    problems.at_most("heap_retain", runtime.heap_retain, MAX_HEAP_RETAIN);
 }

@@ -205,7 +205,8 @@ impl AsyncWrite for RawIo {
         cx: &mut Context<'_>,
         buf: &[u8],
     ) -> Poll<io::Result<usize>> {
-        self.poll_write_vectored(cx, &[io::IoSlice::new(buf)])
+        // send(2), not writev(2) of one piece: less work in the kernel.
+        sock::poll_write_when_ready(&self.socket, cx, |socket| socket.try_write(buf))
     }
 
     fn poll_write_vectored(
