@@ -8,7 +8,11 @@
 //! (measured under keep-alive load: a `brk` per eight requests and 0.6 page
 //! faults per request). [`retain`] raises that threshold to
 //! `runtime.heap_retain` at start, as HAProxy keeps freed buffers in its
-//! pools.
+//! pools. Setting it ends glibc's adaptive thresholds, so the size above
+//! which a block is mapped on its own (`M_MMAP_THRESHOLD`) is set with it,
+//! in the ratio glibc keeps between the two: half of it, from 128 KiB (the
+//! default) to 32 MiB (glibc's most). `heap_retain = 0` leaves glibc's
+//! own policy.
 //!
 //! After a burst of client connections, memory is given back. glibc's
 //! malloc keeps what a connection freed in its arenas (one per worker
@@ -16,8 +20,7 @@
 //! their 130 MB resident for good. Once a second the number of open client
 //! connections is read; when it has fallen to half its peak since the last
 //! trim, `malloc_trim(0)` hands every arena's free pages back to the kernel,
-//! whatever the threshold. The allocator itself is not changed: it keeps
-//! the request path as it is.
+//! whatever the threshold. The allocator stays glibc's.
 
 use std::time::Duration;
 
@@ -45,15 +48,29 @@ pub async fn give_back_after_bursts(open: impl Fn() -> usize) {
 }
 
 /// Lets each malloc arena keep up to `bytes` of free memory at its top
-/// rather than return it to the kernel at once.
+/// rather than return it to the kernel at once, and maps blocks on their
+/// own only from half that size (see the module's doc); 0 changes nothing.
+/// Called at start, before the workers' threads exist.
 #[cfg(all(target_os = "linux", target_env = "gnu"))]
 #[allow(unsafe_code)]
 pub fn retain(bytes: u64) {
-    let threshold = libc::c_int::try_from(bytes).unwrap_or(libc::c_int::MAX);
+    /// glibc's default `M_MMAP_THRESHOLD`, and the most it accepts.
+    const MMAP_DEFAULT: u64 = 128 * 1024;
+    const MMAP_MAX: u64 = 32 * 1024 * 1024;
+    if bytes == 0 {
+        return;
+    }
+    let trim = libc::c_int::try_from(bytes).unwrap_or(libc::c_int::MAX);
+    let mmap = libc::c_int::try_from((bytes / 2).clamp(MMAP_DEFAULT, MMAP_MAX))
+        .unwrap_or(libc::c_int::MAX);
     // SAFETY: mallopt takes no pointer and sets only malloc's own
     // parameters, under its lock; every value is valid (0 is its error
-    // return).
-    if unsafe { libc::mallopt(libc::M_TRIM_THRESHOLD, threshold) } == 0 {
+    // return). No other thread allocates yet.
+    let set = unsafe {
+        libc::mallopt(libc::M_TRIM_THRESHOLD, trim) == 1
+            && libc::mallopt(libc::M_MMAP_THRESHOLD, mmap) == 1
+    };
+    if !set {
         tracing::warn!(
             bytes,
             "the allocator refused runtime.heap_retain: freed heap goes back to the kernel at its default threshold"

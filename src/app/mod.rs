@@ -76,7 +76,8 @@ pub struct Drained {
 }
 
 /// Runs tether as `tether run` does, until SIGTERM or SIGINT, then drains:
-/// raises the open-file limit, starts the workers (the calling thread is the
+/// raises the open-file limit, sets what freed heap the allocator keeps
+/// (`runtime.heap_retain`), starts the workers (the calling thread is the
 /// first, and also runs the admin server and the signal handlers), tells a
 /// service manager when tether is ready and when it stops.
 ///

@@ -672,10 +672,15 @@ mod tests {
         let mut next = config();
         next.runtime.worker_threads = running.runtime.worker_threads + 3;
         next.admin.listen = "127.0.0.1:1".parse().unwrap();
+        next.runtime.heap_retain = crate::config::Size::mib(64);
         next.runtime.drain_timeout *= 2;
         let (kept, keys) = keep_restart_keys(&running, next.clone());
-        assert_eq!(keys, ["runtime.worker_threads", "admin"]);
+        assert_eq!(
+            keys,
+            ["runtime.worker_threads", "runtime.heap_retain", "admin"]
+        );
         assert_eq!(kept.runtime.worker_threads, running.runtime.worker_threads);
+        assert_eq!(kept.runtime.heap_retain, running.runtime.heap_retain);
         assert_eq!(kept.admin, running.admin);
         assert_eq!(kept.runtime.drain_timeout, next.runtime.drain_timeout);
     }

@@ -40,8 +40,9 @@ pub struct RuntimeConfig {
     #[serde(default = "defaults::watch_interval", with = "humantime_serde")]
     pub watch_interval: Duration,
     /// Free heap each allocator arena keeps for the next burst rather than
-    /// returning it to the kernel (glibc's `M_TRIM_THRESHOLD`). Default:
-    /// [`defaults::heap_retain`].
+    /// returning it to the kernel (glibc's `M_TRIM_THRESHOLD`; blocks from
+    /// half this size are mapped on their own); 0 leaves glibc's adaptive
+    /// thresholds. Default: [`defaults::heap_retain`].
     #[serde(default = "defaults::heap_retain")]
     pub heap_retain: Size,
 }
@@ -64,7 +65,8 @@ impl Default for RuntimeConfig {
 /// overflow the clock.
 pub const MAX_WAIT: Duration = Duration::from_secs(60 * 60);
 
-/// The largest `heap_retain` accepted: what glibc's threshold can hold.
+/// The largest `heap_retain` accepted: more than any sidecar's heap, and
+/// far below the 2 GiB glibc's parameter can hold.
 pub const MAX_HEAP_RETAIN: Size = Size::mib(1024);
 
 /// Checks `[runtime]`: the drain needs some time, and neither wait is absurd.

@@ -206,7 +206,8 @@ impl<S: Socket> Wire<S> {
             return sock::poll_send_more(tcp, cx, bufs);
         }
         loop {
-            // One piece goes with send(2), cheaper in the kernel than writev(2).
+            // One piece goes with send(2) on TCP (write(2) on a unix socket),
+            // cheaper in the kernel than writev(2).
             let written = match bufs {
                 [one] => self.socket.try_write(one),
                 _ => self.socket.try_write_vectored(bufs),

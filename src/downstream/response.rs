@@ -2,7 +2,8 @@
 //! line in the client's version, the fields as the proxy service left them
 //! (an HTTP/1.x upstream's end-to-end fields as they came, or a header map's,
 //! lowercase), the framing tether chooses, and the body, with the head and
-//! the body's first bytes in one vectored write when the body is ready.
+//! the body's first bytes in one write when the body is ready (one piece,
+//! so `send(2)`, when the body fits the head's buffer; vectored otherwise).
 //!
 //! What hyper's server did and clients may count on is kept: `HTTP/1.0` in
 //! the status line for an HTTP/1.0 client; a `date` field when the response
@@ -357,7 +358,8 @@ fn date(out: &mut Vec<u8>) {
 
 /// One piece of what is to be written.
 enum Piece {
-    /// A range of the output's own bytes (head, chunk-size lines).
+    /// A range of the output's own bytes: the head, chunk-size lines, and
+    /// body bytes copied after them.
     Own(Range<usize>),
     /// Body data, as the body gave it.
     Data(Bytes),
@@ -365,10 +367,13 @@ enum Piece {
     Static(&'static [u8]),
 }
 
-/// Bytes queued for a vectored write: the head and framing in one owned
-/// buffer, body data as it came.
+/// Bytes queued for one write: the head, framing and small body data in
+/// one owned buffer, larger data as it came.
 struct Output {
     own: Vec<u8>,
+    /// What `own` may hold of copied body bytes: the capacity the head came
+    /// with, so copying stays for small bodies and never grows the buffer.
+    room: usize,
     pieces: Vec<Piece>,
     queued: usize,
 }
@@ -382,6 +387,7 @@ impl Output {
         pieces.push(Piece::Own(0..head.len()));
         Self {
             queued: head.len(),
+            room: head.capacity(),
             own: head,
             pieces,
         }
@@ -405,20 +411,29 @@ impl Output {
         }
     }
 
-    /// Appends `bytes` to the owned buffer if they fit in its capacity,
-    /// joining the piece before when that ends there.
+    /// Appends `bytes` to the owned buffer if they fit in its `room`.
     fn copy_in(&mut self, bytes: &[u8]) -> bool {
-        if bytes.len() > self.own.capacity() - self.own.len() {
+        if self.own.len() + bytes.len() > self.room {
             return false;
         }
         let start = self.own.len();
         self.own.extend_from_slice(bytes);
-        self.queued += bytes.len();
-        match self.pieces.last_mut() {
-            Some(Piece::Own(range)) if range.end == start => range.end = self.own.len(),
-            _ => self.pieces.push(Piece::Own(start..self.own.len())),
-        }
+        self.own_from(start);
         true
+    }
+
+    /// Queues the owned bytes from `start` on, joining the piece before
+    /// when it ends there, so that contiguous bytes are one piece.
+    fn own_from(&mut self, start: usize) {
+        let end = self.own.len();
+        if end == start {
+            return;
+        }
+        self.queued += end - start;
+        match self.pieces.last_mut() {
+            Some(Piece::Own(range)) if range.end == start => range.end = end,
+            _ => self.pieces.push(Piece::Own(start..end)),
+        }
     }
 
     /// Queues body data as `framing` writes it; `remaining` counts down a
@@ -445,7 +460,7 @@ impl Output {
                 let start = self.own.len();
                 hex(&mut self.own, data.len() as u64);
                 self.own.extend_from_slice(b"\r\n");
-                self.push(Piece::Own(start..self.own.len()));
+                self.own_from(start);
                 self.push_data(data);
                 if !self.copy_in(b"\r\n") {
                     self.push(Piece::Static(b"\r\n"));
@@ -485,7 +500,8 @@ impl Output {
             }
             self.advance(written);
         }
-        // Kept for the next pieces: chunk-size lines are written into it.
+        // Kept for the next pieces: chunk-size lines and small data are
+        // written into it.
         self.own.clear();
         Ok(())
     }

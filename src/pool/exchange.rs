@@ -5,7 +5,9 @@
 //! The request head goes out as the bytes the proxy rewrote it into
 //! (`pool::Http1Request`), or, for a head in `http` parts (a probe's),
 //! encoded straight from them; either way with its framing, and the first
-//! body bytes, in one vectored write. The response head
+//! body bytes, in one write (a bodiless request's head is copied into the
+//! exchange's buffer before its end, so it is one piece and one `send(2)`).
+//! The response head
 //! is parsed (`crate::h1`, on `httparse`) where it lands in a buffer lent for
 //! the exchange, its header values kept as slices of that buffer, and the
 //! body is decoded from the same buffer, its data handed on as slices too.
@@ -73,7 +75,7 @@ pub(crate) async fn write_request(
     let (written_head, framing): (&[u8], Framing) = match head {
         // Copied before its end when it fits: one piece goes out with
         // send(2), which costs the kernel less than writev(2) of two.
-        OutboundHead::Http1(head) if head.head.len() + END_ROOM <= buf.capacity() => {
+        OutboundHead::Http1(head) if head.head.len() + END_ROOM <= buf.capacity() - buf.len() => {
             buf.put_slice(&head.head);
             (&[], end_head(buf, head.has_length, body, last))
         }

@@ -148,7 +148,8 @@ impl Wire {
 }
 
 /// The plain socket under hyper or under a TLS session: reads into the
-/// caller's buffer without zeroing it, writes vectored, never shuts down.
+/// caller's buffer without zeroing it, writes one piece with `send(2)` and
+/// several vectored, never shuts down.
 pub(crate) struct RawIo {
     socket: Arc<TcpStream>,
 }
