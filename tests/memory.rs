@@ -79,5 +79,6 @@ fn freed_buffers_stay_with_the_process_for_the_next_burst() {
     let large = faults_per_burst(1, 3 * 512 * 1024);
     assert!(
         large <= 2,
-        "a 1.5 MiB block is reused from the heap: {large} faults per burst"    );
+        "a 1.5 MiB block is reused from the heap: {large} faults per burst"
+    );
 }
