@@ -10,11 +10,12 @@ COPY benches ./benches
 COPY src ./src
 # Crates and build artefacts live in cache mounts, so a rebuild compiles only
 # what changed. The target dir is not part of the layer: the binary is copied
-# out within the same RUN. The release profile strips it.
+# out within the same RUN. The dist profile is the release profile (which
+# strips the binary) with whole-program LTO.
 RUN --mount=type=cache,target=/usr/local/cargo/registry \
     --mount=type=cache,target=/src/target \
-    cargo build --release --locked \
-    && cp target/release/tether /usr/local/bin/tether
+    cargo build --profile dist --locked \
+    && cp target/dist/tether /usr/local/bin/tether
 
 FROM debian:bookworm-slim
 LABEL org.opencontainers.image.title="tether" \

@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # User-space instructions per request, counted by callgrind: tether (this
-# checkout's release build), HAProxy and Pingora (PEERS) and, with
+# checkout's dist build: the release profile with LTO, as shipped), HAProxy and Pingora (PEERS) and, with
 # BASELINE_BIN, another build of tether, side by side.
 #
 # A keep-alive nginx on loopback serves /small (100 B). Each build runs under
@@ -31,9 +31,9 @@ if [[ " $PEERS " == *" pingora "* ]]; then
   command -v cmake >/dev/null || apt-get install -y -qq cmake >/dev/null  # zlib-ng's build
   cargo build --release -q --manifest-path bench/pingora/Cargo.toml --target-dir target/bench-pingora
 fi
-# TETHER_BIN: measure that build instead of this checkout's release build
+# TETHER_BIN: measure that build instead of this checkout's dist build
 # (a `--profile profiling` one keeps symbols for callgrind_annotate).
-if [ -n "${TETHER_BIN:-}" ]; then BIN=$TETHER_BIN; else cargo build --release -q; BIN=$PWD/target/release/tether; fi
+if [ -n "${TETHER_BIN:-}" ]; then BIN=$TETHER_BIN; else cargo build --profile dist -q; BIN=$PWD/target/dist/tether; fi
 WORK=$(mktemp -d /tmp/tether-callgrind.XXXXXX)
 chmod 755 "$WORK"  # nginx workers read the files as their own user
 cleanup() {

@@ -49,8 +49,8 @@ ulimit -Sn "$NOFILE"
 if [ -n "${TETHER_BIN:-}" ]; then
   BIN=$(realpath "$TETHER_BIN")
 elif [[ " $PROXIES " == *" tether "* ]]; then
-  cargo build --release -q
-  BIN=$(realpath -m "${CARGO_TARGET_DIR:-target}")/release/tether
+  cargo build --profile dist -q
+  BIN=$(realpath -m "${CARGO_TARGET_DIR:-target}")/dist/tether
 fi
 BIN=${BIN:-}
 PINGORA_BIN=$(realpath -m "${CARGO_TARGET_DIR:-target}")/bench-pingora/release/pingora-bench-proxy

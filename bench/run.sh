@@ -30,8 +30,8 @@ CONCURRENCY=${CONCURRENCY:-32}
 POOL=${POOL:-64}                  # upstream connections each proxy may keep
 
 [ "$(id -u)" = 0 ] || { echo "bench/run.sh needs root (network namespaces)" >&2; exit 1; }
-cargo build --release -q
-BIN=$(realpath -m "${CARGO_TARGET_DIR:-target}")/release/tether
+cargo build --profile dist -q
+BIN=$(realpath -m "${CARGO_TARGET_DIR:-target}")/dist/tether
 PINGORA_BIN=$(realpath -m "${CARGO_TARGET_DIR:-target}")/bench-pingora/release/pingora-bench-proxy
 WORK=$(mktemp -d /tmp/tether-bench.XXXXXX)
 OUT=${OUT:-bench/results.jsonl}

@@ -28,8 +28,8 @@ for tool in nginx wrk openssl; do
     break
   }
 done
-cargo build --release -q
-BIN=$PWD/target/release/tether
+cargo build --profile dist -q
+BIN=$PWD/target/dist/tether
 WORK=$(mktemp -d /tmp/tether-bench-tls.XXXXXX)
 chmod 755 "$WORK"
 cleanup() {

@@ -1,6 +1,6 @@
 //! The container image as the repo defines it. No image is built here: the
 //! `Dockerfile` is linted with hadolint and held against the files it depends
-//! on — the build context and `.dockerignore`, Cargo.toml's release profile and
+//! on — the build context and `.dockerignore`, Cargo.toml's release and dist profiles and
 //! `rust-version`, `config/tether.toml`'s ports, the binary's own subcommands —
 //! and against what `deploy/` and the README say about the image.
 
@@ -561,6 +561,7 @@ fn the_build_context_holds_everything_the_dockerfile_copies() {
     }
     for kept_out in [
         "target/release/tether",
+        "target/dist/tether",
         ".git/HEAD",
         "bench/results.jsonl",
         "deploy/kubernetes/x.yaml",
@@ -635,8 +636,31 @@ fn release_profile_problem(cargo: &toml::Value) -> Option<String> {
         .then(|| format!("[profile.release] should carry no debug info, has debug = {debug:?}"))
 }
 
+/// What keeps Cargo.toml's dist profile (the image's build) from being the
+/// release profile with whole-program LTO, if anything.
+fn dist_profile_problem(cargo: &toml::Value) -> Option<String> {
+    let Some(dist) = cargo.get("profile").and_then(|p| p.get("dist")) else {
+        return Some("Cargo.toml has no [profile.dist]".into());
+    };
+    if dist.get("inherits").and_then(|i| i.as_str()) != Some("release") {
+        return Some("[profile.dist] should inherit \"release\"".into());
+    }
+    if let Some(key) = ["strip", "debug"]
+        .into_iter()
+        .find(|k| dist.get(k).is_some())
+    {
+        return Some(format!(
+            "[profile.dist] should take `{key}` from the release profile"
+        ));
+    }
+    let lto = dist.get("lto");
+    let fat = matches!(lto, Some(toml::Value::Boolean(true)))
+        || lto.and_then(|l| l.as_str()) == Some("fat");
+    (!fat).then(|| format!("[profile.dist] should set lto = \"fat\", has {lto:?}"))
+}
+
 #[test]
-fn the_build_stage_compiles_the_stripped_release_binary_with_a_new_enough_rust() {
+fn the_build_stage_compiles_the_stripped_dist_binary_with_a_new_enough_rust() {
     let cargo = toml_file("Cargo.toml");
     let stages = dockerfile();
     let (builder, copy, copied_from) = binary_copy(&stages);
@@ -677,6 +701,9 @@ fn the_build_stage_compiles_the_stripped_release_binary_with_a_new_enough_rust()
     if let Some(problem) = release_profile_problem(&cargo) {
         panic!("{problem}");
     }
+    if let Some(problem) = dist_profile_problem(&cargo) {
+        panic!("{problem}");
+    }
 
     // Follow the binary: cargo's output, any cp/install out of it, the
     // final stage's COPY. A path inside a cache mount exists only during the
@@ -711,27 +738,27 @@ fn the_build_stage_compiles_the_stripped_release_binary_with_a_new_enough_rust()
                         assert!(!built, "line {}: a second cargo build", instruction.line);
                         built = true;
                         let has = |flag: &str| words.iter().any(|w| w == flag);
-                        assert!(
-                            has("--release") && has("--locked"),
-                            "line {}: the build should run `cargo build --release --locked`",
-                            instruction.line
-                        );
-                        assert!(
-                            !words.iter().any(|w| w.starts_with("--profile")),
-                            "line {}: --profile overrides --release",
-                            instruction.line
-                        );
                         let value = |flag: &str| {
                             let at = words.iter().position(|w| w == flag)?;
                             words.get(at + 1).cloned()
                         };
+                        assert!(
+                            value("--profile").as_deref() == Some("dist") && has("--locked"),
+                            "line {}: the build should run `cargo build --profile dist --locked`",
+                            instruction.line
+                        );
+                        assert!(
+                            !has("--release") && !words.iter().any(|w| w.starts_with("--profile=")),
+                            "line {}: one profile, written `--profile dist`",
+                            instruction.line
+                        );
                         let dir = value("--target-dir")
                             .map(|d| resolve(&workdir, &d))
                             .or(target_dir.clone())
                             .unwrap_or_else(|| resolve(&workdir, "target"));
                         let out = match value("--target").or(triple.clone()) {
-                            Some(t) => format!("{dir}/{t}/release/tether"),
-                            None => format!("{dir}/release/tether"),
+                            Some(t) => format!("{dir}/{t}/dist/tether"),
+                            None => format!("{dir}/dist/tether"),
                         };
                         live.insert(out);
                     } else if let Some((sources, dest)) = copy_command(&words) {
@@ -1255,4 +1282,18 @@ spec:
     assert!(profile("[profile.release]\nstrip = \"debuginfo\"").is_some());
     assert!(profile("[profile.release]\nstrip = true\ndebug = \"line-tables-only\"").is_some());
     assert!(profile("[package]\nname = \"x\"").is_some());
+
+    let dist = |text: &str| dist_profile_problem(&text.parse().unwrap());
+    assert_eq!(
+        dist("[profile.dist]\ninherits = \"release\"\nlto = \"fat\""),
+        None
+    );
+    assert_eq!(
+        dist("[profile.dist]\ninherits = \"release\"\nlto = true"),
+        None
+    );
+    assert!(dist("[profile.dist]\ninherits = \"release\"\nlto = \"thin\"").is_some());
+    assert!(dist("[profile.dist]\nlto = \"fat\"").is_some());
+    assert!(dist("[profile.dist]\ninherits = \"release\"\nlto = \"fat\"\ndebug = 1").is_some());
+    assert!(dist("[profile.release]\nstrip = true").is_some());
 }
