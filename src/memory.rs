@@ -65,7 +65,7 @@ pub fn retain(bytes: u64) {
         .unwrap_or(libc::c_int::MAX);
     // SAFETY: mallopt takes no pointer and sets only malloc's own
     // parameters, under its lock; every value is valid (0 is its error
-    // return). No other thread allocates yet.
+    // return). It runs at start, before the workers' threads are spawned.
     let set = unsafe {
         libc::mallopt(libc::M_TRIM_THRESHOLD, trim) == 1
             && libc::mallopt(libc::M_MMAP_THRESHOLD, mmap) == 1
