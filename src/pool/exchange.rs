@@ -369,16 +369,12 @@ async fn write_all<const N: usize>(
     let mut slices = &mut slices[..count];
     let mut written = 0;
     while !slices.is_empty() {
-        let wrote = poll_fn(|cx| {
-            let written = match slices {
-                [one] => Pin::new(&mut *io).poll_write(cx, one),
-                _ => Pin::new(&mut *io).poll_write_vectored(cx, slices),
-            };
-            match written {
+        let wrote = poll_fn(
+            |cx| match Pin::new(&mut *io).poll_write_vectored(cx, slices) {
                 Poll::Ready(result) => Poll::Ready(Some(result)),
                 Poll::Pending => poll_answer(io, early, cx).map(|()| None),
-            }
-        })
+            },
+        )
         .await;
         match wrote {
             None => return Ok(None),

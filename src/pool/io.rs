@@ -206,8 +206,7 @@ impl AsyncWrite for RawIo {
         cx: &mut Context<'_>,
         buf: &[u8],
     ) -> Poll<io::Result<usize>> {
-        // send(2), not writev(2) of one piece: less work in the kernel.
-        sock::poll_write_when_ready(&self.socket, cx, |socket| socket.try_write(buf))
+        self.poll_write_vectored(cx, &[io::IoSlice::new(buf)])
     }
 
     fn poll_write_vectored(
@@ -215,7 +214,11 @@ impl AsyncWrite for RawIo {
         cx: &mut Context<'_>,
         bufs: &[io::IoSlice<'_>],
     ) -> Poll<io::Result<usize>> {
-        sock::poll_write_when_ready(&self.socket, cx, |socket| socket.try_write_vectored(bufs))
+        // One piece goes with send(2), not writev(2): less work in the kernel.
+        sock::poll_write_when_ready(&self.socket, cx, |socket| match bufs {
+            [one] => socket.try_write(one),
+            _ => socket.try_write_vectored(bufs),
+        })
     }
 
     fn is_write_vectored(&self) -> bool {
