@@ -11,7 +11,7 @@
 # so changes too small for wall-clock figures show here.
 #
 # Knobs: MODES ("keep-alive http10"), DURATION (5), CONCURRENCY (8),
-# PEERS ("haproxy pingora", each with one thread), BASELINE_BIN, TETHER_BIN. The dumps stay in the printed directory. Needs valgrind and nginx (installed if missing, as root).
+# PEERS ("haproxy pingora", each with one thread; empty for none), BASELINE_BIN, TETHER_BIN. The dumps stay in the printed directory. Needs valgrind and nginx (installed if missing, as root).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
@@ -19,7 +19,7 @@ MODES=${MODES:-"keep-alive http10"}
 DURATION=${DURATION:-5}
 CONCURRENCY=${CONCURRENCY:-8}
 BASELINE_BIN=${BASELINE_BIN:-}
-PEERS=${PEERS:-"haproxy pingora"}
+PEERS=${PEERS-"haproxy pingora"}
 BACKEND=127.0.0.1:18080
 PROXY=127.0.0.1:19000
 

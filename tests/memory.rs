@@ -1,10 +1,12 @@
-//! The allocator keeps freed heap between bursts (`runtime.heap_retain`):
-//! counted in the page faults a burst of exchange-sized buffers costs the
-//! thread that makes it, before and after tether raises the threshold.
-//! The one test in its binary: the threshold, once set, stays for the
-//! process.
+//! The allocator keeps freed heap between bursts for
+//! `runtime.heap_release_delay`: counted in the page faults a burst of
+//! exchange-sized buffers costs the thread that makes it, with the default
+//! delay and with none. The one test in its binary: the delay is the
+//! process's.
 
-#![cfg(all(target_os = "linux", target_env = "gnu"))]
+#![cfg(target_os = "linux")]
+
+use std::time::Duration;
 
 /// Buffers in flight at once in one burst: 64 exchanges' 16 KiB each.
 const IN_FLIGHT: usize = 64;
@@ -21,8 +23,9 @@ fn faults() -> libc::c_long {
     unsafe { usage.assume_init() }.ru_minflt
 }
 
-/// Faults per burst after a first one: each burst takes `count` buffers
-/// of `size` bytes, touches every page of them, and gives them all back.
+/// Faults per burst after a first one, on a new thread: each burst takes
+/// `count` buffers of `size` bytes, touches every page of them, and gives
+/// them all back.
 fn faults_per_burst(count: usize, size: usize) -> libc::c_long {
     std::thread::spawn(move || {
         let burst = || {
@@ -43,39 +46,30 @@ fn faults_per_burst(count: usize, size: usize) -> libc::c_long {
 #[test]
 fn freed_buffers_stay_with_the_process_for_the_next_burst() {
     let pages = (IN_FLIGHT * BUFFER / 4096) as libc::c_long;
-    let by_default = faults_per_burst(IN_FLIGHT, BUFFER);
-    // An operator's malloc settings would change glibc's defaults.
-    let tuned = [
-        "GLIBC_TUNABLES",
-        "MALLOC_TRIM_THRESHOLD_",
-        "MALLOC_TOP_PAD_",
-    ]
-    .iter()
-    .any(|name| std::env::var_os(name).is_some());
-    if !tuned {
-        assert!(
-            by_default >= pages / 2,
-            "glibc's default threshold returns the burst's {pages} pages to the kernel: {by_default} faults per burst"
-        );
-    }
-    tether::memory::retain(
-        tether::config::RuntimeConfig::default()
-            .heap_retain
-            .as_u64(),
+    tether::memory::release_delay(Duration::ZERO);
+    assert_eq!(
+        tether::memory::release_delay_in_force(),
+        Some(Duration::ZERO)
     );
-    let retained = faults_per_burst(IN_FLIGHT, BUFFER);
+    let at_once = faults_per_burst(IN_FLIGHT, BUFFER);
+    let default = tether::config::RuntimeConfig::default().heap_release_delay;
+    tether::memory::release_delay(default);
+    assert_eq!(tether::memory::release_delay_in_force(), Some(default));
+    let delayed = faults_per_burst(IN_FLIGHT, BUFFER);
     eprintln!(
-        "page faults per burst of {pages} pages: {by_default} by default, {retained} retained"
+        "page faults per burst of {pages} pages: {at_once} released at once, {delayed} with the {default:?} delay"
     );
     assert!(
-        retained <= 2,
-        "with heap_retain's default the next burst reuses the pages: {retained} faults per burst (by default {by_default})"
+        at_once >= pages / 2,
+        "with no delay the burst's {pages} pages go back to the kernel and fault in again: {at_once} faults per burst"
     );
-    // Setting the threshold ends glibc's adaptive mmap threshold: a block
-    // larger than the free heap kept so far (1.5 MiB: an HTTP/1.0
-    // response's body buffered up to `http10_buffer`, say) must still come
-    // from the heap and stay there, not be mapped, faulted in and unmapped
-    // each time.
+    assert!(
+        delayed <= 2,
+        "with heap_release_delay's default the next burst reuses the pages: {delayed} faults per burst (at once {at_once})"
+    );
+    // A block larger than the thread's cache takes (1.5 MiB: an HTTP/1.0
+    // response's body buffered up to `http10_buffer`, say) comes from the
+    // kept pages too.
     let large = faults_per_burst(1, 3 * 512 * 1024);
     assert!(
         large <= 2,

@@ -2,7 +2,9 @@
 //! an edit of the file, and a Kubernetes-style symlink swap. Under a steady
 //! connection-per-request load nothing fails, settings change without a
 //! connection opened toward the loaded backend, a moved upstream warms
-//! before requests move, and an invalid file changes nothing.
+//! before requests move, the allocator's release delay changes in place
+//! (counted in the proxy's page faults), and an invalid file changes
+//! nothing.
 
 mod common;
 
@@ -268,6 +270,66 @@ async fn twenty_reloads_under_load_fail_nothing_and_open_nothing_toward_the_load
     assert!(
         reloads.contains("tether_config_reloads_total{result=\"applied\"} 20"),
         "{reloads}"
+    );
+    assert!(tether.stop().success());
+}
+
+/// Page faults the proxy takes per burst of 16 HTTP/1.0 downloads of a
+/// chunked 512 KiB body, which it buffers whole to send with a
+/// Content-Length, eight at a time; after a first burst.
+async fn faults_per_burst(tether: &TetherProcess) -> u64 {
+    const BURSTS: u64 = 10;
+    let burst = || async {
+        for _ in 0..2 {
+            let downloads = (0..8).map(|_| {
+                tokio::spawn(exchange_raw(
+                    tether.listen,
+                    b"GET /big?524288 HTTP/1.0\r\nHost: t\r\n\r\n",
+                ))
+            });
+            for download in downloads {
+                let (bytes, _) = download.await.unwrap();
+                assert!(bytes.len() > 512 * 1024, "a whole download");
+            }
+        }
+    };
+    burst().await;
+    let before = minor_faults(tether.pid());
+    for _ in 0..BURSTS {
+        burst().await;
+    }
+    (minor_faults(tether.pid()) - before) / BURSTS
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_heap_release_delay_applies_at_start_and_on_reload() {
+    let backend = Backend::start().await;
+    let mut config = default_config(backend.addr);
+    config.runtime.worker_threads = 1;
+    config.runtime.heap_release_delay = Duration::ZERO;
+    let tether = TetherProcess::start(&config);
+    let at_once = faults_per_burst(&tether).await;
+
+    config.runtime.heap_release_delay = Duration::from_secs(10);
+    write_renamed(&tether.dir().join("tether.toml"), &config);
+    let (status, report) = post_reload(tether.admin()).await;
+    assert_eq!(status, 200, "{report}");
+    assert_eq!(report["result"], "applied", "{report}");
+    assert!(
+        report["restart_required"]
+            .as_array()
+            .is_none_or(|keys| keys.is_empty()),
+        "{report}"
+    );
+    let kept = faults_per_burst(&tether).await;
+    eprintln!("page faults per burst of 16 buffered downloads: {at_once} with no release delay, {kept} after a reload to 10s");
+    assert!(
+        at_once >= 256,
+        "with no delay the burst's 2,048 pages of buffers go back to the kernel and fault in again: {at_once} faults per burst"
+    );
+    assert!(
+        kept * 4 <= at_once,
+        "after the reload the next burst reuses the kept pages: {kept} faults per burst, {at_once} before"
     );
     assert!(tether.stop().success());
 }

@@ -76,8 +76,8 @@ pub struct Drained {
 }
 
 /// Runs tether as `tether run` does, until SIGTERM or SIGINT, then drains:
-/// raises the open-file limit, sets what freed heap the allocator keeps
-/// (`runtime.heap_retain`), starts the workers (the calling thread is the
+/// raises the open-file limit, sets how long the allocator keeps freed heap
+/// (`runtime.heap_release_delay`), starts the workers (the calling thread is the
 /// first, and also runs the admin server and the signal handlers), tells a
 /// service manager when tether is ready and when it stops.
 ///
@@ -85,7 +85,7 @@ pub struct Drained {
 /// with `runtime.watch_config`, a change to the file reload it.
 pub fn run(config: Config, source: std::path::PathBuf) -> Result<Drained, AppError> {
     open_file_limit(&config);
-    crate::memory::retain(config.runtime.heap_retain.as_u64());
+    crate::memory::release_delay(config.runtime.heap_release_delay);
     let workers = workers::Workers::start(workers::count(config.runtime.worker_threads))
         .map_err(AppError::Runtime)?;
     let runtime = tokio::runtime::Builder::new_current_thread()

@@ -19,7 +19,7 @@
 //!    connections retire by `pool.retire.drain`.
 //!
 //! Keys a running process cannot change (`runtime.worker_threads`,
-//! `runtime.heap_retain`, `[admin]`,
+//! `[admin]`,
 //! `log.format`, `[log.access]`, `[log.connections]`) keep their running
 //! values and are reported as needing a restart.
 
@@ -380,6 +380,9 @@ impl Live {
         for pool in retiring.iter().flat_map(|shares| shares.iter()) {
             pool.close();
         }
+        if applied.config.runtime.heap_release_delay != next.runtime.heap_release_delay {
+            crate::memory::release_delay(next.runtime.heap_release_delay);
+        }
         if applied.config.log.level != next.log.level {
             if let Err(e) = crate::telemetry::set_filter(&next.log.level) {
                 tracing::warn!(error = %e, "cannot change the log level");
@@ -498,10 +501,6 @@ fn keep_restart_keys(running: &Config, mut next: Config) -> (Config, Vec<String>
     if next.runtime.worker_threads != running.runtime.worker_threads {
         keys.push("runtime.worker_threads".to_owned());
         next.runtime.worker_threads = running.runtime.worker_threads;
-    }
-    if next.runtime.heap_retain != running.runtime.heap_retain {
-        keys.push("runtime.heap_retain".to_owned());
-        next.runtime.heap_retain = running.runtime.heap_retain;
     }
     if next.admin != running.admin {
         keys.push("admin".to_owned());
@@ -672,15 +671,15 @@ mod tests {
         let mut next = config();
         next.runtime.worker_threads = running.runtime.worker_threads + 3;
         next.admin.listen = "127.0.0.1:1".parse().unwrap();
-        next.runtime.heap_retain = crate::config::Size::mib(64);
+        next.runtime.heap_release_delay *= 3;
         next.runtime.drain_timeout *= 2;
         let (kept, keys) = keep_restart_keys(&running, next.clone());
-        assert_eq!(
-            keys,
-            ["runtime.worker_threads", "runtime.heap_retain", "admin"]
-        );
+        assert_eq!(keys, ["runtime.worker_threads", "admin"]);
         assert_eq!(kept.runtime.worker_threads, running.runtime.worker_threads);
-        assert_eq!(kept.runtime.heap_retain, running.runtime.heap_retain);
+        assert_eq!(
+            kept.runtime.heap_release_delay,
+            next.runtime.heap_release_delay
+        );
         assert_eq!(kept.admin, running.admin);
         assert_eq!(kept.runtime.drain_timeout, next.runtime.drain_timeout);
     }

@@ -365,12 +365,12 @@ pub const fn watch_interval() -> Duration {
     Duration::from_secs(1)
 }
 
-/// `runtime.heap_retain`. Default 4MiB: the buffers of 256 exchanges in
-/// flight at once stay with the process between bursts, against a few MiB
-/// of resident memory kept after one; a burst of connections still gives
-/// its memory back (`memory`).
-pub const fn heap_retain() -> Size {
-    Size::mib(4)
+/// `runtime.heap_release_delay`. Default 10s, jemalloc's own: bursts that
+/// come within seconds of each other reuse the same pages with no page
+/// fault, and memory is back with the kernel seconds after traffic falls;
+/// a burst of connections gives its memory back at once (`memory`).
+pub const fn heap_release_delay() -> Duration {
+    Duration::from_secs(10)
 }
 
 #[cfg(test)]
@@ -398,7 +398,7 @@ mod tests {
         assert!(!u.keepalive.probe.enabled);
         assert_eq!(c.runtime.drain_timeout, Duration::from_secs(30));
         assert!(c.runtime.watch_config);
-        assert_eq!(c.runtime.heap_retain, Size::mib(4));
+        assert_eq!(c.runtime.heap_release_delay, Duration::from_secs(10));
         assert_eq!(c.admin.listen, "127.0.0.1:9901".parse().unwrap());
         assert_eq!(l, &ListenerConfig::new("app", l.listen.clone(), "backend"));
     }

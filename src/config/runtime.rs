@@ -1,13 +1,13 @@
 //! `[runtime]`: process-wide settings — how many workers, how long the drain
 //! may take, how long start-up (and a reload's new pools) wait for warm
-//! pools, whether tether watches its configuration file, and how much freed
-//! heap it keeps.
+//! pools, whether tether watches its configuration file, and how long freed
+//! heap stays for reuse.
 
 use std::time::Duration;
 
 use serde::{Deserialize, Serialize};
 
-use super::{defaults, Problems, Size};
+use super::{defaults, Problems};
 
 /// `[runtime]`
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
@@ -39,12 +39,12 @@ pub struct RuntimeConfig {
     /// [`defaults::watch_interval`].
     #[serde(default = "defaults::watch_interval", with = "humantime_serde")]
     pub watch_interval: Duration,
-    /// Free heap each allocator arena keeps for the next burst rather than
-    /// returning it to the kernel (glibc's `M_TRIM_THRESHOLD`; blocks from
-    /// half this size are mapped on their own); 0 leaves glibc's adaptive
-    /// thresholds. Default: [`defaults::heap_retain`].
-    #[serde(default = "defaults::heap_retain")]
-    pub heap_retain: Size,
+    /// How long freed heap pages stay with the process for the next burst
+    /// before the allocator returns them to the kernel, gradually over this
+    /// time (jemalloc's `dirty_decay_ms`); 0 = at once. A reload applies it.
+    /// Default: [`defaults::heap_release_delay`].
+    #[serde(default = "defaults::heap_release_delay", with = "humantime_serde")]
+    pub heap_release_delay: Duration,
 }
 
 impl Default for RuntimeConfig {
@@ -55,7 +55,7 @@ impl Default for RuntimeConfig {
             ready_timeout: defaults::ready_timeout(),
             watch_config: defaults::watch_config(),
             watch_interval: defaults::watch_interval(),
-            heap_retain: defaults::heap_retain(),
+            heap_release_delay: defaults::heap_release_delay(),
         }
     }
 }
@@ -65,10 +65,6 @@ impl Default for RuntimeConfig {
 /// overflow the clock.
 pub const MAX_WAIT: Duration = Duration::from_secs(60 * 60);
 
-/// The largest `heap_retain` accepted: more than any sidecar's heap, and
-/// far below the 2 GiB glibc's parameter can hold.
-pub const MAX_HEAP_RETAIN: Size = Size::mib(1024);
-
 /// Checks `[runtime]`: the drain needs some time, and neither wait is absurd.
 pub(super) fn validate(runtime: &RuntimeConfig, mut problems: Problems<'_>) {
     problems.positive("drain_timeout", runtime.drain_timeout);
@@ -76,5 +72,5 @@ pub(super) fn validate(runtime: &RuntimeConfig, mut problems: Problems<'_>) {
     problems.at_most("ready_timeout", runtime.ready_timeout, MAX_WAIT);
     problems.positive("watch_interval", runtime.watch_interval);
     problems.at_most("watch_interval", runtime.watch_interval, MAX_WAIT);
-    problems.at_most("heap_retain", runtime.heap_retain, MAX_HEAP_RETAIN);
+    problems.at_most("heap_release_delay", runtime.heap_release_delay, MAX_WAIT);
 }
