@@ -80,16 +80,22 @@ pub struct ProxyBody {
     log: Option<Box<Pending>>,
 }
 
-// One per exchange, never moved in bulk: boxing the upstream variant would
-// cost an allocation per response to save bytes nobody copies.
-#[allow(clippy::large_enum_variant)]
 enum Kind {
     Full(Option<Bytes>),
-    Upstream {
-        prefix: Option<Bytes>,
-        body: ResponseBody,
-        lease: Option<Lease>,
-    },
+    /// Boxed: the response moves by value through every layer between the
+    /// pool and the client's writer, some ten copies per request; inline,
+    /// each copied 312 bytes, where an allocation costs less than two.
+    Upstream(Box<Upstream>),
+}
+
+/// An upstream body streaming through.
+struct Upstream {
+    /// Bytes already read from it, handed over first.
+    prefix: Option<Bytes>,
+    body: ResponseBody,
+    /// Released when the body ends cleanly, dropped (discarding the
+    /// connection) when it does not.
+    lease: Option<Lease>,
 }
 
 impl ProxyBody {
@@ -108,11 +114,11 @@ impl ProxyBody {
     pub fn upstream(prefix: Option<Bytes>, body: ResponseBody, lease: Lease) -> Self {
         Self {
             finished: prefix.is_none() && body.is_end_stream(),
-            kind: Kind::Upstream {
+            kind: Kind::Upstream(Box::new(Upstream {
                 prefix,
                 body,
                 lease: Some(lease),
-            },
+            })),
             done: None,
             log: None,
         }
@@ -170,16 +176,16 @@ impl Body for ProxyBody {
     fn is_end_stream(&self) -> bool {
         match &self.kind {
             Kind::Full(bytes) => bytes.is_none(),
-            Kind::Upstream { prefix, body, .. } => prefix.is_none() && body.is_end_stream(),
+            Kind::Upstream(up) => up.prefix.is_none() && up.body.is_end_stream(),
         }
     }
 
     fn size_hint(&self) -> SizeHint {
         match &self.kind {
             Kind::Full(bytes) => SizeHint::with_exact(bytes.as_ref().map_or(0, |b| b.len() as u64)),
-            Kind::Upstream { prefix, body, .. } => hint_plus(
-                body.size_hint(),
-                prefix.as_ref().map_or(0, |p| p.len() as u64),
+            Kind::Upstream(up) => hint_plus(
+                up.body.size_hint(),
+                up.prefix.as_ref().map_or(0, |p| p.len() as u64),
             ),
         }
     }
@@ -197,11 +203,12 @@ impl ProxyBody {
                 this.finished = true;
                 Poll::Ready(bytes.take().map(|b| Ok(Frame::data(b))))
             }
-            Kind::Upstream {
-                prefix,
-                body,
-                lease,
-            } => {
+            Kind::Upstream(up) => {
+                let Upstream {
+                    prefix,
+                    body,
+                    lease,
+                } = &mut **up;
                 if let Some(bytes) = prefix.take() {
                     this.finished = body.is_end_stream();
                     return Poll::Ready(Some(Ok(Frame::data(bytes))));
@@ -234,12 +241,12 @@ impl ProxyBody {
 
 impl Drop for ProxyBody {
     fn drop(&mut self) {
-        if let Kind::Upstream {
-            prefix,
-            body,
-            lease,
-        } = &mut self.kind
-        {
+        if let Kind::Upstream(up) = &mut self.kind {
+            let Upstream {
+                prefix,
+                body,
+                lease,
+            } = &mut **up;
             if let Some(mut lease) = lease.take() {
                 // Bodiless responses (HEAD, 204, 304, length 0) are never
                 // polled; any other body not read to its end discards the
