@@ -1,5 +1,6 @@
-//! The client leg: timeouts end in RST, bad requests get a 4xx and are never
-//! forwarded, and each `client_close` policy is observed on real sockets.
+//! The client leg: timeouts (a client that stops reading included) end in
+//! RST, bad requests get a 4xx and are never forwarded, and each
+//! `client_close` policy is observed on real sockets.
 
 mod common;
 
@@ -7,7 +8,7 @@ use std::time::{Duration, Instant};
 
 use common::*;
 use tether::config::ClientClose;
-use tokio::io::AsyncWriteExt;
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
 
 const GET: &[u8] = b"GET / HTTP/1.1\r\nHost: t\r\n\r\n";
@@ -63,6 +64,80 @@ async fn slowloris_and_silent_clients_are_reset_after_header_timeout() {
             assert_eq!(end, End::Reset);
             assert!(elapsed < Duration::from_secs(4), "reset took {elapsed:?}");
             assert_eq!(backend.requests(), 0);
+        },
+    )
+    .await;
+}
+
+/// A client whose receive buffer is small, so that tether's writes to it
+/// block soon after it stops reading.
+async fn small_window_client(addr: std::net::SocketAddr) -> TcpStream {
+    let socket = tokio::net::TcpSocket::new_v4().unwrap();
+    socket.set_recv_buffer_size(16 * 1024).unwrap();
+    socket.connect(addr).await.unwrap()
+}
+
+/// Client connections of listener `app` reset for `send_timeout`.
+async fn send_timeouts(admin: std::net::SocketAddr) -> f64 {
+    let text = get_once(admin, "/metrics").await.text();
+    let line = r#"tether_client_connections_closed_total{listener="app",reason="send-timeout"} "#;
+    text.lines()
+        .find_map(|l| l.strip_prefix(line))
+        .map_or(0.0, |v| v.trim().parse().unwrap())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_client_that_stops_reading_is_reset_after_send_timeout_and_a_slow_one_is_not() {
+    const TIMEOUT: Duration = Duration::from_secs(2);
+    with_tether_and_backend(
+        |c| c.listeners[0].send_timeout = TIMEOUT,
+        |backend, t| async move {
+            // A steady reader, far slower than tether writes: a blocked
+            // write goes on once the kernel has sent a third of the socket's
+            // queue (up to 4 MiB), well within the timeout at this pace.
+            let mut steady = small_window_client(t.addr()).await;
+            steady
+                .write_all(b"GET /big?8388608 HTTP/1.1\r\nHost: t\r\n\r\n")
+                .await
+                .unwrap();
+            let mut received = 0usize;
+            let mut buf = vec![0u8; 256 * 1024];
+            while received < 8 * 1024 * 1024 {
+                let n = steady
+                    .read(&mut buf)
+                    .await
+                    .expect("the steady reader is not reset");
+                assert!(n > 0, "the connection stays open");
+                received += n;
+                tokio::time::sleep(Duration::from_millis(5)).await;
+            }
+            assert_eq!(send_timeouts(t.admin()).await, 0.0);
+
+            // A client that asks for 64 MiB and reads none of it.
+            let mut stalled = small_window_client(t.addr()).await;
+            stalled
+                .write_all(b"GET /big?67108864 HTTP/1.1\r\nHost: t\r\n\r\n")
+                .await
+                .unwrap();
+            let asked = Instant::now();
+            let closed_before = backend.closed();
+            // Not a byte read until the reset is counted: a read would let
+            // the write go on.
+            while send_timeouts(t.admin()).await == 0.0 {
+                assert!(asked.elapsed() < Duration::from_secs(10), "no send timeout");
+                tokio::time::sleep(Duration::from_millis(50)).await;
+            }
+            let waited = asked.elapsed();
+            assert!(
+                waited >= TIMEOUT,
+                "reset after {waited:?}, before the timeout"
+            );
+            let (_, end) = read_to_end(&mut stalled).await;
+            assert_eq!(end, End::Reset, "reset, not closed");
+            // The body was not read to its end: its upstream connection is
+            // discarded, not put back in the pool.
+            eventually(|| backend.closed() > closed_before).await;
+            assert_eq!(send_timeouts(t.admin()).await, 1.0);
         },
     )
     .await;

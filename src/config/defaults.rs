@@ -75,6 +75,13 @@ pub const fn header_timeout() -> Duration {
     Duration::from_secs(10)
 }
 
+/// `listener.send_timeout`. Default 60s, nginx's `send_timeout`: a client
+/// still reading advances within seconds even on a slow link, while one that
+/// stopped reading would hold its upstream connection for good.
+pub const fn send_timeout() -> Duration {
+    Duration::from_secs(60)
+}
+
 /// `listener.idle_timeout`. Default 60s: longer than the usual client-side pool
 /// idle (so clients time out first and close), short enough to free
 /// descriptors of vanished apps.
@@ -388,6 +395,7 @@ mod tests {
         let l = &c.listeners[0];
         assert_eq!(l.max_connections, 10_000);
         assert_eq!(l.header_timeout, Duration::from_secs(10));
+        assert_eq!(l.send_timeout, Duration::from_secs(60));
         assert_eq!(l.client_close, ClientClose::Graceful);
         assert_eq!(l.max_header_bytes, Size::kib(64));
         assert_eq!(l.underscores_in_headers, UnderscoresInHeaders::Drop);

@@ -133,6 +133,12 @@ pub struct ListenerConfig {
     /// Default: [`defaults::idle_timeout`].
     #[serde(default = "defaults::idle_timeout", with = "humantime_serde")]
     pub idle_timeout: Duration,
+    /// Time a client may leave tether's response unread: a write to it that
+    /// cannot proceed this long, from its last progress, resets the
+    /// connection (and discards the upstream connection the body came on).
+    /// Default: [`defaults::send_timeout`].
+    #[serde(default = "defaults::send_timeout", with = "humantime_serde")]
+    pub send_timeout: Duration,
     /// Time from a complete request head to the upstream's response head; then
     /// 504. Default: [`defaults::request_timeout`].
     #[serde(default = "defaults::request_timeout", with = "humantime_serde")]
@@ -191,6 +197,7 @@ impl ListenerConfig {
             max_connections: defaults::listener_max_connections(),
             evict_idle_at_cap: defaults::evict_idle_at_cap(),
             header_timeout: defaults::header_timeout(),
+            send_timeout: defaults::send_timeout(),
             idle_timeout: defaults::idle_timeout(),
             request_timeout: defaults::request_timeout(),
             close_grace: defaults::close_grace(),
@@ -252,6 +259,7 @@ pub(super) fn validate(
         problems.at_least("max_connections", l.max_connections, 1);
         problems.positive("header_timeout", l.header_timeout);
         problems.positive("idle_timeout", l.idle_timeout);
+        problems.positive("send_timeout", l.send_timeout);
         problems.positive("request_timeout", l.request_timeout);
         problems.at_least("max_header_bytes", l.max_header_bytes, MIN_HEADER_BYTES);
     }

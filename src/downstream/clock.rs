@@ -1,4 +1,4 @@
-//! The header and idle timeouts of one client connection, kept without a
+//! The header, idle and send timeouts of one client connection, kept without a
 //! timer operation per request: the phase and the instant it began live in
 //! one atomic word, and a single lazy timer reads it when it fires. The same
 //! timer then times the connection's close ([`super::close`]): a connection
@@ -21,9 +21,12 @@ enum Phase {
     Busy,
     /// Waiting for the next request.
     Idle,
+    /// A response is being written and the client's socket has taken
+    /// nothing more since the phase began.
+    Sending,
 }
 
-/// The header and idle timers of one connection.
+/// The header, idle and send timers of one connection.
 ///
 /// The IO and the service update the phase without waking anyone; the
 /// connection's single timer is lazy: when it fires it reads the phase and
@@ -36,19 +39,27 @@ pub(super) struct Clock {
     origin: Instant,
     header_timeout: Duration,
     idle_timeout: Duration,
+    send_timeout: Duration,
 }
 
 const PHASE_SHIFT: u32 = 62;
 const SINCE_MASK: u64 = (1 << PHASE_SHIFT) - 1;
+/// The busy phase's word: it keeps no instant.
+const BUSY: u64 = 1 << PHASE_SHIFT;
 
 impl Clock {
     /// A clock in the head phase from now: the header timeout runs from accept.
-    pub(super) fn new(header_timeout: Duration, idle_timeout: Duration) -> Self {
+    pub(super) fn new(
+        header_timeout: Duration,
+        idle_timeout: Duration,
+        send_timeout: Duration,
+    ) -> Self {
         Self {
             word: AtomicU64::new(0),
             origin: Instant::now(),
             header_timeout,
             idle_timeout,
+            send_timeout,
         }
     }
 
@@ -57,6 +68,7 @@ impl Clock {
             Phase::Head => 0,
             Phase::Busy => 1,
             Phase::Idle => 2,
+            Phase::Sending => 3,
         };
         let millis =
             u64::try_from(at.duration_since(self.origin).as_millis()).unwrap_or(SINCE_MASK);
@@ -67,7 +79,8 @@ impl Clock {
         let phase = match word >> PHASE_SHIFT {
             0 => Phase::Head,
             1 => Phase::Busy,
-            _ => Phase::Idle,
+            2 => Phase::Idle,
+            _ => Phase::Sending,
         };
         (
             phase,
@@ -77,13 +90,39 @@ impl Clock {
 
     /// A request is being served. Busy has no deadline, so no clock read.
     pub(super) fn set_busy(&self) {
-        self.word.store(1 << PHASE_SHIFT, Ordering::Release);
+        self.word.store(BUSY, Ordering::Release);
     }
 
     /// An exchange ended: the idle timeout runs from now.
     pub(super) fn set_idle(&self) {
         self.word
             .store(self.encode(Phase::Idle, Instant::now()), Ordering::Release);
+    }
+
+    /// A write to the client could not proceed: the send timeout runs from
+    /// now, unless it already runs since an earlier one. Only a busy
+    /// connection writes, so only a busy one starts it.
+    pub(super) fn write_blocked(&self) {
+        let word = self.word.load(Ordering::Acquire);
+        if word == BUSY {
+            let _ = self.word.compare_exchange(
+                word,
+                self.encode(Phase::Sending, Instant::now()),
+                Ordering::AcqRel,
+                Ordering::Relaxed,
+            );
+        }
+    }
+
+    /// A write to the client went through: a send timeout running stops.
+    /// One load, and no clock read, when none ran.
+    pub(super) fn write_progressed(&self) {
+        let word = self.word.load(Ordering::Acquire);
+        if word >> PHASE_SHIFT == 3 {
+            let _ = self
+                .word
+                .compare_exchange(word, BUSY, Ordering::AcqRel, Ordering::Relaxed);
+        }
     }
 
     /// Bytes arrived from the client: an idle connection starts a request head.
@@ -113,6 +152,7 @@ impl Clock {
         match self.decode(self.word.load(Ordering::Acquire)) {
             (Phase::Head, since) => Some((since + self.header_timeout, ResetReason::HeaderTimeout)),
             (Phase::Idle, since) => Some((since + self.idle_timeout, ResetReason::IdleTimeout)),
+            (Phase::Sending, since) => Some((since + self.send_timeout, ResetReason::SendTimeout)),
             (Phase::Busy, _) => None,
         }
     }
@@ -127,7 +167,9 @@ impl Clock {
     /// Any phase entered from now on has a deadline no earlier than this
     /// far ahead.
     fn horizon(&self) -> Duration {
-        self.header_timeout.min(self.idle_timeout)
+        self.header_timeout
+            .min(self.idle_timeout)
+            .min(self.send_timeout)
     }
 
     /// Resolves with the reason once a deadline passes in the phase it was

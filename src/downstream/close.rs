@@ -28,6 +28,8 @@ pub enum ResetReason {
     HeaderTimeout,
     /// Silent between requests for `idle_timeout`.
     IdleTimeout,
+    /// Left tether's response unread for `send_timeout`.
+    SendTimeout,
     /// The socket failed, the client left in the middle of a request, or a
     /// response body failed while it was written.
     ConnectionError,
@@ -63,6 +65,7 @@ impl ResetReason {
         match self {
             Self::HeaderTimeout => "header-timeout",
             Self::IdleTimeout => "idle-timeout",
+            Self::SendTimeout => "send-timeout",
             Self::ConnectionError => "connection-error",
             Self::DrainDeadline => "drain-deadline",
             Self::FinFailed => "fin-failed",

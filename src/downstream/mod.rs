@@ -135,6 +135,7 @@ async fn serve_socket<S: Socket>(
     let state = Arc::new(ClientState::new(
         listener.header_timeout,
         listener.idle_timeout,
+        listener.send_timeout,
         drain.clone(),
         binding.access_log.as_ref().map(|log| log.sink.clone()),
     ));

@@ -24,6 +24,7 @@ use bytes::{Buf, Bytes};
 use http::StatusCode;
 use http_body::Body;
 
+use super::clock::Clock;
 use super::io::{Socket, Wire};
 use super::state::ClientState;
 use super::ClientError;
@@ -100,7 +101,7 @@ pub(super) async fn write<S: Socket>(
                 None => {
                     // Not ready: what is queued goes now, and the wait
                     // starts with nothing held back.
-                    out.flush(wire, false).await?;
+                    out.flush(wire, false, &state.clock).await?;
                     std::future::poll_fn(|cx| Pin::new(&mut body).poll_frame(cx)).await
                 }
             };
@@ -118,7 +119,7 @@ pub(super) async fn write<S: Socket>(
                 break;
             }
             if out.full() {
-                out.flush(wire, false).await?;
+                out.flush(wire, false, &state.clock).await?;
             }
         }
         if matches!(head.framing, Framing::Length(_)) && remaining > 0 {
@@ -132,7 +133,7 @@ pub(super) async fn write<S: Socket>(
     // exchange is over for the clock and the access log.
     drop(body);
     let fin = head.last && state.wants_fin();
-    out.flush(wire, fin).await?;
+    out.flush(wire, fin, &state.clock).await?;
     if fin && crate::sock::send_fin(&wire.socket).is_ok() {
         state.note_fin_sent();
     }
@@ -479,7 +480,12 @@ impl Output {
 
     /// Writes everything queued; with `more`, each write says more follows
     /// (MSG_MORE), so the FIN sent next joins the last bytes.
-    async fn flush<S: Socket>(&mut self, wire: &Wire<S>, more: bool) -> Result<(), ClientError> {
+    async fn flush<S: Socket>(
+        &mut self,
+        wire: &Wire<S>,
+        more: bool,
+        clock: &Clock,
+    ) -> Result<(), ClientError> {
         while self.queued > 0 {
             let written = std::future::poll_fn(|cx| {
                 let mut slices = [IoSlice::new(&[]); MAX_PIECES];
@@ -492,9 +498,15 @@ impl Output {
                     });
                     count += 1;
                 }
-                wire.poll_write(cx, &slices[..count], more)
+                let polled = wire.poll_write(cx, &slices[..count], more);
+                if polled.is_pending() {
+                    // The client's socket is full: `send_timeout` runs.
+                    clock.write_blocked();
+                }
+                polled
             })
             .await?;
+            clock.write_progressed();
             if written == 0 {
                 return Err(ClientError::Io(std::io::ErrorKind::WriteZero.into()));
             }

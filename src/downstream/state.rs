@@ -45,11 +45,12 @@ impl ClientState {
     pub(super) fn new(
         header_timeout: Duration,
         idle_timeout: Duration,
+        send_timeout: Duration,
         drain: CancellationToken,
         log: Option<Sink>,
     ) -> Self {
         Self {
-            clock: Clock::new(header_timeout, idle_timeout),
+            clock: Clock::new(header_timeout, idle_timeout, send_timeout),
             misbehaved: AtomicBool::new(false),
             requests: AtomicU64::new(0),
             fin_after_response: AtomicBool::new(false),
