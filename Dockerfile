@@ -3,6 +3,11 @@
 # The builder runs the same Debian release as the runtime stage, so the binary
 # links against the glibc it will run with.
 FROM rust:1.95-slim-bookworm AS build
+# make: the allocator (jemalloc) is built from C by its own makefile; the
+# image has gcc but not make.
+RUN apt-get update \
+    && apt-get install -y --no-install-recommends make=4.3-4.1 \
+    && rm -rf /var/lib/apt/lists/*
 WORKDIR /src
 # benches/ only because Cargo.toml declares a bench target there.
 COPY Cargo.toml Cargo.lock ./

@@ -58,7 +58,7 @@ pub async fn give_back_after_bursts(open: impl Fn() -> usize) {
 
 /// Makes the allocator return freed pages to the kernel gradually over
 /// `delay` (at once for zero), in every arena, those to come included, and
-/// starts its background thread, which does it while tether is idle. Called
+/// starts its one background thread, which does it while tether is idle. Called
 /// at start and on a reload that changes `runtime.heap_release_delay`.
 pub fn release_delay(delay: Duration) {
     let ms = isize::try_from(delay.as_millis()).unwrap_or(isize::MAX);
@@ -74,6 +74,11 @@ pub fn release_delay(delay: Duration) {
         .filter(|arena| set_decay(format!("arena.{arena}.dirty_decay_ms\0").as_bytes(), ms).is_ok())
         .count();
     tracing::debug!(?delay, in_use, "heap release delay set");
+    // One purging thread is enough for a sidecar's few arenas; by default
+    // jemalloc may start one per CPU of the node, whatever the pod's quota.
+    if let Err(error) = tikv_jemalloc_ctl::max_background_threads::write(1) {
+        tracing::debug!(%error, "the allocator kept its number of background threads");
+    }
     if let Err(error) = tikv_jemalloc_ctl::background_thread::write(true) {
         tracing::warn!(%error, "the allocator's background thread did not start: freed memory goes back only as tether allocates");
     }

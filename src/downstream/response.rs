@@ -130,13 +130,16 @@ pub(super) async fn write<S: Socket>(
         out.push(Piece::Static(b"0\r\n\r\n"));
     }
     // Done with: the upstream connection goes back to the pool now, and the
-    // exchange is over for the clock and the access log.
+    // exchange is over for the access log.
     drop(body);
     let fin = head.last && state.wants_fin();
     out.flush(wire, fin, &state.clock).await?;
     if fin && crate::sock::send_fin(&wire.socket).is_ok() {
         state.note_fin_sent();
     }
+    // Only now, the response handed over whole: until the last flush went
+    // through, the send timeout, not the idle one, ran.
+    state.clock.set_idle();
     Ok(head.last)
 }
 

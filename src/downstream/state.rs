@@ -118,13 +118,6 @@ impl ClientState {
 }
 
 impl ExchangeDone for ClientState {
-    fn exchange_done(&self, _complete: bool) {
-        // Whether a FIN may follow is the writer's to know: it sends one only
-        // after a response written whole (after a truncated one, a FIN would
-        // make a close-delimited body look complete).
-        self.clock.set_idle();
-    }
-
     fn exchange_logged(&self, record: Box<AccessRecord>) {
         let Some(log) = &self.log else {
             return;

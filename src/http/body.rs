@@ -54,10 +54,6 @@ where
 
 /// Told when the response body is done with.
 pub trait ExchangeDone: Send + Sync {
-    /// The exchange is over. `complete` is true only when every byte of the
-    /// body was handed to the connection; false when it was abandoned or failed.
-    fn exchange_done(&self, complete: bool);
-
     /// The exchange's access-log line is complete (the access log is on).
     fn exchange_logged(&self, record: Box<AccessRecord>);
 }
@@ -74,8 +70,6 @@ struct Pending {
 pub struct ProxyBody {
     kind: Kind,
     done: Option<Arc<dyn ExchangeDone>>,
-    /// Every frame has been yielded and the body ended cleanly.
-    finished: bool,
     /// The access-log line, when the log is on.
     log: Option<Box<Pending>>,
 }
@@ -103,7 +97,6 @@ impl ProxyBody {
     pub fn full(bytes: Bytes) -> Self {
         let kind = Kind::Full((!bytes.is_empty()).then_some(bytes));
         Self {
-            finished: matches!(kind, Kind::Full(None)),
             kind,
             done: None,
             log: None,
@@ -113,7 +106,6 @@ impl ProxyBody {
     /// An upstream body streamed through, after `prefix` (already read from it).
     pub fn upstream(prefix: Option<Bytes>, body: ResponseBody, lease: Lease) -> Self {
         Self {
-            finished: prefix.is_none() && body.is_end_stream(),
             kind: Kind::Upstream(Box::new(Upstream {
                 prefix,
                 body,
@@ -124,7 +116,7 @@ impl ProxyBody {
         }
     }
 
-    /// Registers who to tell when the body is finished with.
+    /// Registers who gets the access-log line when the body is done with.
     pub fn on_done(mut self, done: Arc<dyn ExchangeDone>) -> Self {
         self.done = Some(done);
         self
@@ -199,10 +191,7 @@ impl ProxyBody {
     ) -> Poll<Option<Result<Frame<Bytes>, BodyError>>> {
         let this = &mut *self;
         match &mut this.kind {
-            Kind::Full(bytes) => {
-                this.finished = true;
-                Poll::Ready(bytes.take().map(|b| Ok(Frame::data(b))))
-            }
+            Kind::Full(bytes) => Poll::Ready(bytes.take().map(|b| Ok(Frame::data(b)))),
             Kind::Upstream(up) => {
                 let Upstream {
                     prefix,
@@ -210,7 +199,6 @@ impl ProxyBody {
                     lease,
                 } = &mut **up;
                 if let Some(bytes) = prefix.take() {
-                    this.finished = body.is_end_stream();
                     return Poll::Ready(Some(Ok(Frame::data(bytes))));
                 }
                 match Pin::new(&mut *body).poll_frame(cx) {
@@ -226,7 +214,6 @@ impl ProxyBody {
                         // Ended, with its last frame or after it: the
                         // connection can serve another request.
                         if frame.is_none() || body.is_end_stream() {
-                            this.finished = true;
                             if let Some(lease) = lease.take() {
                                 lease.release(body);
                             }
@@ -259,7 +246,6 @@ impl Drop for ProxyBody {
             }
         }
         if let Some(done) = self.done.take() {
-            done.exchange_done(self.finished);
             if let Some(log) = self.log.take() {
                 let Pending {
                     mut record,
