@@ -16,8 +16,8 @@
 //! costs a page fault per page touched again at the next burst. jemalloc
 //! returns freed pages gradually, over `runtime.heap_release_delay`
 //! (its `dirty_decay_ms`; [`release_delay`]), and a background thread of
-//! its own does it, so an idle proxy gives its memory back too. `0` returns
-//! them at once.
+//! its own does it ([`start_background_release`]), so an idle proxy gives
+//! its memory back too. `0` returns them at once.
 //!
 //! After a burst of client connections, memory is given back at once. Once
 //! a second the number of open client connections is read; when it has
@@ -56,10 +56,23 @@ pub async fn give_back_after_bursts(open: impl Fn() -> usize) {
     }
 }
 
+/// Starts the allocator's one background thread, which returns freed pages
+/// on the release delay's clock while tether is idle (otherwise that waits
+/// for tether's next allocation). Called once, at start.
+pub fn start_background_release() {
+    // One thread is enough for a sidecar's few arenas; by default jemalloc
+    // may start one per CPU of the node, whatever the pod's quota.
+    if let Err(error) = tikv_jemalloc_ctl::max_background_threads::write(1) {
+        tracing::debug!(%error, "the allocator kept its number of background threads");
+    }
+    if let Err(error) = tikv_jemalloc_ctl::background_thread::write(true) {
+        tracing::warn!(%error, "the allocator's background thread did not start: freed memory goes back only as tether allocates");
+    }
+}
+
 /// Makes the allocator return freed pages to the kernel gradually over
-/// `delay` (at once for zero), in every arena, those to come included, and
-/// starts its one background thread, which does it while tether is idle. Called
-/// at start and on a reload that changes `runtime.heap_release_delay`.
+/// `delay` (at once for zero), in every arena, those to come included.
+/// Called at start and on a reload that changes `runtime.heap_release_delay`.
 pub fn release_delay(delay: Duration) {
     let ms = isize::try_from(delay.as_millis()).unwrap_or(isize::MAX);
     if let Err(error) = set_decay(b"arenas.dirty_decay_ms\0", ms) {
@@ -74,14 +87,6 @@ pub fn release_delay(delay: Duration) {
         .filter(|arena| set_decay(format!("arena.{arena}.dirty_decay_ms\0").as_bytes(), ms).is_ok())
         .count();
     tracing::debug!(?delay, in_use, "heap release delay set");
-    // One purging thread is enough for a sidecar's few arenas; by default
-    // jemalloc may start one per CPU of the node, whatever the pod's quota.
-    if let Err(error) = tikv_jemalloc_ctl::max_background_threads::write(1) {
-        tracing::debug!(%error, "the allocator kept its number of background threads");
-    }
-    if let Err(error) = tikv_jemalloc_ctl::background_thread::write(true) {
-        tracing::warn!(%error, "the allocator's background thread did not start: freed memory goes back only as tether allocates");
-    }
 }
 
 /// The release delay in force for arenas to come.

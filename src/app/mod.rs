@@ -86,6 +86,7 @@ pub struct Drained {
 pub fn run(config: Config, source: std::path::PathBuf) -> Result<Drained, AppError> {
     open_file_limit(&config);
     crate::memory::release_delay(config.runtime.heap_release_delay);
+    crate::memory::start_background_release();
     let workers = workers::Workers::start(workers::count(config.runtime.worker_threads))
         .map_err(AppError::Runtime)?;
     let runtime = tokio::runtime::Builder::new_current_thread()

@@ -60,9 +60,10 @@ impl Default for RuntimeConfig {
     }
 }
 
-/// The longest `drain_timeout` and `ready_timeout` accepted: longer is a
-/// typo (no service manager waits that long), and far-future deadlines
-/// overflow the clock.
+/// The longest `drain_timeout`, `ready_timeout`, `watch_interval` and
+/// `heap_release_delay` accepted: longer is a typo (no service manager waits
+/// that long, and an hour-old free page is not kept for reuse), and
+/// far-future deadlines overflow the clock.
 pub const MAX_WAIT: Duration = Duration::from_secs(60 * 60);
 
 /// Checks `[runtime]`: the drain needs some time, and neither wait is absurd.

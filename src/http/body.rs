@@ -52,7 +52,7 @@ where
     Ok(UpstreamBody::new(buffered, rest))
 }
 
-/// Told when the response body is done with.
+/// Takes an exchange's access-log line once its response body is done with.
 pub trait ExchangeDone: Send + Sync {
     /// The exchange's access-log line is complete (the access log is on).
     fn exchange_logged(&self, record: Box<AccessRecord>);
@@ -64,12 +64,13 @@ struct Pending {
     record: Box<AccessRecord>,
     started: Instant,
     bytes_in: Arc<std::sync::atomic::AtomicU64>,
+    /// Who writes the line.
+    done: Arc<dyn ExchangeDone>,
 }
 
 /// The response body as sent to the client.
 pub struct ProxyBody {
     kind: Kind,
-    done: Option<Arc<dyn ExchangeDone>>,
     /// The access-log line, when the log is on.
     log: Option<Box<Pending>>,
 }
@@ -96,11 +97,7 @@ impl ProxyBody {
     /// A complete body held in memory.
     pub fn full(bytes: Bytes) -> Self {
         let kind = Kind::Full((!bytes.is_empty()).then_some(bytes));
-        Self {
-            kind,
-            done: None,
-            log: None,
-        }
+        Self { kind, log: None }
     }
 
     /// An upstream body streamed through, after `prefix` (already read from it).
@@ -111,22 +108,16 @@ impl ProxyBody {
                 body,
                 lease: Some(lease),
             })),
-            done: None,
             log: None,
         }
     }
 
-    /// Registers who gets the access-log line when the body is done with.
-    pub fn on_done(mut self, done: Arc<dyn ExchangeDone>) -> Self {
-        self.done = Some(done);
-        self
-    }
-
     /// Carries the exchange's access-log line: the body counts its bytes and
-    /// times its end, and hands the line to the [`ExchangeDone`] when it is
-    /// done with. `bytes_in` counts the request body.
+    /// times its end, and hands the line to `done` when it is done with.
+    /// `bytes_in` counts the request body.
     pub fn logged(
         mut self,
+        done: Arc<dyn ExchangeDone>,
         record: Box<AccessRecord>,
         started: Instant,
         bytes_in: Arc<std::sync::atomic::AtomicU64>,
@@ -135,6 +126,7 @@ impl ProxyBody {
             record,
             started,
             bytes_in,
+            done,
         }));
         self
     }
@@ -245,17 +237,16 @@ impl Drop for ProxyBody {
                 }
             }
         }
-        if let Some(done) = self.done.take() {
-            if let Some(log) = self.log.take() {
-                let Pending {
-                    mut record,
-                    started,
-                    bytes_in,
-                } = *log;
-                record.total_ms = ms(started.elapsed());
-                record.bytes_in = bytes_in.load(std::sync::atomic::Ordering::Relaxed);
-                done.exchange_logged(record);
-            }
+        if let Some(log) = self.log.take() {
+            let Pending {
+                mut record,
+                started,
+                bytes_in,
+                done,
+            } = *log;
+            record.total_ms = ms(started.elapsed());
+            record.bytes_in = bytes_in.load(std::sync::atomic::Ordering::Relaxed);
+            done.exchange_logged(record);
         }
     }
 }

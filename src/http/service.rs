@@ -89,7 +89,6 @@ impl<C: ClientConnection> ProxyService<C> {
             self.binding = self.slot.load_full();
         }
         let started = Instant::now();
-        let done: Arc<dyn ExchangeDone> = self.client.clone();
         let mut logging = self
             .binding
             .access_log
@@ -100,10 +99,11 @@ impl<C: ClientConnection> ProxyService<C> {
         self.binding
             .record(response.status(), reason, Some(started));
         let Some(logging) = logging else {
-            return response.map_body(|body| body.on_done(done));
+            return response;
         };
         let record = finish_head(logging.record, &response, reason, started);
-        response.map_body(|body| body.on_done(done).logged(record, started, logging.bytes_in))
+        let done: Arc<dyn ExchangeDone> = self.client.clone();
+        response.map_body(|body| body.logged(done, record, started, logging.bytes_in))
     }
 
     /// A service for one accepted connection, from `addr` (none on a unix
